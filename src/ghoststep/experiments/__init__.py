@@ -1,0 +1,105 @@
+"""Reproductions of the paper's experiments, one module per experiment.
+
+The registry maps each name to its module ``ghoststep.experiments.<name>``, imported
+only when the experiment is run (``ghoststep list`` imports nothing). What a module
+must define is described in :mod:`ghoststep.experiments.common` (the runner).
+
+Example:
+    >>> from ghoststep.experiments import EXPERIMENTS
+    >>> EXPERIMENTS["hessian"].paper
+    'Fig. 13'
+"""
+
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+from typing import NamedTuple
+
+__all__ = ["EXPERIMENTS", "Experiment", "names", "registry_entry", "load_experiment"]
+
+
+class Experiment(NamedTuple):
+    module: str
+    description: str
+    paper: str
+
+
+EXPERIMENTS: dict[str, Experiment] = {
+    "phase": Experiment(
+        "ghoststep.experiments.phase",
+        "one step of size r*rho_a along the gradient, six architectures: collapse once r >= 1",
+        "Fig. 1, Fig. 7",
+    ),
+    "directions": Experiment(
+        "ghoststep.experiments.directions",
+        "gradient vs 20 random directions at three training stages; Hessian step vs rho_a",
+        "Fig. 8",
+    ),
+    "spike": Experiment(
+        "ghoststep.experiments.spike",
+        "MLP + Adam with a 1000x learning-rate spike at step 50: plain Adam vs the controller",
+        "Fig. 6",
+    ),
+    "archgrid": Experiment(
+        "ghoststep.experiments.archgrid",
+        "controller vs plain Adam vs gradient clipping across architectures and spike sizes",
+        "Fig. 10, Table 1",
+    ),
+    "temperature": Experiment(
+        "ghoststep.experiments.temperature",
+        "softmax temperature fingerprint: collapse onsets align after normalizing by rho_a(T)",
+        "Fig. 9",
+    ),
+    "transformer": Experiment(
+        "ghoststep.experiments.transformer",
+        "tiny transformer: all-radii vs output-only controller vs fixed LR; which radius binds",
+        "Fig. 11, Table 2",
+    ),
+    "resnet": Experiment(
+        "ghoststep.experiments.resnet",
+        "ResNet-18 on CIFAR-10 (data on disk, GPU): r at fixed LRs vs the set-controller",
+        "Fig. 12, Table 3",
+    ),
+    "hessian": Experiment(
+        "ghoststep.experiments.hessian",
+        "binary logistic theory: Hessian step 2/f'' vs convergence radius across margins",
+        "Fig. 13",
+    ),
+    "calibration": Experiment(
+        "ghoststep.experiments.calibration",
+        "calibration of the bound rho_a against the exact radius rho* and the real line loss",
+        "open question (SPEC §6)",
+    ),
+}
+
+
+def names() -> list[str]:
+    """Registered experiment names, in registry order."""
+    return list(EXPERIMENTS)
+
+
+def registry_entry(name: str) -> Experiment:
+    try:
+        return EXPERIMENTS[name]
+    except KeyError:
+        raise KeyError(
+            f"unknown experiment {name!r}; valid names: {', '.join(EXPERIMENTS)}"
+        ) from None
+
+
+def load_experiment(name: str) -> ModuleType:
+    """Import and return the module of experiment ``name`` (checked against the contract)."""
+    entry = registry_entry(name)
+    try:
+        module = importlib.import_module(entry.module)
+    except ModuleNotFoundError as exc:
+        if exc.name != entry.module:
+            raise
+        raise NotImplementedError(
+            f"experiment {name!r} is registered but {entry.module} is not written yet"
+        ) from exc
+    missing = [attr for attr in ("Config", "PRESETS", "run") if not hasattr(module, attr)]
+    if missing:
+        raise TypeError(f"{entry.module} breaks the runner contract: missing {missing}")
+    return module
