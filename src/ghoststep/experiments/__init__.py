@@ -16,7 +16,14 @@ import importlib
 from types import ModuleType
 from typing import NamedTuple
 
-__all__ = ["EXPERIMENTS", "Experiment", "names", "registry_entry", "load_experiment"]
+__all__ = [
+    "EXPERIMENTS",
+    "Experiment",
+    "ExperimentNotWritten",
+    "names",
+    "registry_entry",
+    "load_experiment",
+]
 
 
 class Experiment(NamedTuple):
@@ -74,6 +81,10 @@ EXPERIMENTS: dict[str, Experiment] = {
 }
 
 
+class ExperimentNotWritten(NotImplementedError):
+    """The experiment is registered but its module does not exist yet."""
+
+
 def names() -> list[str]:
     """Registered experiment names, in registry order."""
     return list(EXPERIMENTS)
@@ -96,7 +107,7 @@ def load_experiment(name: str) -> ModuleType:
     except ModuleNotFoundError as exc:
         if exc.name != entry.module:
             raise
-        raise NotImplementedError(
+        raise ExperimentNotWritten(
             f"experiment {name!r} is registered but {entry.module} is not written yet"
         ) from exc
     missing = [attr for attr in ("Config", "PRESETS", "run") if not hasattr(module, attr)]

@@ -48,7 +48,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as _dt
-import importlib
 import json
 import math
 import os
@@ -69,6 +68,7 @@ __all__ = [
     "StepInfo",
     "Evaluation",
     "ResultsError",
+    "ConfigError",
     "build_config",
     "parse_override",
     "make_run_dir",
@@ -99,11 +99,15 @@ REPORT_FILE = "report.md"
 # ----------------------------------------------------------------------------- config
 
 
+class ConfigError(ValueError):
+    """A preset, override or seed list that does not fit the experiment's Config."""
+
+
 def parse_override(text: str) -> tuple[str, str]:
     """Split ``"key=value"`` (a ``--set`` argument) into ``(key, value)``."""
     key, sep, value = text.partition("=")
     if not sep or not key.strip():
-        raise ValueError(f"override {text!r} is not of the form key=value")
+        raise ConfigError(f"override {text!r} is not of the form key=value")
     return key.strip(), value.strip()
 
 
@@ -152,23 +156,29 @@ def build_config(
     """Defaults of ``config_cls`` -> ``presets[preset]`` -> ``overrides`` -> ``seeds``.
 
     Override values may be strings (from ``--set key=value``); they are converted to
-    the type of the field's current value. Unknown fields raise ``ValueError``.
+    the type of the field's current value. Unknown presets or fields, values that do
+    not convert, and seeds for an unseeded experiment raise :class:`ConfigError`.
     """
     if not dataclasses.is_dataclass(config_cls):
         raise TypeError(f"{config_cls!r} is not a dataclass")
     if preset not in presets:
-        raise ValueError(f"unknown preset {preset!r}; choose from {sorted(presets)}")
+        raise ConfigError(f"unknown preset {preset!r}; choose from {sorted(presets)}")
     config = config_cls()
     names = {f.name for f in dataclasses.fields(config)}
 
     def apply(cfg, changes: Mapping[str, Any], source: str):
         unknown = sorted(set(changes) - names)
         if unknown:
-            raise ValueError(f"{source}: unknown config field(s) {unknown}; fields: {sorted(names)}")
+            raise ConfigError(
+                f"{source}: unknown config field(s) {unknown}; fields: {sorted(names)}"
+            )
         resolved = {}
         for key, value in changes.items():
             current = getattr(cfg, key)
-            resolved[key] = _coerce(value, current) if isinstance(value, str) else value
+            try:
+                resolved[key] = _coerce(value, current) if isinstance(value, str) else value
+            except ValueError as exc:
+                raise ConfigError(f"{source}: {key}={value!r}: {exc}") from None
         return dataclasses.replace(cfg, **resolved)
 
     config = apply(config, presets[preset], f"preset {preset!r}")
@@ -176,7 +186,7 @@ def build_config(
         config = apply(config, overrides, "override")
     if seeds is not None:
         if "seeds" not in names:
-            raise ValueError(f"{config_cls.__module__} takes no seeds (its Config has no 'seeds')")
+            raise ConfigError(f"{config_cls.__module__} takes no seeds (its Config has no 'seeds')")
         current = config.seeds
         seq = [int(s) for s in seeds]
         config = dataclasses.replace(config, seeds=type(current)(seq) if current else seq)

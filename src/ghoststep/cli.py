@@ -1,0 +1,234 @@
+"""Command line: ``ghoststep run|list|report|demo``.
+
+Each subcommand is a pair of functions registered in ``COMMANDS``: one adds its
+arguments to an argparse sub-parser, the other runs it and returns an exit code.
+Adding a subcommand = write the two functions and add one line to ``COMMANDS``.
+
+Examples::
+
+    ghoststep list
+    ghoststep run hessian --preset quick
+    ghoststep run spike --preset paper --seeds 0 1 2 3 4 --out runs/spike-final
+    ghoststep run resnet --data-dir ~/data/cifar10 --set epochs=2
+    ghoststep report                 # merge every run under ./runs into ./report.md
+    ghoststep demo
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from ghoststep import __version__
+
+# ----------------------------------------------------------------------------- run
+
+
+def _add_run(p: argparse.ArgumentParser) -> None:
+    from ghoststep.experiments import EXPERIMENTS
+
+    p.add_argument("experiment", choices=list(EXPERIMENTS), metavar="EXPERIMENT",
+                   help="one of: " + ", ".join(EXPERIMENTS))
+    p.add_argument("--preset", default="paper",
+                   help="'paper' (the paper's protocol, default) or 'quick' (seconds)")
+    p.add_argument("--seeds", type=int, nargs="+", metavar="SEED",
+                   help="seeds to run (replaces the preset's)")
+    p.add_argument("--set", dest="overrides", action="append", default=[],
+                   metavar="KEY=VALUE",
+                   help="override a config field, e.g. --set steps=100 (repeatable; "
+                        "lists comma-separated)")
+    p.add_argument("--data-dir", help="data folder for experiments that read files "
+                                      "(sets the config field data_dir)")
+    p.add_argument("--out", help="run folder (default: RUNS_DIR/<experiment>-<timestamp>)")
+    p.add_argument("--runs-dir", default="runs", help="parent of new run folders (default: runs)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from ghoststep.experiments import ExperimentNotWritten
+    from ghoststep.experiments.common import ConfigError, parse_override, run_experiment
+
+    overrides = {}
+    try:
+        for text in args.overrides:
+            key, value = parse_override(text)
+            overrides[key] = value
+    except ConfigError as exc:
+        return _fail(str(exc))
+    if args.data_dir is not None:
+        overrides["data_dir"] = args.data_dir
+    command = "ghoststep " + shlex.join(args.argv) if args.argv is not None else None
+    try:
+        out = run_experiment(args.experiment, args.preset, seeds=args.seeds,
+                             overrides=overrides, out=args.out, runs_root=args.runs_dir,
+                             progress=not args.no_progress, command=command)
+    except (ConfigError, ExperimentNotWritten, FileNotFoundError) as exc:
+        # user-facing problems; bugs inside an experiment keep their traceback
+        return _fail(str(exc))
+    claims = out.results.get("claims", [])
+    ok = sum(1 for c in claims if c["reproduced"])
+    print(f"{args.experiment}: {ok}/{len(claims)} claims reproduced")
+    print(f"report: {out.report_path}")
+    return 0
+
+
+# ----------------------------------------------------------------------------- list
+
+
+def _add_list(p: argparse.ArgumentParser) -> None:
+    pass
+
+
+def _cmd_list(args: argparse.Namespace) -> int:
+    from ghoststep.experiments import EXPERIMENTS
+
+    width = max(len(n) for n in EXPERIMENTS)
+    for name, entry in EXPERIMENTS.items():
+        print(f"{name:<{width}}  {entry.description} [{entry.paper}]")
+    return 0
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def _add_report(p: argparse.ArgumentParser) -> None:
+    p.add_argument("runs", nargs="*", metavar="RUN_DIR",
+                   help="run folders holding results.json (default: every run under ./runs)")
+    p.add_argument("--out", default=".", help="folder for the merged report.md (default: .)")
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from ghoststep.experiments.common import RESULTS_FILE, render_merged_report
+
+    if args.runs:
+        dirs = [Path(d) for d in args.runs]
+        missing = [str(d) for d in dirs if not (d / RESULTS_FILE).is_file()]
+        if missing:
+            return _fail(f"no {RESULTS_FILE} in: {', '.join(missing)}")
+    else:
+        dirs = sorted(p.parent for p in Path("runs").glob(f"*/{RESULTS_FILE}"))
+        if not dirs:
+            return _fail(f"no runs found under ./runs (no */{RESULTS_FILE})")
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / "report.md"
+    path.write_text(render_merged_report(dirs, out_dir), encoding="utf-8")
+    print(f"merged {len(dirs)} run(s) into {path}")
+    return 0
+
+
+# ----------------------------------------------------------------------------- demo
+
+
+def _add_demo(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--every", type=int, default=25, help="print a row every N steps")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    """MLP on digits with Adam; every N steps: loss, accuracy, ||g||, tau, rho_a, r."""
+    import copy
+
+    import torch
+
+    from ghoststep.experiments.common import evaluate, set_seed, train
+    from ghoststep.experiments.data import load_digits_split
+    from ghoststep.experiments.models import build_model
+    from ghoststep.radius import aggregate, normalized_step, rho_bound
+    from ghoststep.slopes import logit_slopes
+
+    t0 = time.perf_counter()
+    data = load_digits_split(seed=args.seed)
+    generator = set_seed(args.seed)
+    model = build_model("mlp")
+    opt = torch.optim.Adam(model.parameters(), lr=args.lr)
+    params = [p for p in model.parameters() if p.requires_grad]
+    snap: dict = {}
+
+    print(f"ghoststep demo: MLP on sklearn digits, Adam lr={args.lr:g}, batch {args.batch_size}")
+    print("r = tau / rho_a: the actual Adam step length over the guaranteed radius "
+          "pi / max Delta a along it (r < 1: inside the convergence disk)")
+    header = f"{'step':>5} {'loss':>8} {'test acc':>8} {'|g|':>9} {'tau':>9} {'rho_a':>9} {'r':>8}"
+    print(header)
+    print("-" * len(header))
+
+    def logged(step: int) -> bool:
+        return step % args.every == 0 or step == args.steps - 1
+
+    def before(info) -> None:
+        if logged(info.step):
+            grads = [p.grad for p in params if p.grad is not None]
+            snap["gnorm"] = float(torch.linalg.vector_norm(torch.stack(
+                [torch.linalg.vector_norm(g) for g in grads])))
+            snap["model"] = copy.deepcopy(model)  # the parameters the step starts from
+
+    def after(info) -> None:
+        if not logged(info.step):
+            return
+        old = snap.pop("model")
+        update = [p.detach() - q.detach()
+                  for p, q in zip(model.parameters(), old.parameters()) if p.requires_grad]
+        tau = float(torch.linalg.vector_norm(torch.stack(
+            [torch.linalg.vector_norm(u) for u in update])))
+        direction = [u / tau for u in update] if tau > 0 else update
+        _, slopes = logit_slopes(old, info.inputs, direction)
+        rho = aggregate(rho_bound(slopes.detach()))
+        r = normalized_step(tau, rho)
+        test = evaluate(model, data.X_test, data.y_test)
+        print(f"{info.step:>5d} {info.loss:>8.4f} {test.accuracy:>8.1%} {snap['gnorm']:>9.3g} "
+              f"{tau:>9.3g} {float(rho):>9.3g} {float(r):>8.3f}")
+
+    train(model, data, opt, args.steps, args.batch_size, on_step=after,
+          before_step=before, generator=generator)
+    print(f"done in {time.perf_counter() - t0:.1f} s")
+    return 0
+
+
+# ----------------------------------------------------------------------------- main
+
+# name -> (help, add_arguments, handler)
+COMMANDS: dict[str, tuple[str, Callable, Callable[[argparse.Namespace], int]]] = {
+    "run": ("run one experiment and write its report", _add_run, _cmd_run),
+    "list": ("list the experiments", _add_list, _cmd_list),
+    "report": ("merge runs' results into one Markdown report", _add_report, _cmd_report),
+    "demo": ("train an MLP on digits and watch r = tau / rho_a", _add_demo, _cmd_demo),
+}
+
+
+def _fail(message: str, code: int = 1) -> int:
+    print(f"ghoststep: error: {message}", file=sys.stderr)
+    return code
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ghoststep",
+        description="Step-safe cross-entropy: convergence radii from the ghosts of softmax "
+                    "(P. Sao, arXiv:2603.13552).",
+    )
+    parser.add_argument("--version", action="version", version=f"ghoststep {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, (help_text, add_arguments, handler) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        add_arguments(p)
+        p.set_defaults(handler=handler)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``ghoststep`` console script; returns the exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    args.argv = argv
+    return args.handler(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,796 @@
+"""RadiusController: keep any optimizer's update inside the softmax convergence radius.
+
+Algorithm (one ``step``; paper Prop. 5.2 and SPEC section 3)::
+
+    grads finite?            else skip (inner optimizer untouched)
+    old  <- copy(theta)                       # the one extra parameter copy
+    inner.step()                              # momentum, Adam, weight decay ... as usual
+    p    <- theta - old ; theta <- old        # p is stored in the copy's memory
+    tau  <- ||p||,  v = p / tau
+    a    <- J_z(old; x) v                     # logit slopes on the batch, one JVP
+    rho  <- pi T / max_x (max_k a_k - min_k a_k)
+    s    <- min(1, r* rho / tau)  ("clip")  |  r* rho / tau  ("set")  |  1  ("monitor")
+    theta <- old + s p
+
+Reference: P. Sao, "Ghosts of Softmax: Complex Singularities That Limit Safe Step Sizes
+in Cross-Entropy", arXiv:2603.13552 (2026), section 5.
+"""
+
+from __future__ import annotations
+
+import collections
+import inspect
+import math
+import time
+import warnings
+import weakref
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import nn
+
+from .monitor import Sink, StepStats
+from .radius import aggregate
+
+__all__ = ["RadiusController"]
+
+_MODES = ("clip", "set", "monitor")
+_STATE_VERSION = 1
+
+
+class RadiusController(torch.optim.Optimizer):
+    r"""Wrap an optimizer so each update p moves at most ``target_r`` radii (``mode="clip"``).
+
+    A drop-in ``torch.optim.Optimizer``: it shares the inner optimizer's ``param_groups``
+    dicts (so LR schedulers, ``GradScaler``, Lightning and Accelerate drive it unchanged),
+    ``state`` is the inner optimizer's state, ``zero_grad`` / ``add_param_group`` delegate.
+    The training loop stays ``loss.backward(); opt.step()``: a forward pre-hook on
+    ``model`` remembers the inputs of the most recent training-mode forward, and the
+    radius is measured on that batch. ``step(inputs=batch)`` passes it explicitly.
+
+    Per step the inner optimizer proposes p (its own update: momentum, preconditioning,
+    decoupled weight decay included); the controller measures the logit slopes
+    a = J_z v along v = p / ||p|| at the *old* parameters with one Jacobian-vector
+    product, the radius bound ``rho_a = pi T / max_x Delta a(x)`` and applies
+    ``theta = old + s p`` with
+
+    * ``mode="clip"``: ``s = min(1, target_r * rho_a / ||p||)`` (r after <= target_r);
+    * ``mode="set"``: ``s = target_r * rho_a / ||p||`` (r after == target_r; the base
+      learning rate only sets the direction). If ``rho_a`` is infinite (no logit moves
+      along p) ``s = 1``;
+    * ``mode="monitor"``: ``s = 1``, statistics only.
+
+    The inner optimizer's state (moments, step counts) advances exactly as without the
+    wrapper; the controller never writes into ``inner.state``. With ``s = 1`` (monitor
+    mode, or a clip that does not bind) the parameters are bitwise those the inner
+    optimizer produced: the few entries where ``old + (new - old)`` rounds differently
+    from ``new`` are remembered and written back.
+
+    Memory: at most one extra copy of the trainable parameters (the snapshot, which then
+    holds p), plus transient tensors the size of the largest parameter, the entries kept
+    for the bitwise ``s = 1`` case (index and value of each entry that rounds
+    differently; typically few), and the activations of the JVP.
+
+    Which samples set the radius (each option gives something up; all can be combined):
+
+    * default: the whole batch -- the exact guarantee ``r <= target_r`` for every sample
+      of the batch (every logit position for sequence models) at the old parameters.
+    * ``subset=k``: k rows drawn from the batch without replacement (seeded
+      ``torch.Generator``, its state is checkpointed). Gives up the guarantee for the
+      rows not drawn; cost scales with k. For BatchNorm in train mode the batch
+      statistics of the subset differ from the training batch's.
+    * ``buffer_size=m``: keep the inputs of the m rows with the largest spread seen so
+      far (bottleneck samples) and evaluate them together with the current batch every
+      step; the guarantee then covers batch and buffer. Gives up nothing for the batch
+      in models whose rows are independent -- but with BatchNorm in train mode the
+      buffer rows change the batch statistics, so the measured function is no longer
+      exactly the training function of the batch. Inputs must have identical per-row
+      shapes across steps (the buffer is dropped when they do not). Costs m extra rows.
+    * ``window=W``: use ``min(rho now, the previous W - 1 radii)``. Only ever smaller
+      than the current radius, so the batch guarantee holds; what it gives up is
+      responsiveness: one bottleneck batch throttles the next W - 1 steps, and the
+      older radii were measured along other directions at other parameters.
+    * ``quantile=q``: use the q-quantile (upper order statistic) of the per-sample
+      spread instead of the max. Gives up the guarantee for the (1 - q) share of samples
+      with the largest spreads, in exchange for robustness to a few outliers. Under
+      ``torch.distributed`` the max of the per-rank quantiles is used.
+
+    Faults (``on_nonfinite``): a non-finite gradient is detected *before*
+    ``inner.step()``, so parameters and the inner state are untouched. If the gradients
+    are finite but the update p or the slopes are not, the parameters are restored
+    bitwise from the snapshot, but the inner optimizer has already consumed the gradient
+    (its moments / step count advanced; with a non-finite p they may now hold NaN).
+    ``"skip"`` counts the step in ``skipped_steps``, records it (``StepStats.skipped``)
+    and warns once; ``"raise"`` raises ``FloatingPointError`` after restoring.
+
+    Distributed: if ``torch.distributed`` is initialized, the aggregated spread is
+    all-reduced with MAX (and the fault flag with it) so every rank applies the same s;
+    ``||p||`` is already global because DDP synchronizes gradients. Pass the DDP wrapper
+    or its ``.module``; slopes are computed on ``.module``.
+
+    Not supported: sparse gradients (``RuntimeError``); optimizers whose ``step``
+    requires a closure (LBFGS) -- the closure is called once by the controller and the
+    inner ``step()`` is called without it. With gradient accumulation the radius is
+    measured on the last micro-batch forwarded before ``step`` unless ``inputs=`` is
+    given.
+
+    Args:
+        optimizer: the inner ``torch.optim.Optimizer``; every parameter it optimizes must
+            belong to ``model``.
+        model: the module whose logits the loss reads (or its DDP wrapper).
+        mode: ``"clip"`` | ``"set"`` | ``"monitor"``.
+        target_r: r*, the normalized step to cap at (clip) or set (set); > 0.
+        temperature: softmax temperature T of the loss (logits / T), > 0.
+        subset: evaluate k random rows of the batch instead of all of them.
+        buffer_size: number of bottleneck rows kept and re-checked (0: off).
+        window: running minimum of rho over the last W steps (1: off).
+        quantile: use this quantile of the per-sample spread instead of the max.
+        seed: seed of the subset generator.
+        logits_fn: maps the model output to logits ``(..., K)`` (e.g. ``lambda o: o.logits``).
+        mask_fn: ``mask_fn(inputs) -> bool tensor`` of the sample shape
+            ``logits.shape[:-1]`` (e.g. an attention mask); False positions (padding)
+            are ignored. ``inputs`` is the evaluated batch (subset / buffer applied).
+        ignore_index, targets_fn: alternatively, positions whose target equals
+            ``ignore_index`` are ignored; targets are ``targets_fn(inputs)`` (default:
+            ``inputs["labels"]`` for dict inputs).
+        chunk_size: rows per JVP chunk (``ghoststep.slopes.per_sample_spread``; each
+            chunk's tangent is reduced to its spread at once). Not with train-mode
+            BatchNorm.
+        method: ``"jvp"`` (exact) or ``"fd"`` (float64 central difference).
+        on_nonfinite: ``"skip"`` or ``"raise"``.
+        history_size: length of the ``history`` deque of :class:`StepStats`.
+        sinks: objects with ``write(stats)`` / ``close()`` (see ``ghoststep.monitor``).
+        process_group: group for the distributed reduction (default: the world).
+        slopes_kwargs: extra keyword arguments for ``per_sample_spread``.
+
+    Example:
+        >>> import torch, ghoststep
+        >>> model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(),
+        ...                             torch.nn.Linear(8, 3))
+        >>> opt = ghoststep.RadiusController(torch.optim.Adam(model.parameters(), lr=10.0),
+        ...                                  model, mode="clip", target_r=1.0)
+        >>> x, y = torch.randn(16, 4), torch.randint(0, 3, (16,))
+        >>> torch.nn.functional.cross_entropy(model(x), y).backward()
+        >>> opt.step()
+        >>> opt.last.r_after <= 1.0 + 1e-6
+        True
+    """
+
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        model: nn.Module,
+        *,
+        mode: str = "clip",
+        target_r: float = 1.0,
+        temperature: float = 1.0,
+        subset: int | None = None,
+        buffer_size: int = 0,
+        window: int = 1,
+        quantile: float | None = None,
+        seed: int = 0,
+        logits_fn: Callable[[Any], torch.Tensor] | None = None,
+        mask_fn: Callable[[Any], torch.Tensor] | None = None,
+        ignore_index: int | None = None,
+        targets_fn: Callable[[Any], torch.Tensor] | None = None,
+        chunk_size: int | None = None,
+        method: str = "jvp",
+        on_nonfinite: str = "skip",
+        history_size: int = 1000,
+        sinks: Iterable[Sink] = (),
+        process_group: Any = None,
+        slopes_kwargs: Mapping[str, Any] | None = None,
+    ) -> None:
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(
+                f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}"
+            )
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if mode not in _MODES:
+            raise ValueError(f"mode must be one of {_MODES}, got {mode!r}")
+        _check_positive("target_r", target_r)
+        _check_positive("temperature", temperature)
+        if subset is not None and not (_is_int(subset) and subset >= 1):
+            raise ValueError(f"subset must be None or an int >= 1, got {subset!r}")
+        if not (_is_int(buffer_size) and buffer_size >= 0):
+            raise ValueError(f"buffer_size must be an int >= 0, got {buffer_size!r}")
+        if not (_is_int(window) and window >= 1):
+            raise ValueError(f"window must be an int >= 1, got {window!r}")
+        if quantile is not None and not (
+            isinstance(quantile, (int, float)) and 0.0 < quantile <= 1.0
+        ):
+            raise ValueError(f"quantile must be None or a number in (0, 1], got {quantile!r}")
+        if on_nonfinite not in ("skip", "raise"):
+            raise ValueError(f'on_nonfinite must be "skip" or "raise", got {on_nonfinite!r}')
+        if not (_is_int(history_size) and history_size >= 0):
+            raise ValueError(f"history_size must be an int >= 0, got {history_size!r}")
+        if ignore_index is not None and mask_fn is not None:
+            raise ValueError("give either mask_fn or ignore_index, not both")
+
+        # Optimizer.__init__ assigns self.state and calls add_param_group; both are
+        # routed to the base class until self.optimizer exists (see the overrides).
+        super().__init__([dict(g) for g in optimizer.param_groups], optimizer.defaults)
+        self.optimizer = optimizer
+        self.param_groups = optimizer.param_groups  # share the very same dicts
+        self.defaults = optimizer.defaults
+
+        self.model = model
+        self._slope_model = _unwrap(model)
+        self.mode = mode
+        self.target_r = float(target_r)
+        self.temperature = float(temperature)
+        self.subset = subset
+        self.buffer_size = int(buffer_size)
+        self.window = int(window)
+        self.quantile = None if quantile is None else float(quantile)
+        self.logits_fn = logits_fn
+        self.mask_fn = mask_fn
+        self.ignore_index = ignore_index
+        self.targets_fn = targets_fn
+        self.chunk_size = chunk_size
+        self.method = method
+        self.on_nonfinite = on_nonfinite
+        self.sinks: list[Sink] = list(sinks)
+        self.process_group = process_group
+        self.slopes_kwargs = dict(slopes_kwargs or {})
+
+        self.history: collections.deque[StepStats] = collections.deque(maxlen=history_size)
+        self.last: StepStats | None = None
+        self.step_count = 0
+        self.skipped_steps = 0
+        self._warned = False
+        self._recent_rhos: collections.deque[float] = collections.deque(maxlen=self.window - 1)
+        self._buffer: Any = None  # inputs of the bottleneck rows, or None
+        self._generator = torch.Generator()
+        self._generator.manual_seed(int(seed))
+        self._captured: tuple[tuple, dict] | None = None
+        self._measuring = False
+        self._names: dict[int, str] | None = None
+        self._check_params_in_model()
+        self._hook = self._slope_model.register_forward_pre_hook(
+            _CaptureHook(self), with_kwargs=True
+        )
+
+    # ------------------------------------------------------------------ Optimizer API
+
+    @property
+    def state(self):  # type: ignore[override]
+        """The inner optimizer's per-parameter state (the wrapper keeps none of its own)."""
+        return self.optimizer.state
+
+    @state.setter
+    def state(self, value) -> None:
+        if "optimizer" in self.__dict__:
+            self.optimizer.state = value
+        # else: torch.optim.Optimizer.__init__ assigning its empty default; ignored.
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a group to the inner optimizer (visible here: the groups are shared)."""
+        if "optimizer" not in self.__dict__:
+            super().add_param_group(param_group)
+            return
+        self.optimizer.add_param_group(param_group)
+        self.param_groups = self.optimizer.param_groups
+        self._names = None
+        self._check_params_in_model()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.optimizer.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self) -> dict[str, Any]:  # type: ignore[override]
+        """``{"inner": inner.state_dict(), "ghoststep": controller state}``.
+
+        The controller state holds the step and skip counters, the window of recent
+        radii, the bottleneck buffer's inputs and the subset generator's state.
+        """
+        return {
+            "inner": self.optimizer.state_dict(),
+            "ghoststep": {
+                "version": _STATE_VERSION,
+                "step_count": self.step_count,
+                "skipped_steps": self.skipped_steps,
+                "recent_rhos": list(self._recent_rhos),
+                "buffer": _map_tensors(self._buffer, lambda t: t.detach().clone()),
+                "generator": self._generator.get_state(),
+                "warned": self._warned,
+            },
+        }
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:  # type: ignore[override]
+        """Load a dict from :meth:`state_dict` (or a bare inner optimizer state dict)."""
+        if "inner" not in state_dict:
+            self.optimizer.load_state_dict(state_dict)  # a plain optimizer checkpoint
+            self.param_groups = self.optimizer.param_groups
+            return
+        self.optimizer.load_state_dict(state_dict["inner"])
+        self.param_groups = self.optimizer.param_groups  # re-link (see PYTORCH-FACTS)
+        ours = state_dict.get("ghoststep", {})
+        if ours.get("version", _STATE_VERSION) != _STATE_VERSION:
+            raise ValueError(f"unsupported ghoststep state version {ours.get('version')!r}")
+        self.step_count = int(ours.get("step_count", 0))
+        self.skipped_steps = int(ours.get("skipped_steps", 0))
+        self._recent_rhos = collections.deque(
+            (float(r) for r in ours.get("recent_rhos", [])), maxlen=self.window - 1
+        )
+        self._buffer = _map_tensors(ours.get("buffer"), lambda t: t.detach().clone())
+        if "generator" in ours:
+            self._generator.set_state(ours["generator"].clone())
+        self._warned = bool(ours.get("warned", False))
+
+    def __repr__(self) -> str:
+        return (
+            f"RadiusController(mode={self.mode!r}, target_r={self.target_r}, "
+            f"optimizer={type(self.optimizer).__name__})"
+        )
+
+    # -------------------------------------------------------------------- lifecycle
+
+    def close(self) -> None:
+        """Remove the forward pre-hook and close the sinks."""
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
+        for sink in self.sinks:
+            sink.close()
+
+    def _capture_inputs(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        if module.training and not self._measuring:
+            self._captured = (args, kwargs)
+
+    @contextmanager
+    def _measuring_forward(self):
+        self._measuring = True
+        try:
+            yield
+        finally:
+            self._measuring = False
+
+    # ------------------------------------------------------------------------ step
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None, *, inputs: Any = None):
+        """One controlled step. Returns what ``closure`` returned (or None).
+
+        Args:
+            closure: called first under ``torch.enable_grad()`` (Lightning runs forward and
+                backward inside it); afterwards the gradients must be final.
+            inputs: the batch to measure the radius on, as passed to the model (a tensor,
+                a tuple of positional arguments, or a dict of keyword arguments). Default:
+                the inputs of the most recent training-mode forward since the last step.
+        Raises:
+            RuntimeError: no batch (neither a training forward nor ``inputs=``), or a
+                sparse gradient.
+            FloatingPointError: something non-finite with ``on_nonfinite="raise"``.
+        """
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        batch = inputs if inputs is not None else self._captured_as_inputs()
+        self._captured = None
+        if batch is None:
+            raise RuntimeError(
+                "RadiusController.step() has no batch to measure the radius on: run a "
+                "training-mode forward of the model before step(), or pass step(inputs=batch)"
+            )
+        self.step_count += 1
+        params = self._params()
+        loss_value = _as_float(loss)
+        lr = _as_float(self.param_groups[0].get("lr", math.nan))
+
+        for p in params:
+            if p.grad is not None and p.grad.is_sparse:
+                raise RuntimeError(
+                    "RadiusController does not support sparse gradients "
+                    "(e.g. nn.Embedding(sparse=True)); use dense gradients"
+                )
+        grads = [p.grad for p in params if p.grad is not None]
+        if grads and not bool(torch.stack([torch.isfinite(g).all().cpu() for g in grads]).all()):
+            self._fault("gradient", lr, loss_value)
+            return loss
+
+        snapshot = [p.detach().clone() for p in params]
+        self.optimizer.step()
+        # Rounding: old + (new - old) can differ from new in the last bit (e.g. where a
+        # parameter changes sign). Those few entries of `new` are kept so that s = 1
+        # reproduces the inner optimizer's parameters bitwise.
+        corrections = []
+        for p, buf in zip(params, snapshot, strict=True):
+            new = p.detach().clone()  # transient, one tensor at a time
+            p.copy_(buf)  # theta <- old, bitwise
+            torch.sub(new, buf, out=buf)  # buf <- p = new - old
+            lossy = torch.ne(p + buf, new)
+            if bool(lossy.any()):
+                where = lossy.nonzero(as_tuple=True)
+                corrections.append((where, new[where]))
+            else:
+                corrections.append(None)
+            del new, lossy
+        tau = _global_norm(snapshot)
+        if not math.isfinite(tau):
+            self._fault("update", lr, loss_value)
+            return loss
+        if tau == 0.0:
+            self._record(
+                self._stats(tau=0.0, rho=math.inf, scale=1.0, lr=lr, loss=loss_value, spread=0.0)
+            )
+            return loss
+
+        start = time.perf_counter()
+        spread, rho_now, bottleneck, finite = self._measure(params, snapshot, tau, batch)
+        if not finite:
+            self._fault("slope", lr, loss_value, tau=tau, seconds=time.perf_counter() - start)
+            return loss
+        rho = min([rho_now, *self._recent_rhos])
+        if self.window > 1:
+            self._recent_rhos.append(rho_now)
+        seconds = time.perf_counter() - start
+
+        if self.mode == "monitor" or math.isinf(rho):
+            scale = 1.0
+        elif self.mode == "clip":
+            scale = min(1.0, self.target_r * rho / tau)
+        else:
+            scale = self.target_r * rho / tau
+        for p, buf, fix in zip(params, snapshot, corrections, strict=True):
+            if scale == 1.0:
+                p.add_(buf)
+                if fix is not None:
+                    p.index_put_(fix[0], fix[1])
+            else:
+                p.add_(buf, alpha=scale)
+        self._record(
+            self._stats(
+                tau=tau,
+                rho=rho,
+                scale=scale,
+                lr=lr,
+                loss=loss_value,
+                spread=spread,
+                bottleneck=bottleneck,
+                seconds=seconds,
+            )
+        )
+        return loss
+
+    # ------------------------------------------------------------------ internals
+
+    def _params(self) -> list[torch.Tensor]:
+        return [p for g in self.param_groups for p in g["params"] if p.requires_grad]
+
+    def _check_params_in_model(self) -> None:
+        known = {id(p) for p in self._slope_model.parameters()}
+        for p in self._params():
+            if id(p) not in known:
+                raise ValueError(
+                    "every parameter the optimizer updates must belong to `model`; found one "
+                    f"of shape {tuple(p.shape)} that does not"
+                )
+
+    def _captured_as_inputs(self) -> Any:
+        if self._captured is None:
+            return None
+        args, kwargs = self._captured
+        if not kwargs:
+            return args[0] if len(args) == 1 else tuple(args)
+        if not args:
+            return dict(kwargs)
+        # Mixed positional and keyword arguments: name the positional ones.
+        try:
+            bound = inspect.signature(self._slope_model.forward).bind(*args, **kwargs)
+        except TypeError as err:
+            raise RuntimeError(
+                f"cannot replay the captured forward call ({err}); pass step(inputs=...)"
+            ) from err
+        params = inspect.signature(self._slope_model.forward).parameters
+        if any(params[n].kind is inspect.Parameter.VAR_POSITIONAL for n in bound.arguments):
+            raise RuntimeError(
+                "the model's forward takes *args together with keyword arguments; the "
+                "captured call cannot be replayed as one dict, pass step(inputs=...)"
+            )
+        out = {}
+        for name, value in bound.arguments.items():
+            if params[name].kind is inspect.Parameter.VAR_KEYWORD:
+                out.update(value)
+            else:
+                out[name] = value
+        return out
+
+    def _direction(self, params, updates) -> list[torch.Tensor | None]:
+        """Updates aligned with the model's trainable parameters (None: not optimized)."""
+        by_id = {id(p): u for p, u in zip(params, updates, strict=True)}
+        return [by_id.get(id(q)) for q in self._slope_model.parameters() if q.requires_grad]
+
+    def _measure(self, params, updates, tau: float, batch):
+        """Aggregated spread along v = p / tau, the radius, the bottleneck, all-finite flag."""
+        from .slopes import per_sample_spread  # late: keeps `import ghoststep` light
+
+        current = batch
+        if self.subset is not None:
+            rows = _batch_rows(current)
+            if rows is not None and self.subset < rows:
+                idx = torch.randperm(rows, generator=self._generator)[: self.subset]
+                current = _select_rows(current, idx, rows)
+        evaluated = current
+        if self._buffer is not None:
+            joined = _cat_rows(
+                current, self._buffer, _batch_rows(current), _batch_rows(self._buffer)
+            )
+            if joined is None:
+                self._buffer = None  # shapes changed: drop the stale buffer
+            else:
+                evaluated = joined
+
+        with self._measuring_forward():
+            spread = per_sample_spread(
+                self._slope_model,
+                evaluated,
+                self._direction(params, updates),
+                chunk_size=self.chunk_size,
+                method=self.method,
+                logits_fn=self.logits_fn,
+                **self.slopes_kwargs,
+            )
+        spread = spread.reshape(-1).double() / tau  # every logit position, along unit v
+        keep = self._mask(evaluated, spread.numel())
+        valid = spread if keep is None else spread[keep]
+        finite = bool(torch.isfinite(valid).all())
+
+        if finite and valid.numel():
+            rho_samples = math.pi * self.temperature / valid
+            how = "min" if self.quantile is None else ("quantile", 1.0 - self.quantile)
+            rho_agg = float(aggregate(rho_samples, how))
+            agg_spread = math.pi * self.temperature / rho_agg if rho_agg > 0 else math.inf
+            masked = spread if keep is None else spread.masked_fill(~keep, -math.inf)
+            bottleneck = int(masked.argmax())
+        else:
+            agg_spread, bottleneck = 0.0, -1
+        agg_spread, finite = self._all_reduce(agg_spread, finite)
+
+        if finite and self.buffer_size > 0:
+            self._update_buffer(evaluated, spread, keep)
+        rho = math.pi * self.temperature / agg_spread if agg_spread > 0 else math.inf
+        return agg_spread, rho, bottleneck, finite
+
+    def _mask(self, inputs, n_samples: int) -> torch.Tensor | None:
+        """Flat bool mask over the logit positions, or None (keep all)."""
+        if self.mask_fn is not None:
+            mask = self.mask_fn(inputs)
+        elif self.ignore_index is not None:
+            if self.targets_fn is not None:
+                targets = self.targets_fn(inputs)
+            elif isinstance(inputs, Mapping) and "labels" in inputs:
+                targets = inputs["labels"]
+            else:
+                raise ValueError("ignore_index needs targets_fn (or dict inputs with 'labels')")
+            mask = torch.as_tensor(targets) != self.ignore_index
+        else:
+            return None
+        mask = torch.as_tensor(mask, dtype=torch.bool).reshape(-1)
+        if mask.numel() != n_samples:
+            raise ValueError(
+                f"the mask has {mask.numel()} entries but the logits have {n_samples} "
+                "sample positions (logits.shape[:-1])"
+            )
+        return mask.to(self._device())
+
+    def _device(self) -> torch.device:
+        params = self._params()
+        return params[0].device if params else torch.device("cpu")
+
+    def _all_reduce(self, agg_spread: float, finite: bool) -> tuple[float, bool]:
+        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            return agg_spread, finite
+        dist = torch.distributed
+        backend = dist.get_backend(self.process_group)
+        device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else "cpu"
+        packed = torch.tensor(
+            [agg_spread if finite else 0.0, 0.0 if finite else 1.0],
+            dtype=torch.float64,
+            device=device,
+        )
+        dist.all_reduce(packed, op=dist.ReduceOp.MAX, group=self.process_group)
+        return float(packed[0]), bool(packed[1] == 0)
+
+    def _update_buffer(self, evaluated, spread: torch.Tensor, keep) -> None:
+        rows = _batch_rows(evaluated)
+        if rows is None or spread.numel() % rows:
+            return
+        scores = spread if keep is None else spread.masked_fill(~keep, -math.inf)
+        per_row = scores.reshape(rows, -1).amax(1)
+        top = per_row.topk(min(self.buffer_size, rows)).indices.sort().values.cpu()
+        self._buffer = _map_tensors(
+            _select_rows(evaluated, top, rows), lambda t: t.detach().clone()
+        )
+
+    def _fault(self, what: str, lr: float, loss, *, tau: float = math.nan, seconds=0.0) -> None:
+        """Skip (parameters already equal the snapshot / untouched) or raise."""
+        message = (
+            f"RadiusController: non-finite {what} at step {self.step_count}; the step was "
+            "skipped and the parameters left unchanged"
+        )
+        if self.on_nonfinite == "raise":
+            raise FloatingPointError(message.replace("the step was skipped and ", ""))
+        self.skipped_steps += 1
+        if not self._warned:
+            warnings.warn(message + " (warning once per controller)", RuntimeWarning, stacklevel=3)
+            self._warned = True
+        self._record(
+            self._stats(
+                tau=tau,
+                rho=math.nan,
+                scale=0.0,
+                lr=lr,
+                loss=loss,
+                spread=math.nan,
+                seconds=seconds,
+                skipped=True,
+            )
+        )
+
+    def _stats(
+        self, *, tau, rho, scale, lr, loss, spread, bottleneck=-1, seconds=0.0, skipped=False
+    ) -> StepStats:
+        r_before = tau / rho if rho > 0 else math.inf  # tau / inf = 0; nan propagates
+        return StepStats(
+            step=self.step_count,
+            tau=tau,
+            rho_a=rho,
+            r_before=r_before,
+            r_after=0.0 if skipped else scale * r_before,
+            scale=scale,
+            bottleneck=bottleneck,
+            radius_seconds=seconds,
+            skipped=skipped,
+            lr=lr,
+            loss=loss,
+            spread=spread,
+        )
+
+    def _record(self, stats: StepStats) -> None:
+        self.last = stats
+        self.history.append(stats)
+        for sink in self.sinks:
+            sink.write(stats)
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+class _CaptureHook:
+    """Forward pre-hook feeding the controller the latest training batch.
+
+    Holds the controller weakly (the model does not keep it alive). A deep copy or
+    pickle of the model (EMA twins, ``torch.save(model)``) gets a disabled hook, so a
+    copy's forwards never overwrite the original controller's batch.
+    """
+
+    def __init__(self, controller: RadiusController | None) -> None:
+        self._ref = None if controller is None else weakref.ref(controller)
+
+    def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        controller = None if self._ref is None else self._ref()
+        if controller is not None:
+            controller._capture_inputs(module, args, kwargs)
+
+    def __deepcopy__(self, memo) -> _CaptureHook:
+        return _CaptureHook(None)
+
+    def __reduce__(self):
+        return (_CaptureHook, (None,))
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _check_positive(name: str, value) -> None:
+    if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+        raise ValueError(f"{name} must be a positive finite number, got {value!r}")
+
+
+def _as_float(value) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, torch.Tensor):
+        return float(value.detach()) if value.numel() == 1 else None
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    parallel = (nn.parallel.DistributedDataParallel, nn.DataParallel)
+    return model.module if isinstance(model, parallel) else model
+
+
+def _global_norm(tensors: Sequence[torch.Tensor]) -> float:
+    if not tensors:
+        return 0.0
+    device = tensors[0].device
+    norms = torch.stack([torch.linalg.vector_norm(t).to(device, torch.float64) for t in tensors])
+    total = float(torch.linalg.vector_norm(norms))
+    if math.isinf(total) and all(bool(torch.isfinite(t).all()) for t in tensors):
+        # overflow in the working dtype, not a non-finite entry: redo in float64
+        total = float(
+            torch.linalg.vector_norm(
+                torch.stack([torch.linalg.vector_norm(t.double()).to(device) for t in tensors])
+            )
+        )
+    return total
+
+
+def _map_tensors(obj, fn):
+    if obj is None:
+        return None
+    if isinstance(obj, torch.Tensor):
+        return fn(obj)
+    if isinstance(obj, Mapping):
+        return {k: _map_tensors(v, fn) for k, v in obj.items()}
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_map_tensors(v, fn) for v in obj)
+    return obj
+
+
+def _leaves(obj) -> list[torch.Tensor]:
+    out: list[torch.Tensor] = []
+    _map_tensors(obj, lambda t: out.append(t) or t)
+    return out
+
+
+def _batch_rows(obj) -> int | None:
+    """Batch size: the leading size of the first tensor with at least one dimension."""
+    if obj is None:
+        return None
+    for t in _leaves(obj):
+        if t.dim() >= 1:
+            return int(t.shape[0])
+    return None
+
+
+def _select_rows(obj, idx: torch.Tensor, rows: int):
+    def pick(t: torch.Tensor) -> torch.Tensor:
+        if t.dim() >= 1 and t.shape[0] == rows:
+            return t.index_select(0, idx.to(t.device))
+        return t
+
+    return _map_tensors(obj, pick)
+
+
+def _cat_rows(a, b, rows_a: int, rows_b: int | None):
+    """Concatenate two input structures along rows; None if they do not match."""
+    if rows_b is None:
+        return None
+    if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+        if a.dim() >= 1 and b.dim() >= 1 and a.shape[0] == rows_a and b.shape[0] == rows_b:
+            if a.shape[1:] != b.shape[1:] or a.dtype != b.dtype:
+                return None
+            return torch.cat([a, b.to(a.device)], 0)
+        return a
+    if isinstance(a, Mapping) and isinstance(b, Mapping):
+        if set(a) != set(b):
+            return None
+        out = {}
+        for k in a:
+            v = _cat_rows(a[k], b[k], rows_a, rows_b)
+            if v is None and a[k] is not None:
+                return None
+            out[k] = v
+        return out
+    if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)):
+        if len(a) != len(b):
+            return None
+        parts = []
+        for u, w in zip(a, b, strict=True):
+            v = _cat_rows(u, w, rows_a, rows_b)
+            if v is None and u is not None:
+                return None
+            parts.append(v)
+        return type(a)(parts)
+    if type(a) is not type(b):
+        return None
+    return a

@@ -1,0 +1,128 @@
+"""StepStats and the incremental sinks."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ghoststep.controller import RadiusController
+from ghoststep.monitor import CallbackSink, CSVSink, JSONLSink, Sink, StepStats
+
+
+def _stats(step: int, **overrides) -> StepStats:
+    values = dict(
+        step=step,
+        tau=0.5,
+        rho_a=0.25,
+        r_before=2.0,
+        r_after=1.0,
+        scale=0.5,
+        bottleneck=3,
+        radius_seconds=0.001,
+        skipped=False,
+        lr=0.1,
+        loss=1.25,
+        spread=12.5,
+    )
+    values.update(overrides)
+    return StepStats(**values)
+
+
+def test_stepstats_fields_and_scalars():
+    s = _stats(1, loss=None)
+    assert StepStats.field_names()[:3] == ["step", "tau", "rho_a"]
+    assert s.as_dict()["r_after"] == 1.0
+    scalars = s.scalars()
+    assert "loss" not in scalars and "step" not in scalars
+    assert scalars["skipped"] == 0.0
+    with pytest.raises(AttributeError):
+        s.tau = 1.0  # records are immutable
+
+
+def test_csv_sink_is_incremental(tmp_path):
+    path = tmp_path / "sub" / "radius.csv"
+    sink = CSVSink(path)
+    assert path.read_text().splitlines() == [",".join(StepStats.field_names())]
+    sink.write(_stats(1))
+    rows = list(csv.DictReader(path.open()))  # readable before close: flushed
+    assert len(rows) == 1 and float(rows[0]["r_before"]) == 2.0
+    sink.write(_stats(2, loss=None, rho_a=math.inf, skipped=True))
+    rows = list(csv.DictReader(path.open()))
+    assert [int(r["step"]) for r in rows] == [1, 2]
+    assert rows[1]["loss"] == "" and float(rows[1]["rho_a"]) == math.inf
+    assert rows[1]["skipped"] == "True"
+    sink.close()
+    sink.close()  # idempotent
+    with pytest.raises(ValueError, match="closed"):
+        sink.write(_stats(3))
+    with CSVSink(path, append=True) as more:  # no second header
+        more.write(_stats(3))
+    assert [int(r["step"]) for r in csv.DictReader(path.open())] == [1, 2, 3]
+
+
+def test_jsonl_sink_is_incremental_and_strict_json(tmp_path):
+    path = tmp_path / "radius.jsonl"
+    with JSONLSink(path) as sink:
+        sink.write(_stats(1))
+        lines = path.read_text().splitlines()
+        assert len(lines) == 1 and json.loads(lines[0])["bottleneck"] == 3
+        sink.write(_stats(2, rho_a=math.inf, tau=math.nan, loss=None))
+        lines = path.read_text().splitlines()
+    second = json.loads(lines[1])
+    assert second["rho_a"] == "inf" and second["tau"] == "nan" and second["loss"] is None
+
+
+def test_sink_protocol_extension_point():
+    seen = []
+    closed = []
+    sink = CallbackSink(seen.append, on_close=lambda: closed.append(True))
+    assert isinstance(sink, Sink)
+    assert isinstance(CSVSink, type) and not isinstance(object(), Sink)
+
+    class ListSink:  # anything with write / close is a sink (e.g. a TensorBoard writer)
+        def __init__(self):
+            self.rows = []
+
+        def write(self, stats):
+            self.rows.append(stats.scalars())
+
+        def close(self):
+            pass
+
+    assert isinstance(ListSink(), Sink)
+    sink.write(_stats(1))
+    sink.close()
+    assert seen[0].step == 1 and closed == [True]
+
+
+def test_controller_feeds_sinks_every_step(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 3))
+    csv_path, jsonl_path = tmp_path / "r.csv", tmp_path / "r.jsonl"
+    ctrl = RadiusController(
+        torch.optim.SGD(model.parameters(), lr=5.0),
+        model,
+        sinks=[CSVSink(csv_path), JSONLSink(jsonl_path)],
+        history_size=2,
+    )
+    x, y = torch.randn(12, 5), torch.randint(0, 3, (12,))
+    for step in range(1, 4):
+        ctrl.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        ctrl.step()
+        rows = list(csv.DictReader(csv_path.open()))
+        lines = jsonl_path.read_text().splitlines()
+        assert len(rows) == len(lines) == step  # written as the steps happen
+        assert json.loads(lines[-1])["r_after"] == pytest.approx(ctrl.last.r_after)
+        assert float(rows[-1]["scale"]) == pytest.approx(ctrl.last.scale)
+    assert [s.step for s in ctrl.history] == [2, 3]  # bounded history
+    assert ctrl.last.r_after <= 1.0 + 1e-6 and ctrl.last.r_before > 1.0
+    ctrl.close()
+    with pytest.raises(ValueError, match="closed"):
+        ctrl.sinks[0].write(ctrl.last)
