@@ -25,9 +25,10 @@ Semantics (what exactly is differentiated)
   float64 where the device has it (parameters, floating buffers and floating inputs
   are cast; the module is not copied or modified), each evaluation from the same RNG
   state (same dropout mask; the returned logits come from the float64 evaluation at
-  theta, rounded to the parameters' dtype). Default step: ``h = eps^(1/3) / ||v||`` with ``eps``
-  the float64 machine epsilon, i.e. a parameter displacement of about 6e-6, which
-  balances the O(h^2) truncation error against the O(eps / h) round-off error.
+  theta, rounded to the parameters' dtype). Default step: ``h = eps^(1/3) / ||v||``
+  with ``eps`` the float64 machine epsilon, i.e. a parameter displacement of about
+  6e-6, which balances the O(h^2) truncation error against the O(eps / h) round-off
+  error.
   Costs three forwards and a float64 copy of the parameters and buffers.
 
 Directions
@@ -67,7 +68,7 @@ import copy
 import math
 import re
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -688,7 +689,6 @@ class Measurement:
     top2: torch.Tensor | None = None
     exact: torch.Tensor | None = None
     method: str = "jvp"
-    extra: dict = field(default_factory=dict)
 
     @property
     def n_samples(self) -> int:
