@@ -34,6 +34,9 @@ _EXPORTS = {
     "gradient_direction": "slopes",
     "random_direction": "slopes",
     "optimizer_update_direction": "slopes",
+    "per_sample_spread": "slopes",
+    "flatten_samples": "slopes",
+    "direction_norm": "slopes",
     # controller and monitoring
     "RadiusController": "controller",
     "StepStats": "monitor",
