@@ -606,3 +606,30 @@ def test_ddp_ranks_apply_the_same_scale(tmp_path):
     assert min(r0["scales"]) < 1.0  # clipping was active
     for a, b in zip(r0["params"], r1["params"], strict=True):
         assert torch.equal(a, b)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("model_name", ["mlp", "cnn_bn"])
+def test_cuda_clip_and_monitor(digits, model_name, monkeypatch):
+    # cuDNN's default convolution backward is not bitwise reproducible between two models
+    monkeypatch.setattr(torch.backends.cudnn, "deterministic", True)
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    Xtr, ytr, _, _ = (t.cuda() for t in digits)
+    torch.manual_seed(0)
+    model = build_model(model_name).cuda()
+    twin = copy.deepcopy(model)
+    clip = RadiusController(torch.optim.Adam(model.parameters(), lr=0.3), model)
+    watch = RadiusController(torch.optim.Adam(twin.parameters(), lr=0.3), twin, mode="monitor")
+    bare_model = copy.deepcopy(twin)
+    bare = torch.optim.Adam(bare_model.parameters(), lr=0.3)
+    for idx in _batches(len(Xtr), 4, 64, seed=8):
+        idx = idx.cuda()
+        at_old, old = copy.deepcopy(model), _params_copy(model)
+        for m, o in ((model, clip), (twin, watch), (bare_model, bare)):
+            o.zero_grad()
+            F.cross_entropy(m(Xtr[idx]), ytr[idx]).backward()
+            o.step()
+        applied = [p.detach() - o for p, o in zip(_trainable(model), old, strict=True)]
+        assert _r_of_update(at_old, Xtr[idx], applied) <= 1.0 + 1e-3  # float32 on GPU
+        for p, q in zip(twin.parameters(), bare_model.parameters(), strict=True):
+            assert torch.equal(p, q)

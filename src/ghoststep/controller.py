@@ -397,18 +397,14 @@ class RadiusController(torch.optim.Optimizer):
         # Rounding: old + (new - old) can differ from new in the last bit (e.g. where a
         # parameter changes sign). Those few entries of `new` are kept so that s = 1
         # reproduces the inner optimizer's parameters bitwise.
-        corrections = []
+        corrections: list[Any] = []
         for p, buf in zip(params, snapshot, strict=True):
             new = p.detach().clone()  # transient, one tensor at a time
             p.copy_(buf)  # theta <- old, bitwise
             torch.sub(new, buf, out=buf)  # buf <- p = new - old
-            lossy = torch.ne(p + buf, new)
-            if bool(lossy.any()):
-                where = lossy.nonzero(as_tuple=True)
-                corrections.append((where, new[where]))
-            else:
-                corrections.append(None)
-            del new, lossy
+            where = torch.ne(p + buf, new).nonzero(as_tuple=True)  # usually empty
+            corrections.append((where, new[where]) if where[0].numel() else None)
+            del new
         tau = _global_norm(snapshot)
         if not math.isfinite(tau):
             self._fault("update", lr, loss_value)
@@ -535,7 +531,7 @@ class RadiusController(torch.optim.Optimizer):
                 **self.slopes_kwargs,
             )
         spread = spread.reshape(-1).double() / tau  # every logit position, along unit v
-        keep = self._mask(evaluated, spread.numel())
+        keep = self._mask(evaluated, spread.numel(), spread.device)
         valid = spread if keep is None else spread[keep]
         finite = bool(torch.isfinite(valid).all())
 
@@ -555,7 +551,7 @@ class RadiusController(torch.optim.Optimizer):
         rho = math.pi * self.temperature / agg_spread if agg_spread > 0 else math.inf
         return agg_spread, rho, bottleneck, finite
 
-    def _mask(self, inputs, n_samples: int) -> torch.Tensor | None:
+    def _mask(self, inputs, n_samples: int, device: torch.device) -> torch.Tensor | None:
         """Flat bool mask over the logit positions, or None (keep all)."""
         if self.mask_fn is not None:
             mask = self.mask_fn(inputs)
@@ -575,11 +571,7 @@ class RadiusController(torch.optim.Optimizer):
                 f"the mask has {mask.numel()} entries but the logits have {n_samples} "
                 "sample positions (logits.shape[:-1])"
             )
-        return mask.to(self._device())
-
-    def _device(self) -> torch.device:
-        params = self._params()
-        return params[0].device if params else torch.device("cpu")
+        return mask.to(device)
 
     def _all_reduce(self, agg_spread: float, finite: bool) -> tuple[float, bool]:
         if not (torch.distributed.is_available() and torch.distributed.is_initialized()):

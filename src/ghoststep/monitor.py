@@ -59,8 +59,9 @@ class StepStats:
         r_before: ``tau / rho_a``, normalized step the inner optimizer proposed.
         r_after: ``scale * tau / rho_a``, normalized step actually applied.
         scale: factor s applied to p (``theta = old + s * p``); 0 for a skipped step.
-        bottleneck: flat index (over the evaluated rows' logit positions, current batch
-            first, then buffered rows) of the sample with the largest spread; -1 if none.
+        bottleneck: flat index, over the logit positions of the evaluated rows (the
+            batch, or its drawn subset, first, then buffered rows; ``b * T + t`` for
+            (B, T, V) logits), of the sample with the largest spread; -1 if none.
         radius_seconds: wall time spent on the radius (slopes, aggregation, reduction).
         skipped: True when the step was skipped because something was not finite.
         lr: learning rate of parameter group 0 at the time of the step.
