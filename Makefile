@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-EXTRAS ?= dev,experiments
+EXTRAS ?= dev,all
 
 .PHONY: demo test lint clean
 
