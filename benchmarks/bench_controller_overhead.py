@@ -1,10 +1,14 @@
-"""Per-step wall time: plain Adam vs Adam wrapped in RadiusController (clip mode).
+"""Per-step wall time: plain optimizer vs the same optimizer wrapped in RadiusController.
+
+Digits models (mlp, cnn_bn, ...) use Adam; ``resnet18`` uses SGD with momentum 0.9 on
+CIFAR-shaped random images (paper section 8.6 measures ResNet-18, batch 128, on a GPU).
 
 One full training step is timed (zero_grad, forward, cross-entropy, backward, step) for
 two identical models side by side in one process, interleaved step by step so that
 machine load affects both alike; after a warm-up the median over N steps is reported.
 
     .venv/bin/python benchmarks/bench_controller_overhead.py [--steps 100] [--threads 2]
+    python benchmarks/bench_controller_overhead.py --device cuda --models mlp cnn_bn resnet18
 
 Needs scikit-learn (the digits data).
 """
@@ -43,13 +47,19 @@ def timed_step(model, opt, x, y) -> float:
     return time.perf_counter() - start
 
 
+def make_optimizer(name: str, params, lr: float) -> torch.optim.Optimizer:
+    if name == "resnet18":
+        return torch.optim.SGD(params, lr=0.01, momentum=0.9)
+    return torch.optim.Adam(params, lr=lr)
+
+
 def bench(name: str, X, y, *, batch: int, steps: int, warmup: int, lr: float, seed: int):
     torch.manual_seed(seed)
     plain_model = build_model(name).to(X.device)
     ctrl_model = copy.deepcopy(plain_model)
-    plain = torch.optim.Adam(plain_model.parameters(), lr=lr)
+    plain = make_optimizer(name, plain_model.parameters(), lr)
     ctrl = RadiusController(
-        torch.optim.Adam(ctrl_model.parameters(), lr=lr), ctrl_model, mode="clip"
+        make_optimizer(name, ctrl_model.parameters(), lr), ctrl_model, mode="clip"
     )
     g = torch.Generator().manual_seed(seed)
     t_plain, t_ctrl, t_radius = [], [], []
@@ -84,14 +94,20 @@ def main(argv: list[str] | None = None) -> None:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     torch.set_flush_denormal(True)
-    X, y = (t.to(args.device) for t in load_digits_train())
+    digits = tuple(t.to(args.device) for t in load_digits_train())
     print(
         f"torch {torch.__version__}, {args.device}, {torch.get_num_threads()} threads, "
         f"batch {args.batch}, "
         f"median of {args.steps} steps after {args.warmup} warm-up, interleaved"
     )
-    print(f"{'model':8s} {'Adam ms':>9s} {'ctrl ms':>9s} {'radius ms':>10s} {'overhead':>9s}")
+    print(f"{'model':8s} {'plain ms':>9s} {'ctrl ms':>9s} {'radius ms':>10s} {'overhead':>9s}")
     for name in args.models:
+        if name == "resnet18":
+            from ghoststep.experiments.data import fake_cifar10
+
+            X, y = (t.to(args.device) for t in fake_cifar10(n=1024, seed=args.seed))
+        else:
+            X, y = digits
         p, c, r = bench(
             name,
             X,

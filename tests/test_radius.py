@@ -347,3 +347,19 @@ def test_nonfinite_values_propagate_per_sample():
     for value in (R.logit_spread(slopes), R.rho_bound(slopes), R.binary_radius(logits, slopes)):
         assert math.isnan(value[0]) and math.isfinite(value[1]) and math.isnan(value[2])
     assert torch.isnan(R.exact_radius(logits, slopes)[[0, 2]]).all()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cuda_matches_cpu(dtype):
+    gen = torch.Generator().manual_seed(11)
+    logits = (torch.randn(64, 10, generator=gen) * 3).to(dtype)
+    slopes = torch.randn(64, 10, generator=gen).to(dtype)
+    for fn in (R.rho_bound, R.logit_spread):
+        torch.testing.assert_close(fn(slopes.cuda()).cpu(), fn(slopes))
+    torch.testing.assert_close(
+        R.top2_radius(logits.cuda(), slopes.cuda()).cpu(), R.top2_radius(logits, slopes)
+    )
+    on_gpu = R.exact_radius(logits.cuda(), slopes.cuda())
+    assert on_gpu.device.type == "cuda" and on_gpu.dtype == dtype
+    torch.testing.assert_close(on_gpu.cpu(), R.exact_radius(logits, slopes), rtol=1e-6, atol=0)
