@@ -1,4 +1,4 @@
-"""Command line: ``ghoststep run|list|report|demo``.
+"""Command line: ``ghoststep run|list|report|demo|plot``.
 
 Each subcommand is a pair of functions registered in ``COMMANDS``: one adds its
 arguments to an argparse sub-parser, the other runs it and returns an exit code.
@@ -12,6 +12,7 @@ Examples::
     ghoststep run resnet --data-dir ~/data/cifar10 --set epochs=2
     ghoststep report                 # merge every run under ./runs into ./report.md
     ghoststep demo
+    ghoststep plot runs/plain_loop/radius.csv   # loss, tau, rho_a, r, s -> radius.png
 """
 
 from __future__ import annotations
@@ -191,6 +192,27 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------- plot
+
+
+def _add_plot(p: argparse.ArgumentParser) -> None:
+    p.add_argument("path", metavar="RUN_OR_CSV",
+                   help="a radius history (CSVSink .csv, JSONLSink .jsonl, Lightning "
+                        "metrics.csv, transformers trainer_state.json) or a folder of them")
+    p.add_argument("--out", help="PNG to write (default: beside the file, or FOLDER/history.png)")
+
+
+def _cmd_plot(args: argparse.Namespace) -> int:
+    from ghoststep.plots import plot_history
+
+    try:
+        out = plot_history(args.path, args.out)
+    except (FileNotFoundError, ValueError, ImportError) as exc:
+        return _fail(str(exc))
+    print(f"wrote {out}")
+    return 0
+
+
 # ----------------------------------------------------------------------------- main
 
 # name -> (help, add_arguments, handler)
@@ -199,6 +221,7 @@ COMMANDS: dict[str, tuple[str, Callable, Callable[[argparse.Namespace], int]]] =
     "list": ("list the experiments", _add_list, _cmd_list),
     "report": ("merge runs' results into one Markdown report", _add_report, _cmd_report),
     "demo": ("train an MLP on digits and watch r = tau / rho_a", _add_demo, _cmd_demo),
+    "plot": ("plot a radius history (loss, tau, rho_a, r, s) to PNG", _add_plot, _cmd_plot),
 }
 
 

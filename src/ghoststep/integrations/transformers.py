@@ -1,0 +1,285 @@
+"""Hugging Face ``transformers.Trainer``: radius control with one line after building it.
+
+Example::
+
+    from transformers import Trainer
+    from ghoststep.integrations.transformers import add_radius_control
+
+    trainer = Trainer(model=model, args=args, train_dataset=ds)
+    add_radius_control(trainer, mode="clip", target_r=1.0)   # the one line
+    trainer.train()
+    trainer.state.log_history[-2]   # {..., "ghoststep/tau": ..., "ghoststep/r_after": ...}
+
+What :func:`add_radius_control` does:
+
+* builds the optimizer exactly as the Trainer would (``trainer.create_optimizer()``:
+  ``args.optim``, weight-decay groups, ``optimizer_cls_and_kwargs``) -- or takes the one
+  passed via ``optimizers=`` -- and replaces it by a :class:`~ghoststep.RadiusController`
+  around it. The Trainer then builds its LR scheduler on the wrapper (which shares the
+  inner ``param_groups``), Accelerate wraps it like any optimizer, and Trainer checkpoints
+  save and restore the controller's state with the optimizer's (resume with the
+  controller attached again).
+* measures the radius on the batch the model's forward just saw (the Trainer calls
+  ``model(**inputs)``; a forward pre-hook keeps the keyword arguments, ``labels``
+  included). Positions whose label is -100 are ignored; for causal language models the
+  logits at position t are scored against label t + 1 (the model shifts internally), so
+  the mask is shifted the same way, and the last position is never used.
+* inserts a :class:`RadiusCallback` *first* in the Trainer's callback list, so the
+  statistics it adds to the training logs reach ``state.log_history`` and every
+  reporting callback (TensorBoard, wandb, ...) that runs after it.
+
+Forward-mode AD is not implemented for PyTorch's fused attention kernels (SDPA, flash), so
+by default the model is switched to ``attn_implementation="eager"`` (with a warning); pass
+``eager_attention=False`` to keep the kernel, e.g. with ``method="fd"``.
+
+Not supported: DeepSpeed, FSDP and SageMaker model parallelism (they create or shard the
+optimizer themselves), and ``model_init`` (hyper-parameter search re-creates the
+optimizer). With gradient accumulation the update is the accumulated one; the radius is
+measured on the last micro-batch.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+
+from ghoststep.controller import RadiusController
+from ghoststep.integrations import repoint_scheduler, require
+
+_tf = require("transformers", "transformers", feature="ghoststep.integrations.transformers")
+TrainerCallback = _tf.TrainerCallback
+
+__all__ = ["RadiusCallback", "add_radius_control", "label_mask_fn", "is_causal_lm"]
+
+#: StepStats fields reported (last optimizer step before the log) as ``ghoststep/<key>``.
+DEFAULT_KEYS: tuple[str, ...] = ("tau", "rho_a", "r_before", "r_after", "scale")
+
+_CAUSAL_SUFFIXES = ("ForCausalLM", "LMHeadModel")
+
+
+def is_causal_lm(model: torch.nn.Module) -> bool:
+    """True for Hugging Face causal language models (their loss shifts labels internally)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # PEFT
+    name = type(base).__name__
+    try:
+        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+        known = set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
+    except ImportError:  # pragma: no cover - layout of older releases
+        known = set()
+    return name in known or name.endswith(_CAUSAL_SUFFIXES)
+
+
+def label_mask_fn(
+    *, shift: bool, ignore_index: int = -100
+) -> Callable[[Mapping[str, Any]], torch.Tensor]:
+    """A ``mask_fn`` for ``RadiusController`` from the ``labels`` of Hugging Face inputs.
+
+    Args:
+        shift: the model scores logits position t against label t + 1 (causal LMs); the
+            last position then has no label and is masked out.
+        ignore_index: label value of positions the loss ignores.
+    Returns:
+        ``mask_fn(inputs) -> bool tensor`` of the logits' sample shape: ``labels !=
+        ignore_index`` (shifted), all True for floating-point labels (regression,
+        multi-label), or the ``attention_mask`` (shifted alike) when a causal LM gets no
+        labels.
+    """
+
+    def mask_fn(inputs: Mapping[str, Any]) -> torch.Tensor:
+        if not isinstance(inputs, Mapping):
+            raise TypeError("the Hugging Face label mask expects keyword inputs (a dict)")
+        labels = inputs.get("labels")
+        if labels is None:
+            attention = inputs.get("attention_mask")
+            if shift and attention is not None:
+                return _shift_left(torch.as_tensor(attention).bool(), False)
+            raise ValueError(
+                "the batch has no 'labels', so the positions the loss ignores are unknown; "
+                "pass mask_fn=... (or mask_fn=lambda inputs: <bool tensor of logits.shape[:-1]>)"
+            )
+        labels = torch.as_tensor(labels)
+        if labels.is_floating_point():
+            return torch.ones(labels.shape[0], dtype=torch.bool, device=labels.device)
+        keep = labels != ignore_index
+        return _shift_left(keep, False) if shift else keep
+
+    return mask_fn
+
+
+def _shift_left(mask: torch.Tensor, fill: bool) -> torch.Tensor:
+    """``out[..., t] = mask[..., t + 1]``, ``out[..., -1] = fill``."""
+    out = torch.full_like(mask, fill)
+    out[..., :-1] = mask[..., 1:]
+    return out
+
+
+class RadiusCallback(TrainerCallback):
+    """Report a :class:`~ghoststep.RadiusController`'s statistics in the Trainer's logs.
+
+    On every training log (the ones with ``"loss"``) it adds ``ghoststep/<key>`` for the
+    last optimizer step and, over the steps since the previous log, ``ghoststep/r_before_max``,
+    ``ghoststep/r_after_max``, ``ghoststep/rho_a_min`` and ``ghoststep/skipped`` (count).
+    The values are added to the ``logs`` dict the reporting callbacks receive and to the
+    entry just appended to ``state.log_history``; to reach TensorBoard / wandb the callback
+    must come before them in ``trainer.callback_handler.callbacks`` (``add_radius_control``
+    inserts it first).
+
+    Args:
+        controller: the controller to report; None: found in ``on_train_begin`` by
+            unwrapping the Trainer's optimizer (``AcceleratedOptimizer.optimizer``).
+        keys: ``StepStats`` fields reported for the last step.
+        prefix: prefix of the reported names.
+    """
+
+    def __init__(
+        self,
+        controller: RadiusController | None = None,
+        *,
+        keys: Sequence[str] = DEFAULT_KEYS,
+        prefix: str = "ghoststep/",
+    ) -> None:
+        self.controller = controller
+        self.keys = tuple(keys)
+        self.prefix = prefix
+        self._reported = 0 if controller is None else controller.step_count
+
+    def on_train_begin(self, args, state, control, optimizer=None, **kwargs):
+        if self.controller is None:
+            self.controller = _find_controller(optimizer)
+            if self.controller is None:
+                warnings.warn(
+                    "ghoststep RadiusCallback: the Trainer's optimizer is not a "
+                    "RadiusController; nothing will be reported (use add_radius_control)",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+                return
+        self._reported = self.controller.step_count
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if self.controller is None or logs is None or "loss" not in logs:
+            return
+        values = self.values()
+        if not values:
+            return
+        logs.update(values)
+        if state.log_history:
+            last = state.log_history[-1]
+            if last.get("step") == state.global_step and "loss" in last:
+                last.update(values)
+
+    def values(self) -> dict[str, float]:
+        """The statistics since the previous call (empty if no step was taken)."""
+        controller = self.controller
+        if controller is None or controller.last is None:
+            return {}
+        last = controller.last
+        if last.step <= self._reported:
+            return {}
+        window = [s for s in controller.history if s.step > self._reported]
+        self._reported = last.step
+        scalars = last.scalars()
+        out = {f"{self.prefix}{k}": scalars[k] for k in self.keys if k in scalars}
+        measured = [s for s in window if not s.skipped]
+        if measured:
+            out[f"{self.prefix}r_before_max"] = max(s.r_before for s in measured)
+            out[f"{self.prefix}r_after_max"] = max(s.r_after for s in measured)
+            out[f"{self.prefix}rho_a_min"] = min(s.rho_a for s in measured)
+        out[f"{self.prefix}skipped"] = float(sum(s.skipped for s in window))
+        return {k: float(v) for k, v in out.items()}
+
+
+def add_radius_control(
+    trainer: Any,
+    mode: str = "clip",
+    target_r: float = 1.0,
+    *,
+    eager_attention: bool = True,
+    keys: Sequence[str] = DEFAULT_KEYS,
+    prefix: str = "ghoststep/",
+    **controller_kwargs: Any,
+) -> RadiusCallback:
+    """Make ``trainer`` train with a radius-controlled optimizer and report its statistics.
+
+    Call after constructing the Trainer and before ``trainer.train()``.
+
+    Args:
+        trainer: a ``transformers.Trainer`` (or subclass).
+        mode: ``"clip"`` | ``"set"`` | ``"monitor"`` (see ``RadiusController``).
+        target_r: r*, the normalized step to cap at (clip) or set (set).
+        eager_attention: switch a model using a fused attention kernel to
+            ``attn_implementation="eager"`` (forward-mode AD needs it; warns when it does).
+        keys, prefix: what :class:`RadiusCallback` reports and under which prefix.
+        **controller_kwargs: passed to ``RadiusController`` (``subset``, ``window``,
+            ``quantile``, ``chunk_size``, ``sinks``, ``mask_fn``, ...). Default mask:
+            :func:`label_mask_fn` with ``shift=is_causal_lm(model)``.
+    Returns:
+        The inserted :class:`RadiusCallback`; ``callback.controller`` is the controller.
+    Raises:
+        ValueError: DeepSpeed / FSDP / model_init, or ``optimizer``/``model`` in the kwargs.
+    """
+    for bad in ("optimizer", "model"):
+        if bad in controller_kwargs:
+            raise ValueError(f"{bad}= is taken from the trainer")
+    if getattr(trainer, "is_deepspeed_enabled", False) or getattr(
+        trainer, "is_fsdp_enabled", False
+    ):
+        raise ValueError("add_radius_control does not support DeepSpeed or FSDP trainers")
+    if getattr(trainer, "model_init", None) is not None:
+        raise ValueError(
+            "add_radius_control does not support model_init (the Trainer re-creates the "
+            "optimizer); build the model first and pass model="
+        )
+    model = trainer.model
+    if eager_attention and controller_kwargs.get("method", "jvp") == "jvp":
+        _use_eager_attention(model)
+
+    if trainer.optimizer is None:
+        trainer.create_optimizer()
+    inner = trainer.optimizer
+    if isinstance(inner, RadiusController):
+        controller = inner
+    else:
+        if not any(k in controller_kwargs for k in ("mask_fn", "ignore_index", "targets_fn")):
+            controller_kwargs["mask_fn"] = label_mask_fn(shift=is_causal_lm(model))
+        controller = RadiusController(
+            inner, model, mode=mode, target_r=target_r, **controller_kwargs
+        )
+        trainer.optimizer = controller
+        scheduler = getattr(trainer, "lr_scheduler", None)
+        if scheduler is not None and getattr(scheduler, "optimizer", None) is inner:
+            repoint_scheduler(scheduler, controller)
+
+    callback = RadiusCallback(controller, keys=keys, prefix=prefix)
+    trainer.callback_handler.callbacks.insert(0, callback)
+    return callback
+
+
+def _find_controller(optimizer: Any) -> RadiusController | None:
+    seen = 0
+    while optimizer is not None and seen < 8:
+        if isinstance(optimizer, RadiusController):
+            return optimizer
+        optimizer = getattr(optimizer, "optimizer", None)
+        seen += 1
+    return None
+
+
+def _use_eager_attention(model: torch.nn.Module) -> None:
+    config = getattr(model, "config", None)
+    current = getattr(config, "_attn_implementation", None)
+    if current in (None, "eager") or not hasattr(model, "set_attn_implementation"):
+        return
+    model.set_attn_implementation("eager")
+    warnings.warn(
+        f"ghoststep: switched the model from attn_implementation={current!r} to 'eager': "
+        "forward-mode AD (the radius JVP) is not implemented for fused attention kernels. "
+        "Load the model with attn_implementation='eager' to silence this, or pass "
+        "eager_attention=False (e.g. with method='fd').",
+        UserWarning,
+        stacklevel=3,
+    )
