@@ -6,7 +6,6 @@ import dataclasses
 import importlib
 import math
 import sys
-from typing import Any
 
 import pytest
 import torch
@@ -67,20 +66,10 @@ def test_every_field_becomes_a_scalar_and_histograms_follow_the_period(tmp_path)
     assert hist[1].histogram_value.num == 1  # step 3 skipped, step 4's 0.25
 
 
-@dataclasses.dataclass(frozen=True)
-class _WithSamples(StepStats):
-    """A record that also carries the per-sample radii (not produced by the controller yet)."""
-
-    rho_samples: Any = None
-
-    def scalars(self) -> dict[str, float]:
-        return StepStats(**{f: getattr(self, f) for f in StepStats.field_names()}).scalars()
-
-
 def test_per_sample_histogram_when_the_record_carries_it(tmp_path):
     with TensorBoardSink(tmp_path, histogram_every=1) as sink:
         samples = torch.tensor([0.5, 1.0, 2.0, math.inf])
-        sink.write(_WithSamples(**dataclasses.asdict(_stats(1)), rho_samples=samples))
+        sink.write(dataclasses.replace(_stats(1), rho_samples=samples))
     hist = _read(tmp_path).Histograms("ghoststep/rho_a_samples")
     assert len(hist) == 1 and hist[0].histogram_value.num == 3
     assert hist[0].histogram_value.min == pytest.approx(0.5)
@@ -92,9 +81,13 @@ def test_sink_on_a_controller_and_a_shared_writer(tmp_path):
     writer = SummaryWriter(str(tmp_path))
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
-    sink = TensorBoardSink(writer=writer, prefix="radius/")
+    sink = TensorBoardSink(writer=writer, prefix="radius/", histogram_every=1)
     opt = RadiusController(
-        torch.optim.SGD(model.parameters(), lr=1.0), model, target_r=0.5, sinks=[sink]
+        torch.optim.SGD(model.parameters(), lr=1.0),
+        model,
+        target_r=0.5,
+        sinks=[sink],
+        keep_samples=True,
     )
     for _ in range(3):
         x, y = torch.randn(16, 4), torch.randint(0, 3, (16,))
@@ -109,6 +102,12 @@ def test_sink_on_a_controller_and_a_shared_writer(tmp_path):
     assert [e.value for e in acc.Scalars("radius/r_after")] == pytest.approx(
         [s.r_after for s in opt.history], rel=1e-6
     )
+    # keep_samples: one rho_a per sample of the batch, the smallest is the batch radius
+    last = opt.history[-1]
+    assert last.rho_samples.shape == (16,)
+    assert float(last.rho_samples.min()) == pytest.approx(last.rho_a, rel=1e-5)
+    histograms = acc.Histograms("radius/rho_a_samples")
+    assert len(histograms) == 3 and histograms[-1].histogram_value.num == 16
 
 
 def test_bad_arguments():

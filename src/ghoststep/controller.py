@@ -141,6 +141,9 @@ class RadiusController(torch.optim.Optimizer):
         method: ``"jvp"`` (exact) or ``"fd"`` (float64 central difference).
         on_nonfinite: ``"skip"`` or ``"raise"``.
         history_size: length of the ``history`` deque of :class:`StepStats`.
+        keep_samples: also keep each step's per-sample rho_a (``StepStats.rho_samples``,
+            a CPU tensor; e.g. for the TensorBoard histogram). Off by default: for
+            language models it is one number per token per step of history.
         sinks: objects with ``write(stats)`` / ``close()`` (see ``ghoststep.monitor``).
         process_group: group for the distributed reduction (default: the world).
         slopes_kwargs: extra keyword arguments for ``per_sample_spread``.
@@ -179,6 +182,7 @@ class RadiusController(torch.optim.Optimizer):
         method: str = "jvp",
         on_nonfinite: str = "skip",
         history_size: int = 1000,
+        keep_samples: bool = False,
         sinks: Iterable[Sink] = (),
         process_group: Any = None,
         slopes_kwargs: Mapping[str, Any] | None = None,
@@ -233,6 +237,7 @@ class RadiusController(torch.optim.Optimizer):
         self.chunk_size = chunk_size
         self.method = method
         self.on_nonfinite = on_nonfinite
+        self.keep_samples = bool(keep_samples)
         self.sinks: list[Sink] = list(sinks)
         self.process_group = process_group
         self.slopes_kwargs = dict(slopes_kwargs or {})
@@ -416,7 +421,9 @@ class RadiusController(torch.optim.Optimizer):
             return loss
 
         start = time.perf_counter()
-        spread, rho_now, bottleneck, finite = self._measure(params, snapshot, tau, batch)
+        spread, rho_now, bottleneck, finite, rho_samples = self._measure(
+            params, snapshot, tau, batch
+        )
         if not finite:
             self._fault("slope", lr, loss_value, tau=tau, seconds=time.perf_counter() - start)
             return loss
@@ -448,6 +455,7 @@ class RadiusController(torch.optim.Optimizer):
                 spread=spread,
                 bottleneck=bottleneck,
                 seconds=seconds,
+                rho_samples=rho_samples,
             )
         )
         return loss
@@ -501,7 +509,8 @@ class RadiusController(torch.optim.Optimizer):
         return [by_id.get(id(q)) for q in self._slope_model.parameters() if q.requires_grad]
 
     def _measure(self, params, updates, tau: float, batch):
-        """Aggregated spread along v = p / tau, the radius, the bottleneck, all-finite flag."""
+        """Aggregated spread along v = p / tau, the radius, the bottleneck, all-finite flag,
+        and the per-sample radii (CPU float32) when ``keep_samples`` is on, else None."""
         from .slopes import per_sample_spread  # late: keeps `import ghoststep` light
 
         current = batch
@@ -544,12 +553,15 @@ class RadiusController(torch.optim.Optimizer):
             bottleneck = int(masked.argmax())
         else:
             agg_spread, bottleneck = 0.0, -1
+        kept = None
+        if self.keep_samples and finite and valid.numel():
+            kept = rho_samples.float().cpu()
         agg_spread, finite = self._all_reduce(agg_spread, finite)
 
         if finite and self.buffer_size > 0:
             self._update_buffer(evaluated, spread, keep)
         rho = math.pi * self.temperature / agg_spread if agg_spread > 0 else math.inf
-        return agg_spread, rho, bottleneck, finite
+        return agg_spread, rho, bottleneck, finite, kept
 
     def _mask(self, inputs, n_samples: int, device: torch.device) -> torch.Tensor | None:
         """Flat bool mask over the logit positions, or None (keep all)."""
@@ -624,7 +636,18 @@ class RadiusController(torch.optim.Optimizer):
         )
 
     def _stats(
-        self, *, tau, rho, scale, lr, loss, spread, bottleneck=-1, seconds=0.0, skipped=False
+        self,
+        *,
+        tau,
+        rho,
+        scale,
+        lr,
+        loss,
+        spread,
+        bottleneck=-1,
+        seconds=0.0,
+        skipped=False,
+        rho_samples=None,
     ) -> StepStats:
         r_before = tau / rho if rho > 0 else math.inf  # tau / inf = 0; nan propagates
         return StepStats(
@@ -640,6 +663,7 @@ class RadiusController(torch.optim.Optimizer):
             lr=lr,
             loss=loss,
             spread=spread,
+            rho_samples=rho_samples,
         )
 
     def _record(self, stats: StepStats) -> None:

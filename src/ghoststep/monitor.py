@@ -82,15 +82,18 @@ class StepStats:
     lr: float
     loss: float | None = None
     spread: float = math.nan
+    # Per-sample rho_a of the step (1-D CPU tensor), only with keep_samples=True; not a
+    # scalar column, so the file sinks leave it out (TensorBoard draws a histogram).
+    rho_samples: Any = dataclasses.field(default=None, repr=False, compare=False)
 
     @classmethod
     def field_names(cls) -> list[str]:
-        """Column order used by the sinks."""
-        return [f.name for f in dataclasses.fields(cls)]
+        """Column order used by the sinks (the scalar fields)."""
+        return [f.name for f in dataclasses.fields(cls) if f.name != "rho_samples"]
 
     def as_dict(self) -> dict[str, Any]:
-        """Plain ``dict`` of the fields (JSON-friendly Python scalars)."""
-        return dataclasses.asdict(self)
+        """Plain ``dict`` of the scalar fields (JSON-friendly Python scalars)."""
+        return {name: getattr(self, name) for name in self.field_names()}
 
     def scalars(self) -> dict[str, float]:
         """Numeric fields as floats (booleans as 0/1, a missing loss left out)."""
