@@ -42,6 +42,8 @@ _EXPORTS = {
     "StepStats": "monitor",
     "CSVSink": "monitor",
     "JSONLSink": "monitor",
+    "CallbackSink": "monitor",
+    "Sink": "monitor",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]
