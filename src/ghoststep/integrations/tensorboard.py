@@ -12,9 +12,9 @@ Example::
 Scalars are written under ``<prefix><field>`` at ``global_step = stats.step``; booleans
 as 0/1; a missing loss is left out. Histograms (every ``histogram_every`` steps): the
 per-sample radii ``pi T / Delta a(x)`` of that step under ``<prefix>rho_a_samples`` when
-the record carries them (``RadiusController(..., keep_samples=True)``), and always the radii ``rho_a`` of
-the steps since the previous histogram under ``<prefix>rho_a_steps``. Non-finite values
-are dropped from histograms (TensorBoard cannot bin them).
+the record carries them (``RadiusController(..., keep_samples=True)``), and always the
+radii ``rho_a`` of the steps since the previous histogram under ``<prefix>rho_a_steps``.
+Non-finite values are dropped from histograms (TensorBoard cannot bin them).
 """
 
 from __future__ import annotations
