@@ -633,3 +633,47 @@ def test_cuda_clip_and_monitor(digits, model_name, monkeypatch):
         assert _r_of_update(at_old, Xtr[idx], applied) <= 1.0 + 1e-3  # float32 on GPU
         for p, q in zip(twin.parameters(), bare_model.parameters(), strict=True):
             assert torch.equal(p, q)
+
+
+def test_extra_radii_hook_limits_or_only_records(digits):
+    Xtr, ytr, _, _ = digits
+    seen = {}
+
+    def hook(model, inputs, update):
+        seen["shapes"] = [u.shape for u in update]
+        seen["inputs"] = inputs
+        return {"tiny": 0.01}  # in units of the update: 1% of the proposed step
+
+    applied = {}
+    for limit_by in (None, ("out",)):
+        torch.manual_seed(0)
+        model = build_model("mlp")
+        old = [p.detach().clone() for p in model.parameters()]
+        twin = copy.deepcopy(model)
+        ctrl = RadiusController(
+            torch.optim.SGD(model.parameters(), lr=1e-3),
+            model,
+            mode="clip",
+            extra_radii=hook,
+            limit_by=limit_by,
+        )
+        bare = torch.optim.SGD(twin.parameters(), lr=1e-3)
+        for m, opt in ((model, ctrl), (twin, bare)):
+            F.cross_entropy(m(Xtr[:32]), ytr[:32]).backward()
+            opt.step()
+        stats = ctrl.last
+        assert set(stats.radii) == {"out", "tiny"}
+        assert stats.radii["tiny"] == pytest.approx(0.01 * stats.tau)
+        assert seen["shapes"] == [p.shape for p in model.parameters()]
+        steps = [p.detach() - o for p, o in zip(model.parameters(), old)]
+        proposed = [p.detach() - o for p, o in zip(twin.parameters(), old)]
+        ratio = (
+            torch.cat([s.flatten() for s in steps]).norm()
+            / torch.cat([s.flatten() for s in proposed]).norm()
+        )
+        applied[limit_by] = float(ratio)
+        assert stats.binding == min(stats.radii, key=stats.radii.get)
+    assert applied[None] == pytest.approx(0.01, rel=1e-3)  # the hook's radius binds (float32)
+    assert applied[("out",)] == pytest.approx(1.0, rel=1e-3)  # recorded, not binding
+    with pytest.raises(ValueError, match="extra_radii is None"):
+        RadiusController(torch.optim.SGD(model.parameters(), lr=0.1), model, limit_by=("x",))

@@ -141,6 +141,17 @@ class RadiusController(torch.optim.Optimizer):
         method: ``"jvp"`` (exact) or ``"fd"`` (float64 central difference).
         on_nonfinite: ``"skip"`` or ``"raise"``.
         history_size: length of the ``history`` deque of :class:`StepStats`.
+        extra_radii: optional hook ``extra_radii(model, inputs, update) -> {name: t}``
+            for radii other than the output logits' (e.g. attention logits, ReLU kinks).
+            ``update`` is the list of tentative update tensors p, aligned with the
+            trainable parameters; each returned ``t`` is a radius in units of that
+            update (the step theta + t p has t = 1 at the full update), computed at the
+            current parameters. The controller converts them to distances along
+            v = p / ||p|| and records them, with ``"out"`` (rho_a), in
+            ``StepStats.radii``. Non-finite (NaN) values skip the step like a bad slope.
+        limit_by: names of the radii whose minimum limits the step (default: ``"out"``
+            and every name ``extra_radii`` returns). E.g. ``("out",)`` records the
+            extra radii without letting them bind.
         keep_samples: also keep each step's per-sample rho_a (``StepStats.rho_samples``,
             a CPU tensor; e.g. for the TensorBoard histogram). Off by default: for
             language models it is one number per token per step of history.
@@ -183,6 +194,8 @@ class RadiusController(torch.optim.Optimizer):
         on_nonfinite: str = "skip",
         history_size: int = 1000,
         keep_samples: bool = False,
+        extra_radii: Callable[[nn.Module, Any, list], Mapping[str, float]] | None = None,
+        limit_by: Sequence[str] | None = None,
         sinks: Iterable[Sink] = (),
         process_group: Any = None,
         slopes_kwargs: Mapping[str, Any] | None = None,
@@ -238,6 +251,18 @@ class RadiusController(torch.optim.Optimizer):
         self.method = method
         self.on_nonfinite = on_nonfinite
         self.keep_samples = bool(keep_samples)
+        if extra_radii is not None and not callable(extra_radii):
+            raise TypeError("extra_radii must be callable(model, inputs, update) -> dict")
+        if limit_by is not None:
+            limit_by = tuple(limit_by)
+            if not limit_by or not all(isinstance(k, str) for k in limit_by):
+                raise ValueError(
+                    f"limit_by must be a non-empty sequence of names, got {limit_by!r}"
+                )
+            if extra_radii is None and limit_by != ("out",):
+                raise ValueError(f"limit_by={limit_by!r} names radii but extra_radii is None")
+        self.extra_radii = extra_radii
+        self.limit_by = limit_by
         self.sinks: list[Sink] = list(sinks)
         self.process_group = process_group
         self.slopes_kwargs = dict(slopes_kwargs or {})
@@ -424,6 +449,16 @@ class RadiusController(torch.optim.Optimizer):
         spread, rho_now, bottleneck, finite, rho_samples = self._measure(
             params, snapshot, tau, batch
         )
+        radii = None
+        if finite and self.extra_radii is not None:
+            radii = self._radii(params, snapshot, tau, batch, rho_now)
+            rho_now = min(radii[k] for k in (self.limit_by or radii))
+            finite = not any(math.isnan(v) for v in radii.values())
+            # The same limiting radius on every rank (a no-op without torch.distributed):
+            # reduced as the equivalent spread pi T / rho, like the output spread.
+            limit = math.pi * self.temperature / rho_now if rho_now > 0 else math.inf
+            limit, finite = self._all_reduce(limit if finite else 0.0, finite)
+            rho_now = math.pi * self.temperature / limit if limit > 0 else math.inf
         if not finite:
             self._fault("slope", lr, loss_value, tau=tau, seconds=time.perf_counter() - start)
             return loss
@@ -456,6 +491,7 @@ class RadiusController(torch.optim.Optimizer):
                 bottleneck=bottleneck,
                 seconds=seconds,
                 rho_samples=rho_samples,
+                radii=radii,
             )
         )
         return loss
@@ -563,6 +599,17 @@ class RadiusController(torch.optim.Optimizer):
         rho = math.pi * self.temperature / agg_spread if agg_spread > 0 else math.inf
         return agg_spread, rho, bottleneck, finite, kept
 
+    def _radii(self, params, updates, tau: float, batch, rho_out: float) -> dict[str, float]:
+        """Output radius plus the ``extra_radii`` hook's, as distances along v = p / tau."""
+        with self._measuring_forward():
+            extra = self.extra_radii(self._slope_model, batch, self._direction(params, updates))
+        radii = {"out": rho_out}
+        radii.update({str(k): float(t) * tau for k, t in dict(extra).items()})
+        missing = [k for k in (self.limit_by or ()) if k not in radii]
+        if missing:
+            raise KeyError(f"limit_by names {missing}, but the radii are {sorted(radii)}")
+        return radii
+
     def _mask(self, inputs, n_samples: int, device: torch.device) -> torch.Tensor | None:
         """Flat bool mask over the logit positions, or None (keep all)."""
         if self.mask_fn is not None:
@@ -648,6 +695,7 @@ class RadiusController(torch.optim.Optimizer):
         seconds=0.0,
         skipped=False,
         rho_samples=None,
+        radii=None,
     ) -> StepStats:
         r_before = tau / rho if rho > 0 else math.inf  # tau / inf = 0; nan propagates
         return StepStats(
@@ -664,6 +712,7 @@ class RadiusController(torch.optim.Optimizer):
             loss=loss,
             spread=spread,
             rho_samples=rho_samples,
+            radii=radii,
         )
 
     def _record(self, stats: StepStats) -> None:

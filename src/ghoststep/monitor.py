@@ -46,6 +46,9 @@ from typing import IO, Any, Protocol, runtime_checkable
 __all__ = ["StepStats", "Sink", "CSVSink", "JSONLSink", "CallbackSink"]
 
 
+_NON_SCALAR = ("rho_samples", "radii")
+
+
 @dataclass(frozen=True)
 class StepStats:
     """What one controlled optimizer step did.
@@ -85,11 +88,19 @@ class StepStats:
     # Per-sample rho_a of the step (1-D CPU tensor), only with keep_samples=True; not a
     # scalar column, so the file sinks leave it out (TensorBoard draws a histogram).
     rho_samples: Any = dataclasses.field(default=None, repr=False, compare=False)
+    # With the controller's ``extra_radii`` hook: every radius of the step by name
+    # (``"out"`` is the output-logit rho_a), distances along the unit update direction.
+    radii: Any = dataclasses.field(default=None, repr=False, compare=False)
 
     @classmethod
     def field_names(cls) -> list[str]:
         """Column order used by the sinks (the scalar fields)."""
-        return [f.name for f in dataclasses.fields(cls) if f.name != "rho_samples"]
+        return [f.name for f in dataclasses.fields(cls) if f.name not in _NON_SCALAR]
+
+    @property
+    def binding(self) -> str | None:
+        """Name of the smallest radius in ``radii`` (None without the hook)."""
+        return min(self.radii, key=self.radii.get) if self.radii else None
 
     def as_dict(self) -> dict[str, Any]:
         """Plain ``dict`` of the scalar fields (JSON-friendly Python scalars)."""

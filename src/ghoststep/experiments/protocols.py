@@ -441,15 +441,23 @@ def internal_radii(
     return {"attn": rho_attn, "ffn": rho_ffn}
 
 
+def _internal_radii_hook(model, inputs, update, *, ffn_quantile: float) -> dict[str, float]:
+    """``RadiusController(extra_radii=...)`` hook: attention and FFN radii along p."""
+    return internal_radii(
+        model, inputs[0] if isinstance(inputs, tuple) else inputs, update, ffn_quantile=ffn_quantile
+    )
+
+
 class AllRadiiController(RadiusController):
     """A :class:`~ghoststep.RadiusController` whose radius is ``min`` over several terms.
 
     Every step it measures the output-logit radius ``rho_out`` exactly as the base
     controller does, plus the attention and FFN radii of :func:`internal_radii` along
-    the same update, and uses ``rho_net = min(rho_x for x in use)``. All three radii
-    and the binding term are kept in ``last_radii`` / ``last_binding`` whatever
-    ``use`` is, so an output-only controller (``use=("out",)``) or a monitored run
-    still reports them. This is the paper's all-radii controller of Section 6.6
+    the same update (through the controller's ``extra_radii`` hook), and uses
+    ``rho_net = min(rho_x for x in use)`` (``limit_by``). All three radii and the
+    binding term are kept in ``last_radii`` / ``last_binding`` whatever ``use`` is, so
+    an output-only controller (``use=("out",)``) or a monitored run still reports
+    them. This is the paper's all-radii controller of Section 6.6
     (``use=("out", "attn", "ffn")``, the default).
 
     Args:
@@ -465,35 +473,18 @@ class AllRadiiController(RadiusController):
             raise ValueError(f"use must be a non-empty subset of {RADII}, got {use!r}")
         if not 0.0 < ffn_quantile <= 1.0:
             raise ValueError(f"ffn_quantile must be in (0, 1], got {ffn_quantile!r}")
-        super().__init__(optimizer, model, **kwargs)
+        hook = functools.partial(_internal_radii_hook, ffn_quantile=float(ffn_quantile))
+        super().__init__(optimizer, model, extra_radii=hook, limit_by=tuple(use), **kwargs)
         self.use = tuple(use)
         self.ffn_quantile = float(ffn_quantile)
-        self.last_radii: dict[str, float] | None = None
-        self.last_binding: str | None = None
 
-    def _measure(self, params, updates, tau, batch):
-        # The base returns (spread, rho, bottleneck, finite, *more); only the first four
-        # are changed here, anything after them passes through untouched. This relies on
-        # RadiusController's private _measure; a public hook for extra radii would
-        # replace this override.
-        spread, rho_out, bottleneck, finite, *more = super()._measure(params, updates, tau,
-                                                                      batch)
-        if not finite:
-            return (spread, rho_out, bottleneck, finite, *more)
-        direction = self._direction(params, updates)
-        inputs = batch[0] if isinstance(batch, tuple) else batch
-        with self._measuring_forward():  # keep the capture hook away from our forward
-            extra = internal_radii(self._slope_model, inputs, direction,
-                                   ffn_quantile=self.ffn_quantile)
-        # internal_radii used the unnormalized update p (units of t along p, t = 1 the
-        # full step); times tau converts to distance along v = p / tau, like rho_out.
-        radii = {"out": rho_out, "attn": extra["attn"] * tau, "ffn": extra["ffn"] * tau}
-        self.last_radii = radii
-        self.last_binding = min(RADII, key=lambda k: radii[k])
-        rho = min(radii[k] for k in self.use)
-        spread = PI * self.temperature / rho if rho > 0 else math.inf
-        finite = not any(math.isnan(v) for v in radii.values())
-        return (spread, rho, bottleneck, finite, *more)
+    @property
+    def last_radii(self) -> dict[str, float] | None:
+        return None if self.last is None else self.last.radii
+
+    @property
+    def last_binding(self) -> str | None:
+        return None if self.last is None else self.last.binding
 
 
 # ----------------------------------------------------------------------------- summaries
