@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/ghoststep demo
+	$(BIN)/ghoststep run spike --preset quick
 
 test: $(STAMP)
 	$(BIN)/ruff check .
