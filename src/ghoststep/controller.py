@@ -418,7 +418,10 @@ class RadiusController(torch.optim.Optimizer):
                     "(e.g. nn.Embedding(sparse=True)); use dense gradients"
                 )
         grads = [p.grad for p in params if p.grad is not None]
-        if grads and not bool(torch.stack([torch.isfinite(g).all().cpu() for g in grads]).all()):
+        # one host sync for all gradients (a per-tensor .cpu() stalls a GPU per parameter)
+        if grads and not bool(
+            torch.stack([torch.isfinite(g).all().to(grads[0].device) for g in grads]).all()
+        ):
             self._fault("gradient", lr, loss_value)
             return loss
 
