@@ -19,14 +19,10 @@ from ghoststep.slopes import logit_slopes
 
 
 @pytest.fixture(autouse=True)
-def _fast_cpu():
-    # Diverging plain-Adam runs produce denormals that make CPU math ~60x slower, and
-    # these tiny models run fastest (and immune to a loaded machine) on one thread.
-    threads = torch.get_num_threads()
+def _flush_denormals():
+    # Diverging plain-Adam runs produce denormals that make CPU math ~60x slower.
     torch.set_flush_denormal(True)
-    torch.set_num_threads(1)
     yield
-    torch.set_num_threads(threads)
     torch.set_flush_denormal(False)
 
 

@@ -24,14 +24,7 @@ from ghoststep.experiments.protocols import (
     resnet_run,
     run_jobs,
     spike_run,
-    torch_threads,
 )
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    with torch_threads(1):
-        yield
 
 
 def _run_quick(name, tmp_path):

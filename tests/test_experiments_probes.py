@@ -32,15 +32,6 @@ from ghoststep.experiments.probes import (
 from ghoststep.slopes import logit_slopes
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # The suite shares two cores; one intra-op thread avoids oversubscription stalls.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _tiny(seed=0, act=torch.nn.Tanh, norm=False):
     torch.manual_seed(seed)
     layers = [torch.nn.Linear(5, 7)]

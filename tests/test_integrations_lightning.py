@@ -24,14 +24,6 @@ pytestmark = pytest.mark.filterwarnings(
 )
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: one intra-op thread, so a busy shared CPU is not oversubscribed."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def _loader(n: int = 48, batch_size: int = 8, seed: int = 0):
     g = torch.Generator().manual_seed(seed)

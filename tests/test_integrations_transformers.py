@@ -24,14 +24,6 @@ from ghoststep.integrations.transformers import (  # noqa: E402
 T, VALID = 16, 4  # sequence length; labels are -100 from position VALID on
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: one intra-op thread, so a busy shared CPU is not oversubscribed."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def _gpt2(attn: str = "eager"):
     torch.manual_seed(0)

@@ -8,8 +8,6 @@ from torch.func import functional_call, jvp
 
 from ghoststep.experiments.models import ARCHITECTURES, TinyLM, TinyTransformer, build_model
 
-torch.set_num_threads(2)
-
 
 @pytest.mark.parametrize("name", ARCHITECTURES)
 def test_digit_architectures_shapes(name):

@@ -26,8 +26,6 @@ from ghoststep.slopes import (
     random_direction,
 )
 
-torch.set_num_threads(2)
-
 VOCAB = 97
 
 

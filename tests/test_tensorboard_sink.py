@@ -19,15 +19,6 @@ from ghoststep import RadiusController, StepStats  # noqa: E402
 from ghoststep.integrations.tensorboard import TensorBoardSink  # noqa: E402
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: one intra-op thread, so a busy shared CPU is not oversubscribed."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _stats(step: int, **kw) -> StepStats:
     base = dict(step=step, tau=0.1 * step, rho_a=0.5, r_before=0.2 * step, r_after=0.2,
                 scale=1.0, bottleneck=3, radius_seconds=0.01, skipped=False, lr=1e-3,

@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ghoststep.experiments.common import claim, new_figure, progress_bar, save_figure
+from ghoststep.experiments.common import claim, new_figure, progress_bar, save_figure, sig
 from ghoststep.experiments.probes import (
     descent_direction,
     digits,
@@ -72,14 +72,15 @@ class Config:
 
 
 PRESETS = {
-    "quick": {"architectures": ("mlp",), "checkpoint_steps": (10, 30, 100, 300),
-              "n_samples": 400, "n_r": 41, "seeds": (0,)},
+    "quick": {
+        "architectures": ("mlp",),
+        "checkpoint_steps": (10, 30, 100, 300),
+        "n_samples": 400,
+        "n_r": 41,
+        "seeds": (0,),
+    },
     "paper": {},
 }
-
-
-def _fmt(x: float, digits: int = 3) -> float | str:
-    return float(f"{x:.{digits}g}") if math.isfinite(x) else str(x)
 
 
 def _direction(kind: str, model, X, y, seed: int):
@@ -94,8 +95,9 @@ def _analyse(model, X, y, v, r) -> dict:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", RuntimeWarning)
         radii = sample_radii(model, X, v, exact=True)
-    uncertified_warnings = [str(w.message) for w in caught
-                            if "could not be certified" in str(w.message)]
+    uncertified_warnings = [
+        str(w.message) for w in caught if "could not be certified" in str(w.message)
+    ]
     rho_a, exact, top2 = radii.rho_a.numpy(), radii.exact.numpy(), radii.top2.numpy()
     n_uncertified = int(np.isnan(exact).sum())
     batch_rho = float(rho_a.min())
@@ -120,12 +122,14 @@ def _analyse(model, X, y, v, r) -> dict:
         "batch_onset_over_exact_batch": batch_onset_r * batch_rho / batch_exact,
         "exact_over_rho_a": distribution(exact_over_a),
         "top2_over_exact": distribution(top2_over_exact),
-        "top2_above_exact_share": float(np.mean(top2_over_exact[np.isfinite(top2_over_exact)]
-                                                > 1 + 1e-9)),
+        "top2_above_exact_share": float(
+            np.mean(top2_over_exact[np.isfinite(top2_over_exact)] > 1 + 1e-9)
+        ),
         "sample_onset_over_rho_a": distribution(onset_over_a),
         "sample_onset_over_exact": distribution(onset_over_exact),
-        "sample_onset_below_rho_a_share": float(np.mean(onset_over_a[np.isfinite(onset_over_a)]
-                                                        < 1)),
+        "sample_onset_below_rho_a_share": float(
+            np.mean(onset_over_a[np.isfinite(onset_over_a)] < 1)
+        ),
         "censored_share": float(np.mean(~np.isfinite(sample_onset))),
         "min_exact_over_rho_a": float(np.nanmin(exact_over_a)),
         # raw per-sample values for the figures / pooled statistics
@@ -156,16 +160,28 @@ def _run(config: Config, out_dir: Path, progress: bool) -> dict:
     results = []  # one entry per (arch, seed, checkpoint, direction)
     for arch in config.architectures:
         for seed in [int(s) for s in config.seeds]:
-            cks = train_checkpoints(arch, seed, steps=max(config.checkpoint_steps),
-                                    at_steps=config.checkpoint_steps, lr=config.lr,
-                                    batch_size=config.batch_size, data=data, progress=progress)
+            cks = train_checkpoints(
+                arch,
+                seed,
+                steps=max(config.checkpoint_steps),
+                at_steps=config.checkpoint_steps,
+                lr=config.lr,
+                batch_size=config.batch_size,
+                data=data,
+                progress=progress,
+            )
             for ck in progress_bar(cks, desc=f"{arch} seed {seed}", enabled=progress):
                 for kind in config.directions:
                     v = _direction(kind, ck.model, X, y, config.direction_seed + 1000 * seed)
                     res = _analyse(ck.model, X, y, v, r)
-                    res.update(arch=arch, seed=seed, step=ck.step,
-                               test_accuracy=ck.test_accuracy, direction=kind,
-                               weight_norm=_norm(ck.model))
+                    res.update(
+                        arch=arch,
+                        seed=seed,
+                        step=ck.step,
+                        test_accuracy=ck.test_accuracy,
+                        direction=kind,
+                        weight_norm=_norm(ck.model),
+                    )
                     results.append(res)
 
     pooled = {}
@@ -173,43 +189,71 @@ def _run(config: Config, out_dir: Path, progress: bool) -> dict:
         sel = [e for e in results if e["direction"] == kind]
         if not sel:
             continue
-        cat = {k: np.concatenate([e[k] for e in sel]) for k in ("_rho_a", "_exact", "_top2",
-                                                               "_onset")}
+        cat = {
+            k: np.concatenate([e[k] for e in sel]) for k in ("_rho_a", "_exact", "_top2", "_onset")
+        }
         with np.errstate(divide="ignore", invalid="ignore"):
             pooled[kind] = {
                 "exact_over_rho_a": distribution(cat["_exact"] / cat["_rho_a"]),
                 "top2_over_exact": distribution(cat["_top2"] / cat["_exact"]),
                 "sample_onset_over_rho_a": distribution(cat["_onset"] / cat["_rho_a"]),
                 "sample_onset_over_exact": distribution(cat["_onset"] / cat["_exact"]),
-                "batch_onset_over_rho_a": distribution([e["batch_onset_over_rho_a"]
-                                                        for e in sel]),
+                "batch_onset_over_rho_a": distribution([e["batch_onset_over_rho_a"] for e in sel]),
                 "exact_batch_over_rho_a_batch": distribution(
-                    [e["exact_batch_over_rho_a_batch"] for e in sel]),
+                    [e["exact_batch_over_rho_a_batch"] for e in sel]
+                ),
                 "n_uncertified": int(sum(e["n_uncertified"] for e in sel)),
                 "n": int(sum(e["n"] for e in sel)),
             }
 
     claims = _claims(config, results, pooled)
-    figures = [_plot_hist(results, out_dir), _plot_scatter(results, out_dir),
-               _plot_onsets(results, out_dir)]
-    rows = [[e["arch"], e["seed"], e["step"], _fmt(e["test_accuracy"]), e["direction"],
-             _fmt(e["rho_a_batch"]), _fmt(e["exact_batch_over_rho_a_batch"]),
-             _fmt(e["exact_over_rho_a"].get("median", math.nan)),
-             _fmt(e["exact_over_rho_a"].get("p5", math.nan)),
-             _fmt(e["exact_over_rho_a"].get("p95", math.nan)),
-             _fmt(e["top2_over_exact"].get("median", math.nan)),
-             _fmt(e["top2_above_exact_share"]),
-             _fmt(e["batch_onset_over_rho_a"]), _fmt(e["batch_onset_over_exact_batch"]),
-             _fmt(e["sample_onset_over_rho_a"].get("median", math.nan)),
-             _fmt(e["censored_share"]), e["n_uncertified"]]
-            for e in results]
+    figures = [
+        _plot_hist(results, out_dir),
+        _plot_scatter(results, out_dir),
+        _plot_onsets(results, out_dir),
+    ]
+    rows = [
+        [
+            e["arch"],
+            e["seed"],
+            e["step"],
+            sig(e["test_accuracy"]),
+            e["direction"],
+            sig(e["rho_a_batch"]),
+            sig(e["exact_batch_over_rho_a_batch"]),
+            sig(e["exact_over_rho_a"].get("median", math.nan)),
+            sig(e["exact_over_rho_a"].get("p5", math.nan)),
+            sig(e["exact_over_rho_a"].get("p95", math.nan)),
+            sig(e["top2_over_exact"].get("median", math.nan)),
+            sig(e["top2_above_exact_share"]),
+            sig(e["batch_onset_over_rho_a"]),
+            sig(e["batch_onset_over_exact_batch"]),
+            sig(e["sample_onset_over_rho_a"].get("median", math.nan)),
+            sig(e["censored_share"]),
+            e["n_uncertified"],
+        ]
+        for e in results
+    ]
     pooled_rows = []
     for kind, p in pooled.items():
-        for key in ("exact_over_rho_a", "top2_over_exact", "batch_onset_over_rho_a",
-                    "sample_onset_over_rho_a", "sample_onset_over_exact"):
+        for key in (
+            "exact_over_rho_a",
+            "top2_over_exact",
+            "batch_onset_over_rho_a",
+            "sample_onset_over_rho_a",
+            "sample_onset_over_exact",
+        ):
             d = p[key]
-            pooled_rows.append([kind, key, d["n"], _fmt(d.get("median", math.nan)),
-                                _fmt(d.get("p5", math.nan)), _fmt(d.get("p95", math.nan))])
+            pooled_rows.append(
+                [
+                    kind,
+                    key,
+                    d["n"],
+                    sig(d.get("median", math.nan)),
+                    sig(d.get("p5", math.nan)),
+                    sig(d.get("p95", math.nan)),
+                ]
+            )
     n_unc = sum(e["n_uncertified"] for e in results)
     n_all = sum(e["n"] for e in results)
     metrics = {
@@ -225,7 +269,8 @@ def _run(config: Config, out_dir: Path, progress: bool) -> dict:
             f"{kind}: rho*/rho_a median {p['exact_over_rho_a'].get('median', math.nan):.3g} "
             f"(5-95%: {p['exact_over_rho_a'].get('p5', math.nan):.3g}-"
             f"{p['exact_over_rho_a'].get('p95', math.nan):.3g}), batch onset/rho_a median "
-            f"{p['batch_onset_over_rho_a'].get('median', math.nan):.3g}")
+            f"{p['batch_onset_over_rho_a'].get('median', math.nan):.3g}"
+        )
     return {
         "title": "Calibration of rho_a against the exact radius rho* and the real line loss",
         "summary": (
@@ -237,16 +282,34 @@ def _run(config: Config, out_dir: Path, progress: bool) -> dict:
         ),
         "claims": claims,
         "tables": [
-            {"title": "Pooled over checkpoints (median, 5th, 95th percentile)",
-             "columns": ["direction", "quantity", "n", "median", "p5", "p95"],
-             "rows": pooled_rows},
-            {"title": "Per checkpoint and direction",
-             "columns": ["arch", "seed", "step", "test acc", "direction", "rho_a batch",
-                         "rho* batch / rho_a batch", "rho*/rho_a median", "p5", "p95",
-                         "top2/rho* median", "share top2 > rho*", "batch onset / rho_a",
-                         "batch onset / rho* batch", "sample onset / rho_a(x) median",
-                         "share never doubling", "uncertified"],
-             "rows": rows},
+            {
+                "title": "Pooled over checkpoints (median, 5th, 95th percentile)",
+                "columns": ["direction", "quantity", "n", "median", "p5", "p95"],
+                "rows": pooled_rows,
+            },
+            {
+                "title": "Per checkpoint and direction",
+                "columns": [
+                    "arch",
+                    "seed",
+                    "step",
+                    "test acc",
+                    "direction",
+                    "rho_a batch",
+                    "rho* batch / rho_a batch",
+                    "rho*/rho_a median",
+                    "p5",
+                    "p95",
+                    "top2/rho* median",
+                    "share top2 > rho*",
+                    "batch onset / rho_a",
+                    "batch onset / rho* batch",
+                    "sample onset / rho_a(x) median",
+                    "share never doubling",
+                    "uncertified",
+                ],
+                "rows": rows,
+            },
         ],
         "figures": figures,
         "metrics": metrics,
@@ -257,8 +320,7 @@ def _run(config: Config, out_dir: Path, progress: bool) -> dict:
             "direction, stepped +v.",
             f"Onset grid: {config.n_r} values of r = tau / rho_a(batch) in "
             f"[{config.r_min:g}, {config.r_max:g}]; an onset is a grid point.",
-            f"Uncertified exact radii (NaN, left out of every distribution): {n_unc} of "
-            f"{n_all}.",
+            f"Uncertified exact radii (NaN, left out of every distribution): {n_unc} of {n_all}.",
         ],
     }
 
@@ -267,59 +329,81 @@ def _claims(config, results, pooled) -> list[dict]:
     claims = []
     mins = [e["min_exact_over_rho_a"] for e in results if math.isfinite(e["min_exact_over_rho_a"])]
     lowest = min(mins) if mins else math.nan
-    claims.append(claim(
-        "rho_a is a lower bound on the exact linearized radius rho* (Theorem): smallest "
-        "rho*/rho_a over every certified sample",
-        ">= 1 (proven)", _fmt(lowest, 6), math.isfinite(lowest) and lowest >= 1 - 1e-6,
-    ))
-    shares = {k: float(np.mean([e["top2_above_exact_share"] for e in results
-                                if e["direction"] == k])) for k in pooled}
+    claims.append(
+        claim(
+            "rho_a is a lower bound on the exact linearized radius rho* (Theorem): smallest "
+            "rho*/rho_a over every certified sample",
+            ">= 1 (proven)",
+            sig(lowest, 6),
+            math.isfinite(lowest) and lowest >= 1 - 1e-6,
+        )
+    )
+    shares = {
+        k: float(np.mean([e["top2_above_exact_share"] for e in results if e["direction"] == k]))
+        for k in pooled
+    }
     any_above = any(e["top2_above_exact_share"] > 0 for e in results)
-    claims.append(claim(
-        "The top-2 proxy is not a bound for K > 2: it exceeds rho* for some samples "
-        "(mean share per checkpoint)",
-        "proxy, not a guaranteed bound",
-        ", ".join(f"{k} {v:.3f}" for k, v in shares.items()),
-        any_above,
-        note=None if any_above else "the proxy never exceeded rho* here: it behaved as a "
-        "lower bound on these samples (it is still not guaranteed)",
-    ))
+    claims.append(
+        claim(
+            "The top-2 proxy is not a bound for K > 2: it exceeds rho* for some samples "
+            "(mean share per checkpoint)",
+            "proxy, not a guaranteed bound",
+            ", ".join(f"{k} {v:.3f}" for k, v in shares.items()),
+            any_above,
+            note=None
+            if any_above
+            else "the proxy never exceeded rho* here: it behaved as a "
+            "lower bound on these samples (it is still not guaranteed)",
+        )
+    )
     onsets = [e["batch_onset_over_rho_a"] for e in results]
-    low = [e for e in results
-           if math.isfinite(e["batch_onset_over_rho_a"]) and e["batch_onset_over_rho_a"] < 1]
+    low = [
+        e
+        for e in results
+        if math.isfinite(e["batch_onset_over_rho_a"]) and e["batch_onset_over_rho_a"] < 1
+    ]
     finite = [o for o in onsets if math.isfinite(o)]
     notes = []
     if low:
-        where = "; ".join(f"{e['arch']} step {e['step']} {e['direction']}: "
-                          f"{_fmt(e['batch_onset_over_rho_a'])} (seed {e['seed']}, "
-                          f"rho_a = {_fmt(e['rho_a_batch'])}, weight norm {_fmt(e['weight_norm'])})"
-                          for e in low)
+        where = "; ".join(
+            f"{e['arch']} step {e['step']} {e['direction']}: "
+            f"{sig(e['batch_onset_over_rho_a'])} (seed {e['seed']}, "
+            f"rho_a = {sig(e['rho_a_batch'])}, weight norm {sig(e['weight_norm'])})"
+            for e in low
+        )
         notes.append(
             f"the loss doubles before rho_a in {len(low)} of {len(results)} sweeps ({where}). "
             "rho_a bounds the radius of the loss with *linearized* logits; where it fails, "
             "rho_a is a parameter displacement comparable to or larger than the whole "
-            "weight vector, over which the ReLU/max-pool logits are far from linear")
+            "weight vector, over which the ReLU/max-pool logits are far from linear"
+        )
     if len(finite) != len(onsets):
-        notes.append(f"{len(onsets) - len(finite)} of {len(onsets)} sweeps never doubled the "
-                     f"loss up to r = {config.r_max:g}")
-    claims.append(claim(
-        "The real network's batch loss does not double before tau = rho_a (no failure "
-        "for r < 1) at any checkpoint or direction: smallest batch onset / rho_a",
-        "no failure for r < 1",
-        _fmt(min(finite)) if finite else "no onset on the grid",
-        not low,
-        note="; ".join(notes) or None,
-    ))
+        notes.append(
+            f"{len(onsets) - len(finite)} of {len(onsets)} sweeps never doubled the "
+            f"loss up to r = {config.r_max:g}"
+        )
+    claims.append(
+        claim(
+            "The real network's batch loss does not double before tau = rho_a (no failure "
+            "for r < 1) at any checkpoint or direction: smallest batch onset / rho_a",
+            "no failure for r < 1",
+            sig(min(finite)) if finite else "no onset on the grid",
+            not low,
+            note="; ".join(notes) or None,
+        )
+    )
     for kind, p in pooled.items():
         d = p["batch_onset_over_rho_a"]
         med = d.get("median", math.nan)
-        claims.append(claim(
-            f"Transitions lie between r = 1 and r = 10 ({kind} direction; median batch "
-            "onset / rho_a over checkpoints, 5-95%)",
-            "1 <= r <= 10 (Fig. 7)",
-            f"{_fmt(med)} ({_fmt(d.get('p5', math.nan))}-{_fmt(d.get('p95', math.nan))})",
-            math.isfinite(med) and 1 <= med <= 10,
-        ))
+        claims.append(
+            claim(
+                f"Transitions lie between r = 1 and r = 10 ({kind} direction; median batch "
+                "onset / rho_a over checkpoints, 5-95%)",
+                "1 <= r <= 10 (Fig. 7)",
+                f"{sig(med)} ({sig(d.get('p5', math.nan))}-{sig(d.get('p95', math.nan))})",
+                math.isfinite(med) and 1 <= med <= 10,
+            )
+        )
     return claims
 
 
@@ -336,8 +420,10 @@ def _checkpoint_groups(results, kind) -> list[tuple[str, list[dict]]]:
     for e in results:
         if e["direction"] == kind:
             groups.setdefault((e["arch"], e["step"]), []).append(e)
-    return [(f"{arch} step {step} ({np.median([e['test_accuracy'] for e in es]):.0%})", es)
-            for (arch, step), es in groups.items()]
+    return [
+        (f"{arch} step {step} ({np.median([e['test_accuracy'] for e in es]):.0%})", es)
+        for (arch, step), es in groups.items()
+    ]
 
 
 def _pooled(entries, key) -> np.ndarray:
@@ -358,8 +444,12 @@ def _plot_hist(results, out_dir) -> dict:
         ax.set_ylabel("samples")
         ax.set_title(f"{kind} direction")
     axes[0].legend(fontsize=6)
-    return save_figure(fig, out_dir, "calibration_hist.png",
-                       "Per-sample log10(rho*/rho_a) by checkpoint (0 = the bound is tight)")
+    return save_figure(
+        fig,
+        out_dir,
+        "calibration_hist.png",
+        "Per-sample log10(rho*/rho_a) by checkpoint (0 = the bound is tight)",
+    )
 
 
 def _plot_scatter(results, out_dir) -> dict:
@@ -370,10 +460,10 @@ def _plot_scatter(results, out_dir) -> dict:
         top, bottom = axes[0, j], axes[1, j]
         groups = _checkpoint_groups(results, kind)
         for (label, es), c in zip(groups, _colors(len(groups))):
-            top.scatter(_pooled(es, "_rho_a"), _pooled(es, "_exact"), s=3, color=c, alpha=0.5,
-                        label=label)
-            bottom.scatter(_pooled(es, "_exact"), _pooled(es, "_top2"), s=3, color=c,
-                           alpha=0.5)
+            top.scatter(
+                _pooled(es, "_rho_a"), _pooled(es, "_exact"), s=3, color=c, alpha=0.5, label=label
+            )
+            bottom.scatter(_pooled(es, "_exact"), _pooled(es, "_top2"), s=3, color=c, alpha=0.5)
         for ax in (top, bottom):
             ax.set_xscale("log")
             ax.set_yscale("log")
@@ -386,9 +476,12 @@ def _plot_scatter(results, out_dir) -> dict:
         bottom.set_ylabel("top-2 proxy")
         bottom.set_title(f"{kind}: top-2 vs exact")
     axes[0, 0].legend(fontsize=6, markerscale=3)
-    return save_figure(fig, out_dir, "calibration_scatter.png",
-                       "rho_a vs rho* (top) and top-2 proxy vs rho* (bottom) per sample; "
-                       "diagonal = equality")
+    return save_figure(
+        fig,
+        out_dir,
+        "calibration_scatter.png",
+        "rho_a vs rho* (top) and top-2 proxy vs rho* (bottom) per sample; diagonal = equality",
+    )
 
 
 def _plot_onsets(results, out_dir) -> dict:
@@ -397,13 +490,20 @@ def _plot_onsets(results, out_dir) -> dict:
     what = "median over seeds" if seeds > 1 else "one seed"
     for arch, kind in sorted({(e["arch"], e["direction"]) for e in results}):
         steps = sorted({e["step"] for e in results if e["arch"] == arch})
-        sel = [[e for e in results if e["arch"] == arch and e["direction"] == kind
-                and e["step"] == s] for s in steps]
+        sel = [
+            [e for e in results if e["arch"] == arch and e["direction"] == kind and e["step"] == s]
+            for s in steps
+        ]
         onset = [np.median([e["batch_onset_over_rho_a"] for e in es]) for es in sel]
         exact = [np.median([e["exact_batch_over_rho_a_batch"] for e in es]) for es in sel]
         (line,) = ax.plot(steps, onset, marker="o", label=f"{arch} {kind}: batch onset / ρ_a")
-        ax.plot(steps, exact, linestyle=":", color=line.get_color(),
-                label=f"{arch} {kind}: ρ*_batch / ρ_a")
+        ax.plot(
+            steps,
+            exact,
+            linestyle=":",
+            color=line.get_color(),
+            label=f"{arch} {kind}: ρ*_batch / ρ_a",
+        )
     ax.axhline(1.0, color="black", linestyle="--", linewidth=0.8)
     ax.set_xscale("log")
     ax.set_yscale("log")
@@ -411,6 +511,9 @@ def _plot_onsets(results, out_dir) -> dict:
     ax.set_ylabel("multiple of batch ρ_a")
     ax.set_title(f"Real one-step onset vs the bound ({what})")
     ax.legend(fontsize=6)
-    return save_figure(fig, out_dir, "calibration_onsets.png",
-                       "Batch onset (loss ratio 2) and batch rho* in units of batch rho_a, "
-                       "through training")
+    return save_figure(
+        fig,
+        out_dir,
+        "calibration_onsets.png",
+        "Batch onset (loss ratio 2) and batch rho* in units of batch rho_a, through training",
+    )

@@ -46,6 +46,7 @@ Shared training helpers for the digits models: :func:`train`, :func:`evaluate`,
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as _dt
 import json
@@ -70,6 +71,8 @@ __all__ = [
     "ResultsError",
     "ConfigError",
     "build_config",
+    "torch_threads",
+    "sig",
     "parse_override",
     "make_run_dir",
     "run_experiment",
@@ -342,8 +345,14 @@ def results_problems(results: Any) -> list[str]:
                 problems.append(f"{where}.reproduced must be a bool")
             if "note" in c and not isinstance(c["note"], str):
                 problems.append(f"{where}.note must be a string")
-    optional = {"title": str, "summary": str, "figures": list, "tables": list,
-                "metrics": dict, "notes": list}
+    optional = {
+        "title": str,
+        "summary": str,
+        "figures": list,
+        "tables": list,
+        "metrics": dict,
+        "notes": list,
+    }
     for key, typ in optional.items():
         if key in results and not isinstance(results[key], typ):
             problems.append(f"{key!r} must be a {typ.__name__}")
@@ -353,8 +362,11 @@ def results_problems(results: Any) -> list[str]:
         if not (isinstance(fig, Mapping) and isinstance(fig.get("file"), str)):
             problems.append(f"figures[{i}] must be a file name or a dict with 'file'")
     for i, table in enumerate(results.get("tables") or []):
-        if not (isinstance(table, Mapping) and isinstance(table.get("columns"), list)
-                and isinstance(table.get("rows"), list)):
+        if not (
+            isinstance(table, Mapping)
+            and isinstance(table.get("columns"), list)
+            and isinstance(table.get("rows"), list)
+        ):
             problems.append(f"tables[{i}] must be a dict with 'columns' and 'rows' lists")
     for i, note in enumerate(results.get("notes") or []):
         if not isinstance(note, str):
@@ -419,8 +431,7 @@ def _fmt(value: Any) -> str:
 
 
 def _table(columns: Sequence[str], rows: Iterable[Sequence[Any]]) -> list[str]:
-    lines = ["| " + " | ".join(_fmt(c) for c in columns) + " |",
-             "|" + "---|" * len(columns)]
+    lines = ["| " + " | ".join(_fmt(c) for c in columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(_fmt(v) for v in row) + " |" for row in rows]
     return lines
 
@@ -459,8 +470,10 @@ def _run_body(results: Mapping, level: int, fig_prefix: str = "") -> list[str]:
     n_ok = sum(1 for c in claims if c.get("reproduced"))
     lines += [f"{h}# Claims: paper vs ours ({n_ok}/{len(claims)} reproduced)", ""]
     if claims:
-        lines += _table(["claim", "paper", "ours", "reproduced"],
-                        [[c["claim"], c["paper"], c["ours"], c["reproduced"]] for c in claims])
+        lines += _table(
+            ["claim", "paper", "ours", "reproduced"],
+            [[c["claim"], c["paper"], c["ours"], c["reproduced"]] for c in claims],
+        )
     else:
         lines.append("No claims recorded.")
     lines.append("")
@@ -510,15 +523,25 @@ def render_merged_report(run_dirs: Sequence[str | Path], out_dir: str | Path) ->
         d = Path(d)
         results = read_json(d / RESULTS_FILE)
         runs.append((d, results))
-    lines = ["# ghoststep: reproduction report", "",
-             "Paper: P. Sao, \"Ghosts of Softmax\", arXiv:2603.13552 (2026).", ""]
+    lines = [
+        "# ghoststep: reproduction report",
+        "",
+        'Paper: P. Sao, "Ghosts of Softmax", arXiv:2603.13552 (2026).',
+        "",
+    ]
     summary = []
     for d, r in runs:
         meta = r.get("meta", {})
         claims = r.get("claims", [])
         ok = sum(1 for c in claims if c.get("reproduced"))
-        summary.append([meta.get("experiment", d.name), meta.get("preset", "?"),
-                        f"`{d}`", f"{ok}/{len(claims)}"])
+        summary.append(
+            [
+                meta.get("experiment", d.name),
+                meta.get("preset", "?"),
+                f"`{d}`",
+                f"{ok}/{len(claims)}",
+            ]
+        )
     lines += _table(["experiment", "preset", "run", "claims reproduced"], summary) + [""]
     for d, r in runs:
         meta = r.get("meta", {})
@@ -533,8 +556,9 @@ def render_merged_report(run_dirs: Sequence[str | Path], out_dir: str | Path) ->
 # ----------------------------------------------------------------------------- figures
 
 
-def new_figure(nrows: int = 1, ncols: int = 1, *, figsize: tuple[float, float] | None = None,
-               **subplot_kw):
+def new_figure(
+    nrows: int = 1, ncols: int = 1, *, figsize: tuple[float, float] | None = None, **subplot_kw
+):
     """A matplotlib ``(Figure, axes)`` pair drawn by Agg, without touching pyplot's backend.
 
     matplotlib is imported here, not at module import (it is an optional extra).
@@ -559,8 +583,14 @@ def save_figure(fig, out_dir: str | Path, name: str, caption: str = "", dpi: int
 # ----------------------------------------------------------------------------- progress
 
 
-def progress_bar(iterable: Iterable | None = None, *, total: int | None = None,
-                 desc: str | None = None, enabled: bool = True, **kwargs):
+def progress_bar(
+    iterable: Iterable | None = None,
+    *,
+    total: int | None = None,
+    desc: str | None = None,
+    enabled: bool = True,
+    **kwargs,
+):
     """tqdm progress bar; disabled when ``enabled`` is False or stderr is not a TTY."""
     from tqdm.auto import tqdm
 
@@ -569,6 +599,31 @@ def progress_bar(iterable: Iterable | None = None, *, total: int | None = None,
 
 
 # ----------------------------------------------------------------------------- training
+
+
+@contextlib.contextmanager
+def torch_threads(threads: int):
+    """Run the block with ``torch.set_num_threads(threads)`` (0: leave it), then restore.
+
+    Small models run as fast on one thread, and with several processes sharing the
+    cores, multi-threaded kernels can slow down many-fold (threads wait on each other).
+    The thread count also fixes the float summation order, so a fixed count keeps runs
+    bitwise reproducible across machines.
+    """
+    if threads <= 0:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def sig(x: float, digits: int = 3) -> float | str:
+    """``x`` rounded to ``digits`` significant digits for tables; non-finite as a string."""
+    return float(f"{x:.{digits}g}") if math.isfinite(x) else str(x)
 
 
 def set_seed(seed: int) -> torch.Generator:
@@ -681,8 +736,15 @@ def train(
         optimizer.zero_grad(set_to_none=True)
         loss = loss_fn(model(xb), yb)
         loss.backward()
-        info = StepInfo(step=step, loss=float(loss.detach()), lr=optimizer.param_groups[0]["lr"],
-                        inputs=xb, targets=yb, model=model, optimizer=optimizer)
+        info = StepInfo(
+            step=step,
+            loss=float(loss.detach()),
+            lr=optimizer.param_groups[0]["lr"],
+            inputs=xb,
+            targets=yb,
+            model=model,
+            optimizer=optimizer,
+        )
         if before_step is not None:
             before_step(info)
         optimizer.step()

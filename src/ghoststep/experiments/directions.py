@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ghoststep.experiments.common import claim, new_figure, progress_bar, save_figure
+from ghoststep.experiments.common import claim, new_figure, progress_bar, save_figure, sig
 from ghoststep.experiments.probes import (
     batch_radius,
     curvature_along,
@@ -73,10 +73,6 @@ class Config:
 
 
 PRESETS = {"quick": {"n_random": 5, "n_r": 9, "seeds": (0,)}, "paper": {}}
-
-
-def _fmt(x: float, digits: int = 3) -> float | str:
-    return float(f"{x:.{digits}g}") if math.isfinite(x) else str(x)
 
 
 def _probe(model, X, y, v, r, sign_label: str) -> dict:
@@ -125,18 +121,26 @@ def _stage_probes(config: Config, ck, X, y, r, seed: int, name: str, progress: b
     model = ck.model
     down = descent_direction(model, X, y)
     randoms = [
-        _probe(model, X, y, random_unit_direction(model, config.direction_seed + 1000 * seed + k),
-               r, "random")
-        for k in progress_bar(range(config.n_random), desc=f"seed {seed} {name} directions",
-                              enabled=progress)
+        _probe(
+            model,
+            X,
+            y,
+            random_unit_direction(model, config.direction_seed + 1000 * seed + k),
+            r,
+            "random",
+        )
+        for k in progress_bar(
+            range(config.n_random), desc=f"seed {seed} {name} directions", enabled=progress
+        )
     ]
     return {
         "seed": seed,
         "test_accuracy": ck.test_accuracy,
         "step": ck.step,
         "gradient": _probe(model, X, y, down, r, "gradient"),
-        "gradient_ascent": _probe(model, X, y, {k: -t for k, t in down.items()}, r,
-                                  "gradient ascent"),
+        "gradient_ascent": _probe(
+            model, X, y, {k: -t for k, t in down.items()}, r, "gradient ascent"
+        ),
         "random": randoms,
     }
 
@@ -150,8 +154,14 @@ def _run(config: Config, out_dir: Path, progress: bool) -> dict:
     per_stage: dict[int, list[dict]] = {i: [] for i in range(len(targets))}
     for seed in [int(s) for s in config.seeds]:
         checkpoints = train_checkpoints(
-            config.arch, seed, steps=config.max_steps, at_accuracy=targets, lr=config.lr,
-            batch_size=config.batch_size, data=data, progress=progress,
+            config.arch,
+            seed,
+            steps=config.max_steps,
+            at_accuracy=targets,
+            lr=config.lr,
+            batch_size=config.batch_size,
+            data=data,
+            progress=progress,
         )
         for ck in checkpoints:
             i = targets.index(ck.target_accuracy)
@@ -166,50 +176,61 @@ def _run(config: Config, out_dir: Path, progress: bool) -> dict:
         rand_flip = np.array([d["flip_fraction"] for d in randoms])
         rand_r1 = np.array([d["loss_ratio_r1"] for d in randoms])
         rand_h = np.array([d["hessian_over_rho"] for d in randoms])
-        stages.append({
-            "name": names[i],
-            "index": i,
-            "target_accuracy": targets[i],
-            "test_accuracy": float(np.median([x["test_accuracy"] for x in seed_runs])),
-            "step": int(np.median([x["step"] for x in seed_runs])),
-            "seeds": [x["seed"] for x in seed_runs],
-            "steps": [x["step"] for x in seed_runs],
-            "gradient": _median_probe([x["gradient"] for x in seed_runs]),
-            "gradient_ascent": _median_probe([x["gradient_ascent"] for x in seed_runs]),
-            "gradient_runs": [x["gradient"] for x in seed_runs],
-            "random": randoms,
-            "random_median_loss_ratio": np.median(rand_ratio, axis=0).tolist(),
-            "random_p10_loss_ratio": np.percentile(rand_ratio, 10, axis=0).tolist(),
-            "random_p90_loss_ratio": np.percentile(rand_ratio, 90, axis=0).tolist(),
-            "random_median_flip": np.median(rand_flip, axis=0).tolist(),
-            "random_p10_flip": np.percentile(rand_flip, 10, axis=0).tolist(),
-            "random_p90_flip": np.percentile(rand_flip, 90, axis=0).tolist(),
-            "random_median_r1": float(np.median(rand_r1)),
-            "random_p90_r1": float(np.percentile(rand_r1, 90)),
-            "random_max_r1": float(rand_r1.max()),
-            "random_median_hessian_over_rho": float(np.median(rand_h)),
-            "random_min_hessian_over_rho": float(rand_h.min()),
-            "random_max_hessian_over_rho": float(rand_h.max()),
-        })
+        stages.append(
+            {
+                "name": names[i],
+                "index": i,
+                "target_accuracy": targets[i],
+                "test_accuracy": float(np.median([x["test_accuracy"] for x in seed_runs])),
+                "step": int(np.median([x["step"] for x in seed_runs])),
+                "seeds": [x["seed"] for x in seed_runs],
+                "steps": [x["step"] for x in seed_runs],
+                "gradient": _median_probe([x["gradient"] for x in seed_runs]),
+                "gradient_ascent": _median_probe([x["gradient_ascent"] for x in seed_runs]),
+                "gradient_runs": [x["gradient"] for x in seed_runs],
+                "random": randoms,
+                "random_median_loss_ratio": np.median(rand_ratio, axis=0).tolist(),
+                "random_p10_loss_ratio": np.percentile(rand_ratio, 10, axis=0).tolist(),
+                "random_p90_loss_ratio": np.percentile(rand_ratio, 90, axis=0).tolist(),
+                "random_median_flip": np.median(rand_flip, axis=0).tolist(),
+                "random_p10_flip": np.percentile(rand_flip, 10, axis=0).tolist(),
+                "random_p90_flip": np.percentile(rand_flip, 90, axis=0).tolist(),
+                "random_median_r1": float(np.median(rand_r1)),
+                "random_p90_r1": float(np.percentile(rand_r1, 90)),
+                "random_max_r1": float(rand_r1.max()),
+                "random_median_hessian_over_rho": float(np.median(rand_h)),
+                "random_min_hessian_over_rho": float(rand_h.min()),
+                "random_max_hessian_over_rho": float(rand_h.max()),
+            }
+        )
 
     claims = _claims(config, stages)
     rows = []
     for s in stages:
         g = s["gradient"]
         rand_onsets = [d["onset_r"] for d in s["random"]]
-        rows.append([
-            s["name"], _fmt(s["test_accuracy"]), s["step"], _fmt(g["rho_a"]),
-            _fmt(float(np.median([d["rho_a"] for d in s["random"]]))),
-            _fmt(g["loss_ratio_r1"]), _fmt(s["gradient_ascent"]["loss_ratio_r1"]),
-            _fmt(s["random_median_r1"]),
-            _fmt(g["flip_r1"]), _fmt(float(np.median([d["flip_r1"] for d in s["random"]]))),
-            _fmt(g["onset_r"]), _fmt(float(np.nanmedian(rand_onsets)))
-            if np.isfinite(rand_onsets).any() else "nan",
-            _fmt(g["hessian_over_rho"]), _fmt(s["random_median_hessian_over_rho"]),
-        ])
+        rows.append(
+            [
+                s["name"],
+                sig(s["test_accuracy"]),
+                s["step"],
+                sig(g["rho_a"]),
+                sig(float(np.median([d["rho_a"] for d in s["random"]]))),
+                sig(g["loss_ratio_r1"]),
+                sig(s["gradient_ascent"]["loss_ratio_r1"]),
+                sig(s["random_median_r1"]),
+                sig(g["flip_r1"]),
+                sig(float(np.median([d["flip_r1"] for d in s["random"]]))),
+                sig(g["onset_r"]),
+                sig(float(np.nanmedian(rand_onsets))) if np.isfinite(rand_onsets).any() else "nan",
+                sig(g["hessian_over_rho"]),
+                sig(s["random_median_hessian_over_rho"]),
+            ]
+        )
     figures = [_plot_sweeps(r, stages, out_dir), _plot_hessian(stages, out_dir)]
-    missing = [a for a in config.stage_accuracies
-               if a not in [s["target_accuracy"] for s in stages]]
+    missing = [
+        a for a in config.stage_accuracies if a not in [s["target_accuracy"] for s in stages]
+    ]
     notes = [
         "Loss ratio, flip fraction, rho_a and curvature all use the full training set "
         f"({len(y)} samples), model in eval mode; random directions step +v, the "
@@ -229,22 +250,37 @@ def _run(config: Config, out_dir: Path, progress: bool) -> dict:
             + ", ".join(f"{s['test_accuracy']:.1%} (step {s['step']})" for s in stages)
             + f"; gradient + {config.n_random} random unit directions; {config.n_r} values "
             f"of r in [{config.r_min:g}, {config.r_max:g}]. Median random loss ratio at "
-            "r = 1: " + ", ".join(f"{s['random_median_r1']:.3f}" for s in stages)
-            + "; gradient: " + ", ".join(f"{s['gradient']['loss_ratio_r1']:.3f}" for s in stages)
+            "r = 1: "
+            + ", ".join(f"{s['random_median_r1']:.3f}" for s in stages)
+            + "; gradient: "
+            + ", ".join(f"{s['gradient']['loss_ratio_r1']:.3f}" for s in stages)
             + ". Hessian step / rho_a along the gradient: "
-            + ", ".join(f"{s['gradient']['hessian_over_rho']:.3g}x" for s in stages) + "."
+            + ", ".join(f"{s['gradient']['hessian_over_rho']:.3g}x" for s in stages)
+            + "."
         ),
         "claims": claims,
-        "tables": [{
-            "title": "Per stage (r = 1 values interpolated on the grid)",
-            "columns": ["stage", "test acc", "step", "rho_a grad", "rho_a random (median)",
-                        "loss ratio r=1 grad", "loss ratio r=1 ascent",
-                        "loss ratio r=1 random median",
-                        "flip r=1 grad", "flip r=1 random median", "onset r grad",
-                        "onset r random median", "(2/kappa)/rho_a grad",
-                        "(2/kappa)/rho_a random median"],
-            "rows": rows,
-        }],
+        "tables": [
+            {
+                "title": "Per stage (r = 1 values interpolated on the grid)",
+                "columns": [
+                    "stage",
+                    "test acc",
+                    "step",
+                    "rho_a grad",
+                    "rho_a random (median)",
+                    "loss ratio r=1 grad",
+                    "loss ratio r=1 ascent",
+                    "loss ratio r=1 random median",
+                    "flip r=1 grad",
+                    "flip r=1 random median",
+                    "onset r grad",
+                    "onset r random median",
+                    "(2/kappa)/rho_a grad",
+                    "(2/kappa)/rho_a random median",
+                ],
+                "rows": rows,
+            }
+        ],
         "figures": figures,
         "metrics": {"r": r.tolist(), "stages": stages},
         "notes": notes,
@@ -257,14 +293,19 @@ def _claims(config: Config, stages: list[dict]) -> list[dict]:
     by_index = {s["index"]: s for s in stages}
     claims = []
     # 1. Hessian step exceeds rho_a everywhere.
-    all_ratios = [d["hessian_over_rho"] for s in stages
-                  for d in [*s["gradient_runs"], *s["random"]]]
+    all_ratios = [
+        d["hessian_over_rho"] for s in stages for d in [*s["gradient_runs"], *s["random"]]
+    ]
     lowest = min(all_ratios)
-    claims.append(claim(
-        "The Hessian-implied step 2/(v^T H v) exceeds rho_a in every case (all stages, "
-        "gradient and random directions): smallest ratio",
-        "> 1 in every case", f"{lowest:.3g}x", lowest > 1,
-    ))
+    claims.append(
+        claim(
+            "The Hessian-implied step 2/(v^T H v) exceeds rho_a in every case (all stages, "
+            "gradient and random directions): smallest ratio",
+            "> 1 in every case",
+            f"{lowest:.3g}x",
+            lowest > 1,
+        )
+    )
     # 2. growth early -> late along the gradient (and the random median).
     first, last = stages[0], stages[-1]
     lo_p, hi_p = config.paper_hessian_ratio
@@ -273,92 +314,120 @@ def _claims(config: Config, stages: list[dict]) -> list[dict]:
     def within(x, ref):
         return math.isfinite(x) and ref / f <= x <= ref * f
 
-    for kind, key in (("gradient", None), ("median random direction",
-                                           "random_median_hessian_over_rho")):
+    for kind, key in (
+        ("gradient", None),
+        ("median random direction", "random_median_hessian_over_rho"),
+    ):
         early = first["gradient"]["hessian_over_rho"] if key is None else first[key]
         late = last["gradient"]["hessian_over_rho"] if key is None else last[key]
         seq = [s["gradient"]["hessian_over_rho"] if key is None else s[key] for s in stages]
         grows = all(b > a for a, b in zip(seq, seq[1:]))
         ok = grows and within(early, lo_p) and within(late, hi_p) and len(stages) >= 2
-        claims.append(claim(
-            f"Hessian overestimation (2/kappa)/rho_a grows from ~10x early to ~460x late "
-            f"({kind}; each end within {f:g}x of the paper's, growing across stages)",
-            f"{lo_p:g}x -> {hi_p:g}x",
-            " -> ".join(f"{x:.3g}x" for x in seq),
-            ok,
-            note=None if ok else (
-                "the paper does not say which loss or batch its curvature uses, nor "
-                "exactly how its checkpoints were trained; the ratio scales like "
-                "e^margin / |Delta|, so it is very sensitive to how confident the "
-                "checkpoint is"
-                + ("; inf = kappa <= 0 (negative curvature along the direction), where the "
-                   "quadratic model sets no step limit at all"
-                   if any(not math.isfinite(x) for x in seq) else "")),
-        ))
+        claims.append(
+            claim(
+                f"Hessian overestimation (2/kappa)/rho_a grows from ~10x early to ~460x late "
+                f"({kind}; each end within {f:g}x of the paper's, growing across stages)",
+                f"{lo_p:g}x -> {hi_p:g}x",
+                " -> ".join(f"{x:.3g}x" for x in seq),
+                ok,
+                note=None
+                if ok
+                else (
+                    "the paper does not say which loss or batch its curvature uses, nor "
+                    "exactly how its checkpoints were trained; the ratio scales like "
+                    "e^margin / |Delta|, so it is very sensitive to how confident the "
+                    "checkpoint is"
+                    + (
+                        "; inf = kappa <= 0 (negative curvature along the direction), where the "
+                        "quadratic model sets no step limit at all"
+                        if any(not math.isfinite(x) for x in seq)
+                        else ""
+                    )
+                ),
+            )
+        )
     # 3. median random loss ratio at r = 1.
-    ours = [by_index[i]["random_median_r1"] if i in by_index else math.nan
-            for i in range(len(config.paper_random_r1))]
-    ok = all(math.isfinite(o) and abs(o - p) <= config.random_r1_tolerance
-             for o, p in zip(ours, config.paper_random_r1))
-    claims.append(claim(
-        "Median random-direction loss ratio at r = 1 (early, mid, late; each within "
-        f"+-{config.random_r1_tolerance:g})",
-        ", ".join(f"{p:.2f}" for p in config.paper_random_r1),
-        ", ".join(f"{o:.3f}" for o in ours),
-        ok,
-        note=None if ok else (
-            "our random directions inflate the loss somewhat more at r = 1. Possible "
-            "causes: which samples the paper's loss ratio and rho_a use (ours: the full "
-            "training set, which gives the smallest rho_a and so the shortest steps), and "
-            "how its random directions are drawn (ours: isotropic Gaussian over all "
-            "parameters, biases included, unit global norm)"),
-    ))
+    ours = [
+        by_index[i]["random_median_r1"] if i in by_index else math.nan
+        for i in range(len(config.paper_random_r1))
+    ]
+    ok = all(
+        math.isfinite(o) and abs(o - p) <= config.random_r1_tolerance
+        for o, p in zip(ours, config.paper_random_r1)
+    )
+    claims.append(
+        claim(
+            "Median random-direction loss ratio at r = 1 (early, mid, late; each within "
+            f"+-{config.random_r1_tolerance:g})",
+            ", ".join(f"{p:.2f}" for p in config.paper_random_r1),
+            ", ".join(f"{o:.3f}" for o in ours),
+            ok,
+            note=None
+            if ok
+            else (
+                "our random directions inflate the loss somewhat more at r = 1. Possible "
+                "causes: which samples the paper's loss ratio and rho_a use (ours: the full "
+                "training set, which gives the smallest rho_a and so the shortest steps), and "
+                "how its random directions are drawn (ours: isotropic Gaussian over all "
+                "parameters, biases included, unit global norm)"
+            ),
+        )
+    )
     # 4. gradient loss ratio at r = 1.
-    ours_g = [by_index[i]["gradient"]["loss_ratio_r1"] if i in by_index else math.nan
-              for i in range(len(config.paper_gradient_r1))]
+    ours_g = [
+        by_index[i]["gradient"]["loss_ratio_r1"] if i in by_index else math.nan
+        for i in range(len(config.paper_gradient_r1))
+    ]
     tol = config.gradient_r1_tolerance
-    ok = all(math.isfinite(o) and abs(o / p - 1) <= tol
-             for o, p in zip(ours_g, config.paper_gradient_r1))
+    ok = all(
+        math.isfinite(o) and abs(o / p - 1) <= tol for o, p in zip(ours_g, config.paper_gradient_r1)
+    )
     ascent = ", ".join(f"{s['gradient_ascent']['loss_ratio_r1']:.3f}" for s in stages)
     sign_note = (
         "scored on the downhill step; the paper does not state its sign. Stepping uphill "
         f"(+g/||g||) gives {ascent} at r = 1"
     )
-    claims.append(claim(
-        f"Gradient-direction loss ratio at r = 1 (early, mid, late; each within {tol:.0%})",
-        ", ".join(f"{p:.2f}" for p in config.paper_gradient_r1),
-        ", ".join(f"{o:.3f}" for o in ours_g),
-        ok,
-        note=sign_note,
-    ))
+    claims.append(
+        claim(
+            f"Gradient-direction loss ratio at r = 1 (early, mid, late; each within {tol:.0%})",
+            ", ".join(f"{p:.2f}" for p in config.paper_gradient_r1),
+            ", ".join(f"{o:.3f}" for o in ours_g),
+            ok,
+            note=sign_note,
+        )
+    )
     # 5. gradient is the extreme direction.
     extreme = [s["gradient"]["loss_ratio_r1"] > s["random_p90_r1"] for s in stages]
-    claims.append(claim(
-        "The gradient is the extreme direction: its loss ratio at r = 1 exceeds the "
-        "90th percentile of the random directions at every stage",
-        "gradient degrades earliest",
-        f"{sum(extreme)}/{len(stages)} stages",
-        all(extreme),
-        note=(
-            sign_note + "; uphill exceeds the random 90th percentile at "
-            f"{sum(s['gradient_ascent']['loss_ratio_r1'] > s['random_p90_r1'] for s in stages)}"
-            f"/{len(stages)} stages"
-        ),
-    ))
+    claims.append(
+        claim(
+            "The gradient is the extreme direction: its loss ratio at r = 1 exceeds the "
+            "90th percentile of the random directions at every stage",
+            "gradient degrades earliest",
+            f"{sum(extreme)}/{len(stages)} stages",
+            all(extreme),
+            note=(
+                sign_note + "; uphill exceeds the random 90th percentile at "
+                f"{sum(s['gradient_ascent']['loss_ratio_r1'] > s['random_p90_r1'] for s in stages)}"
+                f"/{len(stages)} stages"
+            ),
+        )
+    )
     # 6. transition near r = 1 for every direction.
     onsets = [d["onset_r"] for s in stages for d in [*s["gradient_runs"], *s["random"]]]
     early_fail = sum(1 for o in onsets if math.isfinite(o) and o < 1)
     rand_onsets = [d["onset_r"] for s in stages for d in s["random"]]
     med = float(np.nanmedian(rand_onsets)) if np.isfinite(rand_onsets).any() else math.nan
     ok = early_fail == 0 and math.isfinite(med) and med <= 10
-    claims.append(claim(
-        "Transition near r ~ 1 for every direction: no direction's loss doubles below "
-        "r = 1, and the random directions' median onset (loss ratio >= 2) is at r <= 10",
-        "transition near r ~ 1",
-        f"{early_fail} of {len(onsets)} directions double below r = 1; median random "
-        f"onset r = {_fmt(med)}",
-        ok,
-    ))
+    claims.append(
+        claim(
+            "Transition near r ~ 1 for every direction: no direction's loss doubles below "
+            "r = 1, and the random directions' median onset (loss ratio >= 2) is at r <= 10",
+            "transition near r ~ 1",
+            f"{early_fail} of {len(onsets)} directions double below r = 1; median random "
+            f"onset r = {sig(med)}",
+            ok,
+        )
+    )
     return claims
 
 
@@ -368,8 +437,13 @@ def _plot_sweeps(r, stages, out_dir) -> dict:
     axes = np.asarray(axes).reshape(2, n)
     for j, s in enumerate(stages):
         top, bottom = axes[0, j], axes[1, j]
-        top.fill_between(r, s["random_p10_loss_ratio"], s["random_p90_loss_ratio"],
-                         alpha=0.3, label="random 10-90th pct")
+        top.fill_between(
+            r,
+            s["random_p10_loss_ratio"],
+            s["random_p90_loss_ratio"],
+            alpha=0.3,
+            label="random 10-90th pct",
+        )
         top.plot(r, s["random_median_loss_ratio"], label="median random")
         top.plot(r, s["gradient"]["loss_ratio"], color="red", label="gradient")
         bottom.fill_between(r, s["random_p10_flip"], s["random_p90_flip"], alpha=0.3)
@@ -386,18 +460,28 @@ def _plot_sweeps(r, stages, out_dir) -> dict:
             top.set_ylabel("loss ratio")
             bottom.set_ylabel("flip fraction")
             top.legend(fontsize=7)
-    return save_figure(fig, out_dir, "fig8_random_directions.png",
-                       "Fig. 8: loss ratio and flip fraction vs r, gradient vs random directions")
+    return save_figure(
+        fig,
+        out_dir,
+        "fig8_random_directions.png",
+        "Fig. 8: loss ratio and flip fraction vs r, gradient vs random directions",
+    )
 
 
 def _plot_hessian(stages, out_dir) -> dict:
     fig, ax = new_figure(figsize=(5, 3.6))
     for j, s in enumerate(stages):
         rand = [d["hessian_over_rho"] for d in s["random"]]
-        ax.scatter([j] * len(rand), rand, color="tab:blue", s=12,
-                   label="random" if j == 0 else None)
-        ax.scatter([j], [s["gradient"]["hessian_over_rho"]], color="red", marker="D",
-                   label="gradient" if j == 0 else None)
+        ax.scatter(
+            [j] * len(rand), rand, color="tab:blue", s=12, label="random" if j == 0 else None
+        )
+        ax.scatter(
+            [j],
+            [s["gradient"]["hessian_over_rho"]],
+            color="red",
+            marker="D",
+            label="gradient" if j == 0 else None,
+        )
     ax.axhline(1.0, color="black", linewidth=0.8)
     ax.set_yscale("log")
     ax.set_xticks(range(len(stages)))
@@ -405,5 +489,9 @@ def _plot_hessian(stages, out_dir) -> dict:
     ax.set_ylabel("(2 / vᵀHv) / ρ_a(v)")
     ax.set_title("Hessian step vs radius")
     ax.legend(fontsize=8)
-    return save_figure(fig, out_dir, "hessian_vs_rho.png",
-                       "Hessian-implied step 2/(v^T H v) over rho_a(v) per stage and direction")
+    return save_figure(
+        fig,
+        out_dir,
+        "hessian_vs_rho.png",
+        "Hessian-implied step 2/(v^T H v) over rho_a(v) per stage and direction",
+    )

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ghoststep.experiments.common import claim, new_figure, progress_bar, save_figure
+from ghoststep.experiments.common import claim, new_figure, progress_bar, save_figure, sig
 from ghoststep.experiments.probes import (
     batch_radius,
     descent_direction,
@@ -69,14 +69,9 @@ class Config:
 
 
 PRESETS = {
-    "quick": {"architectures": ("linear", "mlp", "cnn"), "steps": 300, "n_r": 9,
-              "seeds": (0,)},
+    "quick": {"architectures": ("linear", "mlp", "cnn"), "steps": 300, "n_r": 9, "seeds": (0,)},
     "paper": {},
 }
-
-
-def _fmt(x: float, digits: int = 3) -> float | str:
-    return float(f"{x:.{digits}g}") if math.isfinite(x) else str(x)
 
 
 def run(config: Config, out_dir: Path, progress: bool) -> dict:
@@ -116,20 +111,24 @@ def _combine(arch: str, runs: list[dict], r: np.ndarray, config: Config) -> dict
     scalars = ("train_accuracy", "test_accuracy", "test_loss", "train_loss", "rho_a")
     out = {"label": LABELS.get(arch, arch), "lr": runs[0]["lr"]}
     out.update({k: float(np.median([x[k] for x in runs])) for k in scalars})
-    out.update({
-        "accuracy_retained": retained.tolist(),
-        "accuracy_retained_q25": np.percentile(retained_all, 25, axis=0).tolist(),
-        "accuracy_retained_q75": np.percentile(retained_all, 75, axis=0).tolist(),
-        "test_loss_ratio": test_ratio.tolist(),
-        "train_loss_ratio": train_ratio.tolist(),
-        "fail_r": float(first_crossing(r, -retained, -config.fail_below)),
-        "degrade_r": float(first_crossing(r, -retained, -config.keep_above)),
-        "loss_onset_r": float(first_crossing(r, test_ratio, 2.0)),
-        "min_retained_below_1": float(retained_all[:, r < 1].min()),
-        "min_retained_at_or_above_1": float(retained_all[:, r >= 1].min()),
-        "per_seed": [{k: (v.tolist() if isinstance(v, np.ndarray) else v)
-                      for k, v in x.items()} for x in runs],
-    })
+    out.update(
+        {
+            "accuracy_retained": retained.tolist(),
+            "accuracy_retained_q25": np.percentile(retained_all, 25, axis=0).tolist(),
+            "accuracy_retained_q75": np.percentile(retained_all, 75, axis=0).tolist(),
+            "test_loss_ratio": test_ratio.tolist(),
+            "train_loss_ratio": train_ratio.tolist(),
+            "fail_r": float(first_crossing(r, -retained, -config.fail_below)),
+            "degrade_r": float(first_crossing(r, -retained, -config.keep_above)),
+            "loss_onset_r": float(first_crossing(r, test_ratio, 2.0)),
+            "min_retained_below_1": float(retained_all[:, r < 1].min()),
+            "min_retained_at_or_above_1": float(retained_all[:, r >= 1].min()),
+            "per_seed": [
+                {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in x.items()}
+                for x in runs
+            ],
+        }
+    )
     return out
 
 
@@ -150,14 +149,14 @@ def _run(config: Config, out_dir: Path, progress: bool) -> dict:
     fail_rs = {a: per_arch[a]["fail_r"] for a in archs}
     all_fail = all(math.isfinite(f) for f in fail_rs.values())
     in_band = [a for a, f in fail_rs.items() if math.isfinite(f) and 1 <= f <= 10]
-    fail_text = ", ".join(f"{LABELS.get(a, a)} {_fmt(f)}" for a, f in fail_rs.items())
+    fail_text = ", ".join(f"{LABELS.get(a, a)} {sig(f)}" for a, f in fail_rs.items())
 
     def span(key: str) -> str:
         vals = [per_arch[a][key] for a in archs]
         finite = [v for v in vals if math.isfinite(v)]
         if not finite:
             return "none within the grid"
-        text = f"{_fmt(min(finite))}-{_fmt(max(finite))}"
+        text = f"{sig(min(finite))}-{sig(max(finite))}"
         return text if len(finite) == len(vals) else text + " (some never)"
 
     onset_note = (
@@ -193,7 +192,9 @@ def _run(config: Config, out_dir: Path, progress: bool) -> dict:
             "1 <= r <= 10",
             f"{len(in_band)}/{len(archs)} architectures fail within [1, 10]",
             len(in_band) == len(archs),
-            note=None if len(in_band) == len(archs) else (
+            note=None
+            if len(in_band) == len(archs)
+            else (
                 f"the half-accuracy points lie at r = {span('fail_r')}, so some fall past 10; "
                 f"the transitions themselves begin inside [1, 10]: {onset_note}"
             ),
@@ -209,30 +210,47 @@ def _run(config: Config, out_dir: Path, progress: bool) -> dict:
                 "The Linear model transitions at r ~ 1 (first r with accuracy below half "
                 "within [0.5, 3]); the others retain confidence-margin slack",
                 "Linear ~ 1, others later",
-                f"Linear {_fmt(f_lin)}; others median {_fmt(float(np.nanmedian(others)))}"
-                if others else f"Linear {_fmt(f_lin)}",
+                f"Linear {sig(f_lin)}; others median {sig(float(np.nanmedian(others)))}"
+                if others
+                else f"Linear {sig(f_lin)}",
                 lin_ok,
-                note=("'others later' is reported, not scored. " + ("" if lin_ok else (
-                    f"Our Linear model loses half its accuracy only at r = {_fmt(f_lin)}, "
-                    "but its loss starts to inflate right at r = 1 (ratio "
-                    f"{_fmt(_at(r, lin['test_loss_ratio'], 1.0))} at r = 1, doubling at "
-                    f"r = {_fmt(lin['loss_onset_r'])}; accuracy below 90% from "
-                    f"r = {_fmt(lin['degrade_r'])}). A linear model's logits are exactly "
-                    "linear in the step, so rho_a is the radius of the exact line loss and "
-                    "accuracy needs the logit gaps to close, which takes a few radii; an "
-                    "under-trained Linear model (train accuracy ~95%) never collapses at "
-                    "all, because its gradient is itself a decent classifier."))),
+                note=(
+                    "'others later' is reported, not scored. "
+                    + (
+                        ""
+                        if lin_ok
+                        else (
+                            f"Our Linear model loses half its accuracy only at r = {sig(f_lin)}, "
+                            "but its loss starts to inflate right at r = 1 (ratio "
+                            f"{sig(_at(r, lin['test_loss_ratio'], 1.0))} at r = 1, doubling at "
+                            f"r = {sig(lin['loss_onset_r'])}; accuracy below 90% from "
+                            f"r = {sig(lin['degrade_r'])}). A linear model's logits are exactly "
+                            "linear in the step, so rho_a is the radius of the exact line loss and "
+                            "accuracy needs the logit gaps to close, which takes a few radii; an "
+                            "under-trained Linear model (train accuracy ~95%) never collapses at "
+                            "all, because its gradient is itself a decent classifier."
+                        )
+                    )
+                ),
             )
         )
 
-    rows = [[per_arch[a]["label"], _fmt(per_arch[a]["train_loss"]),
-             _fmt(per_arch[a]["train_accuracy"]), _fmt(per_arch[a]["test_accuracy"]),
-             _fmt(per_arch[a]["rho_a"]), _fmt(per_arch[a]["min_retained_below_1"]),
-             _fmt(per_arch[a]["degrade_r"]), _fmt(per_arch[a]["fail_r"]),
-             _fmt(per_arch[a]["loss_onset_r"]),
-             _fmt(_at(r, per_arch[a]["test_loss_ratio"], 1.0)),
-             _fmt(_at(r, per_arch[a]["test_loss_ratio"], 10.0))]
-            for a in archs]
+    rows = [
+        [
+            per_arch[a]["label"],
+            sig(per_arch[a]["train_loss"]),
+            sig(per_arch[a]["train_accuracy"]),
+            sig(per_arch[a]["test_accuracy"]),
+            sig(per_arch[a]["rho_a"]),
+            sig(per_arch[a]["min_retained_below_1"]),
+            sig(per_arch[a]["degrade_r"]),
+            sig(per_arch[a]["fail_r"]),
+            sig(per_arch[a]["loss_onset_r"]),
+            sig(_at(r, per_arch[a]["test_loss_ratio"], 1.0)),
+            sig(_at(r, per_arch[a]["test_loss_ratio"], 10.0)),
+        ]
+        for a in archs
+    ]
     figures = [_plot(r, per_arch, out_dir)]
     return {
         "title": "Phase transition at r = 1: one gradient step of length r * rho_a",
@@ -246,16 +264,25 @@ def _run(config: Config, out_dir: Path, progress: bool) -> dict:
             f"({LABELS.get(worst_arch, worst_arch)})."
         ),
         "claims": claims,
-        "tables": [{
-            "title": "Per architecture",
-            "columns": ["architecture", "train loss", "train acc", "test acc", "rho_a",
-                        "min retained (r<1)",
-                        f"first r retained < {config.keep_above:g}",
-                        f"first r retained < {config.fail_below:g}",
-                        "first r test-loss ratio >= 2", "loss ratio at r=1",
-                        "loss ratio at r=10"],
-            "rows": rows,
-        }],
+        "tables": [
+            {
+                "title": "Per architecture",
+                "columns": [
+                    "architecture",
+                    "train loss",
+                    "train acc",
+                    "test acc",
+                    "rho_a",
+                    "min retained (r<1)",
+                    f"first r retained < {config.keep_above:g}",
+                    f"first r retained < {config.fail_below:g}",
+                    "first r test-loss ratio >= 2",
+                    "loss ratio at r=1",
+                    "loss ratio at r=10",
+                ],
+                "rows": rows,
+            }
+        ],
         "figures": figures,
         "metrics": {
             "r": r.tolist(),
@@ -280,14 +307,20 @@ def _at(r: np.ndarray, values, x: float) -> float:
 def _plot(r, per_arch, out_dir) -> dict:
     fig, (ax1, ax2) = new_figure(1, 2, figsize=(10, 3.8))
     for res in per_arch.values():
-        (line,) = ax1.semilogx(r, 100 * np.asarray(res["accuracy_retained"]), marker=".",
-                               label=res["label"])
+        (line,) = ax1.semilogx(
+            r, 100 * np.asarray(res["accuracy_retained"]), marker=".", label=res["label"]
+        )
         if len(res["per_seed"]) > 1:
-            ax1.fill_between(r, 100 * np.asarray(res["accuracy_retained_q25"]),
-                             100 * np.asarray(res["accuracy_retained_q75"]),
-                             color=line.get_color(), alpha=0.2)
-        ax2.loglog(r, np.asarray(res["test_loss_ratio"], dtype=float), marker=".",
-                   label=res["label"])
+            ax1.fill_between(
+                r,
+                100 * np.asarray(res["accuracy_retained_q25"]),
+                100 * np.asarray(res["accuracy_retained_q75"]),
+                color=line.get_color(),
+                alpha=0.2,
+            )
+        ax2.loglog(
+            r, np.asarray(res["test_loss_ratio"], dtype=float), marker=".", label=res["label"]
+        )
     for ax in (ax1, ax2):
         ax.axvline(1.0, color="black", linestyle="--", linewidth=0.8)
         ax.set_xlabel("normalized step r = τ / ρ_a")
@@ -297,5 +330,9 @@ def _plot(r, per_arch, out_dir) -> dict:
     ax2.set_ylabel("loss inflation (post / pre)")
     ax2.set_title("B: loss inflation")
     ax1.legend(fontsize=7)
-    return save_figure(fig, out_dir, "fig7_phase_transition.png",
-                       "Fig. 7: one gradient step at tau = r rho_a per architecture; r = 1 dashed")
+    return save_figure(
+        fig,
+        out_dir,
+        "fig7_phase_transition.png",
+        "Fig. 7: one gradient step at tau = r rho_a per architecture; r = 1 dashed",
+    )

@@ -37,7 +37,6 @@ True
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import functools
 import math
@@ -50,7 +49,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from ghoststep.experiments.common import evaluate, set_seed, train
+from ghoststep.experiments.common import evaluate, set_seed, torch_threads, train
 from ghoststep.experiments.data import Split, load_digits_split
 from ghoststep.experiments.models import build_model
 from ghoststep.radius import exact_radius, rho_bound, top2_radius
@@ -87,25 +86,6 @@ __all__ = [
 
 
 # ----------------------------------------------------------------------------- setup
-
-
-@contextlib.contextmanager
-def torch_threads(n: int):
-    """Run with ``n`` intra-op torch threads, restoring the previous count after.
-
-    The digits models are tiny: their ops gain nothing from intra-op parallelism, and
-    on shared cores a thread pool that spins waiting for a busy core slows them down
-    several-fold. ``n <= 0`` leaves torch's setting alone.
-    """
-    if n <= 0:
-        yield
-        return
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 # ----------------------------------------------------------------------------- data
@@ -199,8 +179,9 @@ def train_checkpoints(
     def snapshot(step: int, target: float | None, ev=None) -> None:
         ev = ev or evaluate(model, data.X_test, data.y_test, loss_fn)
         copy_ = copy.deepcopy(model).eval()
-        out.append(Checkpoint(copy_, arch, seed, step, ev.accuracy, ev.loss, data,
-                              temperature, target))
+        out.append(
+            Checkpoint(copy_, arch, seed, step, ev.accuracy, ev.loss, data, temperature, target)
+        )
 
     if want_steps and want_steps[0] == 0:
         snapshot(0, None)
@@ -221,9 +202,18 @@ def train_checkpoints(
         return None
 
     if want_steps or want_acc:
-        losses = train(model, data, optimizer, steps, batch_size, on_step=on_step,
-                       generator=generator, loss_fn=loss_fn, progress=progress,
-                       desc=f"train {arch}")
+        losses = train(
+            model,
+            data,
+            optimizer,
+            steps,
+            batch_size,
+            on_step=on_step,
+            generator=generator,
+            loss_fn=loss_fn,
+            progress=progress,
+            desc=f"train {arch}",
+        )
         for ck in out:
             ck.losses = losses[: ck.step]
     out.sort(key=lambda c: c.step)
@@ -261,9 +251,7 @@ def random_unit_direction(model: nn.Module, seed: int) -> dict[str, torch.Tensor
     return random_direction(model, seed=seed)
 
 
-def batch_radius(
-    model: nn.Module, X: torch.Tensor, direction, temperature: float = 1.0
-) -> float:
+def batch_radius(model: nn.Module, X: torch.Tensor, direction, temperature: float = 1.0) -> float:
     """``rho_a(v) = pi T / max_{x in X} Delta a(x; v)`` (+inf when no logit moves)."""
     _, slopes = logit_slopes(model, X, direction)
     return float(rho_bound(slopes.double(), temperature).min())
@@ -318,8 +306,9 @@ def _direction_list(model: nn.Module, direction) -> tuple[list[str], list[torch.
     else:
         parts = list(direction)
         if len(parts) != len(names):
-            raise ValueError(f"direction has {len(parts)} parts, the model {len(names)} "
-                             "trainable parameters")
+            raise ValueError(
+                f"direction has {len(parts)} parts, the model {len(names)} trainable parameters"
+            )
     return names, [t.detach().to(p.dtype) for t, (_, p) in zip(parts, named)]
 
 
@@ -507,8 +496,9 @@ def log_grid(lo: float, hi: float, n: int) -> np.ndarray:
 
 def value_at(xs, values, x: float) -> float:
     """``values`` interpolated linearly in log x at ``x`` (xs increasing, positive)."""
-    return float(np.interp(math.log10(x), np.log10(np.asarray(xs, float)),
-                           np.asarray(values, float)))
+    return float(
+        np.interp(math.log10(x), np.log10(np.asarray(xs, float)), np.asarray(values, float))
+    )
 
 
 def distribution(values, percentiles: Sequence[float] = (5, 50, 95)) -> dict:

@@ -33,7 +33,6 @@ Reference: P. Sao, "Ghosts of Softmax", arXiv:2603.13552 (2026), Sections 5-6.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import math
@@ -55,6 +54,7 @@ from ghoststep.experiments.common import (
     predict,
     progress_bar,
     set_seed,
+    torch_threads,
     train,
 )
 from ghoststep.experiments.data import load_digits_split
@@ -220,10 +220,18 @@ def controlled_run(
     generator = set_seed(seed)
     model = build_model(arch, **dict(model_kwargs or {}))
     inner = _make_optimizer(optimizer, model.parameters(), lr)
-    opt = controller_cls(inner, model, mode=mode, target_r=target_r,
-                         history_size=0, **dict(controller_kwargs or {}))
-    rec = RunRecord(arch=arch, method=method or mode, seed=seed, base_lr=lr, factor=factor,
-                    steps=steps, spike_at=spike_at)
+    opt = controller_cls(
+        inner, model, mode=mode, target_r=target_r, history_size=0, **dict(controller_kwargs or {})
+    )
+    rec = RunRecord(
+        arch=arch,
+        method=method or mode,
+        seed=seed,
+        base_lr=lr,
+        factor=factor,
+        steps=steps,
+        spike_at=spike_at,
+    )
 
     def evaluate_now(done: int) -> None:
         ev = evaluate(model, data.X_test, data.y_test)
@@ -259,9 +267,17 @@ def controlled_run(
     t0 = time.perf_counter()
     evaluate_now(0)
     rec.train_loss = train(
-        model, data, opt, steps, batch_size,
-        lr_schedule=spike_schedule(factor, spike_at), before_step=before, on_step=after,
-        generator=generator, progress=progress, desc=f"{arch} {rec.method} seed {seed}",
+        model,
+        data,
+        opt,
+        steps,
+        batch_size,
+        lr_schedule=spike_schedule(factor, spike_at),
+        before_step=before,
+        on_step=after,
+        generator=generator,
+        progress=progress,
+        desc=f"{arch} {rec.method} seed {seed}",
     )
     opt.close()
     rec.skipped = opt.skipped_steps
@@ -318,26 +334,6 @@ def _call_job(job: tuple[Callable[..., Any], dict, int]) -> Any:
     return fn(**kwargs)
 
 
-@contextlib.contextmanager
-def torch_threads(threads: int):
-    """Run the block with ``torch.set_num_threads(threads)`` (0: leave it), then restore.
-
-    Small models run as fast on one thread, and with several processes sharing the
-    cores, multi-threaded kernels can slow down many-fold (threads wait on each other).
-    The thread count also fixes the float summation order, so a fixed count keeps runs
-    bitwise reproducible across machines.
-    """
-    if threads <= 0:
-        yield
-        return
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 def run_jobs(
     fn: Callable[..., Any],
     jobs: Sequence[Mapping[str, Any]],
@@ -371,10 +367,10 @@ def run_jobs(
         import multiprocessing as mp
 
         results: list = [None] * len(jobs)
-        with cf.ProcessPoolExecutor(max_workers=min(workers, len(jobs)),
-                                    mp_context=mp.get_context("spawn")) as pool:
-            futures = {pool.submit(_call_job, (fn, job, threads)): i
-                       for i, job in enumerate(jobs)}
+        with cf.ProcessPoolExecutor(
+            max_workers=min(workers, len(jobs)), mp_context=mp.get_context("spawn")
+        ) as pool:
+            futures = {pool.submit(_call_job, (fn, job, threads)): i for i, job in enumerate(jobs)}
             for fut in cf.as_completed(futures):
                 results[futures[fut]] = fut.result()
                 bar.update(1)
@@ -415,8 +411,9 @@ def internal_radii(
         raise ValueError(f"direction has {len(direction)} parts for {len(named)} parameters")
     names = [n for n, _ in named]
     primals = tuple(p.detach() for _, p in named)
-    tangents = tuple(torch.zeros_like(p) if d is None else d.detach()
-                     for p, d in zip(primals, direction))
+    tangents = tuple(
+        torch.zeros_like(p) if d is None else d.detach() for p, d in zip(primals, direction)
+    )
     buffers = dict(model.named_buffers())
 
     def f(params):
@@ -466,8 +463,9 @@ class AllRadiiController(RadiusController):
         Everything else: as :class:`~ghoststep.RadiusController`.
     """
 
-    def __init__(self, optimizer, model, *, use: Sequence[str] = RADII,
-                 ffn_quantile: float = 0.01, **kwargs) -> None:
+    def __init__(
+        self, optimizer, model, *, use: Sequence[str] = RADII, ffn_quantile: float = 0.01, **kwargs
+    ) -> None:
         unknown = set(use) - set(RADII)
         if unknown or not use:
             raise ValueError(f"use must be a non-empty subset of {RADII}, got {use!r}")
@@ -500,7 +498,7 @@ def finite_median(values) -> float:
 def post_spike_r(rec: RunRecord, spike_at: int | None = None, window: int | None = None) -> float:
     """Median proposed r over the steps from the spike on (optionally only ``window`` steps)."""
     start = rec.spike_at if spike_at is None else spike_at
-    values = rec.r_proposed[start:] if window is None else rec.r_proposed[start:start + window]
+    values = rec.r_proposed[start:] if window is None else rec.r_proposed[start : start + window]
     return finite_median(values)
 
 
@@ -512,10 +510,17 @@ def summarize_finals(records: Sequence[RunRecord], diverge_loss: float = 10.0) -
     """
     accs = [r.final_acc for r in records]
     med, q25, q75 = median_iqr(accs)
-    divergent = sum(1 for r in records
-                    if not math.isfinite(r.final_loss) or r.final_loss > diverge_loss)
-    return {"median": med, "q25": q25, "q75": q75, "divergent": divergent, "n": len(records),
-            "per_seed": accs}
+    divergent = sum(
+        1 for r in records if not math.isfinite(r.final_loss) or r.final_loss > diverge_loss
+    )
+    return {
+        "median": med,
+        "q25": q25,
+        "q75": q75,
+        "divergent": divergent,
+        "n": len(records),
+        "per_seed": accs,
+    }
 
 
 def plot_band(ax, x, curves, label: str, color: str | None = None, **kwargs) -> None:
@@ -605,9 +610,9 @@ def _evaluate_batched(model, X, y, batch_size: int = 1000):
     model.eval()
     total_loss, correct = 0.0, 0
     for i in range(0, X.shape[0], batch_size):
-        logits = model(X[i:i + batch_size])
-        total_loss += float(F.cross_entropy(logits, y[i:i + batch_size], reduction="sum"))
-        correct += int((logits.argmax(-1) == y[i:i + batch_size]).sum())
+        logits = model(X[i : i + batch_size])
+        total_loss += float(F.cross_entropy(logits, y[i : i + batch_size], reduction="sum"))
+        correct += int((logits.argmax(-1) == y[i : i + batch_size]).sum())
     model.train(was)
     n = X.shape[0]
     return total_loss / n, correct / n
@@ -653,16 +658,22 @@ def resnet_run(
     generator = set_seed(seed)
     aug_gen = torch.Generator().manual_seed(seed + 10_000)
     model = build_model("resnet18", width=width).to(device)
-    inner = torch.optim.SGD(model.parameters(), lr=set_base_lr if lr is None else lr,
-                            momentum=momentum, weight_decay=weight_decay)
+    inner = torch.optim.SGD(
+        model.parameters(),
+        lr=set_base_lr if lr is None else lr,
+        momentum=momentum,
+        weight_decay=weight_decay,
+    )
     subset = measure_rows if measure_rows < batch_size else None
     if target_r is not None:
-        opt = RadiusController(inner, model, mode="set", target_r=target_r, subset=subset,
-                               history_size=0, seed=seed)
+        opt = RadiusController(
+            inner, model, mode="set", target_r=target_r, subset=subset, history_size=0, seed=seed
+        )
         label = f"set r*={target_r:g}"
     else:
-        opt = RadiusController(inner, model, mode="monitor", subset=subset, history_size=0,
-                               seed=seed)
+        opt = RadiusController(
+            inner, model, mode="monitor", subset=subset, history_size=0, seed=seed
+        )
         label = f"lr={lr:g}"
     rec = ResNetRecord(label=label, seed=seed, lr=lr, target_r=target_r)
     X, y = train_data
@@ -676,8 +687,9 @@ def resnet_run(
         raise ValueError(f"{n} training images are fewer than one batch of {batch_size}")
     t0 = time.perf_counter()
     step = 0
-    bar = progress_bar(total=epochs * per_epoch, desc=f"resnet {label} seed {seed}",
-                       enabled=progress)
+    bar = progress_bar(
+        total=epochs * per_epoch, desc=f"resnet {label} seed {seed}", enabled=progress
+    )
     model.train()
     train_seconds = 0.0
     for epoch in range(epochs):
@@ -685,7 +697,7 @@ def resnet_run(
         order = torch.randperm(n, generator=generator).to(device)
         losses = []
         for i in range(per_epoch):
-            idx = order[i * batch_size:(i + 1) * batch_size]
+            idx = order[i * batch_size : (i + 1) * batch_size]
             xb, yb = X[idx], y[idx]
             if augment:
                 xb = augment_cifar(xb, aug_gen)

@@ -30,6 +30,7 @@ from ghoststep.experiments.common import (
     new_figure,
     progress_bar,
     save_figure,
+    sig,
 )
 from ghoststep.experiments.probes import (
     batch_radius,
@@ -67,14 +68,15 @@ class Config:
 
 
 PRESETS = {
-    "quick": {"temperatures": (0.25, 1.0, 4.0, 16.0), "scored_temperatures": (0.25, 1.0, 4.0),
-              "seeds": (0,), "steps": 300, "n_tau": 33},
+    "quick": {
+        "temperatures": (0.25, 1.0, 4.0, 16.0),
+        "scored_temperatures": (0.25, 1.0, 4.0),
+        "seeds": (0,),
+        "steps": 300,
+        "n_tau": 33,
+    },
     "paper": {},
 }
-
-
-def _fmt(x: float, digits: int = 3) -> float | str:
-    return float(f"{x:.{digits}g}") if math.isfinite(x) else str(x)
 
 
 def run(config: Config, out_dir: Path, progress: bool) -> dict:
@@ -91,32 +93,43 @@ def _run(config: Config, out_dir: Path, progress: bool) -> dict:
     runs: dict[float, list[dict]] = {float(T): [] for T in config.temperatures}
     for T, seed in progress_bar(jobs, desc="temperature x seed", enabled=progress):
         T = float(T)
-        net = pretrain(config.arch, config.steps, seed, lr=config.lr,
-                       batch_size=config.batch_size, temperature=T, data=data)
+        net = pretrain(
+            config.arch,
+            config.steps,
+            seed,
+            lr=config.lr,
+            batch_size=config.batch_size,
+            temperature=T,
+            data=data,
+        )
         model = net.model
         v = descent_direction(model, X, y, temperature=T)
         rho = batch_radius(model, X, v, temperature=T)
         sweep = line_sweep(model, X, y, v, taus, temperature=T)
         ratio = sweep.loss_ratio.numpy()
         tau_on = onset(taus, ratio, config.threshold)
-        runs[T].append({
-            "seed": seed,
-            "test_accuracy": net.test_accuracy,
-            "train_loss": sweep.loss0,
-            "rho_a": rho,
-            "max_spread": math.pi * T / rho,
-            "loss_ratio": ratio.tolist(),
-            "onset_tau": tau_on,
-            "onset_r": tau_on / rho,
-        })
+        runs[T].append(
+            {
+                "seed": seed,
+                "test_accuracy": net.test_accuracy,
+                "train_loss": sweep.loss0,
+                "rho_a": rho,
+                "max_spread": math.pi * T / rho,
+                "loss_ratio": ratio.tolist(),
+                "onset_tau": tau_on,
+                "onset_r": tau_on / rho,
+            }
+        )
 
     per_t = {}
     for T, rs in runs.items():
         per_t[T] = {
             "onset_tau": float(np.nanmedian([r["onset_tau"] for r in rs]))
-            if any(math.isfinite(r["onset_tau"]) for r in rs) else math.nan,
+            if any(math.isfinite(r["onset_tau"]) for r in rs)
+            else math.nan,
             "onset_r": float(np.nanmedian([r["onset_r"] for r in rs]))
-            if any(math.isfinite(r["onset_r"]) for r in rs) else math.nan,
+            if any(math.isfinite(r["onset_r"]) for r in rs)
+            else math.nan,
             "rho_a": float(np.median([r["rho_a"] for r in rs])),
             "test_accuracy": float(np.median([r["test_accuracy"] for r in rs])),
             "n_no_onset": sum(1 for r in rs if not math.isfinite(r["onset_tau"])),
@@ -133,34 +146,53 @@ def _run(config: Config, out_dir: Path, progress: bool) -> dict:
     reduction = raw / norm if norm > 0 else math.inf
     no_onset = sum(p["n_no_onset"] for p in per_t.values())
     t_text = "{" + ", ".join(f"{t:g}" for t in scored) + "}"
-    all_text = (f"; over all T {{{', '.join(f'{t:g}' for t in all_t)}}}: raw {raw_all:.3f}, "
-                f"normalized {norm_all:.3f}") if len(all_t) > len(scored) else ""
+    all_text = (
+        (
+            f"; over all T {{{', '.join(f'{t:g}' for t in all_t)}}}: raw {raw_all:.3f}, "
+            f"normalized {norm_all:.3f}"
+        )
+        if len(all_t) > len(scored)
+        else ""
+    )
     claims = [
         claim(
             f"Std of log10 onset across T in raw tau, T in {t_text} (within a factor 2)",
-            config.paper_std_raw, _fmt(raw),
+            config.paper_std_raw,
+            sig(raw),
             math.isfinite(raw) and 0.5 <= raw / config.paper_std_raw <= 2.0,
             note="the raw spread grows with the range of T (the paper's caption lists T up to "
             "64, SPEC scores {0.25..8}) and depends on how each model trains" + all_text,
         ),
         claim(
-            "Std of log10 onset across T in r_T = tau / rho_a(T) (at most twice the "
-            "paper's)",
-            config.paper_std_normalized, _fmt(norm),
+            "Std of log10 onset across T in r_T = tau / rho_a(T) (at most twice the paper's)",
+            config.paper_std_normalized,
+            sig(norm),
             math.isfinite(norm) and norm <= 2 * config.paper_std_normalized,
         ),
         claim(
             f"Normalizing by rho_a(T) shrinks the onset spread (reduction >= "
             f"{config.min_reduction:g}x)",
-            "6x (0.992 / 0.164)", f"{reduction:.2f}x",
+            "6x (0.992 / 0.164)",
+            f"{reduction:.2f}x",
             math.isfinite(raw) and reduction >= config.min_reduction,
-            note=None if no_onset == 0 else (
+            note=None
+            if no_onset == 0
+            else (
                 f"{no_onset} (T, seed) runs never reached loss ratio {config.threshold:g} "
-                "on the tau grid and are left out of the medians"),
+                "on the tau grid and are left out of the medians"
+            ),
         ),
     ]
-    rows = [[f"{T:g}", _fmt(p["test_accuracy"]), _fmt(p["rho_a"]), _fmt(p["onset_tau"]),
-             _fmt(p["onset_r"])] for T, p in per_t.items()]
+    rows = [
+        [
+            f"{T:g}",
+            sig(p["test_accuracy"]),
+            sig(p["rho_a"]),
+            sig(p["onset_tau"]),
+            sig(p["onset_r"]),
+        ]
+        for T, p in per_t.items()
+    ]
     figures = [_plot(config, taus, runs, out_dir)]
     return {
         "title": "Temperature fingerprint: onsets in raw tau vs in r_T = tau / rho_a(T)",
@@ -172,11 +204,13 @@ def _run(config: Config, out_dir: Path, progress: bool) -> dict:
             f"normalized {norm:.3f} ({reduction:.2f}x smaller)."
         ),
         "claims": claims,
-        "tables": [{
-            "title": "Per temperature (median over seeds)",
-            "columns": ["T", "test acc", "rho_a(T)", "onset tau", "onset r_T"],
-            "rows": rows,
-        }],
+        "tables": [
+            {
+                "title": "Per temperature (median over seeds)",
+                "columns": ["T", "test acc", "rho_a(T)", "onset tau", "onset r_T"],
+                "rows": rows,
+            }
+        ],
         "figures": figures,
         "metrics": {
             "tau": taus.tolist(),
@@ -219,5 +253,9 @@ def _plot(config, taus, runs, out_dir) -> dict:
     ax1.set_title("A: raw τ")
     ax2.set_title("B: normalized r_T")
     ax1.legend(fontsize=7)
-    return save_figure(fig, out_dir, "fig9_temperature.png",
-                       "Fig. 9: one-step loss ratio vs raw tau and vs r_T (median, IQR over seeds)")
+    return save_figure(
+        fig,
+        out_dir,
+        "fig9_temperature.png",
+        "Fig. 9: one-step loss ratio vs raw tau and vs r_T (median, IQR over seeds)",
+    )
