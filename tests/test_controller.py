@@ -673,3 +673,29 @@ def test_extra_radii_hook_limits_or_only_records(digits):
     assert applied[("out",)] == pytest.approx(1.0, rel=1e-3)  # recorded, not binding
     with pytest.raises(ValueError, match="extra_radii is None"):
         RadiusController(torch.optim.SGD(model.parameters(), lr=0.1), model, limit_by=("x",))
+
+
+class _TwoDeviceMLP(torch.nn.Module):
+    """First layer on the CPU, second on the GPU (naive model parallelism)."""
+
+    def __init__(self):
+        super().__init__()
+        self.first = torch.nn.Linear(64, 32)
+        self.second = torch.nn.Linear(32, 10).cuda()
+
+    def forward(self, x):
+        return self.second(torch.relu(self.first(x)).cuda())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_parameters_on_two_devices(digits):
+    Xtr, ytr, _, _ = digits
+    torch.manual_seed(0)
+    model = _TwoDeviceMLP()
+    ctrl = RadiusController(torch.optim.Adam(model.parameters(), lr=1.0), model, target_r=0.5)
+    for idx in _batches(len(Xtr), 3, 64, seed=2):
+        ctrl.zero_grad()
+        F.cross_entropy(model(Xtr[idx]), ytr[idx].cuda()).backward()
+        ctrl.step()
+        assert ctrl.last.r_after <= 0.5 + 1e-5 and not ctrl.last.skipped
+    assert model.first.weight.device.type == "cpu" and model.second.weight.is_cuda
