@@ -73,6 +73,10 @@ class RadiusController(torch.optim.Optimizer):
     for the bitwise ``s = 1`` case (index and value of each entry that rounds
     differently; typically few), and the activations of the JVP.
 
+    Devices: parameters may live on several devices (e.g. a model split between CPU and
+    GPU); every snapshot stays beside its parameter and the norms are gathered on the
+    first parameter's device. Sparse gradients raise a ``RuntimeError``.
+
     Which samples set the radius (each option gives something up; all can be combined):
 
     * default: the whole batch -- the exact guarantee ``r <= target_r`` for every sample
