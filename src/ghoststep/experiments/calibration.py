@@ -44,7 +44,6 @@ from ghoststep.experiments.probes import (
     log_grid,
     random_unit_direction,
     sample_radii,
-    torch_threads,
     train_checkpoints,
 )
 
@@ -145,11 +144,6 @@ def _norm(model) -> float:
 
 
 def run(config: Config, out_dir: Path, progress: bool) -> dict:
-    with torch_threads(config.threads):
-        return _run(config, out_dir, progress)
-
-
-def _run(config: Config, out_dir: Path, progress: bool) -> dict:
     data = digits(config.data_seed)
     X, y = data.X_train, data.y_train
     if config.n_samples and config.n_samples < len(y):

@@ -10,7 +10,9 @@ Every experiment is a module ``ghoststep.experiments.<name>`` registered in
     hold plain JSON-able values (int, float, bool, str, None, lists/tuples of
     those). Seeded experiments have a field ``seeds`` (list of ints); ``--seeds``
     replaces it. Experiments reading files take the path from a ``data_dir``
-    field (``--data-dir`` sets it); nothing is relative to the source tree.
+    field (``--data-dir`` sets it); nothing is relative to the source tree. An
+    optional ``threads`` field sets torch's intra-op threads while ``run`` runs
+    (0: leave torch's setting).
 
 ``PRESETS``
     ``{"quick": {...}, "paper": {}}`` -- small dicts of field overrides applied on
@@ -279,7 +281,10 @@ def run_experiment(
     write_json(out_dir / CONFIG_FILE, {**meta, "config": dataclasses.asdict(config)})
 
     t0 = time.perf_counter()
-    results = module.run(config, out_dir, progress)
+    # A ``threads`` config field fixes torch's intra-op threads for the run (tiny models
+    # gain nothing from more, and a fixed count keeps float sums reproducible).
+    with torch_threads(getattr(config, "threads", 0)):
+        results = module.run(config, out_dir, progress)
     elapsed = time.perf_counter() - t0
     validate_results(results)
     results = dict(results)

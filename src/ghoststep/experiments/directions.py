@@ -39,7 +39,6 @@ from ghoststep.experiments.probes import (
     log_grid,
     quadratic_step,
     random_unit_direction,
-    torch_threads,
     train_checkpoints,
     value_at,
 )
@@ -95,11 +94,6 @@ def _probe(model, X, y, v, r, sign_label: str) -> dict:
     }
 
 
-def run(config: Config, out_dir: Path, progress: bool) -> dict:
-    with torch_threads(config.threads):
-        return _run(config, out_dir, progress)
-
-
 def _median_probe(runs: list[dict]) -> dict:
     """Element-wise median over seeds of ``_probe`` results. A missing onset (NaN: the
     loss never doubled on the grid) counts as beyond the grid, not as absent."""
@@ -145,7 +139,7 @@ def _stage_probes(config: Config, ck, X, y, r, seed: int, name: str, progress: b
     }
 
 
-def _run(config: Config, out_dir: Path, progress: bool) -> dict:
+def run(config: Config, out_dir: Path, progress: bool) -> dict:
     data = digits(config.data_seed)
     X, y = data.X_train, data.y_train
     r = log_grid(config.r_min, config.r_max, config.n_r)

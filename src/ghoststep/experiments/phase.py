@@ -34,7 +34,6 @@ from ghoststep.experiments.probes import (
     line_sweep,
     log_grid,
     pretrain,
-    torch_threads,
 )
 
 LABELS = {
@@ -72,11 +71,6 @@ PRESETS = {
     "quick": {"architectures": ("linear", "mlp", "cnn"), "steps": 300, "n_r": 9, "seeds": (0,)},
     "paper": {},
 }
-
-
-def run(config: Config, out_dir: Path, progress: bool) -> dict:
-    with torch_threads(config.threads):
-        return _run(config, out_dir, progress)
 
 
 def _probe_arch(arch: str, seed: int, config: Config, data, r: np.ndarray) -> dict:
@@ -132,7 +126,7 @@ def _combine(arch: str, runs: list[dict], r: np.ndarray, config: Config) -> dict
     return out
 
 
-def _run(config: Config, out_dir: Path, progress: bool) -> dict:
+def run(config: Config, out_dir: Path, progress: bool) -> dict:
     data = digits(config.data_seed)
     r = log_grid(config.r_min, config.r_max, config.n_r)
     seeds = [int(s) for s in config.seeds]

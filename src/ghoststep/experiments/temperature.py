@@ -41,7 +41,6 @@ from ghoststep.experiments.probes import (
     onset,
     pretrain,
     std_log10,
-    torch_threads,
 )
 
 
@@ -80,11 +79,6 @@ PRESETS = {
 
 
 def run(config: Config, out_dir: Path, progress: bool) -> dict:
-    with torch_threads(config.threads):
-        return _run(config, out_dir, progress)
-
-
-def _run(config: Config, out_dir: Path, progress: bool) -> dict:
     data = digits(config.data_seed)
     X, y = data.X_train, data.y_train
     taus = log_grid(config.tau_min, config.tau_max, config.n_tau)
