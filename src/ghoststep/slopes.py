@@ -76,7 +76,7 @@ from torch import nn
 from torch.func import functional_call, jvp
 
 from ghoststep.radius import aggregate as _aggregate
-from ghoststep.radius import exact_radius, normalized_step, top2_radius
+from ghoststep.radius import exact_radius, logit_spread, normalized_step, top2_radius
 
 __all__ = [
     "Measurement",
@@ -590,11 +590,7 @@ def _spread_map(evaluator, model, args, kwargs, chunk_size, want_full: bool):
     with _guarded(model):
         for _, _, a, k in _chunks(args, kwargs, chunk_size):
             logits, slopes = evaluator(a, k)
-            lo, hi = torch.aminmax(slopes, dim=-1)
-            spread = hi - lo
-            # A non-finite slope row must not look like a finite spread.
-            bad = ~torch.isfinite(lo) | ~torch.isfinite(hi)
-            spreads.append(torch.where(bad, torch.full_like(spread, float("nan")), spread))
+            spreads.append(logit_spread(slopes))  # NaN for a row with a non-finite slope
             if want_full:
                 logits_parts.append(logits)
                 slope_parts.append(slopes)

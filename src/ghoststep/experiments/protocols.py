@@ -59,6 +59,7 @@ from ghoststep.experiments.common import (
 )
 from ghoststep.experiments.data import load_digits_split
 from ghoststep.experiments.models import build_model
+from ghoststep.radius import logit_spread
 
 __all__ = [
     "METHODS",
@@ -424,7 +425,7 @@ def internal_radii(
 
     with torch.no_grad(), torch.random.fork_rng():
         (scores, pre), (dscores, dpre) = jvp(f, (primals,), (tangents,))
-    spread = max((float((d.amax(-1) - d.amin(-1)).max()) for d in dscores), default=0.0)
+    spread = max((float(logit_spread(d).max()) for d in dscores), default=0.0)
     rho_attn = PI / spread if spread > 0 else math.inf
     h = torch.cat([p.reshape(-1) for p in pre]).double()
     dh = torch.cat([d.reshape(-1) for d in dpre]).double().abs()
