@@ -358,14 +358,16 @@ def _zero_count(
     arc is the principal value of arg(H(s_1) / H(s_0)). Arcs that fail are halved
     (one new evaluation each); rows with arcs left after ``max_rounds`` halvings
     are reported as uncertified. ``focus`` (N,) optionally names an angle near which
-    a zero lies just outside the circle.
+    a zero lies just outside the circle. Long arcs on large circles are accepted
+    instead by domination (``_dominated_arcs``).
 
     Returns (count (N,) int64, certified (N,) bool).
     """
     n_rows, num_classes = c.shape
     dev = c.device
-    # Initial arcs of length about 1 (|H'/H| is about 1/2 where nothing cancels).
-    per_row = torch.clamp(torch.ceil(PI * radius), 16, 1 << 16).long()
+    # Initial arcs of length about 1 (|H'/H| is about 1/2 where nothing cancels); on
+    # large circles longer arcs, which one dominant term usually certifies whole.
+    per_row = torch.clamp(torch.ceil(PI * radius), 16, 512).long()
     point_rows = torch.repeat_interleave(torch.arange(n_rows, device=dev), per_row + 1)
     first = torch.cumsum(per_row + 1, 0) - (per_row + 1)
     index = torch.arange(point_rows.numel(), device=dev) - first[point_rows]
@@ -396,6 +398,9 @@ def _zero_count(
         err = rounding * (arcs["total0"] + arcs["total1"] * torch.exp(arcs["m1"] - arcs["m0"]))
         accepted = drift + err < arcs["value0"].abs()
         change = torch.angle(arcs["value1"] * arcs["value0"].conj())
+        dominated, dominated_change = _dominated_arcs(c, b, radius, arcs, ~accepted)
+        change = torch.where(dominated, dominated_change, change)
+        accepted = accepted | dominated
         winding.index_add_(0, arcs["row"][accepted], change[accepted])
         arcs = {key: val[~accepted] for key, val in arcs.items()}
         if arcs["row"].numel() == 0:
@@ -410,6 +415,46 @@ def _zero_count(
     turns = winding / (2 * PI)  # arg change along the half circle: 2 pi per conjugate pair
     consistent = (turns - torch.round(turns)).abs() < 0.25
     return 2 * torch.round(turns).long(), ~failed & consistent
+
+
+def _dominated_arcs(c, b, radius, arcs, candidates):
+    """Arcs on which one term of H outweighs all others together, and arg H's change there.
+
+    On an arc with real parts in [x_lo, x_hi], |term_k| <= exp(c_k + max(b_k x_lo,
+    b_k x_hi)) and |term_d| >= exp(c_d + min(b_d x_lo, b_d x_hi)). If the others'
+    bounds sum to at most half of term d's, H = term_d (1 + e) with |e| <= 1/2 on the
+    whole arc: H has no zero there, arg term_d = b_d Im s + const changes by
+    b_d (y_1 - y_0), and arg(1 + e) stays within +-pi/6, so its change is the
+    principal value of arg((1 + e_1) / (1 + e_0)). Only arcs in ``candidates`` are
+    examined. Returns (dominated (A,) bool, change (A,) float64).
+    """
+    dominated = torch.zeros_like(candidates)
+    change = torch.zeros(candidates.shape, dtype=torch.float64, device=candidates.device)
+    index = candidates.nonzero()[:, 0]
+    step = max(1, _ELEMENT_BUDGET // c.shape[1])
+    for lo in range(0, index.numel(), step):
+        part = index[lo : lo + step]
+        rows = arcs["row"][part]
+        cc, bb, rad = c[rows], b[rows], radius[rows]
+        t0, t1 = arcs["t0"][part], arcs["t1"][part]
+        x_hi, x_lo = rad * torch.cos(t0), rad * torch.cos(t1)  # cos decreases on [0, pi]
+        upper = cc + torch.maximum(bb * x_lo[:, None], bb * x_hi[:, None])
+        lower = cc + torch.minimum(bb * x_lo[:, None], bb * x_hi[:, None])
+        lower_d, d = lower.max(-1)
+        others = torch.logsumexp(upper.scatter(-1, d[:, None], float("-inf")), dim=-1)
+        ok = others < lower_d - math.log(2.0)
+        c_d, b_d = cc.gather(-1, d[:, None])[:, 0], bb.gather(-1, d[:, None])[:, 0]
+        y0, y1 = rad * torch.sin(t0), rad * torch.sin(t1)
+        # (1 + e_j) = H(s_j) / term_d(s_j), from the stored scaled values of H
+        q0 = arcs["value0"][part] * torch.polar(
+            torch.exp(arcs["m0"][part] - c_d - b_d * x_hi), -b_d * y0
+        )
+        q1 = arcs["value1"][part] * torch.polar(
+            torch.exp(arcs["m1"][part] - c_d - b_d * x_lo), -b_d * y1
+        )
+        dominated[part] = ok
+        change[part] = b_d * (y1 - y0) + torch.angle(q1 * q0.conj())
+    return dominated, change
 
 
 def _solve_scaled(c: torch.Tensor, b: torch.Tensor, attempts: int = 4):
