@@ -363,3 +363,16 @@ def test_cuda_matches_cpu(dtype):
     on_gpu = R.exact_radius(logits.cuda(), slopes.cuda())
     assert on_gpu.device.type == "cuda" and on_gpu.dtype == dtype
     torch.testing.assert_close(on_gpu.cpu(), R.exact_radius(logits, slopes), rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("delta", [3.0, 40.0, 5000.0])
+def test_zero_count_on_large_circles(delta):
+    # Scaled binary H(s) = exp(-s/2) + exp(-delta + s/2) vanishes at s = delta + i pi (2m+1).
+    # A circle of radius sqrt(delta^2 + (4 pi)^2) holds the four with |2m+1| <= 3; at
+    # delta = 5000 its arcs are certified mostly by one dominant term, not by derivatives.
+    c = torch.tensor([[0.0, -delta]], dtype=torch.float64)
+    b = torch.tensor([[-0.5, 0.5]], dtype=torch.float64)
+    for imag, expected in ((4 * math.pi, 4), (2 * math.pi, 2), (0.5 * math.pi, 0)):
+        radius = torch.tensor([math.hypot(delta, imag)], dtype=torch.float64)
+        count, certified = R._zero_count(c, b, radius)
+        assert bool(certified[0]) and int(count[0]) == expected
