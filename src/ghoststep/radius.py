@@ -298,7 +298,7 @@ def _edge_starts(c: torch.Tensor, b: torch.Tensor, count: int) -> torch.Tensor:
     x = -(c_j - c_i) / (b_j - b_i), their two-term sum vanishes at
     y = pi / (b_j - b_i). For each class i we take j maximizing that slope among
     b_j > b_i (its hull successor when i is a vertex) and keep the ``count`` starts of
-    smallest modulus, plus s = i pi.
+    smallest modulus, true hull edges first, plus s = i pi.
     """
     parts = []
     step = max(1, _ELEMENT_BUDGET // (c.shape[1] ** 2))
@@ -313,6 +313,13 @@ def _edge_starts(c: torch.Tensor, b: torch.Tensor, count: int) -> torch.Tensor:
         modulus = torch.where(
             torch.isfinite(best), starts.abs(), torch.full_like(best, float("inf"))
         )
+        # Prefer true hull edges: at x the pair (i, j) must be the largest terms. A
+        # start where a third term dominates sends Newton marching off (H'/H ~ b_d).
+        x = torch.where(torch.isfinite(best), -best, torch.zeros_like(best))
+        level = cc + bb * x  # log-modulus of term i at its balance line
+        top = (cc[:, None, :] + bb[:, None, :] * x[:, :, None]).amax(-1)
+        off_hull = level < top - 1e-9 * (1 + top.abs())
+        modulus = torch.where(off_hull, modulus + 1e300, modulus)
         k = min(count, cc.shape[1])
         order = modulus.topk(k, dim=-1, largest=False).indices
         chosen = starts.gather(-1, order)
