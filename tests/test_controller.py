@@ -699,3 +699,31 @@ def test_parameters_on_two_devices(digits):
         ctrl.step()
         assert ctrl.last.r_after <= 0.5 + 1e-5 and not ctrl.last.skipped
     assert model.first.weight.device.type == "cpu" and model.second.weight.is_cuda
+
+
+@pytest.mark.parametrize("micro_batches", ["last", "all"])
+def test_gradient_accumulation_micro_batches(digits, micro_batches):
+    Xtr, ytr, _, _ = digits
+    torch.manual_seed(0)
+    model = build_model("mlp")
+    ctrl = RadiusController(
+        torch.optim.Adam(model.parameters(), lr=0.5), model, micro_batches=micro_batches
+    )
+    # With these batches the first micro-batch has the larger spread along the update.
+    early, late = _batches(len(Xtr), 2, 32, seed=4)[::-1]
+    at_old, old = copy.deepcopy(model), _params_copy(model)
+    ctrl.zero_grad()
+    for idx in (early, late):  # two micro-batches, one update
+        (F.cross_entropy(model(Xtr[idx]), ytr[idx]) / 2).backward()
+    ctrl.step()
+    applied = [p.detach() - o for p, o in zip(_trainable(model), old, strict=True)]
+    r_early = _r_of_update(at_old, Xtr[early], applied)
+    r_late = _r_of_update(at_old, Xtr[late], applied)
+    assert ctrl.last.scale < 1  # the clip binds at this learning rate
+    if micro_batches == "all":  # inside the radius of both micro-batches
+        assert r_early == pytest.approx(1.0, rel=1e-4) and r_late < 1.0
+        assert 0 <= ctrl.last.bottleneck < 32  # a position of the early micro-batch
+    else:  # only the last micro-batch sets the radius: the early one is overshot
+        assert r_late == pytest.approx(1.0, rel=1e-4) and r_early > 1.0
+    with pytest.raises(RuntimeError, match="inputs="):
+        ctrl.step()  # the captured micro-batches were used up

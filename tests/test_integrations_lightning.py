@@ -135,12 +135,14 @@ def test_gradient_accumulation_measures_the_accumulated_update(tmp_path):
                 old = torch.cat([q.flatten() for q in self.before])
                 moved.append(float(torch.linalg.vector_norm(now - old)))
 
-    cb = RadiusCallback(mode="monitor")
+    cb = RadiusCallback(mode="monitor", keep_samples=True)
     trainer = _trainer(tmp_path, [cb, Probe()], max_steps=3, accumulate_grad_batches=2)
     trainer.fit(Classifier(lr=0.1), _loader())
     assert cb.controller.step_count == 3  # 6 batches, 3 optimizer steps
     assert all(s.scale == 1.0 for s in cb.controller.history)
     assert [s.tau for s in cb.controller.history] == pytest.approx(moved, rel=1e-5)
+    # the radius covers both micro-batches of 8 samples that built each update
+    assert [s.rho_samples.numel() for s in cb.controller.history] == [16, 16, 16]
 
 
 def test_checkpoint_resume_restores_controller_state(tmp_path):

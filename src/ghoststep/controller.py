@@ -156,6 +156,12 @@ class RadiusController(torch.optim.Optimizer):
         limit_by: names of the radii whose minimum limits the step (default: ``"out"``
             and every name ``extra_radii`` returns). E.g. ``("out",)`` records the
             extra radii without letting them bind.
+        micro_batches: ``"last"`` measures the radius on the most recent training-mode
+            forward before ``step()``; ``"all"`` on every training-mode forward since
+            the previous step (gradient accumulation: the update is built from all
+            micro-batches, so all of them should bound it). Each micro-batch is
+            evaluated on its own (BatchNorm sees the statistics it trained with) and
+            the smallest radius is used. ``inputs=`` passed to ``step`` overrides both.
         keep_samples: also keep each step's per-sample rho_a (``StepStats.rho_samples``,
             a CPU tensor; e.g. for the TensorBoard histogram). Off by default: for
             language models it is one number per token per step of history.
@@ -198,6 +204,7 @@ class RadiusController(torch.optim.Optimizer):
         on_nonfinite: str = "skip",
         history_size: int = 1000,
         keep_samples: bool = False,
+        micro_batches: str = "last",
         extra_radii: Callable[[nn.Module, Any, list], Mapping[str, float]] | None = None,
         limit_by: Sequence[str] | None = None,
         sinks: Iterable[Sink] = (),
@@ -255,6 +262,9 @@ class RadiusController(torch.optim.Optimizer):
         self.method = method
         self.on_nonfinite = on_nonfinite
         self.keep_samples = bool(keep_samples)
+        if micro_batches not in ("last", "all"):
+            raise ValueError(f'micro_batches must be "last" or "all", got {micro_batches!r}')
+        self.micro_batches = micro_batches
         if extra_radii is not None and not callable(extra_radii):
             raise TypeError("extra_radii must be callable(model, inputs, update) -> dict")
         if limit_by is not None:
@@ -280,7 +290,7 @@ class RadiusController(torch.optim.Optimizer):
         self._buffer: Any = None  # inputs of the bottleneck rows, or None
         self._generator = torch.Generator()
         self._generator.manual_seed(int(seed))
-        self._captured: tuple[tuple, dict] | None = None
+        self._captured: list[tuple[tuple, dict]] = []  # training forwards since the last step
         self._measuring = False
         self._names: dict[int, str] | None = None
         self._check_params_in_model()
@@ -372,7 +382,9 @@ class RadiusController(torch.optim.Optimizer):
 
     def _capture_inputs(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         if module.training and not self._measuring:
-            self._captured = (args, kwargs)
+            if self.micro_batches == "last":
+                self._captured.clear()
+            self._captured.append((args, kwargs))
 
     @contextmanager
     def _measuring_forward(self):
@@ -403,9 +415,9 @@ class RadiusController(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        batch = inputs if inputs is not None else self._captured_as_inputs()
-        self._captured = None
-        if batch is None:
+        batches = [inputs] if inputs is not None else [self._replay(c) for c in self._captured]
+        self._captured = []
+        if not batches:
             raise RuntimeError(
                 "RadiusController.step() has no batch to measure the radius on: run a "
                 "training-mode forward of the model before step(), or pass step(inputs=batch)"
@@ -454,11 +466,11 @@ class RadiusController(torch.optim.Optimizer):
 
         start = time.perf_counter()
         spread, rho_now, bottleneck, finite, rho_samples = self._measure(
-            params, snapshot, tau, batch
+            params, snapshot, tau, batches
         )
         radii = None
         if finite and self.extra_radii is not None:
-            radii = self._radii(params, snapshot, tau, batch, rho_now)
+            radii = self._radii(params, snapshot, tau, batches, rho_now)
             rho_now = min(radii[k] for k in (self.limit_by or radii))
             finite = not any(math.isnan(v) for v in radii.values())
             # The same limiting radius on every rank (a no-op without torch.distributed):
@@ -517,10 +529,9 @@ class RadiusController(torch.optim.Optimizer):
                     f"of shape {tuple(p.shape)} that does not"
                 )
 
-    def _captured_as_inputs(self) -> Any:
-        if self._captured is None:
-            return None
-        args, kwargs = self._captured
+    def _replay(self, captured: tuple[tuple, dict]) -> Any:
+        """A captured forward call as ``inputs`` for the slopes (tensor, tuple or dict)."""
+        args, kwargs = captured
         if not kwargs:
             return args[0] if len(args) == 1 else tuple(args)
         if not args:
@@ -551,9 +562,29 @@ class RadiusController(torch.optim.Optimizer):
         by_id = {id(p): u for p, u in zip(params, updates, strict=True)}
         return [by_id.get(id(q)) for q in self._slope_model.parameters() if q.requires_grad]
 
-    def _measure(self, params, updates, tau: float, batch):
-        """Aggregated spread along v = p / tau, the radius, the bottleneck, all-finite flag,
-        and the per-sample radii (CPU float32) when ``keep_samples`` is on, else None."""
+    def _measure(self, params, updates, tau: float, batches: list):
+        """Aggregated spread along v = p / tau over the micro-batches, the radius, the
+        bottleneck (a position in the micro-batches taken in order), the all-finite
+        flag, and the per-sample radii (CPU float32) when ``keep_samples`` is on."""
+        agg_spread, bottleneck, finite, kept, offset = 0.0, -1, True, [], 0
+        for batch in batches:
+            spread, index, ok, rho_samples, positions = self._measure_one(
+                params, updates, tau, batch
+            )
+            finite = finite and ok
+            if index >= 0 and (bottleneck < 0 or spread > agg_spread):
+                agg_spread, bottleneck = spread, offset + index
+            if rho_samples is not None:
+                kept.append(rho_samples)
+            offset += positions
+        agg_spread, finite = self._all_reduce(agg_spread, finite)
+        rho = math.pi * self.temperature / agg_spread if agg_spread > 0 else math.inf
+        samples = torch.cat(kept) if finite and kept else None
+        return agg_spread, rho, bottleneck, finite, samples
+
+    def _measure_one(self, params, updates, tau: float, batch):
+        """One micro-batch: its aggregated spread, bottleneck index (-1: none), local
+        all-finite flag, per-sample radii (``keep_samples``) and number of positions."""
         from .slopes import per_sample_spread  # late: keeps `import ghoststep` light
 
         current = batch
@@ -599,19 +630,22 @@ class RadiusController(torch.optim.Optimizer):
         kept = None
         if self.keep_samples and finite and valid.numel():
             kept = rho_samples.float().cpu()
-        agg_spread, finite = self._all_reduce(agg_spread, finite)
-
         if finite and self.buffer_size > 0:
             self._update_buffer(evaluated, spread, keep)
-        rho = math.pi * self.temperature / agg_spread if agg_spread > 0 else math.inf
-        return agg_spread, rho, bottleneck, finite, kept
+        return agg_spread, bottleneck, finite, kept, spread.numel()
 
-    def _radii(self, params, updates, tau: float, batch, rho_out: float) -> dict[str, float]:
-        """Output radius plus the ``extra_radii`` hook's, as distances along v = p / tau."""
-        with self._measuring_forward():
-            extra = self.extra_radii(self._slope_model, batch, self._direction(params, updates))
+    def _radii(self, params, updates, tau: float, batches, rho_out: float) -> dict[str, float]:
+        """Output radius plus the ``extra_radii`` hook's (smallest over the micro-batches),
+        as distances along v = p / tau."""
         radii = {"out": rho_out}
-        radii.update({str(k): float(t) * tau for k, t in dict(extra).items()})
+        direction = self._direction(params, updates)
+        for batch in batches:
+            with self._measuring_forward():
+                extra = self.extra_radii(self._slope_model, batch, direction)
+            for key, t in dict(extra).items():
+                radius, before = float(t) * tau, radii.get(str(key), math.inf)
+                # min() would drop a NaN; keep it so the step is treated as a fault
+                radii[str(key)] = math.nan if math.isnan(radius) else min(before, radius)
         missing = [k for k in (self.limit_by or ()) if k not in radii]
         if missing:
             raise KeyError(f"limit_by names {missing}, but the radii are {sorted(radii)}")

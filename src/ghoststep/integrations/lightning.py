@@ -18,7 +18,9 @@ How it fits Lightning's step (2.x, automatic optimization): Lightning calls
 clipping), lets the inner optimizer propose p, measures the radius on the batch the
 module's forward just saw (a forward pre-hook) and rescales p. With
 ``accumulate_grad_batches=k`` the step happens once per k batches, so p is the
-accumulated update; the radius is measured on the last micro-batch.
+accumulated update, and the radius is measured on every micro-batch that built it
+(``micro_batches="all"``, the callback's default; pass ``micro_batches="last"`` to
+measure only the last one).
 
 Requirements: ``training_step`` must call the module's ``forward`` (``self(x)``) with the
 model inputs, and ``forward`` must return the logits (or something ``logits_fn`` maps to
@@ -151,7 +153,7 @@ class RadiusCallback(Callback):
                 self._measured_module(pl_module),
                 mode=self.mode,
                 target_r=self.target_r,
-                **self.controller_kwargs,
+                **{"micro_batches": "all", **self.controller_kwargs},
             )
             self._owned = True
             strategy.optimizers = [self.controller]

@@ -34,8 +34,9 @@ by default the model is switched to ``attn_implementation="eager"`` (with a warn
 
 Not supported: DeepSpeed, FSDP and SageMaker model parallelism (they create or shard the
 optimizer themselves), and ``model_init`` (hyper-parameter search re-creates the
-optimizer). With gradient accumulation the update is the accumulated one; the radius is
-measured on the last micro-batch.
+optimizer). With gradient accumulation the update is the accumulated one, and the radius
+is measured on every micro-batch that built it (``micro_batches="all"``, the default
+here).
 """
 
 from __future__ import annotations
@@ -246,6 +247,7 @@ def add_radius_control(
     else:
         if not any(k in controller_kwargs for k in ("mask_fn", "ignore_index", "targets_fn")):
             controller_kwargs["mask_fn"] = label_mask_fn(shift=is_causal_lm(model))
+        controller_kwargs.setdefault("micro_batches", "all")
         controller = RadiusController(
             inner, model, mode=mode, target_r=target_r, **controller_kwargs
         )
