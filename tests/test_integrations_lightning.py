@@ -24,7 +24,6 @@ pytestmark = pytest.mark.filterwarnings(
 )
 
 
-
 def _loader(n: int = 48, batch_size: int = 8, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n, 8, generator=g)
@@ -227,3 +226,40 @@ def test_missing_extra_raises_helpful_import_error(monkeypatch):
     monkeypatch.delitem(sys.modules, "ghoststep.integrations.lightning", raising=False)
     with pytest.raises(ImportError, match=r"pip install 'ghoststep\[lightning\]'"):
         importlib.import_module("ghoststep.integrations.lightning")
+
+
+class _SaveFinalState(L.Callback):
+    """Each DDP rank writes its final parameters and controller history."""
+
+    def __init__(self, folder):
+        self.folder = str(folder)
+
+    def on_train_end(self, trainer, pl_module):
+        controller = next(c for c in trainer.callbacks if isinstance(c, RadiusCallback))
+        flat = torch.cat([p.detach().flatten() for p in pl_module.parameters()])
+        history = [(s.scale, s.rho_a) for s in controller.controller.history]
+        torch.save(
+            {"flat": flat, "history": history}, f"{self.folder}/rank{trainer.global_rank}.pt"
+        )
+
+
+def test_ddp_spawn_ranks_apply_the_same_scale(tmp_path):
+    # Lightning under DDP routes training_step through the module's __call__; the
+    # controller keeps the inner self(x) call and all-reduces the spread.
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=2,
+        strategy="ddp_spawn",
+        max_steps=3,
+        logger=False,
+        callbacks=[RadiusCallback(mode="clip", target_r=0.5), _SaveFinalState(tmp_path)],
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+    )
+    trainer.fit(Classifier(lr=1.0, optim="adam"), _loader())
+    rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    assert len(rank0["history"]) == 3 and rank0["history"] == rank1["history"]
+    assert any(scale < 1 for scale, _ in rank0["history"])  # the clip did bind
+    assert torch.equal(rank0["flat"], rank1["flat"])

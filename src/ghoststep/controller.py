@@ -291,11 +291,15 @@ class RadiusController(torch.optim.Optimizer):
         self._generator = torch.Generator()
         self._generator.manual_seed(int(seed))
         self._captured: list[tuple[tuple, dict]] = []  # training forwards since the last step
+        self._depth = 0  # forwards of the model in progress (nested calls)
         self._measuring = False
         self._names: dict[int, str] | None = None
         self._check_params_in_model()
         self._hook = self._slope_model.register_forward_pre_hook(
             _CaptureHook(self), with_kwargs=True
+        )
+        self._done_hook = self._slope_model.register_forward_hook(
+            _CaptureHook(self, post=True), with_kwargs=True, always_call=True
         )
 
     # ------------------------------------------------------------------ Optimizer API
@@ -373,18 +377,30 @@ class RadiusController(torch.optim.Optimizer):
     # -------------------------------------------------------------------- lifecycle
 
     def close(self) -> None:
-        """Remove the forward pre-hook and close the sinks."""
+        """Remove the forward hooks and close the sinks."""
         if self._hook is not None:
             self._hook.remove()
-            self._hook = None
+            self._done_hook.remove()
+            self._hook = self._done_hook = None
         for sink in self.sinks:
             sink.close()
 
     def _capture_inputs(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        nested = self._depth > 0
+        self._depth += 1
         if module.training and not self._measuring:
+            if nested and self._captured:
+                # A call inside a call of the same model is the one with the model's
+                # inputs (e.g. Lightning under DDP routes training_step(batch, i)
+                # through the module's __call__, and training_step calls self(x)).
+                self._captured[-1] = (args, kwargs)
+                return
             if self.micro_batches == "last":
                 self._captured.clear()
             self._captured.append((args, kwargs))
+
+    def _forward_done(self) -> None:
+        self._depth = max(0, self._depth - 1)
 
     @contextmanager
     def _measuring_forward(self):
@@ -767,26 +783,32 @@ class RadiusController(torch.optim.Optimizer):
 
 
 class _CaptureHook:
-    """Forward pre-hook feeding the controller the latest training batch.
+    """Forward pre-hook feeding the controller the training batches (``post=False``),
+    or forward hook marking the end of a call (``post=True``, for nested calls).
 
     Holds the controller weakly (the model does not keep it alive). A deep copy or
     pickle of the model (EMA twins, ``torch.save(model)``) gets a disabled hook, so a
     copy's forwards never overwrite the original controller's batch.
     """
 
-    def __init__(self, controller: RadiusController | None) -> None:
+    def __init__(self, controller: RadiusController | None, post: bool = False) -> None:
         self._ref = None if controller is None else weakref.ref(controller)
+        self._post = post
 
-    def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+    def __call__(self, module: nn.Module, args: tuple, kwargs: dict, *output) -> None:
         controller = None if self._ref is None else self._ref()
-        if controller is not None:
+        if controller is None:
+            return
+        if self._post:
+            controller._forward_done()
+        else:
             controller._capture_inputs(module, args, kwargs)
 
     def __deepcopy__(self, memo) -> _CaptureHook:
-        return _CaptureHook(None)
+        return _CaptureHook(None, self._post)
 
     def __reduce__(self):
-        return (_CaptureHook, (None,))
+        return (_CaptureHook, (None, self._post))
 
 
 def _is_int(x) -> bool:
