@@ -31,8 +31,20 @@ from typing import Any
 import torch
 from torch import nn
 
+from .directional import (
+    METHODS,
+    capture_rng,
+    check_chunking,
+    chunks,
+    cuda_devices,
+    default_logits_fn,
+    directional,
+    fd_step,
+    forward,
+    split_inputs,
+)
 from .monitor import Sink, StepStats
-from .radius import aggregate
+from .radius import logit_spread, radius_from_spread, step_scale
 
 __all__ = ["RadiusController"]
 
@@ -255,10 +267,13 @@ class RadiusController(torch.optim.Optimizer):
         self.window = int(window)
         self.quantile = None if quantile is None else float(quantile)
         self.logits_fn = logits_fn
+        self._logits_fn = logits_fn or default_logits_fn
         self.mask_fn = mask_fn
         self.ignore_index = ignore_index
         self.targets_fn = targets_fn
         self.chunk_size = chunk_size
+        if method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {method!r}")
         self.method = method
         self.on_nonfinite = on_nonfinite
         self.keep_samples = bool(keep_samples)
@@ -290,10 +305,11 @@ class RadiusController(torch.optim.Optimizer):
         self._buffer: Any = None  # inputs of the bottleneck rows, or None
         self._generator = torch.Generator()
         self._generator.manual_seed(int(seed))
-        self._captured: list[tuple[tuple, dict]] = []  # training forwards since the last step
-        self._depth = 0  # forwards of the model in progress (nested calls)
+        self._captured: list[_Captured] = []  # training forwards since the last step
+        self._frames: list[_Captured | None] = []  # forwards of the model in progress
         self._measuring = False
-        self._names: dict[int, str] | None = None
+        self._devices = cuda_devices(self._slope_model)  # whose RNG the hook captures
+        self._pending_buffer: tuple | None = None
         self._check_params_in_model()
         self._hook = self._slope_model.register_forward_pre_hook(
             _CaptureHook(self), with_kwargs=True
@@ -322,7 +338,7 @@ class RadiusController(torch.optim.Optimizer):
             return
         self.optimizer.add_param_group(param_group)
         self.param_groups = self.optimizer.param_groups
-        self._names = None
+        self._devices = cuda_devices(self._slope_model)
         self._check_params_in_model()
 
     def zero_grad(self, set_to_none: bool = True) -> None:
@@ -386,21 +402,37 @@ class RadiusController(torch.optim.Optimizer):
             sink.close()
 
     def _capture_inputs(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        nested = self._depth > 0
-        self._depth += 1
+        entry = None
         if module.training and not self._measuring:
-            if nested and self._captured:
+            # The RNG state before the forward: the measurement replays it, so it sees
+            # the dropout masks the training forward drew.
+            entry = _Captured(args, kwargs, capture_rng(self._devices), _autocast_enabled())
+            if self._frames and self._captured:
                 # A call inside a call of the same model is the one with the model's
                 # inputs (e.g. Lightning under DDP routes training_step(batch, i)
                 # through the module's __call__, and training_step calls self(x)).
-                self._captured[-1] = (args, kwargs)
-                return
-            if self.micro_batches == "last":
-                self._captured.clear()
-            self._captured.append((args, kwargs))
+                self._captured[-1] = entry
+            else:
+                if self.micro_batches == "last":
+                    self._captured.clear()
+                self._captured.append(entry)
+        self._frames.append(entry)
 
-    def _forward_done(self) -> None:
-        self._depth = max(0, self._depth - 1)
+    def _forward_done(self, output) -> None:
+        entry = self._frames.pop() if self._frames else None
+        if (
+            entry is not None
+            and self.method == "fast"
+            and output is not None
+            and any(entry is c for c in self._captured)
+        ):
+            # The training forward's logits: the baseline of the one-sided difference.
+            try:
+                logits = self._logits_fn(output)
+            except (TypeError, KeyError, AttributeError, IndexError):
+                logits = None  # not the logits (e.g. a loss): measure its own baseline
+            if isinstance(logits, torch.Tensor):
+                entry.logits = logits.detach()
 
     @contextmanager
     def _measuring_forward(self):
@@ -431,7 +463,12 @@ class RadiusController(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        batches = [inputs] if inputs is not None else [self._replay(c) for c in self._captured]
+        if inputs is not None:
+            batches = [_Captured.explicit(inputs)]
+        else:
+            batches = self._captured
+            for entry in batches:
+                entry.inputs = self._replay(entry)
         self._captured = []
         if not batches:
             raise RuntimeError(
@@ -450,71 +487,45 @@ class RadiusController(torch.optim.Optimizer):
                     "(e.g. nn.Embedding(sparse=True)); use dense gradients"
                 )
         grads = [p.grad for p in params if p.grad is not None]
-        # one host sync for all gradients (a per-tensor .cpu() stalls a GPU per parameter)
+        # host sync 1 of 3: a non-finite gradient must stop us before inner.step()
         if grads and not bool(
             torch.stack([torch.isfinite(g).all().to(grads[0].device) for g in grads]).all()
         ):
             self._fault("gradient", lr, loss_value)
             return loss
 
-        snapshot = [p.detach().clone() for p in params]
+        # The one extra parameter copy. After the swap the parameters hold the old
+        # values and `proposed` the inner optimizer's result, bitwise (s = 1 copies it
+        # back), and the update p = proposed - params is never stored.
+        proposed = [p.detach().clone() for p in params]
         self.optimizer.step()
-        # Rounding: old + (new - old) can differ from new in the last bit (e.g. where a
-        # parameter changes sign). Those few entries of `new` are kept so that s = 1
-        # reproduces the inner optimizer's parameters bitwise.
-        corrections: list[Any] = []
-        for p, buf in zip(params, snapshot, strict=True):
-            new = p.detach().clone()  # transient, one tensor at a time
-            p.copy_(buf)  # theta <- old, bitwise
-            torch.sub(new, buf, out=buf)  # buf <- p = new - old
-            where = torch.ne(p + buf, new).nonzero(as_tuple=True)  # usually empty
-            corrections.append((where, new[where]) if where[0].numel() else None)
-            del new
-        tau = _global_norm(snapshot)
+        tau, param_norm = self._swap(params, proposed)  # host sync 2 of 3
         if not math.isfinite(tau):
-            self._fault("update", lr, loss_value)
+            self._fault("update", lr, loss_value)  # parameters hold the old values
             return loss
         if tau == 0.0:
+            torch._foreach_copy_(params, proposed)
             self._record(
                 self._stats(tau=0.0, rho=math.inf, scale=1.0, lr=lr, loss=loss_value, spread=0.0)
             )
             return loss
 
         start = time.perf_counter()
-        spread, rho_now, bottleneck, finite, rho_samples = self._measure(
-            params, snapshot, tau, batches
+        # "fast" measures at old + f p (f = h / tau); "jvp" / "fd" at the old values.
+        fraction = self._fd_fraction(tau, param_norm) if self.method == "fast" else 0.0
+        spread, rho_now, bottleneck, finite, rho_samples, radii = self._measure(
+            params, proposed, tau, fraction, batches
         )
-        radii = None
-        if finite and self.extra_radii is not None:
-            radii = self._radii(params, snapshot, tau, batches, rho_now)
-            rho_now = min(radii[k] for k in (self.limit_by or radii))
-            finite = not any(math.isnan(v) for v in radii.values())
-            # The same limiting radius on every rank (a no-op without torch.distributed):
-            # reduced as the equivalent spread pi T / rho, like the output spread.
-            limit = math.pi * self.temperature / rho_now if rho_now > 0 else math.inf
-            limit, finite = self._all_reduce(limit if finite else 0.0, finite)
-            rho_now = math.pi * self.temperature / limit if limit > 0 else math.inf
         if not finite:
+            self._apply(params, proposed, 0.0, fraction)  # back to the old values
             self._fault("slope", lr, loss_value, tau=tau, seconds=time.perf_counter() - start)
             return loss
         rho = min([rho_now, *self._recent_rhos])
         if self.window > 1:
             self._recent_rhos.append(rho_now)
         seconds = time.perf_counter() - start
-
-        if self.mode == "monitor" or math.isinf(rho):
-            scale = 1.0
-        elif self.mode == "clip":
-            scale = min(1.0, self.target_r * rho / tau)
-        else:
-            scale = self.target_r * rho / tau
-        for p, buf, fix in zip(params, snapshot, corrections, strict=True):
-            if scale == 1.0:
-                p.add_(buf)
-                if fix is not None:
-                    p.index_put_(fix[0], fix[1])
-            else:
-                p.add_(buf, alpha=scale)
+        scale = step_scale(tau, rho, self.mode, self.target_r)
+        self._apply(params, proposed, scale, fraction)
         self._record(
             self._stats(
                 tau=tau,
@@ -531,6 +542,53 @@ class RadiusController(torch.optim.Optimizer):
         )
         return loss
 
+    @staticmethod
+    def _swap(params: list[torch.Tensor], proposed: list[torch.Tensor]) -> tuple[float, float]:
+        """Exchange the contents (parameters <- old, ``proposed`` <- new, both bitwise);
+        return ||new - old|| and ||old||. One tensor of transient memory at a time."""
+        norms = []
+        for p, keep in zip(params, proposed, strict=True):
+            new = p.detach().clone()
+            p.copy_(keep)
+            keep.copy_(new)
+            norms.append(torch.linalg.vector_norm(new.sub_(p)))
+        device = params[0].device
+        stacked = torch.stack([n.to(device, torch.float64) for n in norms])
+        old_norms = torch.stack([n.to(device, torch.float64) for n in torch._foreach_norm(params)])
+        tau, param_norm = torch.stack(
+            [torch.linalg.vector_norm(stacked), torch.linalg.vector_norm(old_norms)]
+        ).tolist()
+        if math.isinf(tau) and all(bool(torch.isfinite(t).all()) for t in proposed):
+            # overflow of a float32 norm, not a non-finite entry: redo in float64
+            tau = float(
+                torch.linalg.vector_norm(
+                    torch.stack(
+                        [
+                            torch.linalg.vector_norm(q.double() - p.double()).to(device)
+                            for p, q in zip(params, proposed, strict=True)
+                        ]
+                    )
+                )
+            )
+        return tau, param_norm
+
+    def _fd_fraction(self, tau: float, param_norm: float) -> float:
+        """f = h / tau for the one-sided difference at old + f p (``method="fast"``)."""
+        dtype = self._params()[0].dtype
+        fraction = fd_step(param_norm, 1.0, dtype) / tau
+        # The final step is recovered from the evaluation point and the proposal as
+        # a lerp with weight (s - f) / (1 - f): keep f away from 1.
+        return 0.5 if abs(1.0 - fraction) < 0.5 else fraction
+
+    @staticmethod
+    def _apply(params, proposed, scale: float, fraction: float) -> None:
+        """Parameters (now at old + f p) <- old + s p. s = 1 copies the proposal bitwise."""
+        if scale == 1.0:
+            torch._foreach_copy_(params, proposed)
+        elif scale != fraction:
+            # old + s p = e + (s - f) / (1 - f) (new - e), with e = old + f p
+            torch._foreach_lerp_(params, proposed, (scale - fraction) / (1.0 - fraction))
+
     # ------------------------------------------------------------------ internals
 
     def _params(self) -> list[torch.Tensor]:
@@ -545,9 +603,9 @@ class RadiusController(torch.optim.Optimizer):
                     f"of shape {tuple(p.shape)} that does not"
                 )
 
-    def _replay(self, captured: tuple[tuple, dict]) -> Any:
+    def _replay(self, captured: _Captured) -> Any:
         """A captured forward call as ``inputs`` for the slopes (tensor, tuple or dict)."""
-        args, kwargs = captured
+        args, kwargs = captured.args, captured.kwargs
         if not kwargs:
             return args[0] if len(args) == 1 else tuple(args)
         if not args:
@@ -578,32 +636,85 @@ class RadiusController(torch.optim.Optimizer):
         by_id = {id(p): u for p, u in zip(params, updates, strict=True)}
         return [by_id.get(id(q)) for q in self._slope_model.parameters() if q.requires_grad]
 
-    def _measure(self, params, updates, tau: float, batches: list):
-        """Aggregated spread along v = p / tau over the micro-batches, the radius, the
-        bottleneck (a position in the micro-batches taken in order), the all-finite
-        flag, and the per-sample radii (CPU float32) when ``keep_samples`` is on."""
-        agg_spread, bottleneck, finite, kept, offset = 0.0, -1, True, [], 0
-        for batch in batches:
-            spread, index, ok, rho_samples, positions = self._measure_one(
-                params, updates, tau, batch
-            )
-            finite = finite and ok
-            if index >= 0 and (bottleneck < 0 or spread > agg_spread):
-                agg_spread, bottleneck = spread, offset + index
-            if rho_samples is not None:
-                kept.append(rho_samples)
-            offset += positions
-        agg_spread, finite = self._all_reduce(agg_spread, finite)
-        rho = math.pi * self.temperature / agg_spread if agg_spread > 0 else math.inf
-        samples = torch.cat(kept) if finite and kept else None
-        return agg_spread, rho, bottleneck, finite, samples
+    def _measure(self, params, proposed, tau: float, fraction: float, batches: list):
+        """Measure along v = p / tau over the micro-batches.
 
-    def _measure_one(self, params, updates, tau: float, batch):
-        """One micro-batch: its aggregated spread, bottleneck index (-1: none), local
-        all-finite flag, per-sample radii (``keep_samples``) and number of positions."""
-        from .slopes import per_sample_spread  # late: keeps `import ghoststep` light
+        On entry the parameters hold the old values; with ``"fast"`` they are moved to
+        old + f p here. Returns the aggregated spread, the radius (the minimum with
+        the extra radii, reduced over ranks), the bottleneck (a position in the
+        micro-batches taken in order), the all-finite flag, the per-sample radii (CPU
+        float32, ``keep_samples``) and the radii dict (``extra_radii``, else None).
+        """
+        plans = [self._plan(entry) for entry in batches]
+        radii = None
+        with self._measuring_forward():
+            if self.method == "fast":
+                self._fill_baselines(plans)
+                if self.extra_radii is not None:  # at the old values, before the shift
+                    radii = self._radii(params, torch._foreach_sub(proposed, params), tau, plans)
+                torch._foreach_lerp_(params, proposed, fraction)
+                for plan in plans:
+                    # slopes per unit of v: the evaluation point is f tau along it
+                    plan.spread = self._spread_of(plan, self._shifted_spread) / (fraction * tau)
+                    plan.baseline = None
+            else:
+                # One transient copy: the tangent p (the JVP's primal is the old values).
+                update = torch._foreach_sub(proposed, params)
+                tangents = self._direction(params, update)
+                for plan in plans:
+                    plan.spread = (
+                        self._spread_of(
+                            plan,
+                            lambda args, kwargs, rows, plan: self._tangent_spread(
+                                args, kwargs, plan, tangents
+                            ),
+                        )
+                        / tau
+                    )
+                del tangents
+                radii = self._radii(params, update, tau, plans)
+                del update
+        return self._reduce(plans, radii)
 
-        current = batch
+    def _spread_of(self, plan: _Plan, spread_fn) -> torch.Tensor:
+        """Flat float64 per-position spread of one plan, in ``chunk_size`` row chunks."""
+        args, kwargs = plan.call
+        if self.chunk_size is None:
+            return spread_fn(args, kwargs, slice(None), plan).reshape(-1).double()
+        check_chunking(self._slope_model, args, kwargs, self.chunk_size)
+        parts = [
+            spread_fn(a, k, slice(start, stop), plan).reshape(-1)
+            for start, stop, a, k in chunks(args, kwargs, self.chunk_size)
+        ]
+        return torch.cat(parts).double()
+
+    def _shifted_spread(self, args, kwargs, rows: slice, plan: _Plan) -> torch.Tensor:
+        shifted = forward(
+            self._slope_model,
+            args,
+            kwargs,
+            output_fn=self._logits_fn,
+            rng=plan.rng,
+            devices=self._devices,
+        )
+        return logit_spread(shifted - plan.baseline[rows])
+
+    def _tangent_spread(self, args, kwargs, plan: _Plan, tangents) -> torch.Tensor:
+        _, slopes = directional(
+            self._slope_model,
+            args,
+            kwargs,
+            tangents,
+            method=self.method,
+            output_fn=self._logits_fn,
+            rng=plan.rng,
+            **self.slopes_kwargs,
+        )
+        return logit_spread(slopes)
+
+    def _plan(self, entry: _Captured) -> _Plan:
+        """The rows to evaluate for one micro-batch (subset and buffer applied)."""
+        current = entry.inputs
         if self.subset is not None:
             rows = _batch_rows(current)
             if rows is not None and self.subset < rows:
@@ -618,51 +729,109 @@ class RadiusController(torch.optim.Optimizer):
                 self._buffer = None  # shapes changed: drop the stale buffer
             else:
                 evaluated = joined
+        # The training forward's logits are the baseline only for exactly its rows, its
+        # precision and its RNG state (dropout masks are drawn per row).
+        baseline = entry.logits
+        if (
+            evaluated is not entry.inputs
+            or entry.autocast
+            or baseline is None
+            or baseline.dtype not in (torch.float32, torch.float64)
+        ):
+            baseline = None
+        return _Plan(evaluated, split_inputs(evaluated), entry.rng, baseline)
 
-        with self._measuring_forward():
-            spread = per_sample_spread(
-                self._slope_model,
-                evaluated,
-                self._direction(params, updates),
-                chunk_size=self.chunk_size,
-                method=self.method,
-                logits_fn=self.logits_fn,
-                **self.slopes_kwargs,
-            )
-        spread = spread.reshape(-1).double() / tau  # every logit position, along unit v
-        keep = self._mask(evaluated, spread.numel(), spread.device)
-        valid = spread if keep is None else spread[keep]
-        finite = bool(torch.isfinite(valid).all())
+    def _fill_baselines(self, plans: list[_Plan]) -> None:
+        """Logits at the old values for the plans the training forward cannot serve."""
+        for plan in plans:
+            if plan.baseline is None:
+                args, kwargs = plan.call
+                parts = [
+                    forward(
+                        self._slope_model,
+                        a,
+                        k,
+                        output_fn=self._logits_fn,
+                        rng=plan.rng,
+                        devices=self._devices,
+                    )
+                    for _, _, a, k in chunks(args, kwargs, self.chunk_size)
+                ]
+                plan.baseline = parts[0] if len(parts) == 1 else torch.cat(parts)
 
-        if finite and valid.numel():
-            rho_samples = math.pi * self.temperature / valid
-            how = "min" if self.quantile is None else ("quantile", 1.0 - self.quantile)
-            rho_agg = float(aggregate(rho_samples, how))
-            agg_spread = math.pi * self.temperature / rho_agg if rho_agg > 0 else math.inf
+    def _reduce(self, plans: list[_Plan], radii):
+        """Aggregate the plans' spreads on the device, then one host sync (3 of 3)."""
+        flags, spreads, valid_spreads = [], [], []
+        offset = 0
+        for plan in plans:
+            spread = plan.spread
+            keep = self._mask(plan.evaluated, spread.numel(), spread.device)
+            valid = spread if keep is None else spread[keep]
             masked = spread if keep is None else spread.masked_fill(~keep, -math.inf)
-            bottleneck = int(masked.argmax())
-        else:
-            agg_spread, bottleneck = 0.0, -1
-        kept = None
-        if self.keep_samples and finite and valid.numel():
-            kept = rho_samples.float().cpu()
+            finite = torch.isfinite(valid).all()
+            if self.quantile is None:
+                agg = valid.max() if valid.numel() else spread.new_zeros(())
+            else:
+                agg = _upper_quantile(valid, self.quantile)
+            flags.append(
+                torch.stack(
+                    [
+                        agg,
+                        finite.double(),
+                        masked.argmax().double() + offset,
+                        torch.tensor(
+                            float(valid.numel()), dtype=torch.float64, device=spread.device
+                        ),
+                    ]
+                )
+            )
+            spreads.append(spread)
+            valid_spreads.append(valid)
+            if self.buffer_size > 0:
+                self._pending_buffer = (plan.evaluated, spread, keep)
+            offset += spread.numel()
+        summary = torch.stack([f.to(flags[0].device) for f in flags]).tolist()
+        finite = all(row[1] == 1.0 for row in summary)
+        agg_spread, bottleneck = 0.0, -1
+        for agg, _, index, count in summary:
+            if count and (bottleneck < 0 or agg > agg_spread):
+                agg_spread, bottleneck = agg, int(index)
         if finite and self.buffer_size > 0:
-            self._update_buffer(evaluated, spread, keep)
-        return agg_spread, bottleneck, finite, kept, spread.numel()
+            self._update_buffer(*self._pending_buffer)
+        self._pending_buffer = None
+        agg_spread, finite = self._all_reduce(agg_spread, finite)
+        rho = radius_from_spread(agg_spread, self.temperature)
+        if finite and radii is not None:
+            radii = dict(radii, out=rho)
+            rho = min(radii[k] for k in (self.limit_by or radii))
+            finite = not any(math.isnan(v) for v in radii.values())
+            # The same limiting radius on every rank (a no-op without torch.distributed):
+            # reduced as the equivalent spread pi T / rho, like the output spread.
+            limit, finite = self._all_reduce(
+                radius_from_spread(rho, self.temperature) if finite else 0.0, finite
+            )
+            rho = radius_from_spread(limit, self.temperature)
+        samples = None
+        if finite and self.keep_samples:
+            kept = torch.cat([v for v in valid_spreads if v.numel()]) if valid_spreads else None
+            if kept is not None and kept.numel():
+                samples = radius_from_spread(kept, self.temperature).float().cpu()
+        return agg_spread, rho, bottleneck, finite, samples, radii
 
-    def _radii(self, params, updates, tau: float, batches, rho_out: float) -> dict[str, float]:
-        """Output radius plus the ``extra_radii`` hook's (smallest over the micro-batches),
-        as distances along v = p / tau."""
-        radii = {"out": rho_out}
-        direction = self._direction(params, updates)
-        for batch in batches:
-            with self._measuring_forward():
-                extra = self.extra_radii(self._slope_model, batch, direction)
+    def _radii(self, params, update, tau: float, plans) -> dict[str, float] | None:
+        """The ``extra_radii`` hook's radii (smallest over the micro-batches) as distances
+        along v = p / tau, at the old parameter values; None without the hook."""
+        if self.extra_radii is None:
+            return None
+        radii: dict[str, float] = {}
+        direction = self._direction(params, update)
+        for plan in plans:
+            extra = self.extra_radii(self._slope_model, plan.evaluated, direction)
             for key, t in dict(extra).items():
                 radius, before = float(t) * tau, radii.get(str(key), math.inf)
                 # min() would drop a NaN; keep it so the step is treated as a fault
                 radii[str(key)] = math.nan if math.isnan(radius) else min(before, radius)
-        missing = [k for k in (self.limit_by or ()) if k not in radii]
+        missing = [k for k in (self.limit_by or ()) if k not in radii and k != "out"]
         if missing:
             raise KeyError(f"limit_by names {missing}, but the radii are {sorted(radii)}")
         return radii
@@ -709,7 +878,7 @@ class RadiusController(torch.optim.Optimizer):
             return
         scores = spread if keep is None else spread.masked_fill(~keep, -math.inf)
         per_row = scores.reshape(rows, -1).amax(1)
-        top = per_row.topk(min(self.buffer_size, rows)).indices.sort().values.cpu()
+        top = per_row.topk(min(self.buffer_size, rows)).indices.sort().values
         self._buffer = _map_tensors(
             _select_rows(evaluated, top, rows), lambda t: t.detach().clone()
         )
@@ -782,6 +951,51 @@ class RadiusController(torch.optim.Optimizer):
 # --------------------------------------------------------------------------- helpers
 
 
+class _Captured:
+    """One training forward: its inputs, the RNG state before it, whether autocast was
+    on, and (``method="fast"``) its detached logits."""
+
+    __slots__ = ("args", "kwargs", "inputs", "rng", "autocast", "logits")
+
+    def __init__(self, args, kwargs, rng, autocast: bool) -> None:
+        self.args, self.kwargs, self.rng, self.autocast = args, kwargs, rng, autocast
+        self.inputs: Any = None
+        self.logits: torch.Tensor | None = None
+
+    @classmethod
+    def explicit(cls, inputs) -> _Captured:
+        """``step(inputs=...)``: no RNG state, no logits."""
+        entry = cls((), {}, None, False)
+        entry.inputs = inputs
+        return entry
+
+
+class _Plan:
+    """What one micro-batch's measurement evaluates."""
+
+    __slots__ = ("evaluated", "call", "rng", "baseline", "spread")
+
+    def __init__(self, evaluated, call: tuple[tuple, dict], rng, baseline) -> None:
+        self.evaluated, self.call, self.rng, self.baseline = evaluated, call, rng, baseline
+        self.spread: torch.Tensor | None = None
+
+
+def _autocast_enabled() -> bool:
+    try:
+        return torch.is_autocast_enabled("cpu") or torch.is_autocast_enabled("cuda")
+    except TypeError:  # torch < 2.4: no device argument
+        return torch.is_autocast_enabled() or torch.is_autocast_cpu_enabled()
+
+
+def _upper_quantile(spread: torch.Tensor, quantile: float) -> torch.Tensor:
+    """The spread whose radius is the lower (1 - q) order statistic of the radii
+    (``ghoststep.radius.aggregate(rho, ("quantile", 1 - q))``), without a host sync."""
+    if spread.numel() == 0:
+        return spread.new_zeros(())
+    ordered = spread.sort(descending=True).values
+    return ordered[math.floor((1.0 - quantile) * (spread.numel() - 1))]
+
+
 class _CaptureHook:
     """Forward pre-hook feeding the controller the training batches (``post=False``),
     or forward hook marking the end of a call (``post=True``, for nested calls).
@@ -800,7 +1014,7 @@ class _CaptureHook:
         if controller is None:
             return
         if self._post:
-            controller._forward_done()
+            controller._forward_done(output[0] if output else None)
         else:
             controller._capture_inputs(module, args, kwargs)
 

@@ -45,6 +45,8 @@ __all__ = [
     "nearest_ghost",
     "aggregate",
     "normalized_step",
+    "radius_from_spread",
+    "step_scale",
     "kl_quadratic_term",
     "kl_remainder_bound",
     "logistic_curvature",
@@ -146,8 +148,54 @@ def rho_bound(slopes: torch.Tensor, temperature: float | torch.Tensor = 1.0) -> 
         where a slope is not finite.
     """
     _check_temperature(temperature)
-    spread = logit_spread(slopes)
-    return PI * temperature / spread
+    return radius_from_spread(logit_spread(slopes), temperature)
+
+
+def radius_from_spread(spread, temperature: float | torch.Tensor = 1.0):
+    """The radius bound of a spread, rho = pi T / Delta a (and back: the map is its own
+    inverse, Delta a = pi T / rho).
+
+    Args:
+        spread: Delta a >= 0, a number or a tensor (logit units per unit step).
+        temperature: softmax temperature T > 0.
+    Returns:
+        rho, of the input's kind: +inf where the spread is 0 (no ghost), 0 where it is
+        +inf, NaN where it is NaN.
+    """
+    if isinstance(spread, torch.Tensor):
+        return PI * temperature / spread  # IEEE: x / 0 = inf, x / inf = 0
+    spread = float(spread)
+    if spread == 0.0:
+        return math.inf
+    return PI * float(temperature) / spread
+
+
+_MODES = ("clip", "set", "monitor")
+
+
+def step_scale(tau: float, rho: float, mode: str = "clip", target_r: float = 1.0) -> float:
+    """The factor s applied to an update of length tau given the radius rho (SPEC 3).
+
+    * ``"clip"``: ``s = min(1, r* rho / tau)``, so the step moves at most r* radii;
+    * ``"set"``: ``s = r* rho / tau``, the step moves exactly r* radii;
+    * ``"monitor"``: ``s = 1``.
+
+    An infinite radius (nothing moves the logits) or a zero step gives s = 1.
+
+    Args:
+        tau: ||p|| >= 0, the proposed step length.
+        rho: the radius bound along p / ||p|| (same length units), >= 0.
+        mode: ``"clip"`` | ``"set"`` | ``"monitor"``.
+        target_r: r* > 0.
+    Returns:
+        s as a float.
+    """
+    if mode not in _MODES:
+        raise ValueError(f"mode must be one of {_MODES}, got {mode!r}")
+    if mode == "monitor" or math.isinf(rho) or tau == 0.0:
+        return 1.0
+    scale = target_r * rho / tau
+    return min(1.0, scale) if mode == "clip" else scale
 
 
 def binary_radius(logits: torch.Tensor, slopes: torch.Tensor) -> torch.Tensor:

@@ -7,29 +7,19 @@ per-sample spread ``Delta a = max_k a_k - min_k a_k``, the radius ``rho_a = pi T
 Delta a``, the batch radius, its bottleneck sample and the normalized step
 ``r = ||p|| / rho_a`` (see ``ghoststep.radius`` for the math).
 
-Semantics (what exactly is differentiated)
--------------------------------------------
-* The model is evaluated **in its current mode** (``model.training`` is never
-  changed). That is the function a training step changes: in train mode BatchNorm
-  uses batch statistics and dropout draws a mask. Under ``jvp`` primal and tangent
-  share that mask.
-* **No side effects.** Parameters are never written (``torch.func.functional_call``
-  substitutes them); buffers are cloned *inside* the differentiated function, so
-  BatchNorm running statistics and ``num_batches_tracked`` are bitwise unchanged;
-  the CPU (and the model's CUDA devices') RNG state is restored with
-  ``torch.random.fork_rng``, so the training RNG stream is the same as if the
-  measurement had not happened; everything runs under ``torch.no_grad`` (no
-  autograd graph).
-* ``method="jvp"``: ``torch.func.jvp`` of ``functional_call``, one pass, exact.
-  ``method="fd"``: central difference ``(f(theta + h v) - f(theta - h v)) / 2h`` in
-  float64 where the device has it (parameters, floating buffers and floating inputs
-  are cast; the module is not copied or modified), each evaluation from the same RNG
-  state (same dropout mask; the returned logits come from the float64 evaluation at
-  theta, rounded to the parameters' dtype). Default step: ``h = eps^(1/3) / ||v||``
-  with ``eps`` the float64 machine epsilon, i.e. a parameter displacement of about
-  6e-6, which balances the O(h^2) truncation error against the O(eps / h) round-off
-  error.
-  Costs three forwards and a float64 copy of the parameters and buffers.
+Methods and semantics
+---------------------
+All evaluation goes through :mod:`ghoststep.directional` (its docstring states what
+exactly is differentiated and the side-effect guarantees): the model runs in its
+current mode (train-mode BatchNorm uses batch statistics, dropout draws a mask);
+parameters, buffers and the RNG stream are left bitwise as they were.
+
+* ``method="jvp"``: forward-mode AD, one pass, exact.
+* ``method="fd"``: central difference in float64 (three forwards), a reference.
+* ``method="fast"``: one-sided float32 difference through the model's ordinary
+  forward (two forwards here; inside the controller one, against the training
+  forward's logits). Relative error about 1e-4 to 1e-3 on smooth networks; a secant
+  across ReLU / max-pool switches within the step h.
 
 Directions
 ----------
@@ -66,17 +56,37 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
-import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
-from torch.func import functional_call, jvp
 
+from ghoststep.directional import (
+    METHODS,
+    check_chunking,
+    chunks,
+    cuda_devices,
+    default_logits_fn,
+    direction_norm,
+    directional,
+    replay_rng,
+    resolve_direction,
+    split_inputs,
+    trainable_parameters,
+)
+from ghoststep.directional import (
+    fd_step as fd_step_default,
+)
 from ghoststep.radius import aggregate as _aggregate
-from ghoststep.radius import exact_radius, logit_spread, normalized_step, top2_radius
+from ghoststep.radius import (
+    exact_radius,
+    logit_spread,
+    normalized_step,
+    radius_from_spread,
+    top2_radius,
+)
 
 __all__ = [
     "Measurement",
@@ -91,356 +101,38 @@ __all__ = [
     "trainable_parameters",
 ]
 
-_METHODS = ("jvp", "fd")
-_PASSTHROUGH = (bool, int, float, str, type(None))
-
-
-# ---------------------------------------------------------------- parameters / directions
-
-
-def trainable_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
-    """``(name, parameter)`` for every parameter with ``requires_grad``, in model order.
-
-    Raises:
-        ValueError: the model has no trainable parameter.
-    """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    if not named:
-        raise ValueError(
-            "model has no trainable parameters (none with requires_grad=True); "
-            "there is no direction to move along"
-        )
-    return named
-
-
-def _alias_map(model: nn.Module) -> dict[str, str]:
-    """Every parameter name (tied aliases included) -> its canonical name."""
-    canonical: dict[int, str] = {}
-    out: dict[str, str] = {}
-    for name, p in model.named_parameters(remove_duplicate=False):
-        out[name] = canonical.setdefault(id(p), name)
-    return out
-
-
-def _resolve_direction(model: nn.Module, direction) -> list[torch.Tensor]:
-    """Validate ``direction`` and return one tangent per trainable parameter."""
-    named = trainable_parameters(model)
-    names = [n for n, _ in named]
-    entries: list[Any]
-    if isinstance(direction, torch.Tensor):
-        total = sum(p.numel() for _, p in named)
-        if direction.dim() != 1 or direction.numel() != total:
-            raise ValueError(
-                f"a tensor direction must be one flat 1-D vector of length {total} "
-                f"(all trainable parameters), got shape {tuple(direction.shape)}"
-            )
-        entries, offset = [], 0
-        for _, p in named:
-            entries.append(direction[offset : offset + p.numel()].view(p.shape))
-            offset += p.numel()
-    elif isinstance(direction, Mapping):
-        aliases = _alias_map(model)
-        by_id = {id(p): n for n, p in model.named_parameters()}
-        trainable = set(names)
-        given: dict[str, Any] = {}
-        for key, value in direction.items():
-            if isinstance(key, torch.Tensor):
-                if id(key) not in by_id:
-                    raise ValueError("direction is keyed by a tensor that is not a model parameter")
-                name = by_id[id(key)]
-            elif isinstance(key, str):
-                if key not in aliases:
-                    raise ValueError(f"direction names unknown parameter {key!r}")
-                name = aliases[key]
-            else:
-                raise ValueError(f"direction keys must be parameter names, got {key!r}")
-            if name not in trainable:
-                continue  # frozen parameter: takes no part
-            if name in given:
-                raise ValueError(f"direction gives parameter {name!r} twice (tied alias?)")
-            given[name] = value
-        missing = [n for n in names if n not in given]
-        if missing:
-            raise ValueError(
-                f"direction has no entry for trainable parameter {missing[0]!r}"
-                + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
-                + "; use None for a zero component"
-            )
-        entries = [given[n] for n in names]
-    elif isinstance(direction, Sequence) and not isinstance(direction, str):
-        if len(direction) != len(named):
-            raise ValueError(
-                f"direction has {len(direction)} entries but the model has {len(named)} "
-                "trainable parameters (aligned with [p for p in model.parameters() "
-                "if p.requires_grad])"
-            )
-        entries = list(direction)
-    else:
-        raise ValueError(
-            "direction must be a dict {name: tensor}, a sequence of tensors aligned with "
-            f"the trainable parameters, or a flat tensor; got {type(direction).__name__}"
-        )
-
-    tangents = []
-    for (name, p), value in zip(named, entries, strict=True):
-        if value is None:
-            tangents.append(torch.zeros_like(p, memory_format=torch.contiguous_format))
-            continue
-        if not isinstance(value, torch.Tensor):
-            raise ValueError(
-                f"direction for parameter {name!r} must be a tensor, got {type(value).__name__}"
-            )
-        if value.shape != p.shape:
-            raise ValueError(
-                f"direction for parameter {name!r} has shape {tuple(value.shape)}, "
-                f"expected {tuple(p.shape)}"
-            )
-        if not (value.is_floating_point() or value.is_complex()):
-            raise ValueError(
-                f"direction for parameter {name!r} must be floating, got {value.dtype}"
-            )
-        value = value.detach().to(device=p.device, dtype=p.dtype)
-        if not bool(torch.isfinite(value).all()):
-            raise ValueError(f"direction for parameter {name!r} has non-finite values")
-        tangents.append(value)
-    return tangents
-
-
-def direction_norm(direction, model: nn.Module | None = None) -> torch.Tensor:
-    """Global L2 norm of a direction (dict, sequence or flat tensor), as a 0-d tensor.
-
-    With ``model`` the direction is first resolved against its trainable parameters
-    (frozen entries dropped); without, all tensor entries count.
-    """
-    if model is not None:
-        parts = _resolve_direction(model, direction)
-    elif isinstance(direction, torch.Tensor):
-        parts = [direction]
-    elif isinstance(direction, Mapping):
-        parts = [t for t in direction.values() if t is not None]
-    else:
-        parts = [t for t in direction if t is not None]
-    if not parts:
-        return torch.zeros(())
-    return torch.sqrt(sum(t.detach().double().pow(2).sum().cpu() for t in parts))
-
-
-# ------------------------------------------------------------------------- inputs
-
-
-def _split_inputs(inputs) -> tuple[tuple, dict]:
-    """Positional args and kwargs for the model from a tensor, sequence or dict."""
-
-    def check(where: str, value):
-        if isinstance(value, torch.Tensor) or isinstance(value, _PASSTHROUGH):
-            return value
-        raise TypeError(
-            f"{where} is a {type(value).__name__}; inputs must be tensors (Python scalars, "
-            "strings and None are passed through). Convert arrays/lists with torch.as_tensor"
-        )
-
-    if isinstance(inputs, torch.Tensor):
-        return (inputs,), {}
-    if isinstance(inputs, Mapping):
-        return (), {str(k): check(f"inputs[{k!r}]", v) for k, v in inputs.items()}
-    if isinstance(inputs, (tuple, list)):
-        return tuple(check(f"inputs[{i}]", v) for i, v in enumerate(inputs)), {}
-    raise TypeError(
-        f"inputs must be a tensor, a tuple/list of tensors (positional arguments) or a "
-        f"dict of tensors (keyword arguments), got {type(inputs).__name__}"
-    )
-
-
-def _batch_size(args: tuple, kwargs: dict) -> int:
-    sizes = {
-        v.shape[0] for v in (*args, *kwargs.values()) if isinstance(v, torch.Tensor) and v.dim() > 0
-    }
-    if not sizes:
-        raise ValueError("chunk_size needs at least one tensor input with a batch dimension")
-    if len(sizes) > 1:
-        raise ValueError(
-            f"chunk_size splits every tensor input along dim 0, but their leading sizes "
-            f"differ: {sorted(sizes)}"
-        )
-    return sizes.pop()
-
-
-def _chunks(args: tuple, kwargs: dict, chunk_size: int | None):
-    """Yield ``(start, stop, args, kwargs)`` slices of the inputs along dim 0."""
-    if chunk_size is None:
-        yield 0, None, args, kwargs
-        return
-    if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
-        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
-    n = _batch_size(args, kwargs)
-
-    def cut(v, s, e):
-        return v[s:e] if isinstance(v, torch.Tensor) and v.dim() > 0 else v
-
-    for s in range(0, n, chunk_size):
-        e = min(s + chunk_size, n)
-        yield s, e, tuple(cut(v, s, e) for v in args), {k: cut(v, s, e) for k, v in kwargs.items()}
-
-
-def _batch_coupled(model: nn.Module) -> list[str]:
-    """Names of BatchNorm modules that normalize with batch statistics right now."""
-    out = []
-    for name, m in model.named_modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm) and (
-            m.training or not m.track_running_stats
-        ):
-            out.append(name or type(m).__name__)
-    return out
-
-
-def default_logits_fn(output) -> torch.Tensor:
-    """Pick the logits: a tensor itself, ``.logits``, ``["logits"]``, or the first tensor."""
-    if isinstance(output, torch.Tensor):
-        return output
-    logits = getattr(output, "logits", None)
-    if isinstance(logits, torch.Tensor):
-        return logits
-    if isinstance(output, Mapping):
-        if isinstance(output.get("logits"), torch.Tensor):
-            return output["logits"]
-        values = list(output.values())
-    elif isinstance(output, (tuple, list)):
-        values = list(output)
-    else:
-        values = []
-    for v in values:
-        if isinstance(v, torch.Tensor):
-            return v
-    raise TypeError(
-        f"cannot find logits in a model output of type {type(output).__name__}; "
-        "pass logits_fn=... to pick them"
-    )
-
 
 # ---------------------------------------------------------------------- evaluation
 
 
-def _rng_fork(model: nn.Module):
-    devices = sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
-    return torch.random.fork_rng(devices=devices)
-
-
-_FWD_AD = re.compile(r"forward AD with ([\w.:]+)")
-
-
-def _forward_ad_error(err: BaseException) -> NotImplementedError | None:
-    match = _FWD_AD.search(str(err))
-    if match is None:
-        return None
-    op = match.group(1)
-    hint = ""
-    if "scaled_dot_product" in op or "attention" in op:
-        hint = (
-            " For F.scaled_dot_product_attention (nn.TransformerEncoderLayer, Hugging Face "
-            "models) select the math kernel: `with torch.nn.attention.sdpa_kernel("
-            "torch.nn.attention.SDPBackend.MATH):`, or load Hugging Face models with "
-            'attn_implementation="eager".'
-        )
-    elif "rnn" in op or "lstm" in op.lower():
-        hint = " For CPU LSTMs wrap the call in `torch.backends.mkldnn.flags(enabled=False)`."
-    return NotImplementedError(
-        f"forward-mode AD is not implemented for the op {op!r} used by this model, so "
-        f'method="jvp" cannot run. Use method="fd" (central finite differences).{hint}'
-    )
-
-
 class _Evaluator:
-    """Computes ``(logits, slopes)`` for slices of the inputs, side-effect free."""
+    """``(logits, slopes)`` of slices of the inputs along one resolved direction."""
 
     def __init__(self, model, direction, method, logits_fn, fd_step):
-        if method not in _METHODS:
-            raise ValueError(f'method must be "jvp" or "fd", got {method!r}')
-        named = trainable_parameters(model)
+        if method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+        if fd_step is not None and not (isinstance(fd_step, (int, float)) and fd_step > 0):
+            raise ValueError(f"fd_step must be a positive number, got {fd_step!r}")
         self.model = model
         self.method = method
         self.logits_fn = logits_fn or default_logits_fn
-        self.names = [n for n, _ in named]
-        self.params = tuple(p.detach() for _, p in named)
-        self.tangents = tuple(_resolve_direction(model, direction))
-        trainable = set(self.names)
-        self.frozen = {n: p.detach() for n, p in model.named_parameters() if n not in trainable}
-        self.buffers = {n: b for n, b in model.named_buffers()}
-        self.fd_step = fd_step
-        if method == "fd":
-            self._prepare_fd()
-
-    def _call(self, params, frozen, buffers, args, kwargs):
-        # Buffers are cloned inside the evaluated function: BatchNorm's in-place running
-        # stat updates hit the clones, never the module's tensors.
-        state = {n: b.clone() for n, b in buffers.items()}
-        state.update(frozen)
-        state.update(zip(self.names, params, strict=True))
-        out = functional_call(self.model, state, args, kwargs, tie_weights=True, strict=False)
-        logits = self.logits_fn(out)
-        if not isinstance(logits, torch.Tensor):
-            raise TypeError(f"logits_fn must return a tensor, got {type(logits).__name__}")
-        return logits
-
-    # -- finite differences
-    def _prepare_fd(self):
-        device = self.params[0].device
-        wide = torch.float32 if device.type == "mps" else torch.float64
-
-        def up(t):
-            return t.to(wide) if t.is_floating_point() else t
-
-        self.wide = up
-        self.params64 = tuple(up(p) for p in self.params)
-        self.tangents64 = tuple(up(t) for t in self.tangents)
-        self.frozen64 = {n: up(p) for n, p in self.frozen.items()}
-        self.buffers64 = {n: up(b) for n, b in self.buffers.items()}
-        vnorm = math.sqrt(sum(float(t.double().pow(2).sum()) for t in self.tangents64))
-        self.vnorm = vnorm
-        if self.fd_step is None:
-            eps = torch.finfo(wide).eps
-            self.h = eps ** (1.0 / 3.0) / vnorm if vnorm > 0 else 0.0
-        else:
-            if not (isinstance(self.fd_step, (int, float)) and self.fd_step > 0):
-                raise ValueError(f"fd_step must be a positive number, got {self.fd_step!r}")
-            self.h = float(self.fd_step)
+        self.tangents = resolve_direction(model, direction)
+        self.step = fd_step
+        if method == "fast" and fd_step is None:  # one step for every chunk
+            params = [p.detach() for _, p in trainable_parameters(model)]
+            norm = float(direction_norm(self.tangents))
+            self.step = fd_step_default(float(direction_norm(params)), norm, params[0].dtype)
 
     def __call__(self, args, kwargs) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.method == "jvp":
-
-            def f(params):
-                return self._call(params, self.frozen, self.buffers, args, kwargs)
-
-            with _rng_fork(self.model):
-                try:
-                    return jvp(f, (self.params,), (self.tangents,))
-                except (NotImplementedError, RuntimeError) as err:
-                    better = _forward_ad_error(err)
-                    if better is None:
-                        raise
-                    raise better from err
-        # All three evaluations run in the wide dtype from the same RNG state, so the
-        # returned logits and the slopes share one dropout mask (on CUDA the float32
-        # and float64 masks differ); the logits are rounded to the parameters' dtype.
-        args64 = tuple(self.wide(a) if isinstance(a, torch.Tensor) else a for a in args)
-        kwargs64 = {
-            k: self.wide(v) if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()
-        }
-        outs = []
-        steps = (0.0,) if self.h == 0.0 else (0.0, 1.0, -1.0)
-        for sign in steps:
-            shifted = tuple(
-                p + (sign * self.h) * t for p, t in zip(self.params64, self.tangents64, strict=True)
-            )
-            with _rng_fork(self.model):
-                outs.append(self._call(shifted, self.frozen64, self.buffers64, args64, kwargs64))
-        dtype = self.params[0].dtype
-        logits = outs[0].to(dtype)
-        if self.h == 0.0:
-            return logits, torch.zeros_like(logits)
-        slopes = (outs[1] - outs[2]) / (2.0 * self.h)
-        return logits, slopes.to(dtype)
+        return directional(
+            self.model,
+            args,
+            kwargs,
+            self.tangents,
+            method=self.method,
+            output_fn=self.logits_fn,
+            step=self.step,
+        )
 
 
 @contextlib.contextmanager
@@ -453,19 +145,6 @@ def _guarded(model: nn.Module):
     finally:
         if model.training != training:  # pragma: no cover - defensive
             model.train(training)
-
-
-def _check_chunking(model: nn.Module, args, kwargs, chunk_size) -> None:
-    if chunk_size is None:
-        return
-    coupled = _batch_coupled(model)
-    if coupled and chunk_size < _batch_size(args, kwargs):
-        raise ValueError(
-            f"chunk_size={chunk_size} would split the batch, but BatchNorm module "
-            f"{coupled[0]!r} uses batch statistics (train mode), so the slopes would depend "
-            "on the chunking. Use chunk_size=None, or model.eval() if running statistics "
-            "are what you want to measure"
-        )
 
 
 def logit_slopes(
@@ -488,14 +167,15 @@ def logit_slopes(
         direction: parameter-space direction v (dict, aligned sequence or flat
             tensor; see the module docstring). It need not be unit norm: the slopes
             are linear in v.
-        method: ``"jvp"`` (forward-mode AD, exact) or ``"fd"`` (float64 central
-            difference).
+        method: ``"jvp"`` (forward-mode AD, exact), ``"fd"`` (float64 central
+            difference) or ``"fast"`` (one-sided float32 difference, two forwards).
         logits_fn: maps the model output to the logits tensor; default
             ``default_logits_fn`` (tensor, ``.logits``, ``["logits"]``, first tensor).
         chunk_size: evaluate the input batch in slices of this many rows (dim 0) and
             concatenate. Not allowed when a BatchNorm uses batch statistics (the
             slopes would depend on the chunking).
-        fd_step: step h for ``method="fd"`` (theta +- h v); default eps^(1/3)/||v||.
+        fd_step: step h for ``"fd"`` (theta +- h v; default eps^(1/3)/||v||) and
+            ``"fast"`` (theta + h v; default ``ghoststep.directional.fd_step``).
     Returns:
         ``(logits, slopes)``, both shaped like the model's logits (e.g. (B, K) or
         (B, T, V)); slopes in logit units per unit of t along v.
@@ -505,11 +185,11 @@ def logit_slopes(
         TypeError: non-tensor inputs.
         NotImplementedError: an op without forward-mode AD (names it, suggests fixes).
     """
-    args, kwargs = _split_inputs(inputs)
+    args, kwargs = split_inputs(inputs)
     evaluator = _Evaluator(model, direction, method, logits_fn, fd_step)
-    _check_chunking(model, args, kwargs, chunk_size)
+    check_chunking(model, args, kwargs, chunk_size)
     with _guarded(model):
-        parts = [evaluator(a, k) for _, _, a, k in _chunks(args, kwargs, chunk_size)]
+        parts = [evaluator(a, k) for _, _, a, k in chunks(args, kwargs, chunk_size)]
     if len(parts) == 1:
         return parts[0]
     return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
@@ -588,7 +268,7 @@ def _spread_map(evaluator, model, args, kwargs, chunk_size, want_full: bool):
     """
     spreads, logits_parts, slope_parts = [], [], []
     with _guarded(model):
-        for _, _, a, k in _chunks(args, kwargs, chunk_size):
+        for _, _, a, k in chunks(args, kwargs, chunk_size):
             logits, slopes = evaluator(a, k)
             spreads.append(logit_spread(slopes))  # NaN for a row with a non-finite slope
             if want_full:
@@ -630,9 +310,9 @@ def per_sample_spread(
     Returns:
         (N,) spreads of the kept samples in row-major (flattened) order.
     """
-    args, kwargs = _split_inputs(inputs)
+    args, kwargs = split_inputs(inputs)
     evaluator = _Evaluator(model, direction, method, logits_fn, fd_step)
-    _check_chunking(model, args, kwargs, chunk_size)
+    check_chunking(model, args, kwargs, chunk_size)
     spread, _, _ = _spread_map(evaluator, model, args, kwargs, chunk_size, want_full=False)
     keep = _valid_mask(spread.shape, mask, None, None, spread.device)
     flat = spread.reshape(-1)
@@ -785,9 +465,9 @@ def measure(
         isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0
     ):
         raise ValueError(f"temperature must be a positive finite number, got {temperature!r}")
-    args, kwargs = _split_inputs(inputs)
+    args, kwargs = split_inputs(inputs)
     evaluator = _Evaluator(model, direction, method, logits_fn, fd_step)
-    _check_chunking(model, args, kwargs, chunk_size)
+    check_chunking(model, args, kwargs, chunk_size)
     spread_map, logits, slopes = _spread_map(
         evaluator, model, args, kwargs, chunk_size, want_full=exact
     )
@@ -803,7 +483,7 @@ def measure(
     spread = flat[index]
     if bool(torch.isnan(spread).any()):
         raise ValueError("the slopes are not finite for some samples (NaN/inf in the model?)")
-    rho = math.pi * temperature / spread  # +inf where spread == 0
+    rho = radius_from_spread(spread, temperature)  # +inf where spread == 0
     rho_batch = _scalar(_aggregate(rho, aggregate))
     bottleneck = int(index[int(torch.argmax(spread))])
     r = None
@@ -884,10 +564,10 @@ def gradient_direction(
     elif callable(loss) and inputs is None:
         value, retain = loss(), False
     elif callable(loss):
-        args, kwargs = _split_inputs(inputs)
+        args, kwargs = split_inputs(inputs)
         saved = {n: b.clone() for n, b in model.named_buffers()}
         try:
-            with _rng_fork(model), torch.enable_grad():
+            with replay_rng(cuda_devices(model)), torch.enable_grad():
                 out = (logits_fn or default_logits_fn)(model(*args, **kwargs))
                 value = loss(out, targets) if targets is not None else loss(out)
                 grads = torch.autograd.grad(value, params, allow_unused=True)

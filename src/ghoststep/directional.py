@@ -1,0 +1,620 @@
+"""Model outputs and their directional derivatives along a parameter direction.
+
+The one evaluation path of ghoststep: ``slopes`` (logit slopes and the radius
+measurement), the controller, the internal (attention / FFN) radii and the line
+probes all evaluate a model here. For a direction v over the trainable parameters
+and any output ``y = output_fn(model(*args, **kwargs))`` (the logits, or a tuple of
+internal activations) it returns ``(y, y_dot)`` with ``y_dot = d/dt y(theta + t v)``
+at t = 0, by one of three methods:
+
+* ``"jvp"``: forward-mode AD (``torch.autograd.forward_ad`` dual parameters through
+  ``torch.func.functional_call``), exact. One primal + tangent pass, which costs about
+  as much as a training step (forward and backward) on matmul / conv networks.
+* ``"fd"``: central difference ``(y(theta + h v) - y(theta - h v)) / 2h`` in float64
+  (parameters, floating buffers and inputs cast; the module is not modified), with
+  ``h = eps64^(1/3) / ||v||``. Three float64 forwards: a slow reference.
+* ``"fast"``: one-sided difference ``(y(theta + h v) - y(theta)) / h`` in the
+  parameters' own float32 / float64, through the model's **ordinary forward** (the
+  trainable parameters are shifted in place and restored bitwise), so it needs no
+  ``functional_call`` and no forward-mode AD. ``y(theta)`` can be supplied
+  (``baseline=``: the controller passes the logits its training forward already
+  computed), so the slopes cost one extra forward. The default displacement is
+  ``h ||v|| = sqrt(eps) * max(||theta||, 1)`` (``fd_step``): about 3.5e-4 of the
+  parameter norm in float32, which balances the O(h) truncation error against the
+  O(eps / h) round-off of the two float32 forwards.
+
+  Error and where it is unsafe: the relative slope error is O(h |y''| / |y'|) +
+  O(eps |y| / (h |y'|)), about 1e-4 to 1e-3 on smooth networks (the radius agrees
+  with ``"jvp"`` to well under 1 %; ``benchmarks/bench_controller_overhead.py``
+  measures it along training). It is a secant, not a derivative: where the network
+  is not smooth within h of theta (a ReLU or max-pool switching, a top-k selection
+  changing, a quantizer), the slope of the affected samples is the average over the
+  kink, not the one-sided derivative the JVP gives. It needs float32 or float64
+  parameters (in bfloat16 / float16 eps^(1/2) is 1e-2 to 1e-1: a ValueError names
+  ``"jvp"``), and the baseline must come from a forward of the same precision (the
+  controller does its own float32 baseline when the training forward ran under
+  autocast).
+
+Semantics shared by all methods (what exactly is differentiated):
+
+* The model runs **in its current mode** (``model.training`` is never changed): in
+  train mode BatchNorm normalizes with the batch statistics and dropout draws masks.
+* **No side effects.** Parameters end bitwise as they were; buffers (BatchNorm running
+  statistics, ``num_batches_tracked``) are bitwise unchanged (cloned for
+  ``functional_call``, saved and restored around ordinary forwards); the CPU and the
+  model's CUDA RNG states are restored afterwards (``torch.random.fork_rng``), so the
+  training RNG stream is as if nothing happened. ``rng=`` (from :func:`capture_rng`)
+  replays a given state first: every evaluation then draws the same dropout masks
+  as the forward that state was captured before.
+* Everything runs under ``torch.no_grad`` (no autograd graph), except
+  :func:`call_at`, which is differentiable in ``t``.
+
+Directions are one tangent per trainable parameter (:func:`resolve_direction`
+accepts a dict, an aligned sequence or a flat tensor).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import re
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+import torch.autograd.forward_ad as fwAD
+from torch import nn
+from torch.func import functional_call
+from torch.utils import _pytree as pytree
+
+__all__ = [
+    "METHODS",
+    "trainable_parameters",
+    "resolve_direction",
+    "direction_norm",
+    "split_inputs",
+    "default_logits_fn",
+    "batch_coupled",
+    "check_chunking",
+    "chunks",
+    "cuda_devices",
+    "capture_rng",
+    "replay_rng",
+    "preserved_buffers",
+    "fd_step",
+    "forward",
+    "call_at",
+    "directional",
+]
+
+METHODS = ("jvp", "fd", "fast")
+_PASSTHROUGH = (bool, int, float, str, type(None))
+
+# (CPU generator state, {CUDA device index: generator state})
+RNGState = tuple[torch.Tensor, dict[int, torch.Tensor]]
+
+
+# ---------------------------------------------------------------- parameters / directions
+
+# ---------------------------------------------------------------- parameters / directions
+
+
+def trainable_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    """``(name, parameter)`` for every parameter with ``requires_grad``, in model order.
+
+    Raises:
+        ValueError: the model has no trainable parameter.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if not named:
+        raise ValueError(
+            "model has no trainable parameters (none with requires_grad=True); "
+            "there is no direction to move along"
+        )
+    return named
+
+
+def _alias_map(model: nn.Module) -> dict[str, str]:
+    """Every parameter name (tied aliases included) -> its canonical name."""
+    canonical: dict[int, str] = {}
+    out: dict[str, str] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        out[name] = canonical.setdefault(id(p), name)
+    return out
+
+
+def resolve_direction(model: nn.Module, direction) -> list[torch.Tensor]:
+    """Validate ``direction`` and return one tangent per trainable parameter."""
+    named = trainable_parameters(model)
+    names = [n for n, _ in named]
+    entries: list[Any]
+    if isinstance(direction, torch.Tensor):
+        total = sum(p.numel() for _, p in named)
+        if direction.dim() != 1 or direction.numel() != total:
+            raise ValueError(
+                f"a tensor direction must be one flat 1-D vector of length {total} "
+                f"(all trainable parameters), got shape {tuple(direction.shape)}"
+            )
+        entries, offset = [], 0
+        for _, p in named:
+            entries.append(direction[offset : offset + p.numel()].view(p.shape))
+            offset += p.numel()
+    elif isinstance(direction, Mapping):
+        aliases = _alias_map(model)
+        by_id = {id(p): n for n, p in model.named_parameters()}
+        trainable = set(names)
+        given: dict[str, Any] = {}
+        for key, value in direction.items():
+            if isinstance(key, torch.Tensor):
+                if id(key) not in by_id:
+                    raise ValueError("direction is keyed by a tensor that is not a model parameter")
+                name = by_id[id(key)]
+            elif isinstance(key, str):
+                if key not in aliases:
+                    raise ValueError(f"direction names unknown parameter {key!r}")
+                name = aliases[key]
+            else:
+                raise ValueError(f"direction keys must be parameter names, got {key!r}")
+            if name not in trainable:
+                continue  # frozen parameter: takes no part
+            if name in given:
+                raise ValueError(f"direction gives parameter {name!r} twice (tied alias?)")
+            given[name] = value
+        missing = [n for n in names if n not in given]
+        if missing:
+            raise ValueError(
+                f"direction has no entry for trainable parameter {missing[0]!r}"
+                + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
+                + "; use None for a zero component"
+            )
+        entries = [given[n] for n in names]
+    elif isinstance(direction, Sequence) and not isinstance(direction, str):
+        if len(direction) != len(named):
+            raise ValueError(
+                f"direction has {len(direction)} entries but the model has {len(named)} "
+                "trainable parameters (aligned with [p for p in model.parameters() "
+                "if p.requires_grad])"
+            )
+        entries = list(direction)
+    else:
+        raise ValueError(
+            "direction must be a dict {name: tensor}, a sequence of tensors aligned with "
+            f"the trainable parameters, or a flat tensor; got {type(direction).__name__}"
+        )
+
+    tangents = []
+    for (name, p), value in zip(named, entries, strict=True):
+        if value is None:
+            tangents.append(torch.zeros_like(p, memory_format=torch.contiguous_format))
+            continue
+        if not isinstance(value, torch.Tensor):
+            raise ValueError(
+                f"direction for parameter {name!r} must be a tensor, got {type(value).__name__}"
+            )
+        if value.shape != p.shape:
+            raise ValueError(
+                f"direction for parameter {name!r} has shape {tuple(value.shape)}, "
+                f"expected {tuple(p.shape)}"
+            )
+        if not (value.is_floating_point() or value.is_complex()):
+            raise ValueError(
+                f"direction for parameter {name!r} must be floating, got {value.dtype}"
+            )
+        value = value.detach().to(device=p.device, dtype=p.dtype)
+        if not bool(torch.isfinite(value).all()):
+            raise ValueError(f"direction for parameter {name!r} has non-finite values")
+        tangents.append(value)
+    return tangents
+
+
+def direction_norm(direction, model: nn.Module | None = None) -> torch.Tensor:
+    """Global L2 norm of a direction (dict, sequence or flat tensor), as a 0-d tensor.
+
+    With ``model`` the direction is first resolved against its trainable parameters
+    (frozen entries dropped); without, all tensor entries count.
+    """
+    if model is not None:
+        parts = resolve_direction(model, direction)
+    elif isinstance(direction, torch.Tensor):
+        parts = [direction]
+    elif isinstance(direction, Mapping):
+        parts = [t for t in direction.values() if t is not None]
+    else:
+        parts = [t for t in direction if t is not None]
+    if not parts:
+        return torch.zeros(())
+    return torch.sqrt(sum(t.detach().double().pow(2).sum().cpu() for t in parts))
+
+
+# ------------------------------------------------------------------------- inputs
+
+
+def split_inputs(inputs) -> tuple[tuple, dict]:
+    """Positional args and kwargs for the model from a tensor, sequence or dict."""
+
+    def check(where: str, value):
+        if isinstance(value, torch.Tensor) or isinstance(value, _PASSTHROUGH):
+            return value
+        raise TypeError(
+            f"{where} is a {type(value).__name__}; inputs must be tensors (Python scalars, "
+            "strings and None are passed through). Convert arrays/lists with torch.as_tensor"
+        )
+
+    if isinstance(inputs, torch.Tensor):
+        return (inputs,), {}
+    if isinstance(inputs, Mapping):
+        return (), {str(k): check(f"inputs[{k!r}]", v) for k, v in inputs.items()}
+    if isinstance(inputs, (tuple, list)):
+        return tuple(check(f"inputs[{i}]", v) for i, v in enumerate(inputs)), {}
+    raise TypeError(
+        f"inputs must be a tensor, a tuple/list of tensors (positional arguments) or a "
+        f"dict of tensors (keyword arguments), got {type(inputs).__name__}"
+    )
+
+
+def batch_size(args: tuple, kwargs: dict) -> int:
+    sizes = {
+        v.shape[0] for v in (*args, *kwargs.values()) if isinstance(v, torch.Tensor) and v.dim() > 0
+    }
+    if not sizes:
+        raise ValueError("chunk_size needs at least one tensor input with a batch dimension")
+    if len(sizes) > 1:
+        raise ValueError(
+            f"chunk_size splits every tensor input along dim 0, but their leading sizes "
+            f"differ: {sorted(sizes)}"
+        )
+    return sizes.pop()
+
+
+def chunks(args: tuple, kwargs: dict, chunk_size: int | None):
+    """Yield ``(start, stop, args, kwargs)`` slices of the inputs along dim 0."""
+    if chunk_size is None:
+        yield 0, None, args, kwargs
+        return
+    if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+    n = batch_size(args, kwargs)
+
+    def cut(v, s, e):
+        return v[s:e] if isinstance(v, torch.Tensor) and v.dim() > 0 else v
+
+    for s in range(0, n, chunk_size):
+        e = min(s + chunk_size, n)
+        yield s, e, tuple(cut(v, s, e) for v in args), {k: cut(v, s, e) for k, v in kwargs.items()}
+
+
+def batch_coupled(model: nn.Module) -> list[str]:
+    """Names of BatchNorm modules that normalize with batch statistics right now."""
+    out = []
+    for name, m in model.named_modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and (
+            m.training or not m.track_running_stats
+        ):
+            out.append(name or type(m).__name__)
+    return out
+
+
+def check_chunking(model: nn.Module, args, kwargs, chunk_size) -> None:
+    """Refuse a chunking that would split a batch a BatchNorm normalizes over."""
+    if chunk_size is None:
+        return
+    coupled = batch_coupled(model)
+    if coupled and chunk_size < batch_size(args, kwargs):
+        raise ValueError(
+            f"chunk_size={chunk_size} would split the batch, but BatchNorm module "
+            f"{coupled[0]!r} uses batch statistics (train mode), so the slopes would depend "
+            "on the chunking. Use chunk_size=None, or model.eval() if running statistics "
+            "are what you want to measure"
+        )
+
+
+def default_logits_fn(output) -> torch.Tensor:
+    """Pick the logits: a tensor itself, ``.logits``, ``["logits"]``, or the first tensor."""
+    if isinstance(output, torch.Tensor):
+        return output
+    logits = getattr(output, "logits", None)
+    if isinstance(logits, torch.Tensor):
+        return logits
+    if isinstance(output, Mapping):
+        if isinstance(output.get("logits"), torch.Tensor):
+            return output["logits"]
+        values = list(output.values())
+    elif isinstance(output, (tuple, list)):
+        values = list(output)
+    else:
+        values = []
+    for v in values:
+        if isinstance(v, torch.Tensor):
+            return v
+    raise TypeError(
+        f"cannot find logits in a model output of type {type(output).__name__}; "
+        "pass logits_fn=... to pick them"
+    )
+
+
+# ------------------------------------------------------------------- RNG and buffers
+
+
+def cuda_devices(model: nn.Module) -> list[int]:
+    """Indices of the CUDA devices holding the model's parameters (for the RNG)."""
+    return sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
+
+
+def capture_rng(devices: Sequence[int] = ()) -> RNGState:
+    """The CPU RNG state and those of the given CUDA devices (no device sync)."""
+    return torch.get_rng_state(), {d: torch.cuda.get_rng_state(d) for d in devices}
+
+
+@contextlib.contextmanager
+def replay_rng(devices: Sequence[int], state: RNGState | None = None):
+    """Run from ``state`` (default: the current state); restore the RNG afterwards."""
+    with torch.random.fork_rng(devices=list(devices)):
+        if state is not None:
+            torch.set_rng_state(state[0])
+            for device, s in state[1].items():
+                torch.cuda.set_rng_state(s, device)
+        yield
+
+
+@contextlib.contextmanager
+def preserved_buffers(model: nn.Module):
+    """Restore every buffer bitwise on exit (BatchNorm running statistics, counters)."""
+    saved = [(b, b.detach().clone()) for b in model.buffers()]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for b, copy in saved:
+                b.copy_(copy)
+
+
+def fd_step(param_norm: float, direction_norm: float, dtype: torch.dtype) -> float:
+    """Default step t of the one-sided difference along a direction of norm ||v||.
+
+    The parameter displacement is ``h ||v|| = sqrt(eps(dtype)) * max(||theta||, 1)``:
+    relative to the parameters about the square root of the unit round-off (3.5e-4
+    in float32), which balances the truncation error O(h) against the round-off
+    O(eps / h) of differencing two forwards.
+    """
+    if not direction_norm > 0:
+        return 0.0
+    return math.sqrt(torch.finfo(dtype).eps) * max(float(param_norm), 1.0) / direction_norm
+
+
+# ------------------------------------------------------------------------ evaluation
+
+
+_FWD_AD = re.compile(r"forward AD with ([\w.:]+)")
+
+
+def _forward_ad_error(err: BaseException) -> NotImplementedError | None:
+    match = _FWD_AD.search(str(err))
+    if match is None:
+        return None
+    op = match.group(1)
+    hint = ""
+    if "scaled_dot_product" in op or "attention" in op:
+        hint = (
+            " For F.scaled_dot_product_attention (nn.TransformerEncoderLayer, Hugging Face "
+            "models) select the math kernel: `with torch.nn.attention.sdpa_kernel("
+            "torch.nn.attention.SDPBackend.MATH):`, or load Hugging Face models with "
+            'attn_implementation="eager".'
+        )
+    elif "rnn" in op or "lstm" in op.lower():
+        hint = " For CPU LSTMs wrap the call in `torch.backends.mkldnn.flags(enabled=False)`."
+    return NotImplementedError(
+        f"forward-mode AD is not implemented for the op {op!r} used by this model, so "
+        f'method="jvp" cannot run. Use method="fast" (one-sided float32 difference) or '
+        f'"fd" (central float64 difference).{hint}'
+    )
+
+
+def _tensors_of(output, output_fn, what: str = "output_fn"):
+    out = output_fn(output)
+    for leaf in pytree.tree_leaves(out):
+        if not isinstance(leaf, torch.Tensor):
+            raise TypeError(
+                f"{what} must return a tensor (or a tuple of them), got {type(leaf).__name__}"
+            )
+    return out
+
+
+def forward(
+    model: nn.Module,
+    args: tuple,
+    kwargs: Mapping[str, Any],
+    *,
+    output_fn: Callable[[Any], Any] | None = None,
+    rng: RNGState | None = None,
+    devices: Sequence[int] | None = None,
+):
+    """``output_fn(model(*args, **kwargs))`` through the ordinary forward, without side
+    effects (no_grad; buffers restored; RNG replayed from ``rng`` and restored)."""
+    output_fn = output_fn or default_logits_fn
+    devices = cuda_devices(model) if devices is None else devices
+    with torch.no_grad(), replay_rng(devices, rng), preserved_buffers(model):
+        out = _tensors_of(model(*args, **kwargs), output_fn)
+    return pytree.tree_map(lambda t: t.detach(), out)
+
+
+def call_at(
+    model: nn.Module,
+    args: tuple,
+    kwargs: Mapping[str, Any],
+    tangents: Sequence[torch.Tensor],
+    t,
+    *,
+    primals: Sequence[torch.Tensor] | None = None,
+    dtype: torch.dtype | None = None,
+    output_fn: Callable[[Any], Any] | None = None,
+):
+    """``output_fn(model(...))`` at ``theta + t v`` through ``functional_call``.
+
+    The module is not modified (buffers are cloned per call; the RNG is not touched);
+    ``t`` may be a tensor that requires grad (line probes differentiate through it).
+    ``dtype`` casts parameters, floating buffers and floating inputs first (e.g.
+    float64). ``primals`` replaces the trainable parameters' values (default: theirs).
+    """
+    output_fn = output_fn or default_logits_fn
+    named = trainable_parameters(model)
+    base = [p.detach() for _, p in named] if primals is None else list(primals)
+
+    def cast(x):
+        return x.to(dtype) if dtype is not None and x.is_floating_point() else x
+
+    state = {n: cast(b).clone() for n, b in model.named_buffers()}
+    for (name, _), p, v in zip(named, base, tangents, strict=True):
+        state[name] = cast(p) + t * cast(v) if v is not None else cast(p)
+    args = tuple(cast(a) if isinstance(a, torch.Tensor) else a for a in args)
+    kwargs = {k: cast(v) if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
+    out = functional_call(model, state, args, kwargs, tie_weights=True, strict=False)
+    return _tensors_of(out, output_fn)
+
+
+def _jvp(model, args, kwargs, tangents, primals, output_fn, rng, devices):
+    named = trainable_parameters(model)
+    base = [p.detach() for _, p in named] if primals is None else primals
+    with torch.no_grad(), replay_rng(devices, rng), fwAD.dual_level():
+        # Buffers are cloned: BatchNorm's in-place running-stat updates hit the clones.
+        state = {n: b.clone() for n, b in model.named_buffers()}
+        for (name, _), p, v in zip(named, base, tangents, strict=True):
+            state[name] = p if v is None else fwAD.make_dual(p, v)
+        try:
+            out = functional_call(model, state, args, kwargs, tie_weights=True, strict=False)
+        except (NotImplementedError, RuntimeError) as err:
+            better = _forward_ad_error(err)
+            if better is None:
+                raise
+            raise better from err
+        out = _tensors_of(out, output_fn)
+        leaves, spec = pytree.tree_flatten(out)
+        primal_out, tangent_out = [], []
+        for leaf in leaves:
+            primal, tangent = fwAD.unpack_dual(leaf)
+            primal_out.append(primal)
+            tangent_out.append(torch.zeros_like(primal) if tangent is None else tangent)
+    return pytree.tree_unflatten(primal_out, spec), pytree.tree_unflatten(tangent_out, spec)
+
+
+def _central(model, args, kwargs, tangents, output_fn, step, rng, devices):
+    params = [p for _, p in trainable_parameters(model)]
+    device = params[0].device
+    wide = torch.float32 if device.type == "mps" else torch.float64
+    vnorm = math.sqrt(sum(float(v.double().pow(2).sum()) for v in tangents if v is not None))
+    if step is None:
+        step = torch.finfo(wide).eps ** (1.0 / 3.0) / vnorm if vnorm > 0 else 0.0
+    outs = []
+    # Every evaluation in the wide dtype from the same RNG state (one dropout mask).
+    for sign in (0.0,) if step == 0.0 else (0.0, 1.0, -1.0):
+        with torch.no_grad(), replay_rng(devices, rng):
+            outs.append(
+                call_at(model, args, kwargs, tangents, sign * step, dtype=wide, output_fn=output_fn)
+            )
+    dtype = params[0].dtype
+    values = pytree.tree_map(lambda y: y.to(dtype), outs[0])
+    if step == 0.0:
+        return values, pytree.tree_map(torch.zeros_like, values)
+    slopes = pytree.tree_map(lambda a, b: ((a - b) / (2.0 * step)).to(dtype), outs[1], outs[2])
+    return values, slopes
+
+
+def check_fast_dtype(params: Sequence[torch.Tensor]) -> None:
+    """``"fast"`` differences two forwards: float32 or float64 parameters only."""
+    for p in params:
+        if p.dtype not in (torch.float32, torch.float64):
+            raise ValueError(
+                f'method="fast" needs float32 or float64 parameters (a one-sided difference '
+                f'in {p.dtype} has a relative error of 1e-2 or worse); use method="jvp"'
+            )
+
+
+def difference_quotient(shifted, baseline, step: float):
+    """``(shifted - baseline) / step`` leaf by leaf, in the baseline's dtype."""
+    return pytree.tree_map(lambda a, b: (a - b) / step, shifted, baseline)
+
+
+def _one_sided(model, args, kwargs, tangents, output_fn, step, rng, devices, baseline):
+    params = [p.detach() for _, p in trainable_parameters(model)]
+    check_fast_dtype(params)
+    moving = [(p, v) for p, v in zip(params, tangents, strict=True) if v is not None]
+    if step is None:
+        with torch.no_grad():
+            pnorm = float(
+                torch.linalg.vector_norm(torch.stack(torch._foreach_norm(params)).double())
+            )
+            vnorm = (
+                float(
+                    torch.linalg.vector_norm(
+                        torch.stack(torch._foreach_norm([v for _, v in moving])).double()
+                    )
+                )
+                if moving
+                else 0.0
+            )
+        step = fd_step(pnorm, vnorm, params[0].dtype)
+    if baseline is None:
+        baseline = forward(model, args, kwargs, output_fn=output_fn, rng=rng, devices=devices)
+    if step == 0.0:
+        return baseline, pytree.tree_map(torch.zeros_like, baseline)
+    saved = [p.clone() for p, _ in moving]
+    try:
+        with torch.no_grad():
+            torch._foreach_add_([p for p, _ in moving], [v for _, v in moving], alpha=step)
+        shifted = forward(model, args, kwargs, output_fn=output_fn, rng=rng, devices=devices)
+    finally:
+        with torch.no_grad():
+            torch._foreach_copy_([p for p, _ in moving], saved)
+    return baseline, difference_quotient(shifted, baseline, step)
+
+
+def directional(
+    model: nn.Module,
+    args: tuple,
+    kwargs: Mapping[str, Any],
+    tangents: Sequence[torch.Tensor | None],
+    *,
+    method: str = "jvp",
+    output_fn: Callable[[Any], Any] | None = None,
+    step: float | None = None,
+    rng: RNGState | None = None,
+    primals: Sequence[torch.Tensor] | None = None,
+    baseline=None,
+):
+    """Outputs and their directional derivatives along ``tangents``: ``(y, y_dot)``.
+
+    Args:
+        model: any module, evaluated in its current mode without side effects.
+        args, kwargs: the forward's arguments (see :func:`split_inputs`).
+        tangents: one tensor (or None for zero) per trainable parameter, in
+            :func:`trainable_parameters` order (:func:`resolve_direction` builds them).
+        method: ``"jvp"`` | ``"fd"`` | ``"fast"`` (see the module docstring).
+        output_fn: maps the model output to a tensor or a tuple / dict of tensors
+            (default: :func:`default_logits_fn`).
+        step: the difference step t along the tangents (``"fd"``, ``"fast"``);
+            default eps^(1/3) / ||v|| (fd) and :func:`fd_step` (fast).
+        rng: an RNG state from :func:`capture_rng` to evaluate from (same dropout
+            masks as the forward it was captured before); default the current one.
+        primals: ``"jvp"`` only: evaluate at these parameter values instead of the
+            current ones (aligned with ``tangents``).
+        baseline: ``"fast"`` only: ``y`` at the current parameters, if already known
+            (computed with the same RNG state and precision); saves a forward.
+    Returns:
+        ``(y, y_dot)`` with the structure of ``output_fn``'s result; ``y_dot`` in
+        output units per unit of t along the tangents.
+    Raises:
+        ValueError: unknown method; ``"fast"`` on parameters that are not float32/64.
+        NotImplementedError: ``"jvp"`` met an op without forward-mode AD (names it).
+    """
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    output_fn = output_fn or default_logits_fn
+    devices = cuda_devices(model)
+    if method == "jvp":
+        return _jvp(model, args, kwargs, tangents, primals, output_fn, rng, devices)
+    if primals is not None:
+        raise ValueError(f'primals= is only supported by method="jvp", not {method!r}')
+    if method == "fd":
+        return _central(model, args, kwargs, tangents, output_fn, step, rng, devices)
+    return _one_sided(model, args, kwargs, tangents, output_fn, step, rng, devices, baseline)
