@@ -1,16 +1,30 @@
-"""Per-step wall time: plain optimizer vs the same optimizer wrapped in RadiusController.
+"""What a controlled step costs: plain optimizer vs RadiusController, side by side.
 
-Digits models (mlp, cnn_bn, ...) use Adam; ``resnet18`` uses SGD with momentum 0.9 on
-CIFAR-shaped random images (paper section 8.6 measures ResNet-18, batch 128, on a GPU).
+Three parts, every number measured in this one process:
 
-One full training step is timed (zero_grad, forward, cross-entropy, backward, step) for
-two identical models side by side in one process, interleaved step by step so that
-machine load affects both alike; after a warm-up the median over N steps is reported.
+1. **Time.** For each model, identical copies train on the same batches, interleaved
+   step by step (the order rotates, so machine load and cache warmth hit every variant
+   alike): plain optimizer, controller ``method="jvp"`` (exact), ``method="fast"`` (one
+   extra forward), and for the MLP and the TinyLM ``"fast"`` with ``subset=16,
+   buffer_size=16``. One timed step is zero_grad, forward, cross-entropy, backward,
+   step; the table gives the median after a warm-up and the ratio to plain.
+2. **Agreement.** A monitor-mode run (s = 1, so every copy follows the identical
+   trajectory) with a ``"jvp"``, a ``"fast"`` and a sampled ``"fast"`` controller:
+   per step the radius of ``"fast"`` over the exact one (share within 2 %, largest
+   overshoot), and how often the sampled radius exceeds the whole-batch one by > 10 %.
+3. **Memory.** Peak memory allocated inside ``step()`` (the torch profiler's CPU
+   allocation events), in units of the trainable parameters' bytes, on a model whose
+   activations are small next to its parameters.
 
-    .venv/bin/python benchmarks/bench_controller_overhead.py [--steps 100] [--threads 2]
-    python benchmarks/bench_controller_overhead.py --device cuda --models mlp cnn_bn resnet18
+Models: ``cnn_bn`` (3 conv-BN-ReLU-pool blocks, 3x32x32, batch 128, Adam), ``mlp_res``
+(residual GELU MLP, 256 features, width 512, 4 blocks, batch 256, Adam), ``tinylm``
+(V = 8192, d = 128, 2 layers, B x T = 16 x 128 = 2048 positions, Adam), ``resnet18``
+(CIFAR ResNet-18, 3x32x32, batch 64, SGD momentum 0.9). Random inputs: cost and
+agreement do not need real data.
 
-Needs scikit-learn (the digits data).
+    .venv/bin/python benchmarks/bench_controller_overhead.py --threads 1 2
+    .venv/bin/python benchmarks/bench_controller_overhead.py --models mlp_res --steps 20
+    python benchmarks/bench_controller_overhead.py --device cuda --models resnet18 --batch 128
 """
 
 from __future__ import annotations
@@ -19,21 +33,128 @@ import argparse
 import copy
 import statistics
 import time
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from ghoststep.controller import RadiusController
-from ghoststep.experiments.models import build_model
+from ghoststep.experiments.models import TinyLM, resnet18_cifar
 
 
-def load_digits_train() -> tuple[torch.Tensor, torch.Tensor]:
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
+class CNNBatchNorm32(nn.Module):
+    """Three conv(3x3)-BN-ReLU-maxpool blocks (32, 64, 128 channels) and a linear head."""
 
-    X, y = load_digits(return_X_y=True)
-    Xtr, _, ytr, _ = train_test_split(X / 16.0, y, test_size=0.2, stratify=y, random_state=0)
-    return torch.tensor(Xtr, dtype=torch.float32), torch.tensor(ytr)
+    def __init__(self, num_classes: int = 10):
+        super().__init__()
+        layers: list[nn.Module] = []
+        for c_in, c_out in ((3, 32), (32, 64), (64, 128)):
+            layers += [
+                nn.Conv2d(c_in, c_out, 3, padding=1, bias=False),
+                nn.BatchNorm2d(c_out),
+                nn.ReLU(),
+                nn.MaxPool2d(2),
+            ]
+        self.features = nn.Sequential(*layers)
+        self.head = nn.Linear(128 * 4 * 4, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x).flatten(1))
+
+
+class ResidualMLP(nn.Module):
+    """x + W2 GELU(W1 LN(x)) blocks on 256 features, width 512, then a linear head."""
+
+    def __init__(self, features: int = 256, width: int = 512, blocks: int = 4, classes=10):
+        super().__init__()
+        self.blocks = nn.ModuleList(
+            nn.Sequential(
+                nn.LayerNorm(features),
+                nn.Linear(features, width),
+                nn.GELU(),
+                nn.Linear(width, features),
+            )
+            for _ in range(blocks)
+        )
+        self.head = nn.Linear(features, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            x = x + block(x)
+        return self.head(x)
+
+
+class Setup:
+    """A model factory, a batch sampler and an optimizer factory."""
+
+    def __init__(self, build, batch: Callable, optimizer: Callable, sampled: bool):
+        self.build, self.batch, self.optimizer, self.sampled = build, batch, optimizer, sampled
+
+
+def _images(n: int, gen: torch.Generator):
+    return torch.randn(n, 3, 32, 32, generator=gen), torch.randint(0, 10, (n,), generator=gen)
+
+
+def _tokens(n: int, gen: torch.Generator, vocab: int = 8192, length: int = 128):
+    idx = torch.randint(0, vocab, (n, length + 1), generator=gen)
+    return idx[:, :-1], idx[:, 1:]
+
+
+def _adam(params):
+    return torch.optim.Adam(params, lr=1e-3)
+
+
+SETUPS = {
+    "cnn_bn": Setup(CNNBatchNorm32, lambda g, b: _images(b or 128, g), _adam, False),
+    "mlp_res": Setup(
+        ResidualMLP,
+        lambda g, b: (
+            torch.randn(b or 256, 256, generator=g),
+            torch.randint(0, 10, (b or 256,), generator=g),
+        ),
+        _adam,
+        True,
+    ),
+    "tinylm": Setup(
+        lambda: TinyLM(vocab_size=8192, d_model=128, n_layers=2, n_heads=4, max_len=128),
+        lambda g, b: _tokens(b or 16, g),
+        _adam,
+        True,
+    ),
+    "resnet18": Setup(
+        resnet18_cifar,
+        lambda g, b: _images(b or 64, g),
+        lambda params: torch.optim.SGD(params, lr=0.01, momentum=0.9),
+        False,
+    ),
+}
+
+
+def loss_of(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
+
+
+def variants(name: str, device: str, seed: int, mode: str):
+    """(label, model, optimizer) for plain and each controller setting; identical init."""
+    setup = SETUPS[name]
+    torch.manual_seed(seed)
+    base = setup.build().to(device)
+    out = []
+
+    def add(label, **controller):
+        model = copy.deepcopy(base)
+        opt = setup.optimizer(model.parameters())
+        if controller:
+            opt = RadiusController(opt, model, mode=mode, **controller)
+        out.append((label, model, opt))
+
+    add("plain")
+    add("jvp", method="jvp")
+    add("fast", method="fast")
+    if setup.sampled:
+        add("fast+sample", method="fast", subset=16, buffer_size=16)
+    return out
 
 
 def timed_step(model, opt, x, y) -> float:
@@ -41,84 +162,145 @@ def timed_step(model, opt, x, y) -> float:
     sync()
     start = time.perf_counter()
     opt.zero_grad()
-    F.cross_entropy(model(x), y).backward()
+    loss_of(model(x), y).backward()
     opt.step()
     sync()
     return time.perf_counter() - start
 
 
-def make_optimizer(name: str, params, lr: float) -> torch.optim.Optimizer:
-    if name == "resnet18":
-        return torch.optim.SGD(params, lr=0.01, momentum=0.9)
-    return torch.optim.Adam(params, lr=lr)
-
-
-def bench(name: str, X, y, *, batch: int, steps: int, warmup: int, lr: float, seed: int):
-    torch.manual_seed(seed)
-    plain_model = build_model(name).to(X.device)
-    ctrl_model = copy.deepcopy(plain_model)
-    plain = make_optimizer(name, plain_model.parameters(), lr)
-    ctrl = RadiusController(
-        make_optimizer(name, ctrl_model.parameters(), lr), ctrl_model, mode="clip"
-    )
-    g = torch.Generator().manual_seed(seed)
-    t_plain, t_ctrl, t_radius = [], [], []
+def bench_time(name: str, *, steps: int, warmup: int, batch, device: str, seed: int):
+    runs = variants(name, device, seed, mode="clip")
+    times: dict[str, list[float]] = {label: [] for label, _, _ in runs}
+    gen = torch.Generator().manual_seed(seed + 1)
     for i in range(warmup + steps):
-        idx = torch.randint(0, len(X), (batch,), generator=g).to(X.device)
-        x, t = X[idx], y[idx]
-        pair = [(plain_model, plain, t_plain), (ctrl_model, ctrl, t_ctrl)]
-        if i % 2:  # alternate the order, so neither always runs on a warm cache
-            pair.reverse()
-        for model, opt, out in pair:
-            seconds = timed_step(model, opt, x, t)
+        x, y = (t.to(device) for t in SETUPS[name].batch(gen, batch))
+        k = i % len(runs)
+        for label, model, opt in runs[k:] + runs[:k]:  # rotate the order every step
+            seconds = timed_step(model, opt, x, y)
             if i >= warmup:
-                out.append(seconds)
-        if i >= warmup:
-            t_radius.append(ctrl.last.radius_seconds)
-    p, c, r = (statistics.median(v) * 1e3 for v in (t_plain, t_ctrl, t_radius))
-    return p, c, r
+                times[label].append(seconds)
+    return {label: statistics.median(v) * 1e3 for label, v in times.items()}
+
+
+def bench_agreement(name: str, *, steps: int, batch, device: str, seed: int):
+    """Monitor mode, identical trajectories: fast / jvp radius ratios, sampled overshoots."""
+    runs = variants(name, device, seed, mode="monitor")
+    gen = torch.Generator().manual_seed(seed + 2)
+    ratios, sampled = [], []
+    for _ in range(steps):
+        x, y = (t.to(device) for t in SETUPS[name].batch(gen, batch))
+        rho = {}
+        for label, model, opt in runs:
+            opt.zero_grad()
+            loss_of(model(x), y).backward()
+            opt.step()
+            if label != "plain":
+                rho[label] = opt.last.rho_a
+        ratios.append(rho["fast"] / rho["jvp"])
+        if "fast+sample" in rho:
+            sampled.append(rho["fast+sample"] / rho["jvp"])
+    within = sum(abs(r - 1.0) <= 0.02 for r in ratios) / len(ratios)
+    worst = max(r - 1.0 for r in ratios)
+    over = sum(r > 1.10 for r in sampled) / len(sampled) if sampled else None
+    return within, worst, max(abs(r - 1.0) for r in ratios), over
+
+
+def bench_memory(device: str, seed: int) -> dict[str, float]:
+    """Peak bytes allocated inside step(), over the parameters' bytes (MLP, batch 8)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    runs = variants("mlp_res", device, seed, mode="clip")
+    gen = torch.Generator().manual_seed(seed + 3)
+    param_bytes = sum(p.numel() * p.element_size() for p in runs[0][1].parameters())
+    out = {}
+    for label, model, opt in runs[:3]:
+        for i in range(3):
+            x, y = (t.to(device) for t in SETUPS["mlp_res"].batch(gen, 8))
+            opt.zero_grad()
+            loss_of(model(x), y).backward()
+            if i < 2:
+                opt.step()  # the optimizer state exists before the measured step
+                continue
+            with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+                opt.step()
+        events = sorted(
+            (e for e in prof.events() if e.name == "[memory]"),
+            key=lambda e: e.time_range.start,
+        )
+        level = peak = 0
+        for e in events:
+            level += e.cpu_memory_usage
+            peak = max(peak, level)
+        out[label] = peak / param_bytes
+    return out
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", nargs="+", default=["mlp", "cnn_bn"])
-    parser.add_argument("--batch", type=int, default=128)
-    parser.add_argument("--steps", type=int, default=100)
-    parser.add_argument("--warmup", type=int, default=10)
-    parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    parser.add_argument("--models", nargs="+", default=list(SETUPS), choices=list(SETUPS))
+    parser.add_argument("--threads", nargs="+", type=int, default=[1, 2])
+    parser.add_argument("--steps", type=int, default=30, help="timed steps (resnet18: a third)")
+    parser.add_argument("--warmup", type=int, default=4)
+    parser.add_argument("--agree-steps", type=int, default=20)
+    parser.add_argument("--batch", type=int, default=None, help="override every model's batch")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--skip", nargs="*", default=[], choices=["time", "agreement", "memory"])
     args = parser.parse_args(argv)
-
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
     torch.set_flush_denormal(True)
-    digits = tuple(t.to(args.device) for t in load_digits_train())
-    print(
-        f"torch {torch.__version__}, {args.device}, {torch.get_num_threads()} threads, "
-        f"batch {args.batch}, "
-        f"median of {args.steps} steps after {args.warmup} warm-up, interleaved"
-    )
-    print(f"{'model':8s} {'plain ms':>9s} {'ctrl ms':>9s} {'radius ms':>10s} {'overhead':>9s}")
-    for name in args.models:
-        if name == "resnet18":
-            from ghoststep.experiments.data import fake_cifar10
+    print(f"torch {torch.__version__}, device {args.device}, seed {args.seed}")
 
-            X, y = (t.to(args.device) for t in fake_cifar10(n=1024, seed=args.seed))
-        else:
-            X, y = digits
-        p, c, r = bench(
-            name,
-            X,
-            y,
-            batch=args.batch,
-            steps=args.steps,
-            warmup=args.warmup,
-            lr=args.lr,
-            seed=args.seed,
+    if "time" not in args.skip:
+        for threads in args.threads:
+            torch.set_num_threads(threads)
+            print(f"\n## step time, {threads} thread(s): median ms (ratio to plain), interleaved")
+            print(f"{'model':9s} {'plain':>8s} {'jvp':>15s} {'fast':>15s} {'fast+sample':>15s}")
+            for name in args.models:
+                steps = max(6, args.steps // 3) if name == "resnet18" else args.steps
+                ms = bench_time(
+                    name,
+                    steps=steps,
+                    warmup=args.warmup,
+                    batch=args.batch,
+                    device=args.device,
+                    seed=args.seed,
+                )
+                cells = [f"{ms['plain']:8.1f}"]
+                for label in ("jvp", "fast", "fast+sample"):
+                    cells.append(
+                        f"{ms[label]:7.1f} ({ms[label] / ms['plain']:.2f}x)"
+                        if label in ms
+                        else f"{'-':>15s}"
+                    )
+                print(f"{name:9s} " + " ".join(cells), flush=True)
+
+    if "agreement" not in args.skip:
+        torch.set_num_threads(max(args.threads))
+        print(f"\n## agreement, {args.agree_steps} monitor-mode steps on identical trajectories")
+        print(
+            f"{'model':9s} {'fast within 2%':>15s} {'max overshoot':>14s} {'max |error|':>12s} "
+            f"{'sampled > +10%':>15s}"
         )
-        print(f"{name:8s} {p:9.3f} {c:9.3f} {r:10.3f} {100 * (c - p) / p:8.1f}%")
+        for name in args.models:
+            within, worst, err, over = bench_agreement(
+                name,
+                steps=args.agree_steps,
+                batch=args.batch,
+                device=args.device,
+                seed=args.seed,
+            )
+            over_text = "-" if over is None else f"{100 * over:.0f}%"
+            print(
+                f"{name:9s} {100 * within:14.0f}% {100 * worst:+13.3f}% {100 * err:11.3f}% "
+                f"{over_text:>15s}",
+                flush=True,
+            )
+
+    if "memory" not in args.skip and args.device == "cpu":
+        peaks = bench_memory(args.device, args.seed)
+        print("\n## memory: peak allocated inside step(), in parameter copies (mlp_res, batch 8)")
+        for label, copies in peaks.items():
+            print(f"{label:6s} {copies:.2f}")
 
 
 if __name__ == "__main__":

@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from .directional import (
+    FAST_MOVE,
     METHODS,
     capture_rng,
     check_chunking,
@@ -41,6 +42,7 @@ from .directional import (
     directional,
     fd_step,
     forward,
+    refined_step,
     split_inputs,
 )
 from .monitor import Sink, StepStats
@@ -310,6 +312,8 @@ class RadiusController(torch.optim.Optimizer):
         self._measuring = False
         self._devices = cuda_devices(self._slope_model)  # whose RNG the hook captures
         self._pending_buffer: tuple | None = None
+        self._spare: list[torch.Tensor] | None = None
+        self._spread_hint: float | None = None  # last max spread per unit v ("fast")
         self._check_params_in_model()
         self._hook = self._slope_model.register_forward_pre_hook(
             _CaptureHook(self), with_kwargs=True
@@ -487,24 +491,24 @@ class RadiusController(torch.optim.Optimizer):
                     "(e.g. nn.Embedding(sparse=True)); use dense gradients"
                 )
         grads = [p.grad for p in params if p.grad is not None]
-        # host sync 1 of 3: a non-finite gradient must stop us before inner.step()
-        if grads and not bool(
-            torch.stack([torch.isfinite(g).all().to(grads[0].device) for g in grads]).all()
-        ):
+        # host sync 1 of 3: a non-finite gradient must stop us before inner.step().
+        if grads and not _all_finite(grads):
             self._fault("gradient", lr, loss_value)
             return loss
 
         # The one extra parameter copy. After the swap the parameters hold the old
         # values and `proposed` the inner optimizer's result, bitwise (s = 1 copies it
         # back), and the update p = proposed - params is never stored.
-        proposed = [p.detach().clone() for p in params]
+        proposed = self._spare_for(params)
+        torch._foreach_copy_(proposed, params)
+        self._spare = proposed  # after the step it holds whatever the parameters do not
         self.optimizer.step()
         tau, param_norm = self._swap(params, proposed)  # host sync 2 of 3
         if not math.isfinite(tau):
             self._fault("update", lr, loss_value)  # parameters hold the old values
             return loss
         if tau == 0.0:
-            torch._foreach_copy_(params, proposed)
+            self._apply(params, proposed, 1.0, 0.0)
             self._record(
                 self._stats(tau=0.0, rho=math.inf, scale=1.0, lr=lr, loss=loss_value, spread=0.0)
             )
@@ -513,7 +517,7 @@ class RadiusController(torch.optim.Optimizer):
         start = time.perf_counter()
         # "fast" measures at old + f p (f = h / tau); "jvp" / "fd" at the old values.
         fraction = self._fd_fraction(tau, param_norm) if self.method == "fast" else 0.0
-        spread, rho_now, bottleneck, finite, rho_samples, radii = self._measure(
+        spread, rho_now, bottleneck, finite, rho_samples, radii, fraction = self._measure(
             params, proposed, tau, fraction, batches
         )
         if not finite:
@@ -545,13 +549,27 @@ class RadiusController(torch.optim.Optimizer):
     @staticmethod
     def _swap(params: list[torch.Tensor], proposed: list[torch.Tensor]) -> tuple[float, float]:
         """Exchange the contents (parameters <- old, ``proposed`` <- new, both bitwise);
-        return ||new - old|| and ||old||. One tensor of transient memory at a time."""
+        return ||new - old|| and ||old||.
+
+        Plain tensors exchange their storage (``.data``, no copy); tensor subclasses
+        (e.g. DTensor) are copied in place. The difference is taken in groups no larger
+        than the largest parameter: the transient memory stays one parameter's size.
+        """
         norms = []
-        for p, keep in zip(params, proposed, strict=True):
-            new = p.detach().clone()
-            p.copy_(keep)
-            keep.copy_(new)
-            norms.append(torch.linalg.vector_norm(new.sub_(p)))
+        for group in _groups(params):
+            diff = torch._foreach_sub([params[i] for i in group], [proposed[i] for i in group])
+            norms += torch._foreach_norm(diff)
+            del diff
+        if _exchangeable(params):
+            _exchange(params, proposed)
+        else:
+            for group in _groups(params):
+                ps, keep = [params[i] for i in group], [proposed[i] for i in group]
+                new = [torch.empty_like(p) for p in ps]
+                torch._foreach_copy_(new, ps)
+                torch._foreach_copy_(ps, keep)
+                torch._foreach_copy_(keep, new)
+                del new
         device = params[0].device
         stacked = torch.stack([n.to(device, torch.float64) for n in norms])
         old_norms = torch.stack([n.to(device, torch.float64) for n in torch._foreach_norm(params)])
@@ -572,19 +590,46 @@ class RadiusController(torch.optim.Optimizer):
             )
         return tau, param_norm
 
+    def _spare_for(self, params: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The persistent extra copy (kept between steps: a fresh allocation of every
+        parameter's size each step costs page faults on the CPU)."""
+        spare = self._spare
+        if (
+            spare is None
+            or len(spare) != len(params)
+            or any(
+                s.shape != p.shape
+                or s.dtype != p.dtype
+                or s.device != p.device
+                or s.stride() != p.stride()
+                for s, p in zip(spare, params, strict=True)
+            )
+        ):
+            spare = [torch.empty_like(p) for p in params]
+        return spare
+
     def _fd_fraction(self, tau: float, param_norm: float) -> float:
-        """f = h / tau for the one-sided difference at old + f p (``method="fast"``)."""
-        dtype = self._params()[0].dtype
-        fraction = fd_step(param_norm, 1.0, dtype) / tau
-        # The final step is recovered from the evaluation point and the proposal as
-        # a lerp with weight (s - f) / (1 - f): keep f away from 1.
+        """f = h / tau for the one-sided difference at old + f p (``method="fast"``): h
+        moves the outputs by about ``FAST_MOVE`` at the previous step's spread."""
+        hint = self._spread_hint
+        if hint is not None and math.isfinite(hint) and hint > 0:
+            return self._away_from_one(FAST_MOVE / hint / tau)
+        return self._away_from_one(fd_step(param_norm, 1.0, self._params()[0].dtype) / tau)
+
+    @staticmethod
+    def _away_from_one(fraction: float) -> float:
+        # The final step is recovered from the evaluation point and the proposal as a
+        # lerp with weight (s - f) / (1 - f): keep f away from 1.
         return 0.5 if abs(1.0 - fraction) < 0.5 else fraction
 
     @staticmethod
     def _apply(params, proposed, scale: float, fraction: float) -> None:
         """Parameters (now at old + f p) <- old + s p. s = 1 copies the proposal bitwise."""
         if scale == 1.0:
-            torch._foreach_copy_(params, proposed)
+            if _exchangeable(params):
+                _exchange(params, proposed)  # the inner optimizer's tensors, bitwise
+            else:
+                torch._foreach_copy_(params, proposed)
         elif scale != fraction:
             # old + s p = e + (s - f) / (1 - f) (new - e), with e = old + f p
             torch._foreach_lerp_(params, proposed, (scale - fraction) / (1.0 - fraction))
@@ -653,9 +698,15 @@ class RadiusController(torch.optim.Optimizer):
                 if self.extra_radii is not None:  # at the old values, before the shift
                     radii = self._radii(params, torch._foreach_sub(proposed, params), tau, plans)
                 torch._foreach_lerp_(params, proposed, fraction)
+                self._shifted_spreads(plans, fraction * tau)
+                moved = fraction * tau * float(torch.stack([p.spread.max() for p in plans]).max())
+                better = refined_step(fraction * tau, moved)
+                if better is not None:  # the outputs moved too far or too little: redo
+                    target = self._away_from_one(better / tau)
+                    torch._foreach_lerp_(params, proposed, (target - fraction) / (1.0 - fraction))
+                    fraction = target
+                    self._shifted_spreads(plans, fraction * tau)
                 for plan in plans:
-                    # slopes per unit of v: the evaluation point is f tau along it
-                    plan.spread = self._spread_of(plan, self._shifted_spread) / (fraction * tau)
                     plan.baseline = None
             else:
                 # One transient copy: the tangent p (the JVP's primal is the old values).
@@ -674,7 +725,14 @@ class RadiusController(torch.optim.Optimizer):
                 del tangents
                 radii = self._radii(params, update, tau, plans)
                 del update
-        return self._reduce(plans, radii)
+        return (*self._reduce(plans, radii), fraction)
+
+    def _shifted_spreads(self, plans: list[_Plan], step: float) -> None:
+        """Spreads per unit of v from forwards at the evaluation point old + step v."""
+        for plan in plans:
+            plan.spread = self._spread_of(plan, self._shifted_spread) / step
+        if plans:  # the next step's first guess: move the outputs by about FAST_MOVE
+            self._spread_hint = float(torch.stack([p.spread.max() for p in plans]).max())
 
     def _spread_of(self, plan: _Plan, spread_fn) -> torch.Tensor:
         """Flat float64 per-position spread of one plan, in ``chunk_size`` row chunks."""
@@ -978,6 +1036,43 @@ class _Plan:
     def __init__(self, evaluated, call: tuple[tuple, dict], rng, baseline) -> None:
         self.evaluated, self.call, self.rng, self.baseline = evaluated, call, rng, baseline
         self.spread: torch.Tensor | None = None
+
+
+def _all_finite(tensors: Sequence[torch.Tensor]) -> bool:
+    """Every entry finite? One host sync: the 2-norms are finite unless an entry is not
+    or a norm overflowed; only then are the entries checked one by one."""
+    device = tensors[0].device
+    norms = torch.stack([n.to(device) for n in torch._foreach_norm(tensors)])
+    if bool(norms.isfinite().all()):
+        return True
+    return all(bool(torch.isfinite(t).all()) for t in tensors)
+
+
+def _groups(tensors: Sequence[torch.Tensor]) -> list[list[int]]:
+    """Consecutive index groups whose total size is at most the largest tensor's."""
+    limit = max(t.numel() for t in tensors)
+    groups: list[list[int]] = [[]]
+    size = 0
+    for i, t in enumerate(tensors):
+        if size + t.numel() > limit and groups[-1]:
+            groups.append([])
+            size = 0
+        groups[-1].append(i)
+        size += t.numel()
+    return groups
+
+
+def _exchangeable(params: Sequence[torch.Tensor]) -> bool:
+    """Plain dense tensors can trade storage; subclasses (DTensor, FSDP) are copied."""
+    return all(type(p.data) is torch.Tensor for p in params)
+
+
+def _exchange(params: Sequence[torch.Tensor], others: list[torch.Tensor]) -> None:
+    """Swap the storage of each parameter with ``others[i]`` (no data is copied)."""
+    for i, p in enumerate(params):
+        mine = p.data
+        p.data = others[i]
+        others[i] = mine
 
 
 def _autocast_enabled() -> bool:
