@@ -18,7 +18,7 @@ Three parts, every number measured in this one process:
 
 Models: ``cnn_bn`` (3 conv-BN-ReLU-pool blocks, 3x32x32, batch 128, Adam), ``mlp_res``
 (residual GELU MLP, 256 features, width 512, 4 blocks, batch 256, Adam), ``tinylm``
-(V = 8192, d = 128, 2 layers, B x T = 16 x 128 = 2048 positions, Adam), ``resnet18``
+(V = 8192, d = 128, 2 layers, B x T = 64 x 32 = 2048 positions, Adam), ``resnet18``
 (CIFAR ResNet-18, 3x32x32, batch 64, SGD momentum 0.9). Random inputs: cost and
 agreement do not need real data.
 
@@ -33,11 +33,14 @@ import argparse
 import copy
 import statistics
 import time
+import weakref
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils import _pytree as pytree
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from ghoststep.controller import RadiusController
 from ghoststep.experiments.models import TinyLM, resnet18_cifar
@@ -96,7 +99,7 @@ def _images(n: int, gen: torch.Generator):
     return torch.randn(n, 3, 32, 32, generator=gen), torch.randint(0, 10, (n,), generator=gen)
 
 
-def _tokens(n: int, gen: torch.Generator, vocab: int = 8192, length: int = 128):
+def _tokens(n: int, gen: torch.Generator, vocab: int = 8192, length: int = 32):
     idx = torch.randint(0, vocab, (n, length + 1), generator=gen)
     return idx[:, :-1], idx[:, 1:]
 
@@ -117,8 +120,8 @@ SETUPS = {
         True,
     ),
     "tinylm": Setup(
-        lambda: TinyLM(vocab_size=8192, d_model=128, n_layers=2, n_heads=4, max_len=128),
-        lambda g, b: _tokens(b or 16, g),
+        lambda: TinyLM(vocab_size=8192, d_model=128, n_layers=2, n_heads=4, max_len=32),
+        lambda g, b: _tokens(b or 64, g),
         _adam,
         True,
     ),
@@ -168,9 +171,21 @@ def timed_step(model, opt, x, y) -> float:
     return time.perf_counter() - start
 
 
+def timed_forward(model, x) -> float:
+    """One forward without grad (what ``"fast"`` adds): 1 + this / plain is its floor."""
+    sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
+    sync()
+    start = time.perf_counter()
+    with torch.no_grad():
+        model(x)
+    sync()
+    return time.perf_counter() - start
+
+
 def bench_time(name: str, *, steps: int, warmup: int, batch, device: str, seed: int):
     runs = variants(name, device, seed, mode="clip")
     times: dict[str, list[float]] = {label: [] for label, _, _ in runs}
+    times["forward"] = []
     gen = torch.Generator().manual_seed(seed + 1)
     for i in range(warmup + steps):
         x, y = (t.to(device) for t in SETUPS[name].batch(gen, batch))
@@ -179,6 +194,8 @@ def bench_time(name: str, *, steps: int, warmup: int, batch, device: str, seed: 
             seconds = timed_step(model, opt, x, y)
             if i >= warmup:
                 times[label].append(seconds)
+        if i >= warmup:
+            times["forward"].append(timed_forward(runs[0][1], x))
     return {label: statistics.median(v) * 1e3 for label, v in times.items()}
 
 
@@ -205,33 +222,59 @@ def bench_agreement(name: str, *, steps: int, batch, device: str, seed: int):
     return within, worst, max(abs(r - 1.0) for r in ratios), over
 
 
-def bench_memory(device: str, seed: int) -> dict[str, float]:
-    """Peak bytes allocated inside step(), over the parameters' bytes (MLP, batch 8)."""
-    from torch.profiler import ProfilerActivity, profile
+class _LiveBytes(TorchDispatchMode):
+    """Bytes of the storages that ops allocate while active (peak over the run)."""
 
+    def __init__(self) -> None:
+        super().__init__()
+        self.live = self.peak = 0
+        self._seen: set[int] = set()
+
+    def _free(self, key: int, nbytes: int) -> None:
+        self._seen.discard(key)
+        self.live -= nbytes
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = set()
+        for t in pytree.tree_leaves((args, kwargs)):
+            if isinstance(t, torch.Tensor) and t.layout == torch.strided:
+                try:
+                    inputs.add(t.untyped_storage().data_ptr())
+                except RuntimeError:
+                    pass
+        for t in pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor) and t.layout == torch.strided and t.numel():
+                try:
+                    storage = t.untyped_storage()
+                    key, nbytes = storage.data_ptr(), storage.nbytes()
+                except RuntimeError:  # e.g. forward-AD wrappers: their tangents count
+                    continue
+                if nbytes and key not in self._seen and key not in inputs:  # new storage
+                    self._seen.add(key)
+                    self.live += nbytes
+                    self.peak = max(self.peak, self.live)
+                    weakref.finalize(t, self._free, key, nbytes)
+        return out
+
+
+def bench_memory(device: str, seed: int) -> dict[str, tuple[float, float]]:
+    """(kept between steps, peak allocated inside step()) in parameter copies; mlp_res
+    at batch 8, where the activations are small next to the parameters."""
     runs = variants("mlp_res", device, seed, mode="clip")
     gen = torch.Generator().manual_seed(seed + 3)
     param_bytes = sum(p.numel() * p.element_size() for p in runs[0][1].parameters())
     out = {}
     for label, model, opt in runs[:3]:
-        for i in range(3):
+        for _ in range(3):  # the optimizer state and the spare exist before the last step
             x, y = (t.to(device) for t in SETUPS["mlp_res"].batch(gen, 8))
             opt.zero_grad()
             loss_of(model(x), y).backward()
-            if i < 2:
-                opt.step()  # the optimizer state exists before the measured step
-                continue
-            with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            with _LiveBytes() as tracker:
                 opt.step()
-        events = sorted(
-            (e for e in prof.events() if e.name == "[memory]"),
-            key=lambda e: e.time_range.start,
-        )
-        level = peak = 0
-        for e in events:
-            level += e.cpu_memory_usage
-            peak = max(peak, level)
-        out[label] = peak / param_bytes
+        spare = getattr(opt, "_spare", None) or []
+        kept = sum(t.numel() * t.element_size() for t in spare)
+        out[label] = (kept / param_bytes, tracker.peak / param_bytes)
     return out
 
 
@@ -254,7 +297,10 @@ def main(argv: list[str] | None = None) -> None:
         for threads in args.threads:
             torch.set_num_threads(threads)
             print(f"\n## step time, {threads} thread(s): median ms (ratio to plain), interleaved")
-            print(f"{'model':9s} {'plain':>8s} {'jvp':>15s} {'fast':>15s} {'fast+sample':>15s}")
+            print(
+                f"{'model':9s} {'plain':>8s} {'jvp':>15s} {'fast':>15s} {'fast+sample':>15s} "
+                f"{'fast floor':>11s}"
+            )
             for name in args.models:
                 steps = max(6, args.steps // 3) if name == "resnet18" else args.steps
                 ms = bench_time(
@@ -272,6 +318,7 @@ def main(argv: list[str] | None = None) -> None:
                         if label in ms
                         else f"{'-':>15s}"
                     )
+                cells.append(f"{1 + ms['forward'] / ms['plain']:10.2f}x")
                 print(f"{name:9s} " + " ".join(cells), flush=True)
 
     if "agreement" not in args.skip:
@@ -296,11 +343,11 @@ def main(argv: list[str] | None = None) -> None:
                 flush=True,
             )
 
-    if "memory" not in args.skip and args.device == "cpu":
-        peaks = bench_memory(args.device, args.seed)
-        print("\n## memory: peak allocated inside step(), in parameter copies (mlp_res, batch 8)")
-        for label, copies in peaks.items():
-            print(f"{label:6s} {copies:.2f}")
+    if "memory" not in args.skip:
+        print("\n## memory in parameter copies (mlp_res, batch 8; Adam state not counted)")
+        print(f"{'':6s} {'kept between steps':>19s} {'peak inside step()':>19s}")
+        for label, (kept, peak) in bench_memory(args.device, args.seed).items():
+            print(f"{label:6s} {kept:19.2f} {peak:19.2f}")
 
 
 if __name__ == "__main__":

@@ -47,8 +47,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.func import functional_call
 
+from ghoststep.directional import call_at, resolve_direction
 from ghoststep.experiments.common import evaluate, set_seed, torch_threads, train
 from ghoststep.experiments.data import Split, load_digits_split
 from ghoststep.experiments.models import build_model
@@ -57,7 +57,6 @@ from ghoststep.slopes import (
     gradient_direction,
     logit_slopes,
     random_direction,
-    trainable_parameters,
 )
 
 __all__ = [
@@ -295,30 +294,9 @@ def sample_radii(
 # ----------------------------------------------------------------------- line probes
 
 
-def _direction_list(model: nn.Module, direction) -> tuple[list[str], list[torch.Tensor]]:
-    named = trainable_parameters(model)
-    names = [n for n, _ in named]
-    if isinstance(direction, Mapping):
-        missing = [n for n in names if n not in direction]
-        if missing:
-            raise ValueError(f"direction has no entry for parameter(s) {missing}")
-        parts = [direction[n] for n in names]
-    else:
-        parts = list(direction)
-        if len(parts) != len(names):
-            raise ValueError(
-                f"direction has {len(parts)} parts, the model {len(names)} trainable parameters"
-            )
-    return names, [t.detach().to(p.dtype) for t, (_, p) in zip(parts, named)]
-
-
-def _shifted_call(model, names, params, vec, tau, X, dtype=None):
-    state = {
-        n: b.to(dtype, copy=True) if dtype is not None and b.is_floating_point() else b.clone()
-        for n, b in model.named_buffers()
-    }
-    state.update({n: p + tau * v for n, p, v in zip(names, params, vec)})
-    return functional_call(model, state, (X,), strict=False)
+def _shifted_call(model, direction, tau, X, dtype=None):
+    """Logits at theta + tau v (``ghoststep.directional.call_at``; the model is unchanged)."""
+    return call_at(model, (X,), {}, resolve_direction(model, direction), tau, dtype=dtype)
 
 
 @dataclass
@@ -397,14 +375,12 @@ def line_sweep(
     Returns:
         :class:`LineSweep`.
     """
-    names, vec = _direction_list(model, direction)
-    params = [p.detach() for _, p in trainable_parameters(model)]
     if dtype is not None:
-        params, vec, X = [p.to(dtype) for p in params], [v.to(dtype) for v in vec], X.to(dtype)
+        X = X.to(dtype)
     taus = torch.as_tensor(np.asarray(taus, dtype=np.float64), dtype=torch.float64).reshape(-1)
 
     def at(tau: float):
-        logits = _shifted_call(model, names, params, vec, tau, X, dtype).double()
+        logits = _shifted_call(model, direction, tau, X, dtype).double()
         losses = F.cross_entropy(logits / temperature, y, reduction="none")
         return losses, logits.argmax(-1)
 
@@ -444,12 +420,9 @@ def curvature_along(
     network kappa is small and float32 cancellation would swamp it). The model is
     not mutated.
     """
-    names, vec = _direction_list(model, direction)
-    params = [p.detach().to(dtype) for _, p in trainable_parameters(model)]
-    vec = [v.to(dtype) for v in vec]
     with torch.enable_grad():
         tau = torch.zeros((), dtype=dtype, requires_grad=True)
-        logits = _shifted_call(model, names, params, vec, tau, X.to(dtype), dtype)
+        logits = _shifted_call(model, direction, tau, X.to(dtype), dtype)
         loss = F.cross_entropy(logits / temperature, y)
         (slope,) = torch.autograd.grad(loss, tau, create_graph=True)
         if not slope.requires_grad:  # the loss is linear in tau

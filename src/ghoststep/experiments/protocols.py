@@ -45,9 +45,9 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.func import functional_call, jvp
 
 from ghoststep.controller import RadiusController
+from ghoststep.directional import directional, trainable_parameters
 from ghoststep.experiments.common import (
     evaluate,
     median_iqr,
@@ -59,7 +59,7 @@ from ghoststep.experiments.common import (
 )
 from ghoststep.experiments.data import load_digits_split
 from ghoststep.experiments.models import build_model
-from ghoststep.radius import logit_spread
+from ghoststep.radius import logit_spread, radius_from_spread
 
 __all__ = [
     "METHODS",
@@ -407,26 +407,18 @@ def internal_radii(
     need not have unit norm: divide the radii by ``||direction||`` for unit units.
     Parameters, buffers and the RNG are left untouched; no autograd graph is built.
     """
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    named = trainable_parameters(model)
     if len(direction) != len(named):
         raise ValueError(f"direction has {len(direction)} parts for {len(named)} parameters")
-    names = [n for n, _ in named]
-    primals = tuple(p.detach() for _, p in named)
-    tangents = tuple(
-        torch.zeros_like(p) if d is None else d.detach() for p, d in zip(primals, direction)
+
+    def internals(out):
+        return out[1]["attention_logits"], out[1]["ffn_preacts"]
+
+    (_, pre), (dscores, dpre) = directional(
+        model, (inputs,), {"return_internals": True}, list(direction), output_fn=internals
     )
-    buffers = dict(model.named_buffers())
-
-    def f(params):
-        state = {n: b.clone() for n, b in buffers.items()}
-        state.update(zip(names, params))
-        _, internals = functional_call(model, state, (inputs,), {"return_internals": True})
-        return internals["attention_logits"], internals["ffn_preacts"]
-
-    with torch.no_grad(), torch.random.fork_rng():
-        (scores, pre), (dscores, dpre) = jvp(f, (primals,), (tangents,))
     spread = max((float(logit_spread(d).max()) for d in dscores), default=0.0)
-    rho_attn = PI / spread if spread > 0 else math.inf
+    rho_attn = radius_from_spread(spread)
     h = torch.cat([p.reshape(-1) for p in pre]).double()
     dh = torch.cat([d.reshape(-1) for d in dpre]).double().abs()
     moving = dh > 0

@@ -42,6 +42,7 @@ from ghoststep.experiments.probes import (
     pretrain,
     std_log10,
 )
+from ghoststep.radius import radius_from_spread
 
 
 @dataclass
@@ -108,7 +109,7 @@ def run(config: Config, out_dir: Path, progress: bool) -> dict:
                 "test_accuracy": net.test_accuracy,
                 "train_loss": sweep.loss0,
                 "rho_a": rho,
-                "max_spread": math.pi * T / rho,
+                "max_spread": radius_from_spread(rho, T),
                 "loss_ratio": ratio.tolist(),
                 "onset_tau": tau_on,
                 "onset_r": tau_on / rho,
