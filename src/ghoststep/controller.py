@@ -2,15 +2,17 @@
 
 Algorithm (one ``step``; paper Prop. 5.2 and SPEC section 3)::
 
-    grads finite?            else skip (inner optimizer untouched)
-    old  <- copy(theta)                       # the one extra parameter copy
+    grads finite?            else skip (inner optimizer untouched)      # host sync 1
+    spare <- copy(theta)                      # the one extra parameter copy (kept)
     inner.step()                              # momentum, Adam, weight decay ... as usual
-    p    <- theta - old ; theta <- old        # p is stored in the copy's memory
-    tau  <- ||p||,  v = p / tau
-    a    <- J_z(old; x) v                     # logit slopes on the batch, one JVP
-    rho  <- pi T / max_x (max_k a_k - min_k a_k)
+    theta <-> spare                           # theta = old, spare = new (bitwise)
+    tau  <- ||new - old||,  v = p / tau,  p = new - old                 # host sync 2
+    a    <- J_z(old; x) v                     # "jvp": one forward-mode pass, exact
+         |  (z(old + h v) - z_train) / h      # "fast": one forward, against the
+                                              # training forward's own logits
+    rho  <- pi T / max_x (max_k a_k - min_k a_k)                        # host sync 3
     s    <- min(1, r* rho / tau)  ("clip")  |  r* rho / tau  ("set")  |  1  ("monitor")
-    theta <- old + s p
+    theta <- new (s = 1, bitwise)  |  old + s p
 
 Reference: P. Sao, "Ghosts of Softmax: Complex Singularities That Limit Safe Step Sizes
 in Cross-Entropy", arXiv:2603.13552 (2026), section 5.
@@ -79,13 +81,14 @@ class RadiusController(torch.optim.Optimizer):
     The inner optimizer's state (moments, step counts) advances exactly as without the
     wrapper; the controller never writes into ``inner.state``. With ``s = 1`` (monitor
     mode, or a clip that does not bind) the parameters are bitwise those the inner
-    optimizer produced: the few entries where ``old + (new - old)`` rounds differently
-    from ``new`` are remembered and written back.
+    optimizer produced (the controller keeps that result and only rewrites the
+    parameters when s < 1).
 
-    Memory: at most one extra copy of the trainable parameters (the snapshot, which then
-    holds p), plus transient tensors the size of the largest parameter, the entries kept
-    for the bitwise ``s = 1`` case (index and value of each entry that rounds
-    differently; typically few), and the activations of the JVP.
+    Memory: one extra copy of the trainable parameters, kept between steps (plain
+    tensors trade storage with it, so no copy is made back and forth), plus transient
+    tensors the size of the largest parameter and the activations of the measurement;
+    ``method="jvp"`` also holds the tangent p (a second copy) during its pass. No
+    per-parameter host sync: three per step (gradient check, ||p||, the radius).
 
     Devices: parameters may live on several devices (e.g. a model split between CPU and
     GPU); every snapshot stays beside its parameter and the norms are gathered on the
@@ -117,9 +120,11 @@ class RadiusController(torch.optim.Optimizer):
 
     Faults (``on_nonfinite``): a non-finite gradient is detected *before*
     ``inner.step()``, so parameters and the inner state are untouched. If the gradients
-    are finite but the update p or the slopes are not, the parameters are restored
-    bitwise from the snapshot, but the inner optimizer has already consumed the gradient
-    (its moments / step count advanced; with a non-finite p they may now hold NaN).
+    are finite but the update p or the slopes are not, the parameters are restored to
+    the old values (bitwise; with ``"fast"`` and non-finite slopes to rounding, since
+    the old values were moved to old + h v), but the inner optimizer has already
+    consumed the gradient (its moments / step count advanced; with a non-finite p they
+    may now hold NaN).
     ``"skip"`` counts the step in ``skipped_steps``, records it (``StepStats.skipped``)
     and warns once; ``"raise"`` raises ``FloatingPointError`` after restoring.
 
@@ -156,7 +161,15 @@ class RadiusController(torch.optim.Optimizer):
         chunk_size: rows per JVP chunk (``ghoststep.slopes.per_sample_spread``; each
             chunk's tangent is reduced to its spread at once). Not with train-mode
             BatchNorm.
-        method: ``"jvp"`` (exact) or ``"fd"`` (float64 central difference).
+        method: how the slopes are evaluated (``ghoststep.directional``):
+            ``"jvp"`` (exact forward-mode AD; about one training step of extra cost),
+            ``"fast"`` (one extra float32 forward at old + h v, differenced against
+            the logits of the training forward, replaying its RNG state so dropout
+            masks match; BatchNorm buffers restored; the radius agrees with ``"jvp"``
+            to well under 1 % on smooth models, see the module docs for where it is
+            unsafe; float32/64 parameters only; a training forward under autocast
+            costs a second, float32 baseline forward), or ``"fd"`` (float64 central
+            difference, a slow reference).
         on_nonfinite: ``"skip"`` or ``"raise"``.
         history_size: length of the ``history`` deque of :class:`StepStats`.
         extra_radii: optional hook ``extra_radii(model, inputs, update) -> {name: t}``
@@ -181,7 +194,8 @@ class RadiusController(torch.optim.Optimizer):
             language models it is one number per token per step of history.
         sinks: objects with ``write(stats)`` / ``close()`` (see ``ghoststep.monitor``).
         process_group: group for the distributed reduction (default: the world).
-        slopes_kwargs: extra keyword arguments for ``per_sample_spread``.
+        slopes_kwargs: extra keyword arguments for ``ghoststep.directional.directional``
+            (``"jvp"`` / ``"fd"``; e.g. ``step=`` for ``"fd"``).
 
     Example:
         >>> import torch, ghoststep

@@ -19,11 +19,11 @@ at t = 0, by one of three methods:
   ``functional_call`` and no forward-mode AD. ``y(theta)`` can be supplied
   (``baseline=``: the controller passes the logits its training forward already
   computed), so the slopes cost one extra forward. The step h is chosen so that the
-  outputs move by about 0.1 (``FAST_MOVE``; in logit units, i.e. about 3 % of the
+  outputs move by about 0.01 (``FAST_MOVE``; in logit units, i.e. 0.3 % of the
   radius): the O(h) truncation error and the O(eps / h) round-off of two float32
-  forwards are both below 1e-3 there. The controller takes h from the previous
-  step's spread; without one, ``fd_step`` guesses from the parameter norm and a
-  move outside [0.01, 1] is redone once with the corrected step.
+  forwards are both about 1e-3 or less there. The controller takes h from the
+  previous step's spread; without one, ``fd_step`` guesses from the parameter norm
+  and a move outside [0.001, 0.1] is redone once with the corrected step.
 
   Error and where it is unsafe: the relative slope error is O(h |y''| / |y'|) +
   O(eps |y| / (h |y'|)), about 1e-4 to 1e-3 on smooth networks (the radius agrees
@@ -384,16 +384,17 @@ def fd_step(param_norm: float, direction_norm: float, dtype: torch.dtype) -> flo
     return math.sqrt(torch.finfo(dtype).eps) * max(float(param_norm), 1.0) / direction_norm
 
 
-# The one-sided difference is most accurate when the outputs move by about a tenth of
-# a logit unit between its two forwards (measured on the benchmark models: the slope
-# error is below 1e-3 from 0.01 to 1 and grows as O(h) above, as O(eps / h) below).
-FAST_MOVE = 0.1
-_FAST_WINDOW = (0.01, 1.0)
+# The one-sided difference is most accurate when the outputs move by about a hundredth
+# of a logit unit between its two forwards (measured on the benchmark models: the slope
+# error is about 1e-3 or less from 0.002 to 0.3, grows as O(h) above -- faster in ReLU
+# networks, whose kinks the secant crosses -- and as O(eps / h) below).
+FAST_MOVE = 0.01
+_FAST_WINDOW = (0.001, 0.1)
 
 
 def refined_step(step: float, moved: float) -> float | None:
     """A better step when the outputs moved by ``moved`` (max over entries) at ``step``
-    and that lies outside [0.01, 1]; None when ``step`` is fine (or nothing moved)."""
+    and that lies outside [0.001, 0.1]; None when ``step`` is fine (or nothing moved)."""
     if not (math.isfinite(moved) and moved > 0) or _FAST_WINDOW[0] <= moved <= _FAST_WINDOW[1]:
         return None
     return step * FAST_MOVE / moved
@@ -629,8 +630,8 @@ def directional(
             (default: :func:`default_logits_fn`).
         step: the difference step t along the tangents (``"fd"``, ``"fast"``);
             default eps^(1/3) / ||v|| (fd); for fast :func:`fd_step`, redone once
-            with :func:`refined_step` when the outputs moved by more than 1 or less
-            than 0.01 (then three forwards).
+            with :func:`refined_step` when the outputs moved by more than 0.1 or less
+            than 0.001 (then three forwards).
         rng: an RNG state from :func:`capture_rng` to evaluate from (same dropout
             masks as the forward it was captured before); default the current one.
         primals: ``"jvp"`` only: evaluate at these parameter values instead of the

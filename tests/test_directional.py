@@ -1,0 +1,228 @@
+"""The one evaluation path: jvp / fd / fast agree, leave no trace, and the controller's
+one-forward "fast" radius matches the exact one (dropout masks, BatchNorm included)."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ghoststep.controller import RadiusController
+from ghoststep.directional import (
+    call_at,
+    capture_rng,
+    directional,
+    fd_step,
+    forward,
+    refined_step,
+    resolve_direction,
+)
+from ghoststep.experiments.models import build_model
+from ghoststep.radius import logit_spread, radius_from_spread, step_scale
+
+
+class DropoutTransformer(nn.Module):
+    """One pre-LN attention block with dropout on the attention weights, the attention
+    output and the FFN output (explicit softmax: forward AD works on the CPU)."""
+
+    def __init__(self, d: int = 16, heads: int = 2, classes: int = 5, p: float = 0.2):
+        super().__init__()
+        self.heads = heads
+        self.embed = nn.Linear(4, d)
+        self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.qkv, self.proj = nn.Linear(d, 3 * d), nn.Linear(d, d)
+        self.ff1, self.ff2 = nn.Linear(d, 2 * d), nn.Linear(2 * d, d)
+        self.drop = nn.Dropout(p)
+        self.head = nn.Linear(d, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.embed(x)
+        b, t, d = h.shape
+        q, k, v = (
+            z.reshape(b, t, self.heads, -1).transpose(1, 2)
+            for z in self.qkv(self.ln1(h)).chunk(3, -1)
+        )
+        weights = self.drop(torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(d), -1))
+        h = h + self.drop(self.proj((weights @ v).transpose(1, 2).reshape(b, t, d)))
+        h = h + self.drop(self.ff2(F.gelu(self.ff1(self.ln2(h)))))
+        return self.head(h.mean(1))
+
+
+def _case(name: str):
+    """(model in train mode, inputs, targets) for each model family of the issue."""
+    torch.manual_seed(0)
+    if name == "transformer_dropout":
+        return DropoutTransformer().train(), torch.randn(16, 6, 4), torch.randint(0, 5, (16,))
+    if name == "tinylm":
+        model = build_model("tinylm", vocab_size=97, max_len=16)
+        idx = torch.randint(0, 97, (8, 17))
+        return model.train(), idx[:, :-1], idx[:, 1:]
+    model = build_model(name)
+    return model.train(), torch.rand(32, 64), torch.randint(0, 10, (32,))
+
+
+def _random(model):
+    return {n: torch.randn_like(p) for n, p in model.named_parameters()}
+
+
+def _loss(logits, y):
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
+
+
+CASES = ["mlp", "cnn_bn", "transformer_dropout", "tinylm"]
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_fast_agrees_with_jvp_and_fd(name):
+    model, x, _ = _case(name)
+    tangents = resolve_direction(model, _random(model))
+    rng = capture_rng()
+    _, exact = directional(model, (x,), {}, tangents, method="jvp", rng=rng)
+    _, central = directional(model, (x,), {}, tangents, method="fd", rng=rng)
+    _, fast = directional(model, (x,), {}, tangents, method="fast", rng=rng)
+    ref = logit_spread(central.double())
+    assert torch.allclose(logit_spread(exact.double()), ref, rtol=1e-4, atol=1e-6)
+    # "fast" is a float32 one-sided difference: the batch radius within 1 %, the typical
+    # sample too (a secant: single samples of ReLU nets can be off where units switch)
+    error = logit_spread(fast.double()) / ref - 1
+    assert abs(float(logit_spread(fast.double()).max() / ref.max()) - 1) < 1e-2
+    assert float(error.abs().median()) < 1e-2
+
+
+def test_fast_needs_the_same_dropout_masks():
+    """The test above can fail: a baseline drawn with other masks is far off."""
+    model, x, _ = _case("transformer_dropout")
+    tangents = resolve_direction(model, _random(model))
+    rng = capture_rng()
+    _, exact = directional(model, (x,), {}, tangents, method="jvp", rng=rng)
+    torch.manual_seed(123)
+    other = forward(model, (x,), {}, rng=capture_rng())  # other masks
+    _, wrong = directional(model, (x,), {}, tangents, method="fast", rng=rng, baseline=other)
+    assert float(logit_spread(wrong).max()) > 10 * float(logit_spread(exact).max())
+
+
+@pytest.mark.parametrize("method", ["jvp", "fd", "fast"])
+def test_evaluation_leaves_no_trace(method):
+    model, x, _ = _case("cnn_bn")  # BatchNorm in train mode updates its buffers
+    params = [p.detach().clone() for p in model.parameters()]
+    buffers = [b.clone() for b in model.buffers()]
+    tangents = resolve_direction(model, _random(model))
+    rng = torch.get_rng_state()
+    directional(model, (x,), {}, tangents, method=method)
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), params, strict=True))
+    assert all(torch.equal(b, c) for b, c in zip(model.buffers(), buffers, strict=True))
+    assert torch.equal(torch.get_rng_state(), rng)
+
+
+def test_fast_refuses_low_precision_and_refines_its_step():
+    model = nn.Linear(4, 3).to(torch.bfloat16)
+    tangents = resolve_direction(model, [torch.ones_like(p) for p in model.parameters()])
+    with pytest.raises(ValueError, match='method="jvp"'):
+        directional(model, (torch.ones(2, 4, dtype=torch.bfloat16),), {}, tangents, method="fast")
+    assert refined_step(1.0, 0.05) is None  # moved 0.05: fine
+    assert refined_step(1.0, 10.0) == pytest.approx(0.001)  # too far: 1000x smaller
+    assert refined_step(2.0, 1e-4) == pytest.approx(200.0)  # too little
+    assert refined_step(1.0, 0.0) is None and refined_step(1.0, math.nan) is None
+    assert fd_step(100.0, 2.0, torch.float32) == pytest.approx(
+        math.sqrt(torch.finfo(torch.float32).eps) * 50.0
+    )
+
+
+def test_call_at_is_differentiable_in_t():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 2)).double()
+    x = torch.randn(4, 3, dtype=torch.float64)
+    tangents = resolve_direction(model, _random(model))
+    t = torch.zeros((), dtype=torch.float64, requires_grad=True)
+    (dz,) = torch.autograd.grad(call_at(model, (x,), {}, tangents, t).sum(), t)
+    _, a = directional(model, (x,), {}, tangents, method="jvp")
+    assert float(dz) == pytest.approx(float(a.sum()), rel=1e-10)
+
+
+# ------------------------------------------------------------------ step rule (radius)
+
+
+def test_radius_from_spread_and_step_scale_closed_forms():
+    assert radius_from_spread(2.0, 3.0) == pytest.approx(1.5 * math.pi)
+    assert radius_from_spread(0.0) == math.inf
+    spread = torch.tensor([0.0, math.pi, math.inf], dtype=torch.float64)
+    assert radius_from_spread(spread).tolist() == [math.inf, 1.0, 0.0]
+    assert radius_from_spread(radius_from_spread(0.7, 2.0), 2.0) == pytest.approx(0.7)
+    assert step_scale(4.0, 1.0, "clip", 2.0) == pytest.approx(0.5)
+    assert step_scale(0.5, 1.0, "clip") == 1.0  # inside: untouched
+    assert step_scale(0.5, 1.0, "set", 2.0) == pytest.approx(4.0)  # set may grow the step
+    assert step_scale(4.0, 1.0, "monitor") == 1.0
+    assert step_scale(4.0, math.inf, "set") == 1.0
+    with pytest.raises(ValueError, match="mode must be one of"):
+        step_scale(1.0, 1.0, "cap")
+
+
+# ------------------------------------------------------------------------ controller
+
+
+def _twins(name: str, methods, mode: str = "monitor", lr: float = 1e-2):
+    model, x, y = _case(name)
+    runs = []
+    for method in methods:
+        twin = copy.deepcopy(model)
+        opt = torch.optim.Adam(twin.parameters(), lr=lr)
+        if method is not None:
+            opt = RadiusController(opt, twin, mode=mode, method=method)
+        runs.append((twin, opt))
+    return runs, x, y
+
+
+def _train_step(model, opt, x, y, seed: int):
+    torch.manual_seed(seed)  # the same dropout masks in every twin's training forward
+    opt.zero_grad()
+    _loss(model(x), y).backward()
+    opt.step()
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_controller_fast_radius_matches_jvp(name):
+    (m_jvp, jvp), (m_fast, fast), (m_plain, plain) = _twins(name, ["jvp", "fast", None])[0]
+    _, x, y = _case(name)
+    ratios = []
+    for step in range(6):
+        for model, opt in ((m_jvp, jvp), (m_fast, fast), (m_plain, plain)):
+            _train_step(model, opt, x, y, seed=step)
+        ratios.append(fast.last.rho_a / jvp.last.rho_a)
+        # monitor mode: both follow the bare optimizer bitwise; buffers as in plain training
+        for a, b, c in zip(m_jvp.parameters(), m_fast.parameters(), m_plain.parameters()):
+            assert torch.equal(a, c) and torch.equal(b, c)
+        for a, b, c in zip(m_jvp.buffers(), m_fast.buffers(), m_plain.buffers()):
+            assert torch.equal(a, c) and torch.equal(b, c)
+    assert max(abs(r - 1.0) for r in ratios) < 0.02, ratios
+
+
+@pytest.mark.parametrize("method", ["jvp", "fd", "fast"])
+def test_controller_clips_and_keeps_rng_for_every_method(method):
+    ((model, ctrl),) = _twins("transformer_dropout", [method], mode="clip", lr=10.0)[0]
+    _, x, y = _case("transformer_dropout")
+    torch.manual_seed(0)
+    model.train()
+    for _ in range(3):
+        ctrl.zero_grad()
+        _loss(model(x), y).backward()
+        before = torch.get_rng_state()
+        ctrl.step()
+        assert torch.equal(torch.get_rng_state(), before)  # training RNG stream untouched
+        assert ctrl.last.scale < 1.0  # lr 10: the clip binds
+        assert ctrl.last.r_after == pytest.approx(1.0, rel=1e-9)
+
+
+def test_controller_fast_under_autocast_measures_its_own_baseline():
+    (model, ctrl), (twin, exact) = _twins("mlp", ["fast", "jvp"])[0]
+    _, x, y = _case("mlp")
+    for m, opt in ((model, ctrl), (twin, exact)):
+        opt.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logits = m(x)
+        _loss(logits.float(), y).backward()
+        opt.step()
+    assert ctrl.last.rho_a == pytest.approx(exact.last.rho_a, rel=0.02)
