@@ -48,7 +48,7 @@ from .directional import (
     split_inputs,
 )
 from .monitor import Sink, StepStats
-from .radius import logit_spread, radius_from_spread, step_scale
+from .radius import radius_from_spread, step_scale
 
 __all__ = ["RadiusController"]
 
@@ -769,7 +769,7 @@ class RadiusController(torch.optim.Optimizer):
             rng=plan.rng,
             devices=self._devices,
         )
-        return logit_spread(shifted - plan.baseline[rows])
+        return _spread(shifted.sub_(plan.baseline[rows]))
 
     def _tangent_spread(self, args, kwargs, plan: _Plan, tangents) -> torch.Tensor:
         _, slopes = directional(
@@ -782,7 +782,7 @@ class RadiusController(torch.optim.Optimizer):
             rng=plan.rng,
             **self.slopes_kwargs,
         )
-        return logit_spread(slopes)
+        return _spread(slopes)
 
     def _plan(self, entry: _Captured) -> _Plan:
         """The rows to evaluate for one micro-batch (subset and buffer applied)."""
@@ -1074,6 +1074,13 @@ def _groups(tensors: Sequence[torch.Tensor]) -> list[list[int]]:
         groups[-1].append(i)
         size += t.numel()
     return groups
+
+
+def _spread(slopes: torch.Tensor) -> torch.Tensor:
+    """max_k - min_k in one pass (``radius.logit_spread`` without its row check: a
+    NaN or infinite slope still gives a non-finite spread, which faults the step)."""
+    low, high = torch.aminmax(slopes, dim=-1)
+    return high - low
 
 
 def _exchangeable(params: Sequence[torch.Tensor]) -> bool:
