@@ -213,7 +213,8 @@ def test_controller_clips_and_keeps_rng_for_every_method(method):
         ctrl.step()
         assert torch.equal(torch.get_rng_state(), before)  # training RNG stream untouched
         assert ctrl.last.scale < 1.0  # lr 10: the clip binds
-        assert ctrl.last.r_after == pytest.approx(1.0, rel=1e-9)
+        # at the clip, less the method's margin (jvp 1e-5, fd / fast 1e-2)
+        assert 1.0 - ctrl.margin - 1e-4 <= ctrl.last.r_after <= 1.0 - ctrl.margin
 
 
 def test_controller_fast_under_autocast_measures_its_own_baseline():

@@ -211,14 +211,16 @@ def test_checkpoint_resume_restores_controller(tmp_path):
     assert saved["step_count"] == 2
 
 
-def test_fused_attention_is_switched_to_eager_with_a_warning(tmp_path):
+def test_default_attention_is_kept_and_trains(tmp_path, recwarn):
     trainer = transformers.Trainer(
-        model=_gpt2("sdpa"), args=_args(tmp_path, max_steps=1), train_dataset=TokenData(8)
+        model=_gpt2("sdpa"), args=_args(tmp_path, max_steps=2), train_dataset=TokenData(8)
     )
-    with pytest.warns(UserWarning, match="eager"):
-        add_radius_control(trainer, mode="monitor")
+    callback = add_radius_control(trainer, mode="clip", target_r=0.5)
     trainer.train()
-    assert trainer.model.config._attn_implementation == "eager"
+    assert trainer.model.config._attn_implementation == "sdpa"  # the user's model, unchanged
+    assert not [w for w in recwarn if "eager" in str(w.message)]
+    history = callback.controller.history
+    assert len(history) == 2 and all(0 < s.r_after <= 0.5 for s in history)
 
 
 def test_prewrapped_optimizer_via_optimizers_argument(tmp_path):

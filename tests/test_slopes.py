@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ghoststep import RadiusController
 from ghoststep.experiments.models import ARCHITECTURES, MLP, TinyLM, build_model
 from ghoststep.slopes import (
     Measurement,
@@ -402,7 +403,7 @@ def test_errors_are_clear():
         logit_slopes(model, x.numpy(), v)
     with pytest.raises(TypeError, match=r"inputs\[0\] is a list"):
         logit_slopes(model, [x.tolist()], v)
-    with pytest.raises(ValueError, match='method must be one of'):
+    with pytest.raises(ValueError, match="method must be one of"):
         logit_slopes(model, x, v, method="reverse")
     with pytest.raises(ValueError, match="chunk_size must be a positive int"):
         logit_slopes(model, x, v, chunk_size=0)
@@ -417,30 +418,41 @@ def test_errors_are_clear():
 
 
 class _SdpaModel(nn.Module):
-    def __init__(self):
+    def __init__(self, fused_op: bool = False):
         super().__init__()
         self.proj = nn.Linear(8, 8)
         self.head = nn.Linear(8, 3)
+        self.fused_op = fused_op
 
     def forward(self, x):
-        h = self.proj(x)
-        h = F.scaled_dot_product_attention(h[:, None], h[:, None], h[:, None])[:, 0]
-        return self.head(h.mean(1))
+        h = self.proj(x)[:, None]
+        if self.fused_op:  # the CPU flash kernel called directly: no forward AD
+            h = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(h, h, h)[0]
+        else:  # the public function: the JVP selects its math kernel
+            h = F.scaled_dot_product_attention(h, h, h)
+        return self.head(h[:, 0].mean(1))
 
 
-def test_op_without_forward_ad_names_it_and_suggests_fd():
+def test_default_sdpa_needs_no_change_and_matches_fd():
     torch.manual_seed(0)
     model = _SdpaModel()
     x = torch.randn(2, 5, 8)
     v = random_direction(model, seed=0)
-    with pytest.raises(NotImplementedError, match=r"scaled_dot_product.*method=\"fast\".*MATH"):
+    _, a = logit_slopes(model, x, v)  # default kernel selection, as in training
+    _, fd = logit_slopes(model, x, v, method="fd")
+    assert rel_err(a, fd.double()) < 1e-5
+
+
+def test_op_without_forward_ad_names_it_and_suggests_fd():
+    torch.manual_seed(0)
+    model = _SdpaModel(fused_op=True)
+    x = torch.randn(2, 5, 8)
+    v = random_direction(model, seed=0)
+    with pytest.raises(NotImplementedError, match=r"flash_attention_for_cpu.*method=\"fast\""):
         logit_slopes(model, x, v)
     _, fd = logit_slopes(model, x, v, method="fd")
     _, fast = logit_slopes(model, x, v, method="fast")  # no forward AD needed
     assert rel_err(fast.double(), fd.double()) < 1e-2
-    with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH):
-        _, a = logit_slopes(model, x, v)
-    assert rel_err(a, fd.double()) < 1e-5
 
 
 # -------------------------------------------------------- optimizer update direction
@@ -547,7 +559,7 @@ class _Wrapped(nn.Module):
             return _Output(z)
         if self.kind == "dict":
             return {"hidden": z.sum(), "logits": z}
-        return (z, z.sum())
+        return (z.sum(), z)  # a Hugging Face return_dict=False (loss, logits)
 
 
 @pytest.mark.parametrize("kind", ["hf", "dict", "tuple"])
@@ -572,7 +584,35 @@ def model_logits(out, kind):
         return out.logits
     if kind == "dict":
         return out["logits"]
-    return out[0]
+    return out[1]
+
+
+def test_ambiguous_output_is_refused_not_guessed():
+    class FeaturesAndLogits(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body, self.head = nn.Linear(4, 6), nn.Linear(6, 3)
+
+        def forward(self, x):
+            h = torch.tanh(self.body(x))
+            return h, self.head(h)  # the first tensor is not the logits
+
+    torch.manual_seed(0)
+    model = FeaturesAndLogits()
+    x = torch.randn(5, 4)
+    v = random_direction(model, seed=0)
+    with pytest.raises(TypeError, match=r"tuple\(Tensor\(5, 6\), Tensor\(5, 3\)\).*logits_fn"):
+        measure(model, x, v)
+    ctrl = RadiusController(torch.optim.SGD(model.parameters(), lr=0.1), model)
+    model(x)[1].sum().backward()
+    with pytest.raises(TypeError, match="logits_fn"):
+        ctrl.step()
+    right = measure(model, x, v, logits_fn=lambda out: out[1])
+    plain = nn.Sequential(model.body, nn.Tanh(), model.head)
+    _, ref = logit_slopes(plain, x, [v[n] for n, _ in model.named_parameters()])
+    assert right.rho_batch == pytest.approx(
+        math.pi / float((ref.amax(-1) - ref.amin(-1)).max()), rel=1e-6
+    )
 
 
 def test_hugging_face_gpt2_with_eager_attention():

@@ -21,6 +21,7 @@ in Cross-Entropy", arXiv:2603.13552 (2026), section 5.
 from __future__ import annotations
 
 import collections
+import copy
 import inspect
 import math
 import time
@@ -40,10 +41,10 @@ from .directional import (
     check_chunking,
     chunks,
     cuda_devices,
-    default_logits_fn,
     directional,
     fd_step,
     forward,
+    logits_reader,
     refined_step,
     split_inputs,
 )
@@ -53,6 +54,10 @@ from .radius import radius_from_spread, step_scale
 __all__ = ["RadiusController"]
 
 _MODES = ("clip", "set", "monitor")
+# Default relative margin on the measured radius in clip / set mode, by method: the
+# exact JVP only needs its float32 rounding covered; the secants ("fd" across a kink,
+# "fast" with its O(h) error, measured within +0.3 % of the JVP) need more.
+_MARGINS = {"jvp": 1e-5, "fd": 1e-2, "fast": 1e-2}
 _STATE_VERSION = 1
 
 
@@ -238,6 +243,8 @@ class RadiusController(torch.optim.Optimizer):
         sinks: Iterable[Sink] = (),
         process_group: Any = None,
         slopes_kwargs: Mapping[str, Any] | None = None,
+        margin: float | None = None,
+        scaled_update: str = "auto",
     ) -> None:
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(
@@ -265,6 +272,13 @@ class RadiusController(torch.optim.Optimizer):
             raise ValueError(f"history_size must be an int >= 0, got {history_size!r}")
         if ignore_index is not None and mask_fn is not None:
             raise ValueError("give either mask_fn or ignore_index, not both")
+        if margin is not None and not (isinstance(margin, (int, float)) and 0.0 <= margin < 1.0):
+            raise ValueError(f"margin must be None or a number in [0, 1), got {margin!r}")
+        if scaled_update not in ("auto", "interpolate", "rerun"):
+            raise ValueError(
+                f'scaled_update must be "auto", "interpolate" or "rerun", got {scaled_update!r}'
+            )
+        _check_supported(optimizer)
 
         # Optimizer.__init__ assigns self.state and calls add_param_group; both are
         # routed to the base class until self.optimizer exists (see the overrides).
@@ -283,7 +297,7 @@ class RadiusController(torch.optim.Optimizer):
         self.window = int(window)
         self.quantile = None if quantile is None else float(quantile)
         self.logits_fn = logits_fn
-        self._logits_fn = logits_fn or default_logits_fn
+        self._logits_fn = logits_reader(logits_fn)
         self.mask_fn = mask_fn
         self.ignore_index = ignore_index
         self.targets_fn = targets_fn
@@ -291,6 +305,10 @@ class RadiusController(torch.optim.Optimizer):
         if method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {method!r}")
         self.method = method
+        self.margin = _MARGINS[method] if margin is None else float(margin)
+        if scaled_update == "auto":
+            scaled_update = "rerun" if holds_iterate(optimizer) else "interpolate"
+        self.scaled_update = scaled_update
         self.on_nonfinite = on_nonfinite
         self.keep_samples = bool(keep_samples)
         if micro_batches not in ("last", "all"):
@@ -328,6 +346,7 @@ class RadiusController(torch.optim.Optimizer):
         self._pending_buffer: tuple | None = None
         self._spare: list[torch.Tensor] | None = None
         self._spread_hint: float | None = None  # last max spread per unit v ("fast")
+        self._capable = method == "fast"  # "jvp" / "fd" are tried before the first step
         self._check_params_in_model()
         self._hook = self._slope_model.register_forward_pre_hook(
             _CaptureHook(self), with_kwargs=True
@@ -358,6 +377,16 @@ class RadiusController(torch.optim.Optimizer):
         self.param_groups = self.optimizer.param_groups
         self._devices = cuda_devices(self._slope_model)
         self._check_params_in_model()
+
+    def train(self) -> None:
+        """Forward ``train()`` to the inner optimizer if it has one (schedule-free)."""
+        if callable(getattr(self.optimizer, "train", None)):
+            self.optimizer.train()
+
+    def eval(self) -> None:
+        """Forward ``eval()`` to the inner optimizer if it has one (schedule-free)."""
+        if callable(getattr(self.optimizer, "eval", None)):
+            self.optimizer.eval()
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.optimizer.zero_grad(set_to_none=set_to_none)
@@ -510,6 +539,13 @@ class RadiusController(torch.optim.Optimizer):
             self._fault("gradient", lr, loss_value)
             return loss
 
+        if not self._capable:
+            # Before the inner optimizer consumes the gradient: an error here (e.g. an
+            # op without forward AD) leaves the optimizer and the parameters as they were.
+            self._try_measurement(params, batches)
+        rerun = self.scaled_update == "rerun" and self.mode != "monitor"
+        snapshot = _OptimizerSnapshot(self.optimizer, params) if rerun else None
+
         # The one extra parameter copy. After the swap the parameters hold the old
         # values and `proposed` the inner optimizer's result, bitwise (s = 1 copies it
         # back), and the update p = proposed - params is never stored.
@@ -531,19 +567,52 @@ class RadiusController(torch.optim.Optimizer):
         start = time.perf_counter()
         # "fast" measures at old + f p (f = h / tau); "jvp" / "fd" at the old values.
         fraction = self._fd_fraction(tau, param_norm) if self.method == "fast" else 0.0
-        spread, rho_now, bottleneck, finite, rho_samples, radii, fraction = self._measure(
+        spread, rho_now, bottleneck, finite, rho_samples, radii, counted, fraction = self._measure(
             params, proposed, tau, fraction, batches
         )
         if not finite:
             self._apply(params, proposed, 0.0, fraction)  # back to the old values
             self._fault("slope", lr, loss_value, tau=tau, seconds=time.perf_counter() - start)
             return loss
+        if not counted:
+            # Every position masked: no radius bounds this update. Policy: clip / set
+            # skip it (the parameters keep their values), monitor applies it.
+            warnings.warn(
+                "RadiusController: every position of the batch is masked (mask_fn / "
+                "ignore_index), so no radius bounds this update; "
+                + (
+                    "it was applied (monitor mode)"
+                    if self.mode == "monitor"
+                    else "it was skipped and the parameters left unchanged"
+                ),
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            if self.mode != "monitor":
+                self._apply(params, proposed, 0.0, fraction)
+                self.skipped_steps += 1
+                self._record(
+                    self._stats(
+                        tau=tau, rho=math.inf, scale=0.0, lr=lr, loss=loss_value,
+                        spread=0.0, skipped=True,
+                    )
+                )  # fmt: skip
+                return loss
         rho = min([rho_now, *self._recent_rhos])
         if self.window > 1:
             self._recent_rhos.append(rho_now)
         seconds = time.perf_counter() - start
-        scale = step_scale(tau, rho, self.mode, self.target_r)
-        self._apply(params, proposed, scale, fraction)
+        # Clip keeps a margin below the radius for the method's error and the float
+        # rounding of old + s p (about one ulp of each parameter: eps ||old|| in length).
+        limit_rho = rho
+        if self.mode == "clip":
+            rounding = 2.0 * torch.finfo(params[0].dtype).eps * param_norm
+            limit_rho = max(rho * (1.0 - self.margin) - rounding, 0.0)
+        scale = step_scale(tau, limit_rho, self.mode, self.target_r)
+        if snapshot is not None and scale != 1.0:
+            scale = self._rerun(params, snapshot, scale, self.target_r * limit_rho, tau)
+        else:
+            self._apply(params, proposed, scale, fraction)
         self._record(
             self._stats(
                 tau=tau,
@@ -559,6 +628,43 @@ class RadiusController(torch.optim.Optimizer):
             )
         )
         return loss
+
+    def _try_measurement(self, params, batches) -> None:
+        """Run the slopes once along the gradient on the first batch (first step only)."""
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        tangents = self._direction(params, grads)
+        entry = batches[0]  # all rows, no subset draw: the generator is left alone
+        plan = _Plan(entry.inputs, split_inputs(entry.inputs), entry.rng, None)
+        with self._measuring_forward():
+            self._spread_of(
+                plan,
+                lambda args, kwargs, rows, plan: self._tangent_spread(args, kwargs, plan, tangents),
+            )
+        self._capable = True
+
+    def _rerun(self, params, snapshot: _OptimizerSnapshot, scale, limit, tau) -> float:
+        """Scaled update for optimizers with an iterate of their own (``"rerun"``): the
+        inner step again, from the restored state, with every learning rate times s.
+        In clip mode the result is pulled back to length ``limit`` if it overshoots
+        (its direction is not exactly p). Returns the realised s' = ||step|| / tau."""
+        snapshot.restore(self.optimizer, params)
+        self.param_groups = self.optimizer.param_groups
+        rates = [group.get("lr") for group in self.param_groups]
+        for group, lr in zip(self.param_groups, rates, strict=True):
+            if lr is not None:
+                group["lr"] = lr * scale
+        try:
+            self.optimizer.step()
+        finally:
+            for group, lr in zip(self.param_groups, rates, strict=True):
+                if lr is not None:
+                    group["lr"] = lr
+        step = torch._foreach_sub(params, snapshot.params)
+        length = float(torch.linalg.vector_norm(torch.stack(torch._foreach_norm(step)).double()))
+        if self.mode == "clip" and length > limit:
+            torch._foreach_lerp_(params, snapshot.params, 1.0 - limit / length)
+            length = limit
+        return length / tau
 
     @staticmethod
     def _swap(params: list[torch.Tensor], proposed: list[torch.Tensor]) -> tuple[float, float]:
@@ -864,7 +970,9 @@ class RadiusController(torch.optim.Optimizer):
             offset += spread.numel()
         summary = torch.stack([f.to(flags[0].device) for f in flags]).tolist()
         finite = all(row[1] == 1.0 for row in summary)
-        agg_spread, bottleneck = 0.0, -1
+        # -1: no position to measure here (every one masked); a MAX over ranks keeps
+        # every rank's decision the same
+        agg_spread, bottleneck = -1.0, -1
         for agg, _, index, count in summary:
             if count and (bottleneck < 0 or agg > agg_spread):
                 agg_spread, bottleneck = agg, int(index)
@@ -872,6 +980,8 @@ class RadiusController(torch.optim.Optimizer):
             self._update_buffer(*self._pending_buffer)
         self._pending_buffer = None
         agg_spread, finite = self._all_reduce(agg_spread, finite)
+        counted = agg_spread >= 0.0
+        agg_spread = max(agg_spread, 0.0)
         rho = radius_from_spread(agg_spread, self.temperature)
         if finite and radii is not None:
             radii = dict(radii, out=rho)
@@ -888,7 +998,7 @@ class RadiusController(torch.optim.Optimizer):
             kept = torch.cat([v for v in valid_spreads if v.numel()]) if valid_spreads else None
             if kept is not None and kept.numel():
                 samples = radius_from_spread(kept, self.temperature).float().cpu()
-        return agg_spread, rho, bottleneck, finite, samples, radii
+        return agg_spread, rho, bottleneck, finite, samples, radii, counted
 
     def _radii(self, params, update, tau: float, plans) -> dict[str, float] | None:
         """The ``extra_radii`` hook's radii (smallest over the micro-batches) as distances
@@ -1042,6 +1152,19 @@ class _Captured:
         return entry
 
 
+class _OptimizerSnapshot:
+    """The inner optimizer's state (a deep copy of its ``state_dict``) and the
+    parameters, before its step (``scaled_update="rerun"``)."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, params: list[torch.Tensor]) -> None:
+        self.state = copy.deepcopy(optimizer.state_dict())
+        self.params = [p.detach().clone() for p in params]
+
+    def restore(self, optimizer: torch.optim.Optimizer, params: list[torch.Tensor]) -> None:
+        optimizer.load_state_dict(self.state)
+        torch._foreach_copy_(params, self.params)
+
+
 class _Plan:
     """What one micro-batch's measurement evaluates."""
 
@@ -1050,6 +1173,34 @@ class _Plan:
     def __init__(self, evaluated, call: tuple[tuple, dict], rng, baseline) -> None:
         self.evaluated, self.call, self.rng, self.baseline = evaluated, call, rng, baseline
         self.spread: torch.Tensor | None = None
+
+
+def holds_iterate(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether the optimizer keeps an iterate of its own besides the parameters
+    (schedule-free: z; Lookahead: the slow weights), so that rescaling the parameters
+    alone would leave the two apart. Known families, by class name."""
+    names = {cls.__name__.lower() for cls in type(optimizer).__mro__}
+    return any("schedulefree" in n or "lookahead" in n for n in names)
+
+
+def _check_supported(optimizer: torch.optim.Optimizer) -> None:
+    """Refuse, at construction, optimizers whose ``step`` needs a closure."""
+    if isinstance(optimizer, torch.optim.LBFGS):
+        raise ValueError(
+            "RadiusController cannot wrap LBFGS: its step re-evaluates the loss through "
+            "a closure along a line search, so there is no single proposed update to "
+            "measure. Use a first-order optimizer, or measure LBFGS steps with "
+            "ghoststep.measure(model, inputs, update, step_norm=1.0)"
+        )
+    if all(hasattr(optimizer, a) for a in ("first_step", "second_step", "base_optimizer")):
+        name = type(optimizer).__name__
+        raise ValueError(
+            f"RadiusController cannot wrap {name}: its step needs a closure (two forward "
+            "passes). Wrap its base optimizer instead, which makes the update: "
+            f"`sam = {name}(...); sam.base_optimizer = RadiusController("
+            "sam.base_optimizer, model)`, then train with sam as usual "
+            "(first_step / second_step or step(closure))"
+        )
 
 
 def _all_finite(tensors: Sequence[torch.Tensor]) -> bool:

@@ -10,6 +10,10 @@ at t = 0, by one of three methods:
 * ``"jvp"``: forward-mode AD (``torch.autograd.forward_ad`` dual parameters through
   ``torch.func.functional_call``), exact. One primal + tangent pass, which costs about
   as much as a training step (forward and backward) on matmul / conv networks.
+  ``F.scaled_dot_product_attention`` runs with its math kernel inside this pass only
+  (the fused flash / memory-efficient kernels have no forward AD), so models with the
+  default attention (``nn.TransformerEncoderLayer``, Hugging Face ``"sdpa"``) need no
+  change and train with their fast kernel.
 * ``"fd"``: central difference ``(y(theta + h v) - y(theta - h v)) / 2h`` in float64
   (parameters, floating buffers and inputs cast; the module is not modified), with
   ``h = eps64^(1/3) / ||v||``. Three float64 forwards: a slow reference.
@@ -76,6 +80,9 @@ __all__ = [
     "direction_norm",
     "split_inputs",
     "default_logits_fn",
+    "describe_output",
+    "class_logits",
+    "logits_reader",
     "batch_coupled",
     "check_chunking",
     "chunks",
@@ -315,27 +322,75 @@ def check_chunking(model: nn.Module, args, kwargs, chunk_size) -> None:
 
 
 def default_logits_fn(output) -> torch.Tensor:
-    """Pick the logits: a tensor itself, ``.logits``, ``["logits"]``, or the first tensor."""
+    """The logits of a model output, never guessed.
+
+    Accepted: a tensor; an object with a tensor ``.logits`` (Hugging Face outputs); a
+    mapping with a tensor ``"logits"``; a Hugging Face ``return_dict=False`` tuple
+    ``(loss, logits, ...)`` (its first item a scalar loss). Anything else (e.g. a
+    ``(features, logits)`` tuple) raises a ``TypeError`` that shows the output's
+    structure and names ``logits_fn``.
+    """
     if isinstance(output, torch.Tensor):
         return output
     logits = getattr(output, "logits", None)
     if isinstance(logits, torch.Tensor):
         return logits
-    if isinstance(output, Mapping):
-        if isinstance(output.get("logits"), torch.Tensor):
-            return output["logits"]
-        values = list(output.values())
-    elif isinstance(output, (tuple, list)):
-        values = list(output)
-    else:
-        values = []
-    for v in values:
-        if isinstance(v, torch.Tensor):
-            return v
+    if isinstance(output, Mapping) and isinstance(output.get("logits"), torch.Tensor):
+        return output["logits"]
+    if (
+        isinstance(output, (tuple, list))
+        and len(output) >= 2
+        and isinstance(output[0], torch.Tensor)
+        and output[0].ndim == 0
+        and isinstance(output[1], torch.Tensor)
+        and output[1].ndim >= 1
+    ):
+        return output[1]
     raise TypeError(
-        f"cannot find logits in a model output of type {type(output).__name__}; "
-        "pass logits_fn=... to pick them"
+        f"cannot tell which part of the model output is the logits; the output is "
+        f"{describe_output(output)}. Pass logits_fn=... to pick them "
+        "(e.g. logits_fn=lambda out: out[1])"
     )
+
+
+def describe_output(obj, depth: int = 0) -> str:
+    """A short structural description of a model output (types and tensor shapes)."""
+    if isinstance(obj, torch.Tensor):
+        return f"Tensor{tuple(obj.shape)}"
+    if depth >= 2:
+        return type(obj).__name__
+    if isinstance(obj, Mapping):
+        items = ", ".join(f"{k!r}: {describe_output(v, depth + 1)}" for k, v in obj.items())
+        return f"{type(obj).__name__}({{{items}}})"
+    if isinstance(obj, (tuple, list)):
+        items = ", ".join(describe_output(v, depth + 1) for v in obj)
+        return f"{type(obj).__name__}({items})"
+    return type(obj).__name__
+
+
+def class_logits(logits: torch.Tensor) -> torch.Tensor:
+    """Logits ``(..., K)`` for the softmax radius. A binary classifier's single logit z
+    per sample (shape ``(B,)`` or ``(..., 1)``, trained with ``BCEWithLogitsLoss``) is
+    the two-class softmax ``[0, z]``: spread ``|a|``, exact radius
+    ``sqrt(z^2 + pi^2) / |a|``. Other shapes are returned unchanged."""
+    if logits.ndim == 1:
+        logits = logits.unsqueeze(-1)
+    if logits.shape[-1] == 1:
+        return torch.cat([torch.zeros_like(logits), logits], dim=-1)
+    return logits
+
+
+def logits_reader(logits_fn: Callable[[Any], torch.Tensor] | None = None):
+    """``class_logits(logits_fn(output))``: the output function for the logits."""
+    pick = logits_fn or default_logits_fn
+
+    def read(output) -> torch.Tensor:
+        logits = pick(output)
+        if not isinstance(logits, torch.Tensor):
+            raise TypeError(f"logits_fn must return a tensor, got {type(logits).__name__}")
+        return class_logits(logits)
+
+    return read
 
 
 # ------------------------------------------------------------------- RNG and buffers
@@ -412,14 +467,7 @@ def _forward_ad_error(err: BaseException) -> NotImplementedError | None:
         return None
     op = match.group(1)
     hint = ""
-    if "scaled_dot_product" in op or "attention" in op:
-        hint = (
-            " For F.scaled_dot_product_attention (nn.TransformerEncoderLayer, Hugging Face "
-            "models) select the math kernel: `with torch.nn.attention.sdpa_kernel("
-            "torch.nn.attention.SDPBackend.MATH):`, or load Hugging Face models with "
-            'attn_implementation="eager".'
-        )
-    elif "rnn" in op or "lstm" in op.lower():
+    if "rnn" in op or "lstm" in op.lower():
         hint = " For CPU LSTMs wrap the call in `torch.backends.mkldnn.flags(enabled=False)`."
     return NotImplementedError(
         f"forward-mode AD is not implemented for the op {op!r} used by this model, so "
@@ -449,7 +497,7 @@ def forward(
 ):
     """``output_fn(model(*args, **kwargs))`` through the ordinary forward, without side
     effects (no_grad; buffers restored; RNG replayed from ``rng`` and restored)."""
-    output_fn = output_fn or default_logits_fn
+    output_fn = output_fn or logits_reader()
     devices = cuda_devices(model) if devices is None else devices
     with torch.no_grad(), replay_rng(devices, rng), preserved_buffers(model):
         out = _tensors_of(model(*args, **kwargs), output_fn)
@@ -474,7 +522,7 @@ def call_at(
     ``dtype`` casts parameters, floating buffers and floating inputs first (e.g.
     float64). ``primals`` replaces the trainable parameters' values (default: theirs).
     """
-    output_fn = output_fn or default_logits_fn
+    output_fn = output_fn or logits_reader()
     named = trainable_parameters(model)
     base = [p.detach() for _, p in named] if primals is None else list(primals)
 
@@ -490,10 +538,20 @@ def call_at(
     return _tensors_of(out, output_fn)
 
 
+def math_attention():
+    """A context selecting the math kernel of ``F.scaled_dot_product_attention`` (the
+    one with forward AD), on CPU and CUDA."""
+    try:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+    except ImportError:  # pragma: no cover - torch < 2.3 has no sdpa_kernel
+        return contextlib.nullcontext()
+    return sdpa_kernel([SDPBackend.MATH])
+
+
 def _jvp(model, args, kwargs, tangents, primals, output_fn, rng, devices):
     named = trainable_parameters(model)
     base = [p.detach() for _, p in named] if primals is None else primals
-    with torch.no_grad(), replay_rng(devices, rng), fwAD.dual_level():
+    with torch.no_grad(), replay_rng(devices, rng), fwAD.dual_level(), math_attention():
         # Buffers are cloned: BatchNorm's in-place running-stat updates hit the clones.
         state = {n: b.clone() for n, b in model.named_buffers()}
         for (name, _), p, v in zip(named, base, tangents, strict=True):
@@ -627,7 +685,7 @@ def directional(
             :func:`trainable_parameters` order (:func:`resolve_direction` builds them).
         method: ``"jvp"`` | ``"fd"`` | ``"fast"`` (see the module docstring).
         output_fn: maps the model output to a tensor or a tuple / dict of tensors
-            (default: :func:`default_logits_fn`).
+            (default: the logits, :func:`logits_reader`).
         step: the difference step t along the tangents (``"fd"``, ``"fast"``);
             default eps^(1/3) / ||v|| (fd); for fast :func:`fd_step`, redone once
             with :func:`refined_step` when the outputs moved by more than 0.1 or less
@@ -647,7 +705,7 @@ def directional(
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    output_fn = output_fn or default_logits_fn
+    output_fn = output_fn or logits_reader()
     devices = cuda_devices(model)
     if method == "jvp":
         return _jvp(model, args, kwargs, tangents, primals, output_fn, rng, devices)

@@ -71,6 +71,7 @@ from ghoststep.directional import (
     default_logits_fn,
     direction_norm,
     directional,
+    logits_reader,
     replay_rng,
     resolve_direction,
     split_inputs,
@@ -115,7 +116,7 @@ class _Evaluator:
             raise ValueError(f"fd_step must be a positive number, got {fd_step!r}")
         self.model = model
         self.method = method
-        self.logits_fn = logits_fn or default_logits_fn
+        self.logits_fn = logits_reader(logits_fn)
         self.tangents = resolve_direction(model, direction)
         self.step = fd_step
         if method == "fast" and fd_step is None:  # one step for every chunk
@@ -170,7 +171,10 @@ def logit_slopes(
         method: ``"jvp"`` (forward-mode AD, exact), ``"fd"`` (float64 central
             difference) or ``"fast"`` (one-sided float32 difference, two forwards).
         logits_fn: maps the model output to the logits tensor; default
-            ``default_logits_fn`` (tensor, ``.logits``, ``["logits"]``, first tensor).
+            ``default_logits_fn`` (a tensor, ``.logits``, ``["logits"]``, or a Hugging
+            Face ``(loss, logits)`` tuple; never a guess). A single logit per sample
+            (shape (B,) or (..., 1), a binary classifier) is read as the two-class
+            softmax [0, z] (``ghoststep.directional.class_logits``).
         chunk_size: evaluate the input batch in slices of this many rows (dim 0) and
             concatenate. Not allowed when a BatchNorm uses batch statistics (the
             slopes would depend on the chunking).

@@ -28,9 +28,9 @@ What :func:`add_radius_control` does:
   statistics it adds to the training logs reach ``state.log_history`` and every
   reporting callback (TensorBoard, wandb, ...) that runs after it.
 
-Forward-mode AD is not implemented for PyTorch's fused attention kernels (SDPA, flash), so
-by default the model is switched to ``attn_implementation="eager"`` (with a warning); pass
-``eager_attention=False`` to keep the kernel, e.g. with ``method="fd"``.
+The model is not changed: with the default ``attn_implementation="sdpa"`` training keeps
+its fused attention kernel, and only the radius JVP runs attention with PyTorch's math
+kernel (the fused kernels have no forward-mode AD).
 
 Not supported: DeepSpeed, FSDP and SageMaker model parallelism (they create or shard the
 optimizer themselves), and ``model_init`` (hyper-parameter search re-creates the
@@ -199,7 +199,6 @@ def add_radius_control(
     mode: str = "clip",
     target_r: float = 1.0,
     *,
-    eager_attention: bool = True,
     keys: Sequence[str] = DEFAULT_KEYS,
     prefix: str = "ghoststep/",
     **controller_kwargs: Any,
@@ -212,8 +211,6 @@ def add_radius_control(
         trainer: a ``transformers.Trainer`` (or subclass).
         mode: ``"clip"`` | ``"set"`` | ``"monitor"`` (see ``RadiusController``).
         target_r: r*, the normalized step to cap at (clip) or set (set).
-        eager_attention: switch a model using a fused attention kernel to
-            ``attn_implementation="eager"`` (forward-mode AD needs it; warns when it does).
         keys, prefix: what :class:`RadiusCallback` reports and under which prefix.
         **controller_kwargs: passed to ``RadiusController`` (``subset``, ``window``,
             ``quantile``, ``chunk_size``, ``sinks``, ``mask_fn``, ...). Default mask:
@@ -236,8 +233,6 @@ def add_radius_control(
             "optimizer); build the model first and pass model="
         )
     model = trainer.model
-    if eager_attention and controller_kwargs.get("method", "jvp") == "jvp":
-        _use_eager_attention(model)
 
     if trainer.optimizer is None:
         trainer.create_optimizer()
@@ -269,19 +264,3 @@ def _find_controller(optimizer: Any) -> RadiusController | None:
         optimizer = getattr(optimizer, "optimizer", None)
         seen += 1
     return None
-
-
-def _use_eager_attention(model: torch.nn.Module) -> None:
-    config = getattr(model, "config", None)
-    current = getattr(config, "_attn_implementation", None)
-    if current in (None, "eager") or not hasattr(model, "set_attn_implementation"):
-        return
-    model.set_attn_implementation("eager")
-    warnings.warn(
-        f"ghoststep: switched the model from attn_implementation={current!r} to 'eager': "
-        "forward-mode AD (the radius JVP) is not implemented for fused attention kernels. "
-        "Load the model with attn_implementation='eager' to silence this, or pass "
-        "eager_attention=False (e.g. with method='fd').",
-        UserWarning,
-        stacklevel=3,
-    )
