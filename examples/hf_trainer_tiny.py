@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
         vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=LENGTH,
         bos_token_id=PAD, eos_token_id=PAD, pad_token_id=PAD,
     )  # fmt: skip
-    model = AutoModelForCausalLM.from_config(config, attn_implementation="eager")
+    model = AutoModelForCausalLM.from_config(config)  # default (SDPA) attention
     training = TrainingArguments(
         output_dir=str(args.out),
         max_steps=args.steps,

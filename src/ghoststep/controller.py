@@ -138,9 +138,21 @@ class RadiusController(torch.optim.Optimizer):
     ``||p||`` is already global because DDP synchronizes gradients. Pass the DDP wrapper
     or its ``.module``; slopes are computed on ``.module``.
 
-    Not supported: sparse gradients (``RuntimeError``); optimizers whose ``step``
-    requires a closure (LBFGS) -- the closure is called once by the controller and the
-    inner ``step()`` is called without it. With gradient accumulation the radius is
+    Optimizers with an iterate of their own (schedule-free, Lookahead) get the scaled
+    update by re-running their step with the learning rates times s from their saved
+    state (``scaled_update``); ``train()`` / ``eval()`` are forwarded to them.
+
+    Guarantee margin: clip mode caps at ``target_r * (rho (1 - margin) - 2 eps ||old||)``:
+    the method's error and the float rounding of old + s p cannot push the realised r
+    above ``target_r``. A batch with every position masked has no radius: a
+    ``RuntimeWarning``, and clip / set skip the update (monitor applies it). With
+    ``"jvp"`` / ``"fd"`` the first step evaluates the slopes along the gradient before
+    the inner step, so a model the method cannot evaluate raises with the optimizer
+    untouched.
+
+    Not supported (``ValueError`` at construction, naming what works): LBFGS and
+    two-pass optimizers whose step needs a closure (SAM: wrap its ``base_optimizer``).
+    Sparse gradients raise a ``RuntimeError``. With gradient accumulation the radius is
     measured on the last micro-batch forwarded before ``step`` unless ``inputs=`` is
     given.
 
@@ -156,7 +168,10 @@ class RadiusController(torch.optim.Optimizer):
         window: running minimum of rho over the last W steps (1: off).
         quantile: use this quantile of the per-sample spread instead of the max.
         seed: seed of the subset generator.
-        logits_fn: maps the model output to logits ``(..., K)`` (e.g. ``lambda o: o.logits``).
+        logits_fn: maps the model output to logits ``(..., K)`` (e.g. ``lambda o: o[1]``);
+            default: a tensor, ``.logits``, ``["logits"]`` or a Hugging Face
+            ``(loss, logits)`` tuple, never a guess. One logit per sample ((B,) or
+            (B, 1), a binary classifier) is the two-class softmax [0, z].
         mask_fn: ``mask_fn(inputs) -> bool tensor`` of the sample shape
             ``logits.shape[:-1]`` (e.g. an attention mask); False positions (padding)
             are ignored. ``inputs`` is the evaluated batch (subset / buffer applied).
@@ -201,6 +216,12 @@ class RadiusController(torch.optim.Optimizer):
         process_group: group for the distributed reduction (default: the world).
         slopes_kwargs: extra keyword arguments for ``ghoststep.directional.directional``
             (``"jvp"`` / ``"fd"``; e.g. ``step=`` for ``"fd"``).
+        margin: relative margin below the measured radius in clip mode (default by
+            method: 1e-5 ``"jvp"``, 1e-2 ``"fd"`` / ``"fast"``).
+        scaled_update: how s < 1 is applied: ``"interpolate"`` (old + s p),
+            ``"rerun"`` (restore the inner optimizer's state and parameters, step again
+            with the learning rates times s; for optimizers keeping their own iterate)
+            or ``"auto"`` (``"rerun"`` for schedule-free and Lookahead optimizers).
 
     Example:
         >>> import torch, ghoststep
@@ -522,7 +543,6 @@ class RadiusController(torch.optim.Optimizer):
                 "RadiusController.step() has no batch to measure the radius on: run a "
                 "training-mode forward of the model before step(), or pass step(inputs=batch)"
             )
-        self.step_count += 1
         params = self._params()
         loss_value = _as_float(loss)
         lr = _as_float(self.param_groups[0].get("lr", math.nan))
@@ -533,16 +553,17 @@ class RadiusController(torch.optim.Optimizer):
                     "RadiusController does not support sparse gradients "
                     "(e.g. nn.Embedding(sparse=True)); use dense gradients"
                 )
+        if not self._capable:
+            # Before the inner optimizer consumes the gradient: an error here (e.g. an
+            # op without forward AD) leaves the optimizer and the parameters as they were.
+            self._try_measurement(params, batches)
+        self.step_count += 1
         grads = [p.grad for p in params if p.grad is not None]
         # host sync 1 of 3: a non-finite gradient must stop us before inner.step().
         if grads and not _all_finite(grads):
             self._fault("gradient", lr, loss_value)
             return loss
 
-        if not self._capable:
-            # Before the inner optimizer consumes the gradient: an error here (e.g. an
-            # op without forward AD) leaves the optimizer and the parameters as they were.
-            self._try_measurement(params, batches)
         rerun = self.scaled_update == "rerun" and self.mode != "monitor"
         snapshot = _OptimizerSnapshot(self.optimizer, params) if rerun else None
 
