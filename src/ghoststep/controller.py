@@ -50,6 +50,7 @@ from .directional import (
 )
 from .monitor import Sink, StepStats
 from .radius import radius_from_spread, step_scale
+from .sharding import is_sharded, local_shards, shard_group, sum_over_shards
 
 __all__ = ["RadiusController"]
 
@@ -368,7 +369,9 @@ class RadiusController(torch.optim.Optimizer):
         self._spare: list[torch.Tensor] | None = None
         self._spread_hint: float | None = None  # last max spread per unit v ("fast")
         self._capable = method == "fast"  # "jvp" / "fd" are tried before the first step
+        self._shards = None  # the shard group of FSDP2 parameters (set per step)
         self._check_params_in_model()
+        self._check_sharding()
         self._hook = self._slope_model.register_forward_pre_hook(
             _CaptureHook(self), with_kwargs=True
         )
@@ -543,11 +546,15 @@ class RadiusController(torch.optim.Optimizer):
                 "RadiusController.step() has no batch to measure the radius on: run a "
                 "training-mode forward of the model before step(), or pass step(inputs=batch)"
             )
-        params = self._params()
+        model_params = self._params()
+        # FSDP2: the arithmetic runs on each rank's local shard; the few global
+        # scalars are summed over the shard group (no-op for unsharded parameters)
+        self._shards = shard_group(model_params)
+        params = local_shards(model_params)
         loss_value = _as_float(loss)
         lr = _as_float(self.param_groups[0].get("lr", math.nan))
 
-        for p in params:
+        for p in model_params:
             if p.grad is not None and p.grad.is_sparse:
                 raise RuntimeError(
                     "RadiusController does not support sparse gradients "
@@ -556,11 +563,11 @@ class RadiusController(torch.optim.Optimizer):
         if not self._capable:
             # Before the inner optimizer consumes the gradient: an error here (e.g. an
             # op without forward AD) leaves the optimizer and the parameters as they were.
-            self._try_measurement(params, batches)
+            self._try_measurement(model_params, batches)
         self.step_count += 1
-        grads = [p.grad for p in params if p.grad is not None]
+        grads = local_shards([p.grad for p in model_params if p.grad is not None])
         # host sync 1 of 3: a non-finite gradient must stop us before inner.step().
-        if grads and not _all_finite(grads):
+        if grads and not self._agree(_all_finite(grads)):
             self._fault("gradient", lr, loss_value)
             return loss
 
@@ -687,13 +694,12 @@ class RadiusController(torch.optim.Optimizer):
             length = limit
         return length / tau
 
-    @staticmethod
-    def _swap(params: list[torch.Tensor], proposed: list[torch.Tensor]) -> tuple[float, float]:
+    def _swap(self, params: list[torch.Tensor], proposed: list[torch.Tensor]):
         """Exchange the contents (parameters <- old, ``proposed`` <- new, both bitwise);
-        return ||new - old|| and ||old||.
+        return ||new - old|| and ||old|| (summed over the shards of sharded parameters).
 
-        Plain tensors exchange their storage (``.data``, no copy); tensor subclasses
-        (e.g. DTensor) are copied in place. The difference is taken in groups no larger
+        Plain tensors exchange their storage (``.data``, no copy); shards and tensor
+        subclasses are copied in place. The difference is taken in groups no larger
         than the largest parameter: the transient memory stays one parameter's size.
         """
         norms = []
@@ -701,7 +707,7 @@ class RadiusController(torch.optim.Optimizer):
             diff = torch._foreach_sub([params[i] for i in group], [proposed[i] for i in group])
             norms += torch._foreach_norm(diff)
             del diff
-        if _exchangeable(params):
+        if self._exchange_ok(params):
             _exchange(params, proposed)
         else:
             for group in _groups(params):
@@ -712,23 +718,21 @@ class RadiusController(torch.optim.Optimizer):
                 torch._foreach_copy_(keep, new)
                 del new
         device = params[0].device
-        stacked = torch.stack([n.to(device, torch.float64) for n in norms])
-        old_norms = torch.stack([n.to(device, torch.float64) for n in torch._foreach_norm(params)])
-        tau, param_norm = torch.stack(
-            [torch.linalg.vector_norm(stacked), torch.linalg.vector_norm(old_norms)]
-        ).tolist()
-        if math.isinf(tau) and all(bool(torch.isfinite(t).all()) for t in proposed):
+
+        def squares(parts) -> torch.Tensor:
+            return torch.stack([n.to(device, torch.float64) for n in parts]).pow(2).sum()
+
+        summed = torch.stack([squares(norms), squares(torch._foreach_norm(params))])
+        tau_sq, norm_sq = sum_over_shards(summed, self._shards).tolist()
+        tau, param_norm = math.sqrt(tau_sq), math.sqrt(norm_sq)
+        if math.isinf(tau) and self._agree(all(bool(torch.isfinite(t).all()) for t in proposed)):
             # overflow of a float32 norm, not a non-finite entry: redo in float64
-            tau = float(
-                torch.linalg.vector_norm(
-                    torch.stack(
-                        [
-                            torch.linalg.vector_norm(q.double() - p.double()).to(device)
-                            for p, q in zip(params, proposed, strict=True)
-                        ]
-                    )
-                )
+            pairs = zip(params, proposed, strict=True)
+            wide = torch.stack(
+                [(q.double() - p.double()).pow(2).sum().to(device) for p, q in pairs]
             )
+            wide = wide.sum()
+            tau = math.sqrt(float(sum_over_shards(wide.reshape(1), self._shards)))
         return tau, param_norm
 
     def _spare_for(self, params: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -763,11 +767,10 @@ class RadiusController(torch.optim.Optimizer):
         # lerp with weight (s - f) / (1 - f): keep f away from 1.
         return 0.5 if abs(1.0 - fraction) < 0.5 else fraction
 
-    @staticmethod
-    def _apply(params, proposed, scale: float, fraction: float) -> None:
+    def _apply(self, params, proposed, scale: float, fraction: float) -> None:
         """Parameters (now at old + f p) <- old + s p. s = 1 copies the proposal bitwise."""
         if scale == 1.0:
-            if _exchangeable(params):
+            if self._exchange_ok(params):
                 _exchange(params, proposed)  # the inner optimizer's tensors, bitwise
             else:
                 torch._foreach_copy_(params, proposed)
@@ -775,10 +778,55 @@ class RadiusController(torch.optim.Optimizer):
             # old + s p = e + (s - f) / (1 - f) (new - e), with e = old + f p
             torch._foreach_lerp_(params, proposed, (scale - fraction) / (1.0 - fraction))
 
+    def _exchange_ok(self, params) -> bool:
+        # a shard's storage belongs to its DTensor: only plain parameters trade storage
+        return self._shards is None and _exchangeable(params)
+
+    def _agree(self, flag: bool) -> bool:
+        """``flag`` on every rank of the shard group (the AND), so all ranks decide alike."""
+        if self._shards is None:
+            return flag
+        value = torch.tensor([0.0 if flag else 1.0], dtype=torch.float64)
+        dist = torch.distributed
+        if dist.get_backend(self._shards) == "nccl":
+            value = value.cuda()
+        dist.all_reduce(value, op=dist.ReduceOp.MAX, group=self._shards)
+        return float(value) == 0.0
+
+    def _global_max(self, value: float) -> float:
+        """The max over ranks (``torch.distributed``), so every rank picks the same
+        evaluation point; ``value`` itself without it."""
+        return self._all_reduce(value, True)[0]
+
     # ------------------------------------------------------------------ internals
 
     def _params(self) -> list[torch.Tensor]:
         return [p for g in self.param_groups for p in g["params"] if p.requires_grad]
+
+    def _check_sharding(self) -> None:
+        """FSDP2 (DTensor) parameters: only the ordinary forward can evaluate them.
+        FSDP1's flat parameters look like plain tensors but are shards: refused."""
+        if any(type(m).__name__ == "FullyShardedDataParallel" for m in self.model.modules()):
+            raise ValueError(
+                "RadiusController does not support FSDP1 (FullyShardedDataParallel): its "
+                "flat parameters are shards that look like whole tensors. Shard with FSDP2 "
+                "(torch.distributed.fsdp.fully_shard; Lightning ModelParallelStrategy) and "
+                'method="fast"'
+            )
+        if not is_sharded(self._params()):
+            return
+        if self.method != "fast":
+            raise ValueError(
+                f'method="{self.method}" cannot evaluate sharded (FSDP2 / DTensor) '
+                "parameters (functional_call and forward AD do not support them); use "
+                'method="fast", which goes through the model\'s own FSDP forward'
+            )
+        for name, bad in (
+            ("extra_radii", self.extra_radii is not None),
+            ('scaled_update="rerun"', self.scaled_update == "rerun"),
+        ):
+            if bad:
+                raise ValueError(f"{name} is not supported with sharded (FSDP2) parameters")
 
     def _check_params_in_model(self) -> None:
         known = {id(p) for p in self._slope_model.parameters()}
@@ -840,7 +888,7 @@ class RadiusController(torch.optim.Optimizer):
                     radii = self._radii(params, torch._foreach_sub(proposed, params), tau, plans)
                 torch._foreach_lerp_(params, proposed, fraction)
                 self._shifted_spreads(plans, fraction * tau)
-                moved = fraction * tau * float(torch.stack([p.spread.max() for p in plans]).max())
+                moved = fraction * tau * self._spread_hint
                 better = refined_step(fraction * tau, moved)
                 if better is not None:  # the outputs moved too far or too little: redo
                     target = self._away_from_one(better / tau)
@@ -872,8 +920,10 @@ class RadiusController(torch.optim.Optimizer):
         """Spreads per unit of v from forwards at the evaluation point old + step v."""
         for plan in plans:
             plan.spread = self._spread_of(plan, self._shifted_spread) / step
-        if plans:  # the next step's first guess: move the outputs by about FAST_MOVE
-            self._spread_hint = float(torch.stack([p.spread.max() for p in plans]).max())
+        # The next step's first guess (move the outputs by about FAST_MOVE), and the
+        # redo decision: the max over ranks, so that every rank evaluates at one point.
+        local = float(torch.stack([p.spread.max() for p in plans]).max()) if plans else 0.0
+        self._spread_hint = self._global_max(local)
 
     def _spread_of(self, plan: _Plan, spread_fn) -> torch.Tensor:
         """Flat float64 per-position spread of one plan, in ``chunk_size`` row chunks."""
@@ -1337,22 +1387,6 @@ def _as_float(value) -> float | None:
 def _unwrap(model: nn.Module) -> nn.Module:
     parallel = (nn.parallel.DistributedDataParallel, nn.DataParallel)
     return model.module if isinstance(model, parallel) else model
-
-
-def _global_norm(tensors: Sequence[torch.Tensor]) -> float:
-    if not tensors:
-        return 0.0
-    device = tensors[0].device
-    norms = torch.stack([torch.linalg.vector_norm(t).to(device, torch.float64) for t in tensors])
-    total = float(torch.linalg.vector_norm(norms))
-    if math.isinf(total) and all(bool(torch.isfinite(t).all()) for t in tensors):
-        # overflow in the working dtype, not a non-finite entry: redo in float64
-        total = float(
-            torch.linalg.vector_norm(
-                torch.stack([torch.linalg.vector_norm(t.double()).to(device) for t in tensors])
-            )
-        )
-    return total
 
 
 def _map_tensors(obj, fn):

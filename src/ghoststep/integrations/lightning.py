@@ -130,6 +130,12 @@ class RadiusCallback(Callback):
     def on_fit_start(self, trainer, pl_module) -> None:
         """Wrap the configured optimizer (after Lightning built it, before it restores state)."""
         strategy = trainer.strategy
+        if "deepspeed" in type(strategy).__name__.lower():
+            raise ValueError(
+                "RadiusCallback does not support DeepSpeed (it owns the optimizer step); use "
+                "DDP, or FSDP2 through ModelParallelStrategy with method='fast' "
+                "(docs/scaling.md)"
+            )
         optimizers = list(strategy.optimizers)
         real = [o for o in optimizers if not isinstance(o, _MockOptimizer)]
         if not real:

@@ -226,7 +226,12 @@ def add_radius_control(
     if getattr(trainer, "is_deepspeed_enabled", False) or getattr(
         trainer, "is_fsdp_enabled", False
     ):
-        raise ValueError("add_radius_control does not support DeepSpeed or FSDP trainers")
+        raise ValueError(
+            "add_radius_control does not support DeepSpeed or FSDP trainers (they create or "
+            "shard the optimizer themselves); for FSDP2 shard the model with fully_shard and "
+            "use RadiusController(optimizer, model, method='fast') in your loop "
+            "(docs/scaling.md)"
+        )
     if getattr(trainer, "model_init", None) is not None:
         raise ValueError(
             "add_radius_control does not support model_init (the Trainer re-creates the "
