@@ -227,3 +227,35 @@ def test_controller_fast_under_autocast_measures_its_own_baseline():
         _loss(logits.float(), y).backward()
         opt.step()
     assert ctrl.last.rho_a == pytest.approx(exact.last.rho_a, rel=0.02)
+
+
+@pytest.mark.parametrize(
+    "name, reused", [("mlp", True), ("cnn_bn", False), ("transformer_dropout", False)]
+)
+def test_sampled_fast_reuses_training_logits_only_for_independent_rows(name, reused):
+    """subset=8, buffer_size=4: the subset's baseline is sliced from the training
+    forward's logits when rows are independent (no RNG drawn, no train-mode BatchNorm),
+    so only the 4 buffer rows get a baseline forward; otherwise all 12 rows do. Either
+    way the radius agrees with the exact sampled one."""
+    (model, inner), (twin, inner_twin) = _twins(name, [None, None])[0]
+    fast = RadiusController(inner, model, mode="monitor", method="fast", subset=8, buffer_size=4)
+    exact = RadiusController(inner_twin, twin, mode="monitor", subset=8, buffer_size=4)
+    _, x, y = _case(name)
+    sizes: list[int] = []
+    model.register_forward_pre_hook(lambda module, args: sizes.append(args[0].shape[0]))
+    for step in range(3):
+        for m, opt in ((model, fast), (twin, exact)):
+            torch.manual_seed(step)
+            opt.zero_grad()
+            _loss(m(x), y).backward()
+            sizes.clear()
+            opt.step()
+            if opt is fast:
+                forwards = list(sizes)
+        assert abs(fast.last.rho_a / exact.last.rho_a - 1.0) < 0.02
+        if reused:  # step 0: only the shift (and maybe a redo); then the 4 buffer rows first
+            assert forwards[0] == (8 if step == 0 else 4), forwards
+            assert step > 0 or set(forwards) == {8}
+        else:  # a baseline forward of all evaluated rows first
+            assert forwards[0] == (8 if step == 0 else 12), forwards
+            assert len(forwards) >= 2

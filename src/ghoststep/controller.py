@@ -37,6 +37,7 @@ from torch import nn
 from .directional import (
     FAST_MOVE,
     METHODS,
+    batch_coupled,
     capture_rng,
     check_chunking,
     chunks,
@@ -504,6 +505,11 @@ class RadiusController(torch.optim.Optimizer):
                 logits = None  # not the logits (e.g. a loss): measure its own baseline
             if isinstance(logits, torch.Tensor):
                 entry.logits = logits.detach()
+                # No random number drawn (no active dropout): each row's logits then
+                # depend on that row alone, unless a BatchNorm couples the rows.
+                entry.rows_independent = _rng_unchanged(entry.rng, self._devices) and not (
+                    batch_coupled(self._slope_model)
+                )
 
     @contextmanager
     def _measuring_forward(self):
@@ -964,12 +970,27 @@ class RadiusController(torch.optim.Optimizer):
     def _plan(self, entry: _Captured) -> _Plan:
         """The rows to evaluate for one micro-batch (subset and buffer applied)."""
         current = entry.inputs
-        if self.subset is not None:
-            rows = _batch_rows(current)
-            if rows is not None and self.subset < rows:
-                idx = torch.randperm(rows, generator=self._generator)[: self.subset]
-                current = _select_rows(current, idx, rows)
-        evaluated = current
+        rows = _batch_rows(current)
+        # The training forward's logits serve as the baseline for exactly its rows, in
+        # its precision and RNG state (dropout masks are drawn per row); for a subset of
+        # its rows only if each row's logits depend on that row alone.
+        logits = entry.logits
+        if (
+            entry.autocast
+            or logits is None
+            or logits.dtype not in (torch.float32, torch.float64)
+            or logits.ndim < 2
+            or logits.shape[0] != rows
+        ):
+            logits = None
+        known = logits
+        if self.subset is not None and rows is not None and self.subset < rows:
+            idx = torch.randperm(rows, generator=self._generator)[: self.subset]
+            current = _select_rows(current, idx, rows)
+            known = logits[idx.to(logits.device)] if logits is not None else None
+        if known is not None and current is not entry.inputs and not entry.rows_independent:
+            known = None
+        evaluated, tail = current, None
         if self._buffer is not None:
             joined = _cat_rows(
                 current, self._buffer, _batch_rows(current), _batch_rows(self._buffer)
@@ -978,23 +999,19 @@ class RadiusController(torch.optim.Optimizer):
                 self._buffer = None  # shapes changed: drop the stale buffer
             else:
                 evaluated = joined
-        # The training forward's logits are the baseline only for exactly its rows, its
-        # precision and its RNG state (dropout masks are drawn per row).
-        baseline = entry.logits
-        if (
-            evaluated is not entry.inputs
-            or entry.autocast
-            or baseline is None
-            or baseline.dtype not in (torch.float32, torch.float64)
-        ):
-            baseline = None
-        return _Plan(evaluated, split_inputs(evaluated), entry.rng, baseline)
+                if known is not None and not entry.rows_independent:
+                    known = None
+                tail = self._buffer  # its rows need a baseline forward of their own
+        plan = _Plan(evaluated, split_inputs(evaluated), entry.rng, None if tail is not None else known)
+        if tail is not None and known is not None:
+            plan.head, plan.tail = known, tail
+        return plan
 
     def _fill_baselines(self, plans: list[_Plan]) -> None:
         """Logits at the old values for the plans the training forward cannot serve."""
         for plan in plans:
             if plan.baseline is None:
-                args, kwargs = plan.call
+                args, kwargs = plan.call if plan.head is None else split_inputs(plan.tail)
                 parts = [
                     forward(
                         self._slope_model,
@@ -1006,7 +1023,10 @@ class RadiusController(torch.optim.Optimizer):
                     )
                     for _, _, a, k in chunks(args, kwargs, self.chunk_size)
                 ]
+                if plan.head is not None:  # the subset's rows from the training forward
+                    parts.insert(0, plan.head)
                 plan.baseline = parts[0] if len(parts) == 1 else torch.cat(parts)
+                plan.head = plan.tail = None
 
     def _reduce(self, plans: list[_Plan], radii):
         """Aggregate the plans' spreads on the device, then one host sync (3 of 3)."""
@@ -1208,12 +1228,13 @@ class _Captured:
     """One training forward: its inputs, the RNG state before it, whether autocast was
     on, and (``method="fast"``) its detached logits."""
 
-    __slots__ = ("args", "kwargs", "inputs", "rng", "autocast", "logits")
+    __slots__ = ("args", "kwargs", "inputs", "rng", "autocast", "logits", "rows_independent")
 
     def __init__(self, args, kwargs, rng, autocast: bool) -> None:
         self.args, self.kwargs, self.rng, self.autocast = args, kwargs, rng, autocast
         self.inputs: Any = None
         self.logits: torch.Tensor | None = None
+        self.rows_independent = False  # no RNG drawn, no batch statistics
 
     @classmethod
     def explicit(cls, inputs) -> _Captured:
@@ -1239,11 +1260,24 @@ class _OptimizerSnapshot:
 class _Plan:
     """What one micro-batch's measurement evaluates."""
 
-    __slots__ = ("evaluated", "call", "rng", "baseline", "spread")
+    __slots__ = ("evaluated", "call", "rng", "baseline", "spread", "head", "tail")
 
     def __init__(self, evaluated, call: tuple[tuple, dict], rng, baseline) -> None:
         self.evaluated, self.call, self.rng, self.baseline = evaluated, call, rng, baseline
         self.spread: torch.Tensor | None = None
+        # a baseline known for the first rows (``head``) and the inputs of the rest
+        self.head: torch.Tensor | None = None
+        self.tail: Any = None
+
+
+def _rng_unchanged(rng, devices) -> bool:
+    """Whether the CPU and CUDA generators are still in the captured state ``rng``."""
+    if rng is None:
+        return False
+    cpu, cuda = rng
+    if not torch.equal(torch.get_rng_state(), cpu):
+        return False
+    return all(torch.equal(torch.cuda.get_rng_state(d), state) for d, state in cuda.items())
 
 
 def holds_iterate(optimizer: torch.optim.Optimizer) -> bool:
