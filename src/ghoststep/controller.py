@@ -107,8 +107,11 @@ class RadiusController(torch.optim.Optimizer):
       of the batch (every logit position for sequence models) at the old parameters.
     * ``subset=k``: k rows drawn from the batch without replacement (seeded
       ``torch.Generator``, its state is checkpointed). Gives up the guarantee for the
-      rows not drawn; cost scales with k. For BatchNorm in train mode the batch
-      statistics of the subset differ from the training batch's.
+      rows not drawn; cost scales with k (with ``"fast"`` one forward of k rows: the
+      subset's baseline is sliced from the training forward's logits when the rows are
+      independent, i.e. that forward drew no random numbers and no BatchNorm used batch
+      statistics). For BatchNorm in train mode the batch statistics of the subset differ
+      from the training batch's.
     * ``buffer_size=m``: keep the inputs of the m rows with the largest spread seen so
       far (bottleneck samples) and evaluate them together with the current batch every
       step; the guarantee then covers batch and buffer. Gives up nothing for the batch
@@ -1002,7 +1005,9 @@ class RadiusController(torch.optim.Optimizer):
                 if known is not None and not entry.rows_independent:
                     known = None
                 tail = self._buffer  # its rows need a baseline forward of their own
-        plan = _Plan(evaluated, split_inputs(evaluated), entry.rng, None if tail is not None else known)
+        plan = _Plan(
+            evaluated, split_inputs(evaluated), entry.rng, None if tail is not None else known
+        )
         if tail is not None and known is not None:
             plan.head, plan.tail = known, tail
         return plan
