@@ -20,7 +20,7 @@ this module::
 The two file sinks here write incrementally -- a header (CSV) and then one line per step,
 flushed after every write -- so a crashed or still-running job can be inspected.
 
-Example:
+Examples:
     >>> import tempfile, pathlib
     >>> path = pathlib.Path(tempfile.mkdtemp()) / "r.csv"
     >>> sink = CSVSink(path)
