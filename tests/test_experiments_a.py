@@ -1,4 +1,4 @@
-"""Quick presets of phase, directions, temperature and calibration, end to end.
+"""Quick presets of phase, directions, temperature, calibration and ghostmap, end to end.
 
 Each runs through the real runner into ``tmp_path``; the results must satisfy the
 runner contract, and a few scientific facts that hold robustly even at quick size
@@ -115,3 +115,15 @@ def test_calibration_quick(tmp_path):
     assert set(m["pooled"]) == {"gradient", "random"}
     first = res["claims"][0]
     assert first["reproduced"]
+
+
+def test_ghostmap_quick(tmp_path):
+    res = _run("ghostmap", tmp_path)
+    stages = res["metrics"]["mlp"]
+    assert sorted(stages, key=int) == ["0", "20", "60"]
+    for record in stages.values():
+        assert record["certified"] == 1.0
+        assert record["min_ghost_over_rho_a"] >= 1.0  # no ghost inside the rho_a circle
+        quantiles = [record["quantiles"][q] for q in sorted(record["quantiles"], key=float)]
+        assert quantiles == sorted(quantiles) and quantiles[0] >= record["min_ghost"]
+        assert record["r"] == pytest.approx(1.0 / record["rho_a"])

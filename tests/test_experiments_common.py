@@ -206,6 +206,7 @@ def test_registry_names_and_lazy_loading():
         "transformer",
         "resnet",
         "hessian",
+        "ghostmap",
         "calibration",
     ]
     module = load_experiment("hessian")

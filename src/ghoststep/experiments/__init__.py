@@ -73,6 +73,11 @@ EXPERIMENTS: dict[str, Experiment] = {
         "binary logistic theory: Hessian step 2/f'' vs convergence radius across margins",
         "Fig. 13",
     ),
+    "ghostmap": Experiment(
+        "ghoststep.experiments.ghostmap",
+        "nearest ghosts of held-out samples along the Adam update, in units of the step",
+        "new (the method's picture)",
+    ),
     "calibration": Experiment(
         "ghoststep.experiments.calibration",
         "calibration of the bound rho_a against the exact radius rho* and the real line loss",
