@@ -590,7 +590,7 @@ class RadiusController(torch.optim.Optimizer):
         torch._foreach_copy_(proposed, params)
         self._spare = proposed  # after the step it holds whatever the parameters do not
         self.optimizer.step()
-        tau, param_norm = self._swap(params, proposed)  # host sync 2 of 3
+        tau = self._swap(params, proposed)  # host sync 2 of 3
         if not math.isfinite(tau):
             self._fault("update", lr, loss_value)  # parameters hold the old values
             return loss
@@ -603,7 +603,7 @@ class RadiusController(torch.optim.Optimizer):
 
         start = time.perf_counter()
         # "fast" measures at old + f p (f = h / tau); "jvp" / "fd" at the old values.
-        fraction = self._fd_fraction(tau, param_norm) if self.method == "fast" else 0.0
+        fraction = self._fd_fraction(tau, params) if self.method == "fast" else 0.0
         spread, rho_now, bottleneck, finite, rho_samples, radii, counted, fraction = self._measure(
             params, proposed, tau, fraction, batches
         )
@@ -639,12 +639,17 @@ class RadiusController(torch.optim.Optimizer):
         if self.window > 1:
             self._recent_rhos.append(rho_now)
         seconds = time.perf_counter() - start
-        # Clip keeps a margin below the radius for the method's error and the float
-        # rounding of old + s p (about one ulp of each parameter: eps ||old|| in length).
+        # Clip keeps a margin below the radius for the method's error and, when it
+        # binds (s < 1 is computed, not copied), for the float rounding of old + s p:
+        # about one ulp of each parameter, eps ||old|| in length. The parameters are at
+        # old + f p now, so ||old|| <= ||params|| + f tau.
         limit_rho = rho
         if self.mode == "clip":
-            rounding = 2.0 * torch.finfo(params[0].dtype).eps * param_norm
-            limit_rho = max(rho * (1.0 - self.margin) - rounding, 0.0)
+            limit_rho = rho * (1.0 - self.margin)
+            if step_scale(tau, limit_rho, self.mode, self.target_r) < 1.0:
+                old_norm = self._norm(params) + fraction * tau
+                rounding = 2.0 * torch.finfo(params[0].dtype).eps * old_norm
+                limit_rho = max(limit_rho - rounding, 0.0)
         scale = step_scale(tau, limit_rho, self.mode, self.target_r)
         if snapshot is not None and scale != 1.0:
             scale = self._rerun(params, snapshot, scale, self.target_r * limit_rho, tau)
@@ -703,9 +708,9 @@ class RadiusController(torch.optim.Optimizer):
             length = limit
         return length / tau
 
-    def _swap(self, params: list[torch.Tensor], proposed: list[torch.Tensor]):
+    def _swap(self, params: list[torch.Tensor], proposed: list[torch.Tensor]) -> float:
         """Exchange the contents (parameters <- old, ``proposed`` <- new, both bitwise);
-        return ||new - old|| and ||old|| (summed over the shards of sharded parameters).
+        return ||new - old|| (summed over the shards of sharded parameters).
 
         Plain tensors exchange their storage (``.data``, no copy); shards and tensor
         subclasses are copied in place. The difference is taken in groups no larger
@@ -728,12 +733,7 @@ class RadiusController(torch.optim.Optimizer):
                 del new
         device = params[0].device
 
-        def squares(parts) -> torch.Tensor:
-            return torch.stack([n.to(device, torch.float64) for n in parts]).pow(2).sum()
-
-        summed = torch.stack([squares(norms), squares(torch._foreach_norm(params))])
-        tau_sq, norm_sq = sum_over_shards(summed, self._shards).tolist()
-        tau, param_norm = math.sqrt(tau_sq), math.sqrt(norm_sq)
+        tau = math.sqrt(float(sum_over_shards(_squares(norms, device), self._shards)))
         if math.isinf(tau) and self._agree(all(bool(torch.isfinite(t).all()) for t in proposed)):
             # overflow of a float32 norm, not a non-finite entry: redo in float64
             pairs = zip(params, proposed, strict=True)
@@ -742,7 +742,12 @@ class RadiusController(torch.optim.Optimizer):
             )
             wide = wide.sum()
             tau = math.sqrt(float(sum_over_shards(wide.reshape(1), self._shards)))
-        return tau, param_norm
+        return tau
+
+    def _norm(self, params: list[torch.Tensor]) -> float:
+        """||params|| (over all shards): one pass, one host sync."""
+        squares = _squares(torch._foreach_norm(params), params[0].device)
+        return math.sqrt(float(sum_over_shards(squares, self._shards)))
 
     def _spare_for(self, params: list[torch.Tensor]) -> list[torch.Tensor]:
         """The persistent extra copy (kept between steps: a fresh allocation of every
@@ -762,13 +767,14 @@ class RadiusController(torch.optim.Optimizer):
             spare = [torch.empty_like(p) for p in params]
         return spare
 
-    def _fd_fraction(self, tau: float, param_norm: float) -> float:
+    def _fd_fraction(self, tau: float, params: list[torch.Tensor]) -> float:
         """f = h / tau for the one-sided difference at old + f p (``method="fast"``): h
-        moves the outputs by about ``FAST_MOVE`` at the previous step's spread."""
+        moves the outputs by about ``FAST_MOVE`` at the previous step's spread (the
+        first step guesses from ||old||; the parameters hold the old values here)."""
         hint = self._spread_hint
         if hint is not None and math.isfinite(hint) and hint > 0:
             return self._away_from_one(FAST_MOVE / hint / tau)
-        return self._away_from_one(fd_step(param_norm, 1.0, self._params()[0].dtype) / tau)
+        return self._away_from_one(fd_step(self._norm(params), 1.0, params[0].dtype) / tau)
 
     @staticmethod
     def _away_from_one(fraction: float) -> float:
@@ -1321,6 +1327,11 @@ def _all_finite(tensors: Sequence[torch.Tensor]) -> bool:
     if bool(norms.isfinite().all()):
         return True
     return all(bool(torch.isfinite(t).all()) for t in tensors)
+
+
+def _squares(norms: Sequence[torch.Tensor], device) -> torch.Tensor:
+    """Sum of squares of per-tensor norms, float64, as a 1-element tensor on ``device``."""
+    return torch.stack([n.to(device, torch.float64) for n in norms]).pow(2).sum().reshape(1)
 
 
 def _groups(tensors: Sequence[torch.Tensor]) -> list[list[int]]:
