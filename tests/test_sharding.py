@@ -7,6 +7,7 @@ on every rank and parameters equal to float tolerance, over steps where the clip
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from datetime import timedelta
 
 import pytest
@@ -50,7 +51,9 @@ def _train(model, ctrl, batches, rows=slice(None), world: int = 1):
     return scales
 
 
-def _worker(rank: int, world: int, init_file: str, out_dir: str, kind: str) -> None:
+@contextmanager
+def _gloo(rank: int, world: int, init_file: str):
+    """A gloo process group for one spawned rank (file rendezvous, 60 s timeout)."""
     import torch.distributed as dist
 
     dist.init_process_group(
@@ -58,6 +61,13 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str, kind: str) -> N
         timeout=timedelta(seconds=60),
     )  # fmt: skip
     try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def _worker(rank: int, world: int, init_file: str, out_dir: str, kind: str) -> None:
+    with _gloo(rank, world, init_file):
         torch.set_num_threads(1)
         model = _model()
         if kind == "fsdp":
@@ -82,8 +92,6 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str, kind: str) -> N
             ]},
             f"{out_dir}/{kind}{rank}.pt",
         )  # fmt: skip
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.mark.slow
@@ -124,14 +132,9 @@ def test_unsharded_parameters_have_no_shard_group():
 
 
 def _refusal_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
-    import torch.distributed as dist
     from torch.distributed.fsdp import fully_shard
 
-    dist.init_process_group(
-        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
-        timeout=timedelta(seconds=60),
-    )  # fmt: skip
-    try:
+    with _gloo(rank, world, init_file):
         model = _model()
         fully_shard(model)
         messages = []
@@ -141,8 +144,6 @@ def _refusal_worker(rank: int, world: int, init_file: str, out_dir: str) -> None
             except ValueError as err:
                 messages.append(str(err))
         torch.save(messages, f"{out_dir}/refusal{rank}.pt")
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.mark.slow

@@ -508,11 +508,13 @@ class RadiusController(torch.optim.Optimizer):
                 logits = None  # not the logits (e.g. a loss): measure its own baseline
             if isinstance(logits, torch.Tensor):
                 entry.logits = logits.detach()
-                # No random number drawn (no active dropout): each row's logits then
-                # depend on that row alone, unless a BatchNorm couples the rows.
-                entry.rows_independent = _rng_unchanged(entry.rng, self._devices) and not (
-                    batch_coupled(self._slope_model)
-                )
+                if self.subset is not None or self.buffer_size > 0:
+                    # Only sampling reuses rows of these logits. No random number drawn
+                    # (no active dropout): each row's logits then depend on that row
+                    # alone, unless a BatchNorm couples the rows.
+                    entry.rows_independent = _rng_unchanged(
+                        entry.rng, self._devices
+                    ) and not batch_coupled(self._slope_model)
 
     @contextmanager
     def _measuring_forward(self):
