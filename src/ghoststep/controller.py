@@ -95,7 +95,9 @@ class RadiusController(torch.optim.Optimizer):
     tensors trade storage with it, so no copy is made back and forth), plus transient
     tensors the size of the largest parameter and the activations of the measurement;
     ``method="jvp"`` also holds the tangent p (a second copy) during its pass. No
-    per-parameter host sync: three per step (gradient check, ||p||, the radius).
+    per-parameter host sync: three per step (gradient check, ||p||, the radius), plus
+    ``"fast"``'s spread that sets the next h and, when the clip binds, ||old|| for the
+    rounding margin.
 
     Devices: parameters may live on several devices (e.g. a model split between CPU and
     GPU); every snapshot stays beside its parameter and the norms are gathered on the
