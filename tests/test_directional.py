@@ -18,8 +18,11 @@ from ghoststep.directional import (
     directional,
     fd_step,
     forward,
+    full_float32,
+    preserved_buffers,
     refined_step,
     resolve_direction,
+    tf32_allowed,
 )
 from ghoststep.experiments.models import build_model
 from ghoststep.radius import logit_spread, radius_from_spread, step_scale
@@ -116,6 +119,79 @@ def test_evaluation_leaves_no_trace(method):
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), params, strict=True))
     assert all(torch.equal(b, c) for b, c in zip(model.buffers(), buffers, strict=True))
     assert torch.equal(torch.get_rng_state(), rng)
+
+
+class CountingNorm(nn.Module):
+    """A BatchNorm beside a module-owned counter that its forward increments."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.norm = nn.BatchNorm1d(4)
+        self.register_buffer("calls", torch.zeros((), dtype=torch.long))
+
+    def forward(self, x):
+        self.calls += 1
+        return self.norm(x)
+
+
+def test_preserved_buffers_restores_every_buffer_even_on_error():
+    model = CountingNorm().train()
+    x = torch.randn(8, 4) * 3 + 1
+    before = [b.clone() for b in model.buffers()]
+    with preserved_buffers(model):
+        inside = model(x)  # BatchNorm writes nothing; the counter is restored below
+        assert model.norm.num_batches_tracked == 0 and model.calls == 1
+    assert model.norm.track_running_stats
+    assert all(torch.equal(b, c) for b, c in zip(model.buffers(), before, strict=True))
+    # the same normalization as a training forward (batch statistics)
+    torch.testing.assert_close(inside, copy.deepcopy(model)(x), rtol=0, atol=1e-6)
+    with pytest.raises(RuntimeError), preserved_buffers(model):
+        model(x)
+        raise RuntimeError("boom")
+    assert model.norm.track_running_stats
+    assert all(torch.equal(b, c) for b, c in zip(model.buffers(), before, strict=True))
+
+
+def test_full_float32_turns_tf32_off_and_restores_it():
+    flags = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    try:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = True, False
+        assert tf32_allowed()
+        with full_float32():
+            assert not tf32_allowed()
+        assert torch.backends.cudnn.allow_tf32 and not torch.backends.cuda.matmul.allow_tf32
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = flags
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("tf32", [True, False])
+def test_cuda_fast_radius_matches_exact_with_and_without_tf32(tf32, monkeypatch):
+    """On a GPU the training forward's convolutions round to TF32 by default: "fast"
+    then measures its own full-float32 baseline; either way the radius is the exact
+    one (a full-float32 JVP of the applied update at the same parameters) within 2 %."""
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", tf32)
+    model, x, y = _case("cnn_bn")
+    model, x, y = model.cuda(), x.cuda(), y.cuda()
+    ctrl = RadiusController(
+        torch.optim.Adam(model.parameters(), lr=1e-2), model, mode="monitor", method="fast"
+    )
+    for step in range(4):
+        old = [p.detach().clone() for p in model.parameters()]
+        _train_step(model, ctrl, x, y, seed=step)
+        new = [p.detach().clone() for p in model.parameters()]
+        update = [a - b for a, b in zip(new, old, strict=True)]
+        tau = math.sqrt(sum(float(u.double().pow(2).sum()) for u in update))
+        with torch.no_grad():
+            for p, o in zip(model.parameters(), old, strict=True):
+                p.copy_(o)
+        with full_float32():
+            _, slopes = directional(model, (x,), {}, update, method="jvp")
+        rho = radius_from_spread(float(logit_spread(slopes).max()), 1.0) * tau
+        assert ctrl.last.rho_a == pytest.approx(rho, rel=0.02)
+        with torch.no_grad():
+            for p, n in zip(model.parameters(), new, strict=True):
+                p.copy_(n)
 
 
 def test_fast_refuses_low_precision_and_refines_its_step():

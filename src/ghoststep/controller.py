@@ -28,7 +28,7 @@ import time
 import warnings
 import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Any
 
 import torch
@@ -45,9 +45,11 @@ from .directional import (
     directional,
     fd_step,
     forward,
+    full_float32,
     logits_reader,
     refined_step,
     split_inputs,
+    tf32_allowed,
 )
 from .monitor import Sink, StepStats
 from .radius import radius_from_spread, step_scale
@@ -194,8 +196,9 @@ class RadiusController(torch.optim.Optimizer):
             the logits of the training forward, replaying its RNG state so dropout
             masks match; BatchNorm buffers restored; the radius agrees with ``"jvp"``
             to well under 1 % on smooth models, see the module docs for where it is
-            unsafe; float32/64 parameters only; a training forward under autocast
-            costs a second, float32 baseline forward), or ``"fd"`` (float64 central
+            unsafe; float32/64 parameters only; a training forward under autocast,
+            or with TF32 allowed on a CUDA model, costs a second, full-float32
+            baseline forward), or ``"fd"`` (float64 central
             difference, a slow reference).
         on_nonfinite: ``"skip"`` or ``"raise"``.
         history_size: length of the ``history`` deque of :class:`StepStats`.
@@ -483,7 +486,10 @@ class RadiusController(torch.optim.Optimizer):
         if module.training and not self._measuring:
             # The RNG state before the forward: the measurement replays it, so it sees
             # the dropout masks the training forward drew.
-            entry = _Captured(args, kwargs, capture_rng(self._devices), _autocast_enabled())
+            # Logits from autocast, or from TF32 on CUDA, are too coarse for "fast"'s
+            # one-sided difference: it then measures a full-float32 baseline itself.
+            coarse = _autocast_enabled() or bool(self._devices and tf32_allowed())
+            entry = _Captured(args, kwargs, capture_rng(self._devices), coarse)
             if self._frames and self._captured:
                 # A call inside a call of the same model is the one with the model's
                 # inputs (e.g. Lightning under DDP routes training_step(batch, i)
@@ -522,7 +528,9 @@ class RadiusController(torch.optim.Optimizer):
     def _measuring_forward(self):
         self._measuring = True
         try:
-            yield
+            # (a JVP has no cancellation: TF32 costs it 1e-3 relative, "fast" 10 %)
+            with full_float32() if self._devices and self.method == "fast" else nullcontext():
+                yield
         finally:
             self._measuring = False
 
@@ -989,7 +997,7 @@ class RadiusController(torch.optim.Optimizer):
         # its rows only if each row's logits depend on that row alone.
         logits = entry.logits
         if (
-            entry.autocast
+            entry.coarse
             or logits is None
             or logits.dtype not in (torch.float32, torch.float64)
             or logits.ndim < 2
@@ -1063,9 +1071,7 @@ class RadiusController(torch.optim.Optimizer):
                         agg,
                         finite.double(),
                         masked.argmax().double() + offset,
-                        torch.tensor(
-                            float(valid.numel()), dtype=torch.float64, device=spread.device
-                        ),
+                        spread.new_full((), float(valid.numel())),  # no host copy
                     ]
                 )
             )
@@ -1240,13 +1246,13 @@ class RadiusController(torch.optim.Optimizer):
 
 
 class _Captured:
-    """One training forward: its inputs, the RNG state before it, whether autocast was
-    on, and (``method="fast"``) its detached logits."""
+    """One training forward: its inputs, the RNG state before it, whether its logits
+    are coarse (autocast, or TF32 on CUDA), and (``method="fast"``) its detached logits."""
 
-    __slots__ = ("args", "kwargs", "inputs", "rng", "autocast", "logits", "rows_independent")
+    __slots__ = ("args", "kwargs", "inputs", "rng", "coarse", "logits", "rows_independent")
 
-    def __init__(self, args, kwargs, rng, autocast: bool) -> None:
-        self.args, self.kwargs, self.rng, self.autocast = args, kwargs, rng, autocast
+    def __init__(self, args, kwargs, rng, coarse: bool) -> None:
+        self.args, self.kwargs, self.rng, self.coarse = args, kwargs, rng, coarse
         self.inputs: Any = None
         self.logits: torch.Tensor | None = None
         self.rows_independent = False  # no RNG drawn, no batch statistics
@@ -1335,7 +1341,11 @@ def _all_finite(tensors: Sequence[torch.Tensor]) -> bool:
 
 def _squares(norms: Sequence[torch.Tensor], device) -> torch.Tensor:
     """Sum of squares of per-tensor norms, float64, as a 1-element tensor on ``device``."""
-    return torch.stack([n.to(device, torch.float64) for n in norms]).pow(2).sum().reshape(1)
+    if all(n.device == device and n.dtype == norms[0].dtype for n in norms):
+        stacked = torch.stack(list(norms))  # one kernel, not one conversion per tensor
+    else:
+        stacked = torch.stack([n.to(device, torch.float64) for n in norms])
+    return stacked.double().pow(2).sum().reshape(1)
 
 
 def _groups(tensors: Sequence[torch.Tensor]) -> list[list[int]]:

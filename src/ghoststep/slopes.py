@@ -72,6 +72,7 @@ from ghoststep.directional import (
     direction_norm,
     directional,
     logits_reader,
+    preserved_buffers,
     replay_rng,
     resolve_direction,
     split_inputs,
@@ -569,16 +570,10 @@ def gradient_direction(
         value, retain = loss(), False
     elif callable(loss):
         args, kwargs = split_inputs(inputs)
-        saved = {n: b.clone() for n, b in model.named_buffers()}
-        try:
-            with replay_rng(cuda_devices(model)), torch.enable_grad():
-                out = (logits_fn or default_logits_fn)(model(*args, **kwargs))
-                value = loss(out, targets) if targets is not None else loss(out)
-                grads = torch.autograd.grad(value, params, allow_unused=True)
-        finally:
-            with torch.no_grad():
-                for n, b in model.named_buffers():
-                    b.copy_(saved[n])
+        with replay_rng(cuda_devices(model)), preserved_buffers(model), torch.enable_grad():
+            out = (logits_fn or default_logits_fn)(model(*args, **kwargs))
+            value = loss(out, targets) if targets is not None else loss(out)
+            grads = torch.autograd.grad(value, params, allow_unused=True)
         value, retain = None, False
     else:
         raise TypeError("loss must be a scalar tensor or a callable")
