@@ -183,7 +183,7 @@ def test_all_radii_controller_sets_step_to_min_radius():
     assert ctrl.last_binding == min(radii, key=radii.get)
     assert ctrl.last.rho_a == pytest.approx(min(radii.values()), rel=1e-9)
     assert moved == pytest.approx(min(radii.values()), rel=1e-4)
-    assert ctrl._captured == []  # the extra JVP forward did not add a batch
+    assert ctrl._capture.entries == []  # the extra JVP forward did not add a batch
     ctrl.close()
     with pytest.raises(ValueError, match="use"):
         AllRadiiController(torch.optim.Adam(model.parameters()), model, use=("foo",))

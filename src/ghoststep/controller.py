@@ -14,6 +14,13 @@ Algorithm (one ``step``; paper Prop. 5.2 and SPEC section 3)::
     s    <- min(1, r* rho / tau)  ("clip")  |  r* rho / tau  ("set")  |  1  ("monitor")
     theta <- new (s = 1, bitwise)  |  old + s p
 
+The pieces live in their own modules: ``capture`` (the forward hooks that remember the
+training batch), ``sampling`` (subset, buffer, window, quantile, masks), ``proposal``
+(the spare copy, the swap, ``old + s p``), ``meter`` (the spread by method, reduced to
+one radius), ``radius`` (the pure step rule), ``sharding`` (FSDP2 shards, rank
+reductions) and ``controller_state`` (what ``state_dict`` holds). This module is the
+``torch.optim.Optimizer`` shell that sequences them.
+
 Reference: P. Sao, "Ghosts of Softmax: Complex Singularities That Limit Safe Step Sizes
 in Cross-Entropy", arXiv:2603.13552 (2026), section 5.
 """
@@ -21,39 +28,24 @@ in Cross-Entropy", arXiv:2603.13552 (2026), section 5.
 from __future__ import annotations
 
 import collections
-import copy
-import inspect
 import math
 import time
 import warnings
-import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from contextlib import contextmanager, nullcontext
 from typing import Any
 
 import torch
 from torch import nn
 
-from .directional import (
-    FAST_MOVE,
-    METHODS,
-    batch_coupled,
-    capture_rng,
-    check_chunking,
-    chunks,
-    cuda_devices,
-    directional,
-    fd_step,
-    forward,
-    full_float32,
-    logits_reader,
-    refined_step,
-    split_inputs,
-    tf32_allowed,
-)
+from .capture import Captured, ForwardCapture
+from .controller_state import ControllerState
+from .directional import METHODS, cuda_devices, logits_reader, split_inputs
+from .meter import Measured, SpreadMeter
 from .monitor import Sink, StepStats
-from .radius import radius_from_spread, step_scale
-from .sharding import is_sharded, local_shards, shard_group, sum_over_shards
+from .proposal import OptimizerSnapshot, ProposedUpdate, all_finite
+from .radius import clip_radius, step_scale
+from .sampling import Plan, Sampling, bottleneck_rows, make_plan
+from .sharding import agree, is_sharded, local_shards, shard_group
 
 __all__ = ["RadiusController"]
 
@@ -62,7 +54,6 @@ _MODES = ("clip", "set", "monitor")
 # exact JVP only needs its float32 rounding covered; the secants ("fd" across a kink,
 # "fast" with its O(h) error, measured within +0.3 % of the JVP) need more.
 _MARGINS = {"jvp": 1e-5, "fd": 1e-2, "fast": 1e-2}
-_STATE_VERSION = 1
 
 
 class RadiusController(torch.optim.Optimizer):
@@ -277,39 +268,12 @@ class RadiusController(torch.optim.Optimizer):
         margin: float | None = None,
         scaled_update: str = "auto",
     ) -> None:
-        if not isinstance(optimizer, torch.optim.Optimizer):
-            raise TypeError(
-                f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}"
-            )
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        if mode not in _MODES:
-            raise ValueError(f"mode must be one of {_MODES}, got {mode!r}")
-        _check_positive("target_r", target_r)
-        _check_positive("temperature", temperature)
-        if subset is not None and not (_is_int(subset) and subset >= 1):
-            raise ValueError(f"subset must be None or an int >= 1, got {subset!r}")
-        if not (_is_int(buffer_size) and buffer_size >= 0):
-            raise ValueError(f"buffer_size must be an int >= 0, got {buffer_size!r}")
-        if not (_is_int(window) and window >= 1):
-            raise ValueError(f"window must be an int >= 1, got {window!r}")
-        if quantile is not None and not (
-            isinstance(quantile, (int, float)) and 0.0 < quantile <= 1.0
-        ):
-            raise ValueError(f"quantile must be None or a number in (0, 1], got {quantile!r}")
-        if on_nonfinite not in ("skip", "raise"):
-            raise ValueError(f'on_nonfinite must be "skip" or "raise", got {on_nonfinite!r}')
-        if not (_is_int(history_size) and history_size >= 0):
-            raise ValueError(f"history_size must be an int >= 0, got {history_size!r}")
-        if ignore_index is not None and mask_fn is not None:
-            raise ValueError("give either mask_fn or ignore_index, not both")
-        if margin is not None and not (isinstance(margin, (int, float)) and 0.0 <= margin < 1.0):
-            raise ValueError(f"margin must be None or a number in [0, 1), got {margin!r}")
-        if scaled_update not in ("auto", "interpolate", "rerun"):
-            raise ValueError(
-                f'scaled_update must be "auto", "interpolate" or "rerun", got {scaled_update!r}'
-            )
-        _check_supported(optimizer)
+        _check_arguments(optimizer, model, mode, target_r, temperature, method, on_nonfinite)
+        _check_options(history_size, margin, scaled_update, micro_batches, extra_radii)
+        limit_by = _check_limit_by(limit_by, extra_radii)
+        self.sampling = Sampling(
+            subset, buffer_size, window, quantile, mask_fn, ignore_index, targets_fn
+        )
 
         # Optimizer.__init__ assigns self.state and calls add_param_group; both are
         # routed to the base class until self.optimizer exists (see the overrides).
@@ -323,70 +287,64 @@ class RadiusController(torch.optim.Optimizer):
         self.mode = mode
         self.target_r = float(target_r)
         self.temperature = float(temperature)
-        self.subset = subset
-        self.buffer_size = int(buffer_size)
-        self.window = int(window)
-        self.quantile = None if quantile is None else float(quantile)
-        self.logits_fn = logits_fn
-        self._logits_fn = logits_reader(logits_fn)
-        self.mask_fn = mask_fn
-        self.ignore_index = ignore_index
-        self.targets_fn = targets_fn
-        self.chunk_size = chunk_size
-        if method not in METHODS:
-            raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-        self.method = method
+        self._method = method
         self.margin = _MARGINS[method] if margin is None else float(margin)
         if scaled_update == "auto":
             scaled_update = "rerun" if holds_iterate(optimizer) else "interpolate"
         self.scaled_update = scaled_update
         self.on_nonfinite = on_nonfinite
-        self.keep_samples = bool(keep_samples)
-        if micro_batches not in ("last", "all"):
-            raise ValueError(f'micro_batches must be "last" or "all", got {micro_batches!r}')
-        self.micro_batches = micro_batches
-        if extra_radii is not None and not callable(extra_radii):
-            raise TypeError("extra_radii must be callable(model, inputs, update) -> dict")
-        if limit_by is not None:
-            limit_by = tuple(limit_by)
-            if not limit_by or not all(isinstance(k, str) for k in limit_by):
-                raise ValueError(
-                    f"limit_by must be a non-empty sequence of names, got {limit_by!r}"
-                )
-            if extra_radii is None and limit_by != ("out",):
-                raise ValueError(f"limit_by={limit_by!r} names radii but extra_radii is None")
         self.extra_radii = extra_radii
-        self.limit_by = limit_by
         self.sinks: list[Sink] = list(sinks)
-        self.process_group = process_group
-        self.slopes_kwargs = dict(slopes_kwargs or {})
 
         self.history: collections.deque[StepStats] = collections.deque(maxlen=history_size)
         self.last: StepStats | None = None
         self.step_count = 0
         self.skipped_steps = 0
         self._warned = False
-        self._recent_rhos: collections.deque[float] = collections.deque(maxlen=self.window - 1)
+        window = self.sampling.window
+        self._recent_rhos: collections.deque[float] = collections.deque(maxlen=window - 1)
         self._buffer: Any = None  # inputs of the bottleneck rows, or None
         self._generator = torch.Generator()
         self._generator.manual_seed(int(seed))
-        self._captured: list[_Captured] = []  # training forwards since the last step
-        self._frames: list[_Captured | None] = []  # forwards of the model in progress
-        self._measuring = False
-        self._devices = cuda_devices(self._slope_model)  # whose RNG the hook captures
-        self._pending_buffer: tuple | None = None
-        self._spare: list[torch.Tensor] | None = None
-        self._spread_hint: float | None = None  # last max spread per unit v ("fast")
+        self._proposal = ProposedUpdate()
+        logits = logits_reader(logits_fn)
+        self._meter = SpreadMeter(
+            self._slope_model,
+            method=method,
+            logits_fn=logits,
+            temperature=self.temperature,
+            sampling=self.sampling,
+            chunk_size=chunk_size,
+            slopes_kwargs=slopes_kwargs or {},
+            extra_radii=extra_radii,
+            limit_by=limit_by,
+            keep_samples=bool(keep_samples),
+            process_group=process_group,
+        )
         self._capable = method == "fast"  # "jvp" / "fd" are tried before the first step
-        self._shards = None  # the shard group of FSDP2 parameters (set per step)
         self._check_params_in_model()
         self._check_sharding()
-        self._hook = self._slope_model.register_forward_pre_hook(
-            _CaptureHook(self), with_kwargs=True
+        self._capture = ForwardCapture(
+            self._slope_model,
+            micro_batches=micro_batches,
+            logits_fn=logits,
+            keep_logits=method == "fast",
+            rows_check=self.sampling.samples_rows,
+            devices=[],
         )
-        self._done_hook = self._slope_model.register_forward_hook(
-            _CaptureHook(self, post=True), with_kwargs=True, always_call=True
-        )
+        self._set_devices()
+
+    @property
+    def method(self) -> str:
+        """How the slopes are evaluated (``"jvp"`` | ``"fd"`` | ``"fast"``); settable."""
+        return self._method
+
+    @method.setter
+    def method(self, value: str) -> None:
+        if value not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {value!r}")
+        self._method = self._meter.method = value
+        self._capture.keep_logits = value == "fast"
 
     # ------------------------------------------------------------------ Optimizer API
 
@@ -408,7 +366,7 @@ class RadiusController(torch.optim.Optimizer):
             return
         self.optimizer.add_param_group(param_group)
         self.param_groups = self.optimizer.param_groups
-        self._devices = cuda_devices(self._slope_model)
+        self._set_devices()
         self._check_params_in_model()
 
     def train(self) -> None:
@@ -425,23 +383,18 @@ class RadiusController(torch.optim.Optimizer):
         self.optimizer.zero_grad(set_to_none=set_to_none)
 
     def state_dict(self) -> dict[str, Any]:  # type: ignore[override]
-        """``{"inner": inner.state_dict(), "ghoststep": controller state}``.
-
-        The controller state holds the step and skip counters, the window of recent
-        radii, the bottleneck buffer's inputs and the subset generator's state.
-        """
-        return {
-            "inner": self.optimizer.state_dict(),
-            "ghoststep": {
-                "version": _STATE_VERSION,
-                "step_count": self.step_count,
-                "skipped_steps": self.skipped_steps,
-                "recent_rhos": list(self._recent_rhos),
-                "buffer": _map_tensors(self._buffer, lambda t: t.detach().clone()),
-                "generator": self._generator.get_state(),
-                "warned": self._warned,
-            },
-        }
+        """``{"inner": inner.state_dict(), "ghoststep": ControllerState.to_dict()}``:
+        the step and skip counters, the window of recent radii, the bottleneck buffer's
+        inputs and the subset generator's state."""
+        ours = ControllerState(
+            step_count=self.step_count,
+            skipped_steps=self.skipped_steps,
+            recent_rhos=list(self._recent_rhos),
+            buffer=self._buffer,
+            generator=self._generator.get_state(),
+            warned=self._warned,
+        )
+        return {"inner": self.optimizer.state_dict(), "ghoststep": ours.to_dict()}
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:  # type: ignore[override]
         """Load a dict from :meth:`state_dict` (or a bare inner optimizer state dict)."""
@@ -451,18 +404,13 @@ class RadiusController(torch.optim.Optimizer):
             return
         self.optimizer.load_state_dict(state_dict["inner"])
         self.param_groups = self.optimizer.param_groups  # re-link (see PYTORCH-FACTS)
-        ours = state_dict.get("ghoststep", {})
-        if ours.get("version", _STATE_VERSION) != _STATE_VERSION:
-            raise ValueError(f"unsupported ghoststep state version {ours.get('version')!r}")
-        self.step_count = int(ours.get("step_count", 0))
-        self.skipped_steps = int(ours.get("skipped_steps", 0))
-        self._recent_rhos = collections.deque(
-            (float(r) for r in ours.get("recent_rhos", [])), maxlen=self.window - 1
-        )
-        self._buffer = _map_tensors(ours.get("buffer"), lambda t: t.detach().clone())
-        if "generator" in ours:
-            self._generator.set_state(ours["generator"].clone())
-        self._warned = bool(ours.get("warned", False))
+        ours = ControllerState.from_dict(state_dict.get("ghoststep", {}))
+        self.step_count, self.skipped_steps = ours.step_count, ours.skipped_steps
+        self._recent_rhos = collections.deque(ours.recent_rhos, maxlen=self._recent_rhos.maxlen)
+        self._buffer = ours.buffer
+        if ours.generator is not None:
+            self._generator.set_state(ours.generator)
+        self._warned = ours.warned
 
     def __repr__(self) -> str:
         return (
@@ -470,69 +418,11 @@ class RadiusController(torch.optim.Optimizer):
             f"optimizer={type(self.optimizer).__name__})"
         )
 
-    # -------------------------------------------------------------------- lifecycle
-
     def close(self) -> None:
         """Remove the forward hooks and close the sinks."""
-        if self._hook is not None:
-            self._hook.remove()
-            self._done_hook.remove()
-            self._hook = self._done_hook = None
+        self._capture.remove()
         for sink in self.sinks:
             sink.close()
-
-    def _capture_inputs(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        entry = None
-        if module.training and not self._measuring:
-            # The RNG state before the forward: the measurement replays it, so it sees
-            # the dropout masks the training forward drew.
-            # Logits from autocast, or from TF32 on CUDA, are too coarse for "fast"'s
-            # one-sided difference: it then measures a full-float32 baseline itself.
-            coarse = _autocast_enabled() or bool(self._devices and tf32_allowed())
-            entry = _Captured(args, kwargs, capture_rng(self._devices), coarse)
-            if self._frames and self._captured:
-                # A call inside a call of the same model is the one with the model's
-                # inputs (e.g. Lightning under DDP routes training_step(batch, i)
-                # through the module's __call__, and training_step calls self(x)).
-                self._captured[-1] = entry
-            else:
-                if self.micro_batches == "last":
-                    self._captured.clear()
-                self._captured.append(entry)
-        self._frames.append(entry)
-
-    def _forward_done(self, output) -> None:
-        entry = self._frames.pop() if self._frames else None
-        if (
-            entry is not None
-            and self.method == "fast"
-            and output is not None
-            and any(entry is c for c in self._captured)
-        ):
-            # The training forward's logits: the baseline of the one-sided difference.
-            try:
-                logits = self._logits_fn(output)
-            except (TypeError, KeyError, AttributeError, IndexError):
-                logits = None  # not the logits (e.g. a loss): measure its own baseline
-            if isinstance(logits, torch.Tensor):
-                entry.logits = logits.detach()
-                if self.subset is not None or self.buffer_size > 0:
-                    # Only sampling reuses rows of these logits. No random number drawn
-                    # (no active dropout): each row's logits then depend on that row
-                    # alone, unless a BatchNorm couples the rows.
-                    entry.rows_independent = _rng_unchanged(
-                        entry.rng, self._devices
-                    ) and not batch_coupled(self._slope_model)
-
-    @contextmanager
-    def _measuring_forward(self):
-        self._measuring = True
-        try:
-            # (a JVP has no cancellation: TF32 costs it 1e-3 relative, "fast" 10 %)
-            with full_float32() if self._devices and self.method == "fast" else nullcontext():
-                yield
-        finally:
-            self._measuring = False
 
     # ------------------------------------------------------------------------ step
 
@@ -555,280 +445,195 @@ class RadiusController(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        if inputs is not None:
-            batches = [_Captured.explicit(inputs)]
+        batches = self._batches(inputs)
+        model_params = self._params()
+        # FSDP2: the arithmetic runs on each rank's local shard; the few global
+        # scalars are summed over the shard group (no-op for unsharded parameters)
+        shards = shard_group(model_params)
+        params = local_shards(model_params)
+        info = {"lr": _as_float(self.param_groups[0].get("lr", math.nan))}
+        info["loss"] = _as_float(loss)
+        _check_dense(model_params)
+        if not self._capable:
+            self._try_measurement(model_params, batches)
+        self.step_count += 1
+        grads = local_shards([p.grad for p in model_params if p.grad is not None])
+        # host sync 1 of 3: a non-finite gradient must stop us before inner.step().
+        if grads and not agree(all_finite(grads), shards):
+            self._fault("gradient", info)
+            return loss
+        rerun = self.scaled_update == "rerun" and self.mode != "monitor"
+        snapshot = OptimizerSnapshot(self.optimizer, params) if rerun else None
+        # The one extra parameter copy. After the swap the parameters hold the old
+        # values and `proposed` the inner optimizer's result, bitwise (s = 1 copies it
+        # back), and the update p = proposed - params is never stored.
+        proposed = self._proposal.begin(params, shards)
+        self.optimizer.step()
+        tau = self._proposal.swap(params, proposed)  # host sync 2 of 3
+        if not math.isfinite(tau):
+            self._fault("update", info)  # parameters hold the old values
+            return loss
+        if tau == 0.0:
+            self._proposal.apply(params, proposed, 1.0, 0.0)
+            self._record(self._stats(0.0, math.inf, 1.0, info, spread=0.0))
+            return loss
+        self._controlled(params, proposed, tau, batches, snapshot, info)
+        return loss
+
+    def _controlled(self, params, proposed, tau, batches, snapshot, info) -> None:
+        """Measure the radius along the proposal and apply old + s p."""
+        start = time.perf_counter()
+        found = self._measure(params, proposed, tau, batches)
+        fraction = found.fraction
+        info["seconds"] = time.perf_counter() - start
+        if not found.finite:
+            self._proposal.apply(params, proposed, 0.0, fraction)  # back to the old values
+            self._fault("slope", info, tau=tau)
+            return
+        if not found.counted:
+            self._all_masked(params, proposed, tau, fraction, info)
+            if self.mode != "monitor":
+                return
+        rho = min([found.rho, *self._recent_rhos])
+        if self.sampling.window > 1:
+            self._recent_rhos.append(found.rho)
+        info["seconds"] = time.perf_counter() - start
+        limit = self._limit(rho, tau, params, fraction)
+        scale = step_scale(tau, limit, self.mode, self.target_r)
+        if snapshot is not None and scale != 1.0:
+            scale = self._rerun(params, snapshot, scale, self.target_r * limit, tau)
         else:
-            batches = self._captured
-            for entry in batches:
-                entry.inputs = self._replay(entry)
-        self._captured = []
+            self._proposal.apply(params, proposed, scale, fraction)
+        self._record(self._stats(tau, rho, scale, info, measured=found))
+
+    def _measure(self, params, proposed, tau: float, batches: list[Captured]) -> Measured:
+        """The measurement over the micro-batches (see ``ghoststep.meter``); updates the
+        bottleneck buffer."""
+        # "fast" measures at old + f p (f = h / tau); "jvp" / "fd" at the old values.
+        meter = self._meter
+        fraction = meter.fd_fraction(tau, params, self._proposal) if self.method == "fast" else 0.0
+        plans = [self._plan(entry) for entry in batches]
+        with self._capture.measuring(), meter.precision():
+            found = meter.measure(params, proposed, tau, plans, fraction)
+        if found.pending is not None and self.sampling.buffer_size > 0:
+            rows = bottleneck_rows(*found.pending, self.sampling.buffer_size)
+            self._buffer = rows if rows is not None else self._buffer
+        return found
+
+    def _limit(self, rho: float, tau: float, params, fraction: float) -> float:
+        """The radius the step rule uses. Clip keeps a margin below the radius for the
+        method's error and, when it binds (s < 1 is computed, not copied), for the float
+        rounding of old + s p: about one ulp of each parameter, eps ||old|| in length.
+        The parameters are at old + f p now, so ||old|| <= ||params|| + f tau."""
+        if self.mode != "clip":
+            return rho
+        limit = clip_radius(rho, self.margin)
+        if step_scale(tau, limit, self.mode, self.target_r) < 1.0:
+            old_norm = self._proposal.norm(params) + fraction * tau
+            limit = clip_radius(rho, self.margin, 2.0 * torch.finfo(params[0].dtype).eps * old_norm)
+        return limit
+
+    def _all_masked(self, params, proposed, tau, fraction, info) -> None:
+        """Every position masked: no radius bounds this update. Policy: clip / set skip
+        it (the parameters keep their values), monitor applies it."""
+        applied = self.mode == "monitor"
+        warnings.warn(
+            "RadiusController: every position of the batch is masked (mask_fn / "
+            "ignore_index), so no radius bounds this update; "
+            + ("it was applied (monitor mode)" if applied
+               else "it was skipped and the parameters left unchanged"),
+            RuntimeWarning,
+            stacklevel=4,
+        )  # fmt: skip
+        if not applied:
+            self._proposal.apply(params, proposed, 0.0, fraction)
+            self.skipped_steps += 1
+            self._record(self._stats(tau, math.inf, 0.0, info, spread=0.0, skipped=True))
+
+    def _batches(self, inputs) -> list[Captured]:
+        if inputs is not None:
+            self._capture.entries = []  # the explicit batch replaces the captured ones
+            return [Captured.explicit(inputs)]
+        batches = self._capture.take()
         if not batches:
             raise RuntimeError(
                 "RadiusController.step() has no batch to measure the radius on: run a "
                 "training-mode forward of the model before step(), or pass step(inputs=batch)"
             )
-        model_params = self._params()
-        # FSDP2: the arithmetic runs on each rank's local shard; the few global
-        # scalars are summed over the shard group (no-op for unsharded parameters)
-        self._shards = shard_group(model_params)
-        params = local_shards(model_params)
-        loss_value = _as_float(loss)
-        lr = _as_float(self.param_groups[0].get("lr", math.nan))
+        return batches
 
-        for p in model_params:
-            if p.grad is not None and p.grad.is_sparse:
-                raise RuntimeError(
-                    "RadiusController does not support sparse gradients "
-                    "(e.g. nn.Embedding(sparse=True)); use dense gradients"
-                )
-        if not self._capable:
-            # Before the inner optimizer consumes the gradient: an error here (e.g. an
-            # op without forward AD) leaves the optimizer and the parameters as they were.
-            self._try_measurement(model_params, batches)
-        self.step_count += 1
-        grads = local_shards([p.grad for p in model_params if p.grad is not None])
-        # host sync 1 of 3: a non-finite gradient must stop us before inner.step().
-        if grads and not self._agree(_all_finite(grads)):
-            self._fault("gradient", lr, loss_value)
-            return loss
-
-        rerun = self.scaled_update == "rerun" and self.mode != "monitor"
-        snapshot = _OptimizerSnapshot(self.optimizer, params) if rerun else None
-
-        # The one extra parameter copy. After the swap the parameters hold the old
-        # values and `proposed` the inner optimizer's result, bitwise (s = 1 copies it
-        # back), and the update p = proposed - params is never stored.
-        proposed = self._spare_for(params)
-        torch._foreach_copy_(proposed, params)
-        self._spare = proposed  # after the step it holds whatever the parameters do not
-        self.optimizer.step()
-        tau = self._swap(params, proposed)  # host sync 2 of 3
-        if not math.isfinite(tau):
-            self._fault("update", lr, loss_value)  # parameters hold the old values
-            return loss
-        if tau == 0.0:
-            self._apply(params, proposed, 1.0, 0.0)
-            self._record(
-                self._stats(tau=0.0, rho=math.inf, scale=1.0, lr=lr, loss=loss_value, spread=0.0)
-            )
-            return loss
-
-        start = time.perf_counter()
-        # "fast" measures at old + f p (f = h / tau); "jvp" / "fd" at the old values.
-        fraction = self._fd_fraction(tau, params) if self.method == "fast" else 0.0
-        spread, rho_now, bottleneck, finite, rho_samples, radii, counted, fraction = self._measure(
-            params, proposed, tau, fraction, batches
-        )
-        if not finite:
-            self._apply(params, proposed, 0.0, fraction)  # back to the old values
-            self._fault("slope", lr, loss_value, tau=tau, seconds=time.perf_counter() - start)
-            return loss
-        if not counted:
-            # Every position masked: no radius bounds this update. Policy: clip / set
-            # skip it (the parameters keep their values), monitor applies it.
-            warnings.warn(
-                "RadiusController: every position of the batch is masked (mask_fn / "
-                "ignore_index), so no radius bounds this update; "
-                + (
-                    "it was applied (monitor mode)"
-                    if self.mode == "monitor"
-                    else "it was skipped and the parameters left unchanged"
-                ),
-                RuntimeWarning,
-                stacklevel=2,
-            )
-            if self.mode != "monitor":
-                self._apply(params, proposed, 0.0, fraction)
-                self.skipped_steps += 1
-                self._record(
-                    self._stats(
-                        tau=tau, rho=math.inf, scale=0.0, lr=lr, loss=loss_value,
-                        spread=0.0, skipped=True,
-                    )
-                )  # fmt: skip
-                return loss
-        rho = min([rho_now, *self._recent_rhos])
-        if self.window > 1:
-            self._recent_rhos.append(rho_now)
-        seconds = time.perf_counter() - start
-        # Clip keeps a margin below the radius for the method's error and, when it
-        # binds (s < 1 is computed, not copied), for the float rounding of old + s p:
-        # about one ulp of each parameter, eps ||old|| in length. The parameters are at
-        # old + f p now, so ||old|| <= ||params|| + f tau.
-        limit_rho = rho
-        if self.mode == "clip":
-            limit_rho = rho * (1.0 - self.margin)
-            if step_scale(tau, limit_rho, self.mode, self.target_r) < 1.0:
-                old_norm = self._norm(params) + fraction * tau
-                rounding = 2.0 * torch.finfo(params[0].dtype).eps * old_norm
-                limit_rho = max(limit_rho - rounding, 0.0)
-        scale = step_scale(tau, limit_rho, self.mode, self.target_r)
-        if snapshot is not None and scale != 1.0:
-            scale = self._rerun(params, snapshot, scale, self.target_r * limit_rho, tau)
-        else:
-            self._apply(params, proposed, scale, fraction)
-        self._record(
-            self._stats(
-                tau=tau,
-                rho=rho,
-                scale=scale,
-                lr=lr,
-                loss=loss_value,
-                spread=spread,
-                bottleneck=bottleneck,
-                seconds=seconds,
-                rho_samples=rho_samples,
-                radii=radii,
-            )
-        )
-        return loss
+    def _plan(self, entry: Captured) -> Plan:
+        plan, self._buffer = make_plan(entry, self.sampling, self._generator, self._buffer)
+        return plan
 
     def _try_measurement(self, params, batches) -> None:
         """Run the slopes once along the gradient on the first batch (first step only)."""
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-        tangents = self._direction(params, grads)
         entry = batches[0]  # all rows, no subset draw: the generator is left alone
-        plan = _Plan(entry.inputs, split_inputs(entry.inputs), entry.rng, None)
-        with self._measuring_forward():
-            self._spread_of(
-                plan,
-                lambda args, kwargs, rows, plan: self._tangent_spread(args, kwargs, plan, tangents),
-            )
+        plan = Plan(entry.inputs, split_inputs(entry.inputs), entry.rng, None)
+        with self._capture.measuring(), self._meter.precision():
+            self._meter.try_gradient(params, plan)
         self._capable = True
 
-    def _rerun(self, params, snapshot: _OptimizerSnapshot, scale, limit, tau) -> float:
+    def _rerun(self, params, snapshot: OptimizerSnapshot, scale, limit, tau) -> float:
         """Scaled update for optimizers with an iterate of their own (``"rerun"``): the
         inner step again, from the restored state, with every learning rate times s.
         In clip mode the result is pulled back to length ``limit`` if it overshoots
         (its direction is not exactly p). Returns the realised s' = ||step|| / tau."""
-        snapshot.restore(self.optimizer, params)
+        length = snapshot.rerun(self.optimizer, params, scale)
         self.param_groups = self.optimizer.param_groups
-        rates = [group.get("lr") for group in self.param_groups]
-        for group, lr in zip(self.param_groups, rates, strict=True):
-            if lr is not None:
-                group["lr"] = lr * scale
-        try:
-            self.optimizer.step()
-        finally:
-            for group, lr in zip(self.param_groups, rates, strict=True):
-                if lr is not None:
-                    group["lr"] = lr
-        step = torch._foreach_sub(params, snapshot.params)
-        length = float(torch.linalg.vector_norm(torch.stack(torch._foreach_norm(step)).double()))
         if self.mode == "clip" and length > limit:
             torch._foreach_lerp_(params, snapshot.params, 1.0 - limit / length)
             length = limit
         return length / tau
 
-    def _swap(self, params: list[torch.Tensor], proposed: list[torch.Tensor]) -> float:
-        """Exchange the contents (parameters <- old, ``proposed`` <- new, both bitwise);
-        return ||new - old|| (summed over the shards of sharded parameters).
+    def _fault(self, what: str, info: dict, *, tau: float = math.nan) -> None:
+        """Skip (parameters already equal the snapshot / untouched) or raise."""
+        message = (
+            f"RadiusController: non-finite {what} at step {self.step_count}; the step was "
+            "skipped and the parameters left unchanged"
+        )
+        if self.on_nonfinite == "raise":
+            raise FloatingPointError(message.replace("the step was skipped and ", ""))
+        self.skipped_steps += 1
+        if not self._warned:
+            warnings.warn(message + " (warning once per controller)", RuntimeWarning, stacklevel=4)
+            self._warned = True
+        self._record(self._stats(tau, math.nan, 0.0, info, spread=math.nan, skipped=True))
 
-        Plain tensors exchange their storage (``.data``, no copy); shards and tensor
-        subclasses are copied in place. The difference is taken in groups no larger
-        than the largest parameter: the transient memory stays one parameter's size.
-        """
-        norms = []
-        for group in _groups(params):
-            diff = torch._foreach_sub([params[i] for i in group], [proposed[i] for i in group])
-            norms += torch._foreach_norm(diff)
-            del diff
-        if self._exchange_ok(params):
-            _exchange(params, proposed)
-        else:
-            for group in _groups(params):
-                ps, keep = [params[i] for i in group], [proposed[i] for i in group]
-                new = [torch.empty_like(p) for p in ps]
-                torch._foreach_copy_(new, ps)
-                torch._foreach_copy_(ps, keep)
-                torch._foreach_copy_(keep, new)
-                del new
-        device = params[0].device
+    def _stats(self, tau, rho, scale, info, *, measured=None, spread=None, skipped=False):
+        r_before = tau / rho if rho > 0 else math.inf  # tau / inf = 0; nan propagates
+        return StepStats(
+            step=self.step_count,
+            tau=tau,
+            rho_a=rho,
+            r_before=r_before,
+            r_after=0.0 if skipped else scale * r_before,
+            scale=scale,
+            bottleneck=-1 if measured is None else measured.bottleneck,
+            radius_seconds=info.get("seconds", 0.0),
+            skipped=skipped,
+            lr=info["lr"],
+            loss=info["loss"],
+            spread=measured.spread if measured is not None else spread,
+            rho_samples=None if measured is None else measured.samples,
+            radii=None if measured is None else measured.radii,
+        )
 
-        tau = math.sqrt(float(sum_over_shards(_squares(norms, device), self._shards)))
-        if math.isinf(tau) and self._agree(all(bool(torch.isfinite(t).all()) for t in proposed)):
-            # overflow of a float32 norm, not a non-finite entry: redo in float64
-            pairs = zip(params, proposed, strict=True)
-            wide = torch.stack(
-                [(q.double() - p.double()).pow(2).sum().to(device) for p, q in pairs]
-            )
-            wide = wide.sum()
-            tau = math.sqrt(float(sum_over_shards(wide.reshape(1), self._shards)))
-        return tau
-
-    def _norm(self, params: list[torch.Tensor]) -> float:
-        """||params|| (over all shards): one pass, one host sync."""
-        squares = _squares(torch._foreach_norm(params), params[0].device)
-        return math.sqrt(float(sum_over_shards(squares, self._shards)))
-
-    def _spare_for(self, params: list[torch.Tensor]) -> list[torch.Tensor]:
-        """The persistent extra copy (kept between steps: a fresh allocation of every
-        parameter's size each step costs page faults on the CPU)."""
-        spare = self._spare
-        if (
-            spare is None
-            or len(spare) != len(params)
-            or any(
-                s.shape != p.shape
-                or s.dtype != p.dtype
-                or s.device != p.device
-                or s.stride() != p.stride()
-                for s, p in zip(spare, params, strict=True)
-            )
-        ):
-            spare = [torch.empty_like(p) for p in params]
-        return spare
-
-    def _fd_fraction(self, tau: float, params: list[torch.Tensor]) -> float:
-        """f = h / tau for the one-sided difference at old + f p (``method="fast"``): h
-        moves the outputs by about ``FAST_MOVE`` at the previous step's spread (the
-        first step guesses from ||old||; the parameters hold the old values here)."""
-        hint = self._spread_hint
-        if hint is not None and math.isfinite(hint) and hint > 0:
-            return self._away_from_one(FAST_MOVE / hint / tau)
-        return self._away_from_one(fd_step(self._norm(params), 1.0, params[0].dtype) / tau)
-
-    @staticmethod
-    def _away_from_one(fraction: float) -> float:
-        # The final step is recovered from the evaluation point and the proposal as a
-        # lerp with weight (s - f) / (1 - f): keep f away from 1.
-        return 0.5 if abs(1.0 - fraction) < 0.5 else fraction
-
-    def _apply(self, params, proposed, scale: float, fraction: float) -> None:
-        """Parameters (now at old + f p) <- old + s p. s = 1 copies the proposal bitwise."""
-        if scale == 1.0:
-            if self._exchange_ok(params):
-                _exchange(params, proposed)  # the inner optimizer's tensors, bitwise
-            else:
-                torch._foreach_copy_(params, proposed)
-        elif scale != fraction:
-            # old + s p = e + (s - f) / (1 - f) (new - e), with e = old + f p
-            torch._foreach_lerp_(params, proposed, (scale - fraction) / (1.0 - fraction))
-
-    def _exchange_ok(self, params) -> bool:
-        # a shard's storage belongs to its DTensor: only plain parameters trade storage
-        return self._shards is None and _exchangeable(params)
-
-    def _agree(self, flag: bool) -> bool:
-        """``flag`` on every rank of the shard group (the AND), so all ranks decide alike."""
-        if self._shards is None:
-            return flag
-        value = torch.tensor([0.0 if flag else 1.0], dtype=torch.float64)
-        dist = torch.distributed
-        if dist.get_backend(self._shards) == "nccl":
-            value = value.cuda()
-        dist.all_reduce(value, op=dist.ReduceOp.MAX, group=self._shards)
-        return float(value) == 0.0
-
-    def _global_max(self, value: float) -> float:
-        """The max over ranks (``torch.distributed``), so every rank picks the same
-        evaluation point; ``value`` itself without it."""
-        return self._all_reduce(value, True)[0]
+    def _record(self, stats: StepStats) -> None:
+        self.last = stats
+        self.history.append(stats)
+        for sink in self.sinks:
+            sink.write(stats)
 
     # ------------------------------------------------------------------ internals
 
     def _params(self) -> list[torch.Tensor]:
         return [p for g in self.param_groups for p in g["params"] if p.requires_grad]
+
+    def _set_devices(self) -> None:
+        """The CUDA devices whose RNG the capture saves and the measurement replays."""
+        devices = cuda_devices(self._slope_model)
+        self._meter.devices = self._capture.devices = devices
 
     def _check_sharding(self) -> None:
         """FSDP2 (DTensor) parameters: only the ordinary forward can evaluate them.
@@ -864,441 +669,8 @@ class RadiusController(torch.optim.Optimizer):
                     f"of shape {tuple(p.shape)} that does not"
                 )
 
-    def _replay(self, captured: _Captured) -> Any:
-        """A captured forward call as ``inputs`` for the slopes (tensor, tuple or dict)."""
-        args, kwargs = captured.args, captured.kwargs
-        if not kwargs:
-            return args[0] if len(args) == 1 else tuple(args)
-        if not args:
-            return dict(kwargs)
-        # Mixed positional and keyword arguments: name the positional ones.
-        try:
-            bound = inspect.signature(self._slope_model.forward).bind(*args, **kwargs)
-        except TypeError as err:
-            raise RuntimeError(
-                f"cannot replay the captured forward call ({err}); pass step(inputs=...)"
-            ) from err
-        params = inspect.signature(self._slope_model.forward).parameters
-        if any(params[n].kind is inspect.Parameter.VAR_POSITIONAL for n in bound.arguments):
-            raise RuntimeError(
-                "the model's forward takes *args together with keyword arguments; the "
-                "captured call cannot be replayed as one dict, pass step(inputs=...)"
-            )
-        out = {}
-        for name, value in bound.arguments.items():
-            if params[name].kind is inspect.Parameter.VAR_KEYWORD:
-                out.update(value)
-            else:
-                out[name] = value
-        return out
-
-    def _direction(self, params, updates) -> list[torch.Tensor | None]:
-        """Updates aligned with the model's trainable parameters (None: not optimized)."""
-        by_id = {id(p): u for p, u in zip(params, updates, strict=True)}
-        return [by_id.get(id(q)) for q in self._slope_model.parameters() if q.requires_grad]
-
-    def _measure(self, params, proposed, tau: float, fraction: float, batches: list):
-        """Measure along v = p / tau over the micro-batches.
-
-        On entry the parameters hold the old values; with ``"fast"`` they are moved to
-        old + f p here. Returns the aggregated spread, the radius (the minimum with
-        the extra radii, reduced over ranks), the bottleneck (a position in the
-        micro-batches taken in order), the all-finite flag, the per-sample radii (CPU
-        float32, ``keep_samples``) and the radii dict (``extra_radii``, else None).
-        """
-        plans = [self._plan(entry) for entry in batches]
-        radii = None
-        with self._measuring_forward():
-            if self.method == "fast":
-                self._fill_baselines(plans)
-                if self.extra_radii is not None:  # at the old values, before the shift
-                    radii = self._radii(params, torch._foreach_sub(proposed, params), tau, plans)
-                torch._foreach_lerp_(params, proposed, fraction)
-                self._shifted_spreads(plans, fraction * tau)
-                moved = fraction * tau * self._spread_hint
-                better = refined_step(fraction * tau, moved)
-                if better is not None:  # the outputs moved too far or too little: redo
-                    target = self._away_from_one(better / tau)
-                    torch._foreach_lerp_(params, proposed, (target - fraction) / (1.0 - fraction))
-                    fraction = target
-                    self._shifted_spreads(plans, fraction * tau)
-                for plan in plans:
-                    plan.baseline = None
-            else:
-                # One transient copy: the tangent p (the JVP's primal is the old values).
-                update = torch._foreach_sub(proposed, params)
-                tangents = self._direction(params, update)
-                for plan in plans:
-                    plan.spread = (
-                        self._spread_of(
-                            plan,
-                            lambda args, kwargs, rows, plan: self._tangent_spread(
-                                args, kwargs, plan, tangents
-                            ),
-                        )
-                        / tau
-                    )
-                del tangents
-                radii = self._radii(params, update, tau, plans)
-                del update
-        return (*self._reduce(plans, radii), fraction)
-
-    def _shifted_spreads(self, plans: list[_Plan], step: float) -> None:
-        """Spreads per unit of v from forwards at the evaluation point old + step v."""
-        for plan in plans:
-            plan.spread = self._spread_of(plan, self._shifted_spread) / step
-        # The next step's first guess (move the outputs by about FAST_MOVE), and the
-        # redo decision: the max over ranks, so that every rank evaluates at one point.
-        local = float(torch.stack([p.spread.max() for p in plans]).max()) if plans else 0.0
-        self._spread_hint = self._global_max(local)
-
-    def _spread_of(self, plan: _Plan, spread_fn) -> torch.Tensor:
-        """Flat float64 per-position spread of one plan, in ``chunk_size`` row chunks."""
-        args, kwargs = plan.call
-        if self.chunk_size is None:
-            return spread_fn(args, kwargs, slice(None), plan).reshape(-1).double()
-        check_chunking(self._slope_model, args, kwargs, self.chunk_size)
-        parts = [
-            spread_fn(a, k, slice(start, stop), plan).reshape(-1)
-            for start, stop, a, k in chunks(args, kwargs, self.chunk_size)
-        ]
-        return torch.cat(parts).double()
-
-    def _shifted_spread(self, args, kwargs, rows: slice, plan: _Plan) -> torch.Tensor:
-        shifted = forward(
-            self._slope_model,
-            args,
-            kwargs,
-            output_fn=self._logits_fn,
-            rng=plan.rng,
-            devices=self._devices,
-        )
-        return _spread(shifted.sub_(plan.baseline[rows]))
-
-    def _tangent_spread(self, args, kwargs, plan: _Plan, tangents) -> torch.Tensor:
-        _, slopes = directional(
-            self._slope_model,
-            args,
-            kwargs,
-            tangents,
-            method=self.method,
-            output_fn=self._logits_fn,
-            rng=plan.rng,
-            **self.slopes_kwargs,
-        )
-        return _spread(slopes)
-
-    def _plan(self, entry: _Captured) -> _Plan:
-        """The rows to evaluate for one micro-batch (subset and buffer applied)."""
-        current = entry.inputs
-        rows = _batch_rows(current)
-        # The training forward's logits serve as the baseline for exactly its rows, in
-        # its precision and RNG state (dropout masks are drawn per row); for a subset of
-        # its rows only if each row's logits depend on that row alone.
-        logits = entry.logits
-        if (
-            entry.coarse
-            or logits is None
-            or logits.dtype not in (torch.float32, torch.float64)
-            or logits.ndim < 2
-            or logits.shape[0] != rows
-        ):
-            logits = None
-        known = logits
-        if self.subset is not None and rows is not None and self.subset < rows:
-            idx = torch.randperm(rows, generator=self._generator)[: self.subset]
-            current = _select_rows(current, idx, rows)
-            known = logits[idx.to(logits.device)] if logits is not None else None
-        if known is not None and current is not entry.inputs and not entry.rows_independent:
-            known = None
-        evaluated, tail = current, None
-        if self._buffer is not None:
-            joined = _cat_rows(
-                current, self._buffer, _batch_rows(current), _batch_rows(self._buffer)
-            )
-            if joined is None:
-                self._buffer = None  # shapes changed: drop the stale buffer
-            else:
-                evaluated = joined
-                if known is not None and not entry.rows_independent:
-                    known = None
-                tail = self._buffer  # its rows need a baseline forward of their own
-        plan = _Plan(
-            evaluated, split_inputs(evaluated), entry.rng, None if tail is not None else known
-        )
-        if tail is not None and known is not None:
-            plan.head, plan.tail = known, tail
-        return plan
-
-    def _fill_baselines(self, plans: list[_Plan]) -> None:
-        """Logits at the old values for the plans the training forward cannot serve."""
-        for plan in plans:
-            if plan.baseline is None:
-                args, kwargs = plan.call if plan.head is None else split_inputs(plan.tail)
-                parts = [
-                    forward(
-                        self._slope_model,
-                        a,
-                        k,
-                        output_fn=self._logits_fn,
-                        rng=plan.rng,
-                        devices=self._devices,
-                    )
-                    for _, _, a, k in chunks(args, kwargs, self.chunk_size)
-                ]
-                if plan.head is not None:  # the subset's rows from the training forward
-                    parts.insert(0, plan.head)
-                plan.baseline = parts[0] if len(parts) == 1 else torch.cat(parts)
-                plan.head = plan.tail = None
-
-    def _reduce(self, plans: list[_Plan], radii):
-        """Aggregate the plans' spreads on the device, then one host sync (3 of 3)."""
-        flags, spreads, valid_spreads = [], [], []
-        offset = 0
-        for plan in plans:
-            spread = plan.spread
-            keep = self._mask(plan.evaluated, spread.numel(), spread.device)
-            valid = spread if keep is None else spread[keep]
-            masked = spread if keep is None else spread.masked_fill(~keep, -math.inf)
-            finite = torch.isfinite(valid).all()
-            if self.quantile is None:
-                agg = valid.max() if valid.numel() else spread.new_zeros(())
-            else:
-                agg = _upper_quantile(valid, self.quantile)
-            flags.append(
-                torch.stack(
-                    [
-                        agg,
-                        finite.double(),
-                        masked.argmax().double() + offset,
-                        spread.new_full((), float(valid.numel())),  # no host copy
-                    ]
-                )
-            )
-            spreads.append(spread)
-            valid_spreads.append(valid)
-            if self.buffer_size > 0:
-                self._pending_buffer = (plan.evaluated, spread, keep)
-            offset += spread.numel()
-        summary = torch.stack([f.to(flags[0].device) for f in flags]).tolist()
-        finite = all(row[1] == 1.0 for row in summary)
-        # -1: no position to measure here (every one masked); a MAX over ranks keeps
-        # every rank's decision the same
-        agg_spread, bottleneck = -1.0, -1
-        for agg, _, index, count in summary:
-            if count and (bottleneck < 0 or agg > agg_spread):
-                agg_spread, bottleneck = agg, int(index)
-        if finite and self.buffer_size > 0:
-            self._update_buffer(*self._pending_buffer)
-        self._pending_buffer = None
-        agg_spread, finite = self._all_reduce(agg_spread, finite)
-        counted = agg_spread >= 0.0
-        agg_spread = max(agg_spread, 0.0)
-        rho = radius_from_spread(agg_spread, self.temperature)
-        if finite and radii is not None:
-            radii = dict(radii, out=rho)
-            rho = min(radii[k] for k in (self.limit_by or radii))
-            finite = not any(math.isnan(v) for v in radii.values())
-            # The same limiting radius on every rank (a no-op without torch.distributed):
-            # reduced as the equivalent spread pi T / rho, like the output spread.
-            limit, finite = self._all_reduce(
-                radius_from_spread(rho, self.temperature) if finite else 0.0, finite
-            )
-            rho = radius_from_spread(limit, self.temperature)
-        samples = None
-        if finite and self.keep_samples:
-            kept = torch.cat([v for v in valid_spreads if v.numel()]) if valid_spreads else None
-            if kept is not None and kept.numel():
-                samples = radius_from_spread(kept, self.temperature).float().cpu()
-        return agg_spread, rho, bottleneck, finite, samples, radii, counted
-
-    def _radii(self, params, update, tau: float, plans) -> dict[str, float] | None:
-        """The ``extra_radii`` hook's radii (smallest over the micro-batches) as distances
-        along v = p / tau, at the old parameter values; None without the hook."""
-        if self.extra_radii is None:
-            return None
-        radii: dict[str, float] = {}
-        direction = self._direction(params, update)
-        for plan in plans:
-            extra = self.extra_radii(self._slope_model, plan.evaluated, direction)
-            for key, t in dict(extra).items():
-                radius, before = float(t) * tau, radii.get(str(key), math.inf)
-                # min() would drop a NaN; keep it so the step is treated as a fault
-                radii[str(key)] = math.nan if math.isnan(radius) else min(before, radius)
-        missing = [k for k in (self.limit_by or ()) if k not in radii and k != "out"]
-        if missing:
-            raise KeyError(f"limit_by names {missing}, but the radii are {sorted(radii)}")
-        return radii
-
-    def _mask(self, inputs, n_samples: int, device: torch.device) -> torch.Tensor | None:
-        """Flat bool mask over the logit positions, or None (keep all)."""
-        if self.mask_fn is not None:
-            mask = self.mask_fn(inputs)
-        elif self.ignore_index is not None:
-            if self.targets_fn is not None:
-                targets = self.targets_fn(inputs)
-            elif isinstance(inputs, Mapping) and "labels" in inputs:
-                targets = inputs["labels"]
-            else:
-                raise ValueError("ignore_index needs targets_fn (or dict inputs with 'labels')")
-            mask = torch.as_tensor(targets) != self.ignore_index
-        else:
-            return None
-        mask = torch.as_tensor(mask, dtype=torch.bool).reshape(-1)
-        if mask.numel() != n_samples:
-            raise ValueError(
-                f"the mask has {mask.numel()} entries but the logits have {n_samples} "
-                "sample positions (logits.shape[:-1])"
-            )
-        return mask.to(device)
-
-    def _all_reduce(self, agg_spread: float, finite: bool) -> tuple[float, bool]:
-        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-            return agg_spread, finite
-        dist = torch.distributed
-        backend = dist.get_backend(self.process_group)
-        device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else "cpu"
-        packed = torch.tensor(
-            [agg_spread if finite else 0.0, 0.0 if finite else 1.0],
-            dtype=torch.float64,
-            device=device,
-        )
-        dist.all_reduce(packed, op=dist.ReduceOp.MAX, group=self.process_group)
-        return float(packed[0]), bool(packed[1] == 0)
-
-    def _update_buffer(self, evaluated, spread: torch.Tensor, keep) -> None:
-        rows = _batch_rows(evaluated)
-        if rows is None or spread.numel() % rows:
-            return
-        scores = spread if keep is None else spread.masked_fill(~keep, -math.inf)
-        per_row = scores.reshape(rows, -1).amax(1)
-        top = per_row.topk(min(self.buffer_size, rows)).indices.sort().values
-        self._buffer = _map_tensors(
-            _select_rows(evaluated, top, rows), lambda t: t.detach().clone()
-        )
-
-    def _fault(self, what: str, lr: float, loss, *, tau: float = math.nan, seconds=0.0) -> None:
-        """Skip (parameters already equal the snapshot / untouched) or raise."""
-        message = (
-            f"RadiusController: non-finite {what} at step {self.step_count}; the step was "
-            "skipped and the parameters left unchanged"
-        )
-        if self.on_nonfinite == "raise":
-            raise FloatingPointError(message.replace("the step was skipped and ", ""))
-        self.skipped_steps += 1
-        if not self._warned:
-            warnings.warn(message + " (warning once per controller)", RuntimeWarning, stacklevel=3)
-            self._warned = True
-        self._record(
-            self._stats(
-                tau=tau,
-                rho=math.nan,
-                scale=0.0,
-                lr=lr,
-                loss=loss,
-                spread=math.nan,
-                seconds=seconds,
-                skipped=True,
-            )
-        )
-
-    def _stats(
-        self,
-        *,
-        tau,
-        rho,
-        scale,
-        lr,
-        loss,
-        spread,
-        bottleneck=-1,
-        seconds=0.0,
-        skipped=False,
-        rho_samples=None,
-        radii=None,
-    ) -> StepStats:
-        r_before = tau / rho if rho > 0 else math.inf  # tau / inf = 0; nan propagates
-        return StepStats(
-            step=self.step_count,
-            tau=tau,
-            rho_a=rho,
-            r_before=r_before,
-            r_after=0.0 if skipped else scale * r_before,
-            scale=scale,
-            bottleneck=bottleneck,
-            radius_seconds=seconds,
-            skipped=skipped,
-            lr=lr,
-            loss=loss,
-            spread=spread,
-            rho_samples=rho_samples,
-            radii=radii,
-        )
-
-    def _record(self, stats: StepStats) -> None:
-        self.last = stats
-        self.history.append(stats)
-        for sink in self.sinks:
-            sink.write(stats)
-
 
 # --------------------------------------------------------------------------- helpers
-
-
-class _Captured:
-    """One training forward: its inputs, the RNG state before it, whether its logits
-    are coarse (autocast, or TF32 on CUDA), and (``method="fast"``) its detached logits."""
-
-    __slots__ = ("args", "kwargs", "inputs", "rng", "coarse", "logits", "rows_independent")
-
-    def __init__(self, args, kwargs, rng, coarse: bool) -> None:
-        self.args, self.kwargs, self.rng, self.coarse = args, kwargs, rng, coarse
-        self.inputs: Any = None
-        self.logits: torch.Tensor | None = None
-        self.rows_independent = False  # no RNG drawn, no batch statistics
-
-    @classmethod
-    def explicit(cls, inputs) -> _Captured:
-        """``step(inputs=...)``: no RNG state, no logits."""
-        entry = cls((), {}, None, False)
-        entry.inputs = inputs
-        return entry
-
-
-class _OptimizerSnapshot:
-    """The inner optimizer's state (a deep copy of its ``state_dict``) and the
-    parameters, before its step (``scaled_update="rerun"``)."""
-
-    def __init__(self, optimizer: torch.optim.Optimizer, params: list[torch.Tensor]) -> None:
-        self.state = copy.deepcopy(optimizer.state_dict())
-        self.params = [p.detach().clone() for p in params]
-
-    def restore(self, optimizer: torch.optim.Optimizer, params: list[torch.Tensor]) -> None:
-        optimizer.load_state_dict(self.state)
-        torch._foreach_copy_(params, self.params)
-
-
-class _Plan:
-    """What one micro-batch's measurement evaluates."""
-
-    __slots__ = ("evaluated", "call", "rng", "baseline", "spread", "head", "tail")
-
-    def __init__(self, evaluated, call: tuple[tuple, dict], rng, baseline) -> None:
-        self.evaluated, self.call, self.rng, self.baseline = evaluated, call, rng, baseline
-        self.spread: torch.Tensor | None = None
-        # a baseline known for the first rows (``head``) and the inputs of the rest
-        self.head: torch.Tensor | None = None
-        self.tail: Any = None
-
-
-def _rng_unchanged(rng, devices) -> bool:
-    """Whether the CPU and CUDA generators are still in the captured state ``rng``."""
-    if rng is None:
-        return False
-    cpu, cuda = rng
-    if not torch.equal(torch.get_rng_state(), cpu):
-        return False
-    return all(torch.equal(torch.cuda.get_rng_state(d), state) for d, state in cuda.items())
 
 
 def holds_iterate(optimizer: torch.optim.Optimizer) -> bool:
@@ -1307,6 +679,50 @@ def holds_iterate(optimizer: torch.optim.Optimizer) -> bool:
     alone would leave the two apart. Known families, by class name."""
     names = {cls.__name__.lower() for cls in type(optimizer).__mro__}
     return any("schedulefree" in n or "lookahead" in n for n in names)
+
+
+def _check_arguments(optimizer, model, mode, target_r, temperature, method, on_nonfinite):
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(
+            f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}"
+        )
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if mode not in _MODES:
+        raise ValueError(f"mode must be one of {_MODES}, got {mode!r}")
+    _check_positive("target_r", target_r)
+    _check_positive("temperature", temperature)
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if on_nonfinite not in ("skip", "raise"):
+        raise ValueError(f'on_nonfinite must be "skip" or "raise", got {on_nonfinite!r}')
+    _check_supported(optimizer)
+
+
+def _check_options(history_size, margin, scaled_update, micro_batches, extra_radii) -> None:
+    if not (_is_int(history_size) and history_size >= 0):
+        raise ValueError(f"history_size must be an int >= 0, got {history_size!r}")
+    if margin is not None and not (isinstance(margin, (int, float)) and 0.0 <= margin < 1.0):
+        raise ValueError(f"margin must be None or a number in [0, 1), got {margin!r}")
+    if scaled_update not in ("auto", "interpolate", "rerun"):
+        raise ValueError(
+            f'scaled_update must be "auto", "interpolate" or "rerun", got {scaled_update!r}'
+        )
+    if micro_batches not in ("last", "all"):
+        raise ValueError(f'micro_batches must be "last" or "all", got {micro_batches!r}')
+    if extra_radii is not None and not callable(extra_radii):
+        raise TypeError("extra_radii must be callable(model, inputs, update) -> dict")
+
+
+def _check_limit_by(limit_by, extra_radii) -> tuple[str, ...] | None:
+    if limit_by is None:
+        return None
+    limit_by = tuple(limit_by)
+    if not limit_by or not all(isinstance(k, str) for k in limit_by):
+        raise ValueError(f"limit_by must be a non-empty sequence of names, got {limit_by!r}")
+    if extra_radii is None and limit_by != ("out",):
+        raise ValueError(f"limit_by={limit_by!r} names radii but extra_radii is None")
+    return limit_by
 
 
 def _check_supported(optimizer: torch.optim.Optimizer) -> None:
@@ -1329,103 +745,13 @@ def _check_supported(optimizer: torch.optim.Optimizer) -> None:
         )
 
 
-def _all_finite(tensors: Sequence[torch.Tensor]) -> bool:
-    """Every entry finite? One host sync: the 2-norms are finite unless an entry is not
-    or a norm overflowed; only then are the entries checked one by one."""
-    device = tensors[0].device
-    norms = torch.stack([n.to(device) for n in torch._foreach_norm(tensors)])
-    if bool(norms.isfinite().all()):
-        return True
-    return all(bool(torch.isfinite(t).all()) for t in tensors)
-
-
-def _squares(norms: Sequence[torch.Tensor], device) -> torch.Tensor:
-    """Sum of squares of per-tensor norms, float64, as a 1-element tensor on ``device``."""
-    if all(n.device == device and n.dtype == norms[0].dtype for n in norms):
-        stacked = torch.stack(list(norms))  # one kernel, not one conversion per tensor
-    else:
-        stacked = torch.stack([n.to(device, torch.float64) for n in norms])
-    return stacked.double().pow(2).sum().reshape(1)
-
-
-def _groups(tensors: Sequence[torch.Tensor]) -> list[list[int]]:
-    """Consecutive index groups whose total size is at most the largest tensor's."""
-    limit = max(t.numel() for t in tensors)
-    groups: list[list[int]] = [[]]
-    size = 0
-    for i, t in enumerate(tensors):
-        if size + t.numel() > limit and groups[-1]:
-            groups.append([])
-            size = 0
-        groups[-1].append(i)
-        size += t.numel()
-    return groups
-
-
-def _spread(slopes: torch.Tensor) -> torch.Tensor:
-    """max_k - min_k (``radius.logit_spread`` without its row check: a NaN or infinite
-    slope still gives a non-finite spread, which faults the step). ``amax`` and
-    ``amin`` are two vectorized passes; the fused ``torch.aminmax`` over the last dim
-    is 5x slower on the CPU (2048 x 8192 logits: 24 ms vs 4.8 ms, 2 threads)."""
-    return slopes.amax(-1) - slopes.amin(-1)
-
-
-def _exchangeable(params: Sequence[torch.Tensor]) -> bool:
-    """Plain dense tensors can trade storage; subclasses (DTensor, FSDP) are copied."""
-    return all(type(p.data) is torch.Tensor for p in params)
-
-
-def _exchange(params: Sequence[torch.Tensor], others: list[torch.Tensor]) -> None:
-    """Swap the storage of each parameter with ``others[i]`` (no data is copied)."""
-    for i, p in enumerate(params):
-        mine = p.data
-        p.data = others[i]
-        others[i] = mine
-
-
-def _autocast_enabled() -> bool:
-    try:
-        return torch.is_autocast_enabled("cpu") or torch.is_autocast_enabled("cuda")
-    except TypeError:  # torch < 2.4: no device argument
-        return torch.is_autocast_enabled() or torch.is_autocast_cpu_enabled()
-
-
-def _upper_quantile(spread: torch.Tensor, quantile: float) -> torch.Tensor:
-    """The spread whose radius is the lower (1 - q) order statistic of the radii
-    (``ghoststep.radius.aggregate(rho, ("quantile", 1 - q))``), without a host sync."""
-    if spread.numel() == 0:
-        return spread.new_zeros(())
-    ordered = spread.sort(descending=True).values
-    return ordered[math.floor((1.0 - quantile) * (spread.numel() - 1))]
-
-
-class _CaptureHook:
-    """Forward pre-hook feeding the controller the training batches (``post=False``),
-    or forward hook marking the end of a call (``post=True``, for nested calls).
-
-    Holds the controller weakly (the model does not keep it alive). A deep copy or
-    pickle of the model (EMA twins, ``torch.save(model)``) gets a disabled hook, so a
-    copy's forwards never overwrite the original controller's batch.
-    """
-
-    def __init__(self, controller: RadiusController | None, post: bool = False) -> None:
-        self._ref = None if controller is None else weakref.ref(controller)
-        self._post = post
-
-    def __call__(self, module: nn.Module, args: tuple, kwargs: dict, *output) -> None:
-        controller = None if self._ref is None else self._ref()
-        if controller is None:
-            return
-        if self._post:
-            controller._forward_done(output[0] if output else None)
-        else:
-            controller._capture_inputs(module, args, kwargs)
-
-    def __deepcopy__(self, memo) -> _CaptureHook:
-        return _CaptureHook(None, self._post)
-
-    def __reduce__(self):
-        return (_CaptureHook, (None, self._post))
+def _check_dense(params: Sequence[torch.Tensor]) -> None:
+    for p in params:
+        if p.grad is not None and p.grad.is_sparse:
+            raise RuntimeError(
+                "RadiusController does not support sparse gradients "
+                "(e.g. nn.Embedding(sparse=True)); use dense gradients"
+            )
 
 
 def _is_int(x) -> bool:
@@ -1451,75 +777,3 @@ def _as_float(value) -> float | None:
 def _unwrap(model: nn.Module) -> nn.Module:
     parallel = (nn.parallel.DistributedDataParallel, nn.DataParallel)
     return model.module if isinstance(model, parallel) else model
-
-
-def _map_tensors(obj, fn):
-    if obj is None:
-        return None
-    if isinstance(obj, torch.Tensor):
-        return fn(obj)
-    if isinstance(obj, Mapping):
-        return {k: _map_tensors(v, fn) for k, v in obj.items()}
-    if isinstance(obj, (tuple, list)):
-        return type(obj)(_map_tensors(v, fn) for v in obj)
-    return obj
-
-
-def _leaves(obj) -> list[torch.Tensor]:
-    out: list[torch.Tensor] = []
-    _map_tensors(obj, lambda t: out.append(t) or t)
-    return out
-
-
-def _batch_rows(obj) -> int | None:
-    """Batch size: the leading size of the first tensor with at least one dimension."""
-    if obj is None:
-        return None
-    for t in _leaves(obj):
-        if t.dim() >= 1:
-            return int(t.shape[0])
-    return None
-
-
-def _select_rows(obj, idx: torch.Tensor, rows: int):
-    def pick(t: torch.Tensor) -> torch.Tensor:
-        if t.dim() >= 1 and t.shape[0] == rows:
-            return t.index_select(0, idx.to(t.device))
-        return t
-
-    return _map_tensors(obj, pick)
-
-
-def _cat_rows(a, b, rows_a: int, rows_b: int | None):
-    """Concatenate two input structures along rows; None if they do not match."""
-    if rows_b is None:
-        return None
-    if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
-        if a.dim() >= 1 and b.dim() >= 1 and a.shape[0] == rows_a and b.shape[0] == rows_b:
-            if a.shape[1:] != b.shape[1:] or a.dtype != b.dtype:
-                return None
-            return torch.cat([a, b.to(a.device)], 0)
-        return a
-    if isinstance(a, Mapping) and isinstance(b, Mapping):
-        if set(a) != set(b):
-            return None
-        out = {}
-        for k in a:
-            v = _cat_rows(a[k], b[k], rows_a, rows_b)
-            if v is None and a[k] is not None:
-                return None
-            out[k] = v
-        return out
-    if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)):
-        if len(a) != len(b):
-            return None
-        parts = []
-        for u, w in zip(a, b, strict=True):
-            v = _cat_rows(u, w, rows_a, rows_b)
-            if v is None and u is not None:
-                return None
-            parts.append(v)
-        return type(a)(parts)
-    if type(a) is not type(b):
-        return None
-    return a

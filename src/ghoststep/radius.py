@@ -40,6 +40,7 @@ __all__ = [
     "logit_spread",
     "rho_bound",
     "binary_radius",
+    "clip_radius",
     "top2_radius",
     "exact_radius",
     "nearest_ghost",
@@ -196,6 +197,16 @@ def step_scale(tau: float, rho: float, mode: str = "clip", target_r: float = 1.0
         return 1.0
     scale = target_r * rho / tau
     return min(1.0, scale) if mode == "clip" else scale
+
+
+def clip_radius(rho: float, margin: float, rounding: float = 0.0) -> float:
+    """The radius clip mode caps at: ``rho (1 - margin) - rounding``, at least 0.
+
+    ``margin`` covers the relative error of the measured radius (the method's), and
+    ``rounding`` the float rounding of ``old + s p`` (about 2 eps ||old|| in length),
+    so that the realised step stays within the radius.
+    """
+    return max(rho * (1.0 - margin) - rounding, 0.0)
 
 
 def binary_radius(logits: torch.Tensor, slopes: torch.Tensor) -> torch.Tensor:

@@ -15,7 +15,14 @@ from collections.abc import Sequence
 
 import torch
 
-__all__ = ["is_sharded", "local_shards", "shard_group", "sum_over_shards"]
+__all__ = [
+    "agree",
+    "is_sharded",
+    "local_shards",
+    "max_over_ranks",
+    "shard_group",
+    "sum_over_shards",
+]
 
 
 def _dtensor_type():
@@ -76,3 +83,32 @@ def sum_over_shards(values: torch.Tensor, group) -> torch.Tensor:
     if group is not None:
         torch.distributed.all_reduce(values, op=torch.distributed.ReduceOp.SUM, group=group)
     return values
+
+
+def agree(flag: bool, group) -> bool:
+    """``flag`` on every rank of the shard group (the AND), so all ranks decide alike;
+    ``flag`` itself without a group."""
+    if group is None:
+        return flag
+    value = torch.tensor([0.0 if flag else 1.0], dtype=torch.float64)
+    dist = torch.distributed
+    if dist.get_backend(group) == "nccl":
+        value = value.cuda()
+    dist.all_reduce(value, op=dist.ReduceOp.MAX, group=group)
+    return float(value) == 0.0
+
+
+def max_over_ranks(value: float, finite: bool, group=None) -> tuple[float, bool]:
+    """``(max of value, all finite)`` over the ranks of ``group`` (default: the world)
+    when ``torch.distributed`` is initialized; the arguments themselves otherwise. A
+    rank that is not finite contributes 0 to the max."""
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()):
+        return value, finite
+    backend = dist.get_backend(group)
+    device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else "cpu"
+    packed = torch.tensor(
+        [value if finite else 0.0, 0.0 if finite else 1.0], dtype=torch.float64, device=device
+    )
+    dist.all_reduce(packed, op=dist.ReduceOp.MAX, group=group)
+    return float(packed[0]), bool(packed[1] == 0)

@@ -1,0 +1,213 @@
+"""The controller's view of the training loop: forward hooks that remember each
+training-mode forward of the model between two optimizer steps (its inputs, the RNG
+state before it, and for ``method="fast"`` its logits), so that ``step()`` can measure
+the radius on the batch the gradient came from without the user passing it.
+"""
+
+from __future__ import annotations
+
+import inspect
+import weakref
+from collections.abc import Callable
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import nn
+
+from .directional import batch_coupled, capture_rng, tf32_allowed
+
+__all__ = ["Captured", "ForwardCapture"]
+
+
+class Captured:
+    """One training forward: its inputs, the RNG state before it, whether its logits
+    are coarse (autocast, or TF32 on CUDA), and (when kept) its detached logits."""
+
+    __slots__ = ("args", "kwargs", "inputs", "rng", "coarse", "logits", "rows_independent")
+
+    def __init__(self, args, kwargs, rng, coarse: bool) -> None:
+        self.args, self.kwargs, self.rng, self.coarse = args, kwargs, rng, coarse
+        self.inputs: Any = None
+        self.logits: torch.Tensor | None = None
+        self.rows_independent = False  # no RNG drawn, no batch statistics
+
+    @classmethod
+    def explicit(cls, inputs) -> Captured:
+        """``step(inputs=...)``: no RNG state, no logits."""
+        entry = cls((), {}, None, False)
+        entry.inputs = inputs
+        return entry
+
+
+class ForwardCapture:
+    """Forward hooks on ``model`` collecting :class:`Captured` training forwards.
+
+    Args:
+        model: the module whose forwards are captured (the DDP-unwrapped model).
+        micro_batches: ``"last"`` keeps the latest forward, ``"all"`` every one.
+        logits_fn: reads the logits from an output (``keep_logits`` only).
+        keep_logits: keep each forward's logits (``method="fast"``'s baseline).
+        rows_check: also record whether rows are independent (sampling re-uses rows).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        micro_batches: str,
+        logits_fn: Callable[[Any], torch.Tensor],
+        keep_logits: bool,
+        rows_check: bool,
+        devices: list[int],
+    ) -> None:
+        self.model = model
+        self.micro_batches = micro_batches
+        self.logits_fn = logits_fn
+        self.keep_logits = keep_logits
+        self.rows_check = rows_check
+        self.devices = devices  # whose RNG states are captured
+        self.entries: list[Captured] = []  # training forwards since the last take()
+        self._frames: list[Captured | None] = []  # forwards of the model in progress
+        self._measuring = False
+        self._hooks = [
+            model.register_forward_pre_hook(_CaptureHook(self), with_kwargs=True),
+            model.register_forward_hook(
+                _CaptureHook(self, post=True), with_kwargs=True, always_call=True
+            ),
+        ]
+
+    def remove(self) -> None:
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []
+
+    @contextmanager
+    def measuring(self):
+        """Forwards inside this block are the controller's own: not captured."""
+        self._measuring = True
+        try:
+            yield
+        finally:
+            self._measuring = False
+
+    def take(self) -> list[Captured]:
+        """The captured forwards (their ``inputs`` set from the call), and forget them."""
+        entries, self.entries = self.entries, []
+        for entry in entries:
+            entry.inputs = replay(self.model, entry)
+        return entries
+
+    def pre(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        entry = None
+        if module.training and not self._measuring:
+            # The RNG state before the forward: the measurement replays it, so it sees
+            # the dropout masks the training forward drew. Logits from autocast, or from
+            # TF32 on CUDA, are too coarse for "fast"'s one-sided difference.
+            coarse = _autocast_enabled() or bool(self.devices and tf32_allowed())
+            entry = Captured(args, kwargs, capture_rng(self.devices), coarse)
+            if self._frames and self.entries:
+                # A call inside a call of the same model is the one with the model's
+                # inputs (e.g. Lightning under DDP routes training_step(batch, i)
+                # through the module's __call__, and training_step calls self(x)).
+                self.entries[-1] = entry
+            else:
+                if self.micro_batches == "last":
+                    self.entries.clear()
+                self.entries.append(entry)
+        self._frames.append(entry)
+
+    def post(self, output) -> None:
+        entry = self._frames.pop() if self._frames else None
+        if entry is None or not self.keep_logits or output is None:
+            return
+        if not any(entry is c for c in self.entries):
+            return
+        try:
+            logits = self.logits_fn(output)
+        except (TypeError, KeyError, AttributeError, IndexError):
+            return  # not the logits (e.g. a loss): the measurement does its own baseline
+        if isinstance(logits, torch.Tensor):
+            entry.logits = logits.detach()
+            if self.rows_check:
+                # No random number drawn (no active dropout): each row's logits then
+                # depend on that row alone, unless a BatchNorm couples the rows.
+                entry.rows_independent = _rng_unchanged(
+                    entry.rng, self.devices
+                ) and not batch_coupled(self.model)
+
+
+def replay(model: nn.Module, captured: Captured) -> Any:
+    """A captured forward call as ``inputs`` for the slopes (tensor, tuple or dict)."""
+    args, kwargs = captured.args, captured.kwargs
+    if not kwargs:
+        return args[0] if len(args) == 1 else tuple(args)
+    if not args:
+        return dict(kwargs)
+    # Mixed positional and keyword arguments: name the positional ones.
+    signature = inspect.signature(model.forward)
+    try:
+        bound = signature.bind(*args, **kwargs)
+    except TypeError as err:
+        raise RuntimeError(
+            f"cannot replay the captured forward call ({err}); pass step(inputs=...)"
+        ) from err
+    params = signature.parameters
+    if any(params[n].kind is inspect.Parameter.VAR_POSITIONAL for n in bound.arguments):
+        raise RuntimeError(
+            "the model's forward takes *args together with keyword arguments; the "
+            "captured call cannot be replayed as one dict, pass step(inputs=...)"
+        )
+    out = {}
+    for name, value in bound.arguments.items():
+        if params[name].kind is inspect.Parameter.VAR_KEYWORD:
+            out.update(value)
+        else:
+            out[name] = value
+    return out
+
+
+def _rng_unchanged(rng, devices) -> bool:
+    """Whether the CPU and CUDA generators are still in the captured state ``rng``."""
+    if rng is None:
+        return False
+    cpu, cuda = rng
+    if not torch.equal(torch.get_rng_state(), cpu):
+        return False
+    return all(torch.equal(torch.cuda.get_rng_state(d), state) for d, state in cuda.items())
+
+
+def _autocast_enabled() -> bool:
+    try:
+        return torch.is_autocast_enabled("cpu") or torch.is_autocast_enabled("cuda")
+    except TypeError:  # torch < 2.4: no device argument
+        return torch.is_autocast_enabled() or torch.is_autocast_cpu_enabled()
+
+
+class _CaptureHook:
+    """Forward pre-hook (``post=False``) or forward hook marking the end of a call
+    (``post=True``, for nested calls) of a :class:`ForwardCapture`.
+
+    Holds the capture weakly (the model does not keep the controller alive). A deep copy
+    or pickle of the model (EMA twins, ``torch.save(model)``) gets a disabled hook, so a
+    copy's forwards never overwrite the original controller's batch.
+    """
+
+    def __init__(self, capture: ForwardCapture | None, post: bool = False) -> None:
+        self._ref = None if capture is None else weakref.ref(capture)
+        self._post = post
+
+    def __call__(self, module: nn.Module, args: tuple, kwargs: dict, *output) -> None:
+        capture = None if self._ref is None else self._ref()
+        if capture is None:
+            return
+        if self._post:
+            capture.post(output[0] if output else None)
+        else:
+            capture.pre(module, args, kwargs)
+
+    def __deepcopy__(self, memo) -> _CaptureHook:
+        return _CaptureHook(None, self._post)
+
+    def __reduce__(self):
+        return (_CaptureHook, (None, self._post))
