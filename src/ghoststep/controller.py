@@ -37,19 +37,26 @@ from typing import Any
 import torch
 from torch import nn
 
+from ._checks import check_controller_arguments, check_limit_by, check_options
 from .capture import Captured, ForwardCapture
 from .controller_state import ControllerState
 from .directional import METHODS, cuda_devices, logits_reader, split_inputs
 from .meter import Measured, SpreadMeter
 from .monitor import Sink, StepStats
-from .proposal import OptimizerSnapshot, ProposedUpdate, all_finite
+from .proposal import (
+    OptimizerSnapshot,
+    ProposedUpdate,
+    all_finite,
+    check_dense,
+    check_supported,
+    holds_iterate,
+)
 from .radius import clip_radius, step_scale
 from .sampling import Plan, Sampling, bottleneck_rows, make_plan
-from .sharding import agree, is_sharded, local_shards, shard_group
+from .sharding import agree, check_sharding, local_shards, shard_group
 
 __all__ = ["RadiusController"]
 
-_MODES = ("clip", "set", "monitor")
 # Default relative margin on the measured radius in clip / set mode, by method: the
 # exact JVP only needs its float32 rounding covered; the secants ("fd" across a kink,
 # "fast" with its O(h) error, measured within +0.3 % of the JVP) need more.
@@ -96,32 +103,10 @@ class RadiusController(torch.optim.Optimizer):
     GPU); every snapshot stays beside its parameter and the norms are gathered on the
     first parameter's device. Sparse gradients raise a ``RuntimeError``.
 
-    Which samples set the radius (each option gives something up; all can be combined):
-
-    * default: the whole batch -- the exact guarantee ``r <= target_r`` for every sample
-      of the batch (every logit position for sequence models) at the old parameters.
-    * ``subset=k``: k rows drawn from the batch without replacement (seeded
-      ``torch.Generator``, its state is checkpointed). Gives up the guarantee for the
-      rows not drawn; cost scales with k (with ``"fast"`` one forward of k rows: the
-      subset's baseline is sliced from the training forward's logits when the rows are
-      independent, i.e. that forward drew no random numbers and no BatchNorm used batch
-      statistics). For BatchNorm in train mode the batch statistics of the subset differ
-      from the training batch's.
-    * ``buffer_size=m``: keep the inputs of the m rows with the largest spread seen so
-      far (bottleneck samples) and evaluate them together with the current batch every
-      step; the guarantee then covers batch and buffer. Gives up nothing for the batch
-      in models whose rows are independent -- but with BatchNorm in train mode the
-      buffer rows change the batch statistics, so the measured function is no longer
-      exactly the training function of the batch. Inputs must have identical per-row
-      shapes across steps (the buffer is dropped when they do not). Costs m extra rows.
-    * ``window=W``: use ``min(rho now, the previous W - 1 radii)``. Only ever smaller
-      than the current radius, so the batch guarantee holds; what it gives up is
-      responsiveness: one bottleneck batch throttles the next W - 1 steps, and the
-      older radii were measured along other directions at other parameters.
-    * ``quantile=q``: use the q-quantile (upper order statistic) of the per-sample
-      spread instead of the max. Gives up the guarantee for the (1 - q) share of samples
-      with the largest spreads, in exchange for robustness to a few outliers. Under
-      ``torch.distributed`` the max of the per-rank quantiles is used.
+    Which samples set the radius: the whole batch by default (the exact guarantee
+    ``r <= target_r`` for every sample, every logit position for sequence models, at the
+    old parameters); ``subset``, ``buffer_size``, ``window`` and ``quantile`` trade some
+    of it for cost or robustness, each as :class:`ghoststep.sampling.Sampling` states.
 
     Faults (``on_nonfinite``): a non-finite gradient is detected *before*
     ``inner.step()``, so parameters and the inner state are untouched. If the gradients
@@ -163,34 +148,21 @@ class RadiusController(torch.optim.Optimizer):
         mode: ``"clip"`` | ``"set"`` | ``"monitor"``.
         target_r: r*, the normalized step to cap at (clip) or set (set); > 0.
         temperature: softmax temperature T of the loss (logits / T), > 0.
-        subset: evaluate k random rows of the batch instead of all of them.
-        buffer_size: number of bottleneck rows kept and re-checked (0: off).
-        window: running minimum of rho over the last W steps (1: off).
-        quantile: use this quantile of the per-sample spread instead of the max.
+        subset, buffer_size, window, quantile, mask_fn, ignore_index, targets_fn: the
+            sampling options, see :class:`~ghoststep.sampling.Sampling`.
         seed: seed of the subset generator.
         logits_fn: maps the model output to logits ``(..., K)`` (e.g. ``lambda o: o[1]``);
             default: a tensor, ``.logits``, ``["logits"]`` or a Hugging Face
             ``(loss, logits)`` tuple, never a guess. One logit per sample ((B,) or
             (B, 1), a binary classifier) is the two-class softmax [0, z].
-        mask_fn: ``mask_fn(inputs) -> bool tensor`` of the sample shape
-            ``logits.shape[:-1]`` (e.g. an attention mask); False positions (padding)
-            are ignored. ``inputs`` is the evaluated batch (subset / buffer applied).
-        ignore_index, targets_fn: alternatively, positions whose target equals
-            ``ignore_index`` are ignored; targets are ``targets_fn(inputs)`` (default:
-            ``inputs["labels"]`` for dict inputs).
         chunk_size: rows per JVP chunk (``ghoststep.slopes.per_sample_spread``; each
             chunk's tangent is reduced to its spread at once). Not with train-mode
             BatchNorm.
-        method: how the slopes are evaluated (``ghoststep.directional``):
-            ``"jvp"`` (exact forward-mode AD; about one training step of extra cost),
-            ``"fast"`` (one extra float32 forward at old + h v, differenced against
-            the logits of the training forward, replaying its RNG state so dropout
-            masks match; BatchNorm buffers restored; the radius agrees with ``"jvp"``
-            to well under 1 % on smooth models, see the module docs for where it is
-            unsafe; float32/64 parameters only; a training forward under autocast,
-            or with TF32 allowed on a CUDA model, costs a second, full-float32
-            baseline forward), or ``"fd"`` (float64 central
-            difference, a slow reference).
+        method: ``"jvp"`` (exact forward-mode AD; about one training step of extra
+            cost), ``"fast"`` (one extra float32 forward at old + h v against the
+            training forward's logits, same dropout masks; within 1 % of ``"jvp"`` on
+            smooth models; where it is unsafe, and the second forward autocast or TF32
+            cost: ``ghoststep.directional``) or ``"fd"`` (float64, a slow reference).
         on_nonfinite: ``"skip"`` or ``"raise"``.
         history_size: length of the ``history`` deque of :class:`StepStats`.
         extra_radii: optional hook ``extra_radii(model, inputs, update) -> {name: t}``
@@ -268,9 +240,12 @@ class RadiusController(torch.optim.Optimizer):
         margin: float | None = None,
         scaled_update: str = "auto",
     ) -> None:
-        _check_arguments(optimizer, model, mode, target_r, temperature, method, on_nonfinite)
-        _check_options(history_size, margin, scaled_update, micro_batches, extra_radii)
-        limit_by = _check_limit_by(limit_by, extra_radii)
+        check_controller_arguments(optimizer, model, mode, target_r, temperature)
+        if method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+        check_options(on_nonfinite, history_size, margin, scaled_update, micro_batches)
+        check_supported(optimizer)
+        limit_by = check_limit_by(limit_by, extra_radii)
         self.sampling = Sampling(
             subset, buffer_size, window, quantile, mask_fn, ignore_index, targets_fn
         )
@@ -307,32 +282,40 @@ class RadiusController(torch.optim.Optimizer):
         self._generator = torch.Generator()
         self._generator.manual_seed(int(seed))
         self._proposal = ProposedUpdate()
+        self._build_parts(logits_fn, chunk_size, slopes_kwargs, limit_by, keep_samples,
+                          process_group, micro_batches)  # fmt: skip
+        self._capable = method == "fast"  # "jvp" / "fd" are tried before the first step
+        self._check_params_in_model()
+        check_sharding(self.model, self._params(), method, extra_radii, self.scaled_update)
+        self._set_devices()
+
+    def _build_parts(
+        self, logits_fn, chunk_size, slopes_kwargs, limit_by, keep_samples, process_group,
+        micro_batches,
+    ) -> None:  # fmt: skip
+        """The measurement (``meter``) and the forward hooks (``capture``)."""
         logits = logits_reader(logits_fn)
         self._meter = SpreadMeter(
             self._slope_model,
-            method=method,
+            method=self._method,
             logits_fn=logits,
             temperature=self.temperature,
             sampling=self.sampling,
             chunk_size=chunk_size,
             slopes_kwargs=slopes_kwargs or {},
-            extra_radii=extra_radii,
+            extra_radii=self.extra_radii,
             limit_by=limit_by,
             keep_samples=bool(keep_samples),
             process_group=process_group,
         )
-        self._capable = method == "fast"  # "jvp" / "fd" are tried before the first step
-        self._check_params_in_model()
-        self._check_sharding()
         self._capture = ForwardCapture(
             self._slope_model,
             micro_batches=micro_batches,
             logits_fn=logits,
-            keep_logits=method == "fast",
+            keep_logits=self._method == "fast",
             rows_check=self.sampling.samples_rows,
             devices=[],
         )
-        self._set_devices()
 
     @property
     def method(self) -> str:
@@ -453,7 +436,7 @@ class RadiusController(torch.optim.Optimizer):
         params = local_shards(model_params)
         info = {"lr": _as_float(self.param_groups[0].get("lr", math.nan))}
         info["loss"] = _as_float(loss)
-        _check_dense(model_params)
+        check_dense(model_params)
         if not self._capable:
             self._try_measurement(model_params, batches)
         self.step_count += 1
@@ -635,31 +618,6 @@ class RadiusController(torch.optim.Optimizer):
         devices = cuda_devices(self._slope_model)
         self._meter.devices = self._capture.devices = devices
 
-    def _check_sharding(self) -> None:
-        """FSDP2 (DTensor) parameters: only the ordinary forward can evaluate them.
-        FSDP1's flat parameters look like plain tensors but are shards: refused."""
-        if any(type(m).__name__ == "FullyShardedDataParallel" for m in self.model.modules()):
-            raise ValueError(
-                "RadiusController does not support FSDP1 (FullyShardedDataParallel): its "
-                "flat parameters are shards that look like whole tensors. Shard with FSDP2 "
-                "(torch.distributed.fsdp.fully_shard; Lightning ModelParallelStrategy) and "
-                'method="fast"'
-            )
-        if not is_sharded(self._params()):
-            return
-        if self.method != "fast":
-            raise ValueError(
-                f'method="{self.method}" cannot evaluate sharded (FSDP2 / DTensor) '
-                "parameters (functional_call and forward AD do not support them); use "
-                'method="fast", which goes through the model\'s own FSDP forward'
-            )
-        for name, bad in (
-            ("extra_radii", self.extra_radii is not None),
-            ('scaled_update="rerun"', self.scaled_update == "rerun"),
-        ):
-            if bad:
-                raise ValueError(f"{name} is not supported with sharded (FSDP2) parameters")
-
     def _check_params_in_model(self) -> None:
         known = {id(p) for p in self._slope_model.parameters()}
         for p in self._params():
@@ -671,96 +629,6 @@ class RadiusController(torch.optim.Optimizer):
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def holds_iterate(optimizer: torch.optim.Optimizer) -> bool:
-    """Whether the optimizer keeps an iterate of its own besides the parameters
-    (schedule-free: z; Lookahead: the slow weights), so that rescaling the parameters
-    alone would leave the two apart. Known families, by class name."""
-    names = {cls.__name__.lower() for cls in type(optimizer).__mro__}
-    return any("schedulefree" in n or "lookahead" in n for n in names)
-
-
-def _check_arguments(optimizer, model, mode, target_r, temperature, method, on_nonfinite):
-    if not isinstance(optimizer, torch.optim.Optimizer):
-        raise TypeError(
-            f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}"
-        )
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    if mode not in _MODES:
-        raise ValueError(f"mode must be one of {_MODES}, got {mode!r}")
-    _check_positive("target_r", target_r)
-    _check_positive("temperature", temperature)
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    if on_nonfinite not in ("skip", "raise"):
-        raise ValueError(f'on_nonfinite must be "skip" or "raise", got {on_nonfinite!r}')
-    _check_supported(optimizer)
-
-
-def _check_options(history_size, margin, scaled_update, micro_batches, extra_radii) -> None:
-    if not (_is_int(history_size) and history_size >= 0):
-        raise ValueError(f"history_size must be an int >= 0, got {history_size!r}")
-    if margin is not None and not (isinstance(margin, (int, float)) and 0.0 <= margin < 1.0):
-        raise ValueError(f"margin must be None or a number in [0, 1), got {margin!r}")
-    if scaled_update not in ("auto", "interpolate", "rerun"):
-        raise ValueError(
-            f'scaled_update must be "auto", "interpolate" or "rerun", got {scaled_update!r}'
-        )
-    if micro_batches not in ("last", "all"):
-        raise ValueError(f'micro_batches must be "last" or "all", got {micro_batches!r}')
-    if extra_radii is not None and not callable(extra_radii):
-        raise TypeError("extra_radii must be callable(model, inputs, update) -> dict")
-
-
-def _check_limit_by(limit_by, extra_radii) -> tuple[str, ...] | None:
-    if limit_by is None:
-        return None
-    limit_by = tuple(limit_by)
-    if not limit_by or not all(isinstance(k, str) for k in limit_by):
-        raise ValueError(f"limit_by must be a non-empty sequence of names, got {limit_by!r}")
-    if extra_radii is None and limit_by != ("out",):
-        raise ValueError(f"limit_by={limit_by!r} names radii but extra_radii is None")
-    return limit_by
-
-
-def _check_supported(optimizer: torch.optim.Optimizer) -> None:
-    """Refuse, at construction, optimizers whose ``step`` needs a closure."""
-    if isinstance(optimizer, torch.optim.LBFGS):
-        raise ValueError(
-            "RadiusController cannot wrap LBFGS: its step re-evaluates the loss through "
-            "a closure along a line search, so there is no single proposed update to "
-            "measure. Use a first-order optimizer, or measure LBFGS steps with "
-            "ghoststep.measure(model, inputs, update, step_norm=1.0)"
-        )
-    if all(hasattr(optimizer, a) for a in ("first_step", "second_step", "base_optimizer")):
-        name = type(optimizer).__name__
-        raise ValueError(
-            f"RadiusController cannot wrap {name}: its step needs a closure (two forward "
-            "passes). Wrap its base optimizer instead, which makes the update: "
-            f"`sam = {name}(...); sam.base_optimizer = RadiusController("
-            "sam.base_optimizer, model)`, then train with sam as usual "
-            "(first_step / second_step or step(closure))"
-        )
-
-
-def _check_dense(params: Sequence[torch.Tensor]) -> None:
-    for p in params:
-        if p.grad is not None and p.grad.is_sparse:
-            raise RuntimeError(
-                "RadiusController does not support sparse gradients "
-                "(e.g. nn.Embedding(sparse=True)); use dense gradients"
-            )
-
-
-def _is_int(x) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
-
-
-def _check_positive(name: str, value) -> None:
-    if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
-        raise ValueError(f"{name} must be a positive finite number, got {value!r}")
 
 
 def _as_float(value) -> float | None:

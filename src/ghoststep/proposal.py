@@ -17,7 +17,14 @@ import torch
 
 from .sharding import agree, sum_over_shards
 
-__all__ = ["ProposedUpdate", "OptimizerSnapshot", "all_finite"]
+__all__ = [
+    "OptimizerSnapshot",
+    "ProposedUpdate",
+    "all_finite",
+    "check_dense",
+    "check_supported",
+    "holds_iterate",
+]
 
 
 class ProposedUpdate:
@@ -171,3 +178,40 @@ def _exchange(params: Sequence[torch.Tensor], others: list[torch.Tensor]) -> Non
         mine = p.data
         p.data = others[i]
         others[i] = mine
+
+
+def holds_iterate(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether the optimizer keeps an iterate of its own besides the parameters
+    (schedule-free: z; Lookahead: the slow weights), so that rescaling the parameters
+    alone would leave the two apart. Known families, by class name."""
+    names = {cls.__name__.lower() for cls in type(optimizer).__mro__}
+    return any("schedulefree" in n or "lookahead" in n for n in names)
+
+
+def check_supported(optimizer: torch.optim.Optimizer) -> None:
+    """Refuse, at construction, optimizers whose ``step`` needs a closure."""
+    if isinstance(optimizer, torch.optim.LBFGS):
+        raise ValueError(
+            "RadiusController cannot wrap LBFGS: its step re-evaluates the loss through "
+            "a closure along a line search, so there is no single proposed update to "
+            "measure. Use a first-order optimizer, or measure LBFGS steps with "
+            "ghoststep.measure(model, inputs, update, step_norm=1.0)"
+        )
+    if all(hasattr(optimizer, a) for a in ("first_step", "second_step", "base_optimizer")):
+        name = type(optimizer).__name__
+        raise ValueError(
+            f"RadiusController cannot wrap {name}: its step needs a closure (two forward "
+            "passes). Wrap its base optimizer instead, which makes the update: "
+            f"`sam = {name}(...); sam.base_optimizer = RadiusController("
+            "sam.base_optimizer, model)`, then train with sam as usual "
+            "(first_step / second_step or step(closure))"
+        )
+
+
+def check_dense(params: Sequence[torch.Tensor]) -> None:
+    for p in params:
+        if p.grad is not None and p.grad.is_sparse:
+            raise RuntimeError(
+                "RadiusController does not support sparse gradients "
+                "(e.g. nn.Embedding(sparse=True)); use dense gradients"
+            )

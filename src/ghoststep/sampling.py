@@ -15,18 +15,41 @@ from typing import Any
 import torch
 from torch.utils import _pytree as pytree
 
+from ._checks import is_int
 from .directional import split_inputs
 
 __all__ = ["Sampling"]
 
 
-def _is_int(x) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
-
-
 @dataclass(frozen=True)
 class Sampling:
-    """The controller's sampling options (see ``RadiusController`` for what each gives up).
+    """The controller's sampling options: which samples set the radius (each option
+    gives something up; all can be combined).
+
+    * default: the whole batch -- the exact guarantee ``r <= target_r`` for every sample
+      of the batch (every logit position for sequence models) at the old parameters.
+    * ``subset=k``: k rows drawn from the batch without replacement (seeded
+      ``torch.Generator``, its state is checkpointed). Gives up the guarantee for the
+      rows not drawn; cost scales with k (with ``"fast"`` one forward of k rows: the
+      subset's baseline is sliced from the training forward's logits when the rows are
+      independent, i.e. that forward drew no random numbers and no BatchNorm used batch
+      statistics). For BatchNorm in train mode the batch statistics of the subset differ
+      from the training batch's.
+    * ``buffer_size=m``: keep the inputs of the m rows with the largest spread seen so
+      far (bottleneck samples) and evaluate them together with the current batch every
+      step; the guarantee then covers batch and buffer. Gives up nothing for the batch
+      in models whose rows are independent -- but with BatchNorm in train mode the
+      buffer rows change the batch statistics, so the measured function is no longer
+      exactly the training function of the batch. Inputs must have identical per-row
+      shapes across steps (the buffer is dropped when they do not). Costs m extra rows.
+    * ``window=W``: use ``min(rho now, the previous W - 1 radii)``. Only ever smaller
+      than the current radius, so the batch guarantee holds; what it gives up is
+      responsiveness: one bottleneck batch throttles the next W - 1 steps, and the
+      older radii were measured along other directions at other parameters.
+    * ``quantile=q``: use the q-quantile (upper order statistic) of the per-sample
+      spread instead of the max. Gives up the guarantee for the (1 - q) share of samples
+      with the largest spreads, in exchange for robustness to a few outliers. Under
+      ``torch.distributed`` the max of the per-rank quantiles is used.
 
     Attributes:
         subset: evaluate k rows drawn from the batch (None: all rows).
@@ -48,11 +71,11 @@ class Sampling:
     targets_fn: Callable[[Any], torch.Tensor] | None = None
 
     def __post_init__(self) -> None:
-        if self.subset is not None and not (_is_int(self.subset) and self.subset >= 1):
+        if self.subset is not None and not (is_int(self.subset) and self.subset >= 1):
             raise ValueError(f"subset must be None or an int >= 1, got {self.subset!r}")
-        if not (_is_int(self.buffer_size) and self.buffer_size >= 0):
+        if not (is_int(self.buffer_size) and self.buffer_size >= 0):
             raise ValueError(f"buffer_size must be an int >= 0, got {self.buffer_size!r}")
-        if not (_is_int(self.window) and self.window >= 1):
+        if not (is_int(self.window) and self.window >= 1):
             raise ValueError(f"window must be an int >= 1, got {self.window!r}")
         q = self.quantile
         if q is not None and not (isinstance(q, (int, float)) and 0.0 < q <= 1.0):

@@ -17,6 +17,7 @@ import torch
 
 __all__ = [
     "agree",
+    "check_sharding",
     "is_sharded",
     "local_shards",
     "max_over_ranks",
@@ -112,3 +113,29 @@ def max_over_ranks(value: float, finite: bool, group=None) -> tuple[float, bool]
     )
     dist.all_reduce(packed, op=dist.ReduceOp.MAX, group=group)
     return float(packed[0]), bool(packed[1] == 0)
+
+
+def check_sharding(model, params, method: str, extra_radii, scaled_update: str) -> None:
+    """FSDP2 (DTensor) parameters: only the ordinary forward can evaluate them.
+    FSDP1's flat parameters look like plain tensors but are shards: refused."""
+    if any(type(m).__name__ == "FullyShardedDataParallel" for m in model.modules()):
+        raise ValueError(
+            "RadiusController does not support FSDP1 (FullyShardedDataParallel): its "
+            "flat parameters are shards that look like whole tensors. Shard with FSDP2 "
+            "(torch.distributed.fsdp.fully_shard; Lightning ModelParallelStrategy) and "
+            'method="fast"'
+        )
+    if not is_sharded(params):
+        return
+    if method != "fast":
+        raise ValueError(
+            f'method="{method}" cannot evaluate sharded (FSDP2 / DTensor) '
+            "parameters (functional_call and forward AD do not support them); use "
+            'method="fast", which goes through the model\'s own FSDP forward'
+        )
+    for name, bad in (
+        ("extra_radii", extra_radii is not None),
+        ('scaled_update="rerun"', scaled_update == "rerun"),
+    ):
+        if bad:
+            raise ValueError(f"{name} is not supported with sharded (FSDP2) parameters")
