@@ -11,10 +11,10 @@ from datetime import timedelta
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import build_model, load_digits
 from torch import nn
 
 from ghoststep.controller import RadiusController
-from ghoststep.experiments.models import build_model
 from ghoststep.slopes import logit_slopes
 
 
@@ -28,18 +28,7 @@ def _flush_denormals():
 
 @pytest.fixture(scope="module")
 def digits():
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
-
-    X, y = load_digits(return_X_y=True)
-    Xtr, Xte, ytr, yte = train_test_split(X / 16.0, y, test_size=0.2, stratify=y, random_state=0)
-    f32 = torch.float32
-    return (
-        torch.tensor(Xtr, dtype=f32),
-        torch.tensor(ytr),
-        torch.tensor(Xte, dtype=f32),
-        torch.tensor(yte),
-    )
+    return load_digits(0)
 
 
 def _batches(n_rows: int, n: int, size: int, seed: int = 0) -> list[torch.Tensor]:

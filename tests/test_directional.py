@@ -9,6 +9,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import build_model
 from torch import nn
 
 from ghoststep.controller import RadiusController
@@ -22,7 +23,6 @@ from ghoststep.directional import (
     tf32_allowed,
 )
 from ghoststep.directions import resolve_direction
-from ghoststep.experiments.models import build_model
 from ghoststep.isolation import capture_rng, preserved_buffers
 from ghoststep.radius import logit_spread, radius_from_spread, step_scale
 
