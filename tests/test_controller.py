@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from helpers import build_model, load_digits
 from torch import nn
+from torch.utils import _pytree as pytree
 
 from ghoststep.controller import RadiusController
 from ghoststep.slopes import logit_slopes
@@ -213,6 +214,22 @@ def test_onecycle_scheduler_drives_inner_lr(digits):
     assert len(set(seen)) > 5  # the LR really moved
 
 
+def _record(stats) -> dict[str, str]:
+    """The scalar fields of a StepStats but its wall time, as reprs (equal reprs:
+    bitwise-equal floats, NaN included)."""
+    return {k: repr(v) for k, v in stats.as_dict().items() if k != "radius_seconds"}
+
+
+def _tree_equal(a, b) -> bool:
+    """Nested containers with equal structure and bitwise-equal tensors / equal values."""
+    leaves_a, spec_a = pytree.tree_flatten(a)
+    leaves_b, spec_b = pytree.tree_flatten(b)
+    return spec_a == spec_b and all(
+        torch.equal(x, y) if isinstance(x, torch.Tensor) else x == y
+        for x, y in zip(leaves_a, leaves_b, strict=True)
+    )
+
+
 def _train(model, ctrl, Xtr, ytr, batches):
     for idx in batches:
         ctrl.zero_grad()
@@ -259,6 +276,11 @@ def test_checkpoint_resume_is_bit_identical(digits, options):
     assert torch.equal(
         saved["opt"]["ghoststep"]["generator"], reference["opt"]["ghoststep"]["generator"]
     )
+    # the resumed run continues the uninterrupted one exactly: every StepStats field
+    # (but the wall time), the inner optimizer's state and the controller's own state
+    assert [_record(s) for s in list(ctrl.history)[8:]] == [_record(s) for s in ctrl2.history]
+    assert _state_equal(ctrl.optimizer, ctrl2.optimizer)
+    assert _tree_equal(ctrl.state_dict()["ghoststep"], ctrl2.state_dict()["ghoststep"])
     if options:
         assert ctrl2._buffer is not None and ctrl2._buffer.shape == (6, 64)
 
