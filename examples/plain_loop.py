@@ -18,9 +18,25 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from sklearn.datasets import load_digits
+from sklearn.model_selection import train_test_split
+from torch.utils.data import DataLoader, TensorDataset
 
 from ghoststep import CSVSink, RadiusController
-from ghoststep.experiments.data import load_digits_split, minibatches
+
+
+def digits(seed: int):
+    """sklearn's 8x8 digits as float32 (N, 64) features in [0, 1] and labels, split 80/20."""
+    X, y = load_digits(return_X_y=True)
+    split = train_test_split(X / 16.0, y, test_size=0.2, stratify=y, random_state=seed)
+    X_train, X_test, y_train, y_test = (torch.as_tensor(a) for a in split)
+    return X_train.float(), y_train, X_test.float(), y_test
+
+
+def forever(loader: DataLoader):
+    """Batches epoch after epoch (reshuffled each time)."""
+    while True:
+        yield from loader
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -35,7 +51,10 @@ def main(argv: list[str] | None = None) -> int:
 
     t0 = time.perf_counter()
     torch.manual_seed(args.seed)
-    data = load_digits_split(seed=args.seed)
+    X_train, y_train, X_test, y_test = digits(args.seed)
+    loader = DataLoader(
+        TensorDataset(X_train, y_train), batch_size=args.batch_size, shuffle=True, drop_last=True
+    )
     model = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.GELU(), torch.nn.Linear(128, 10))
     opt = torch.optim.Adam(model.parameters(), lr=args.lr)
     # the one added line: wrap the optimizer
@@ -43,13 +62,9 @@ def main(argv: list[str] | None = None) -> int:
         opt, model, mode="clip", target_r=args.target_r, sinks=[CSVSink(args.out / "radius.csv")]
     )
 
-    batches = minibatches(data.X_train, data.y_train, args.batch_size, seed=args.seed)
+    batches = forever(loader)
     for step in range(1, args.steps + 1):
-        try:
-            x, y = next(batches)
-        except StopIteration:
-            batches = minibatches(data.X_train, data.y_train, args.batch_size, seed=step)
-            x, y = next(batches)
+        x, y = next(batches)
 
         # `opt.zero_grad(); loss.backward(); opt.step()` works as well; a closure that
         # returns the loss only lets the history record it
@@ -69,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     opt.close()
 
     with torch.no_grad():
-        accuracy = (model(data.X_test).argmax(1) == data.y_test).float().mean().item()
+        accuracy = (model(X_test).argmax(1) == y_test).float().mean().item()
     clipped = sum(s.scale < 1 for s in opt.history)
     print(
         f"test accuracy {accuracy:.1%}; {clipped}/{len(opt.history)} steps clipped; "

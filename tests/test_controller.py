@@ -11,10 +11,11 @@ from datetime import timedelta
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import build_model, load_digits
 from torch import nn
+from torch.utils import _pytree as pytree
 
 from ghoststep.controller import RadiusController
-from ghoststep.experiments.models import build_model
 from ghoststep.slopes import logit_slopes
 
 
@@ -28,18 +29,7 @@ def _flush_denormals():
 
 @pytest.fixture(scope="module")
 def digits():
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
-
-    X, y = load_digits(return_X_y=True)
-    Xtr, Xte, ytr, yte = train_test_split(X / 16.0, y, test_size=0.2, stratify=y, random_state=0)
-    f32 = torch.float32
-    return (
-        torch.tensor(Xtr, dtype=f32),
-        torch.tensor(ytr),
-        torch.tensor(Xte, dtype=f32),
-        torch.tensor(yte),
-    )
+    return load_digits(0)
 
 
 def _batches(n_rows: int, n: int, size: int, seed: int = 0) -> list[torch.Tensor]:
@@ -224,6 +214,22 @@ def test_onecycle_scheduler_drives_inner_lr(digits):
     assert len(set(seen)) > 5  # the LR really moved
 
 
+def _record(stats) -> dict[str, str]:
+    """The scalar fields of a StepStats but its wall time, as reprs (equal reprs:
+    bitwise-equal floats, NaN included)."""
+    return {k: repr(v) for k, v in stats.as_dict().items() if k != "radius_seconds"}
+
+
+def _tree_equal(a, b) -> bool:
+    """Nested containers with equal structure and bitwise-equal tensors / equal values."""
+    leaves_a, spec_a = pytree.tree_flatten(a)
+    leaves_b, spec_b = pytree.tree_flatten(b)
+    return spec_a == spec_b and all(
+        torch.equal(x, y) if isinstance(x, torch.Tensor) else x == y
+        for x, y in zip(leaves_a, leaves_b, strict=True)
+    )
+
+
 def _train(model, ctrl, Xtr, ytr, batches):
     for idx in batches:
         ctrl.zero_grad()
@@ -270,6 +276,11 @@ def test_checkpoint_resume_is_bit_identical(digits, options):
     assert torch.equal(
         saved["opt"]["ghoststep"]["generator"], reference["opt"]["ghoststep"]["generator"]
     )
+    # the resumed run continues the uninterrupted one exactly: every StepStats field
+    # (but the wall time), the inner optimizer's state and the controller's own state
+    assert [_record(s) for s in list(ctrl.history)[8:]] == [_record(s) for s in ctrl2.history]
+    assert _state_equal(ctrl.optimizer, ctrl2.optimizer)
+    assert _tree_equal(ctrl.state_dict()["ghoststep"], ctrl2.state_dict()["ghoststep"])
     if options:
         assert ctrl2._buffer is not None and ctrl2._buffer.shape == (6, 64)
 

@@ -13,16 +13,15 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import build_model, load_digits
 from torch import nn
 
 from ghoststep import RadiusController, measure
-from ghoststep.experiments.data import load_digits_split
-from ghoststep.experiments.models import build_model
 
 
 @pytest.fixture(scope="module")
 def digits():
-    return load_digits_split(0)
+    return load_digits(0)
 
 
 def _accuracy(model, X, y) -> float:

@@ -9,22 +9,21 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import build_model
 from torch import nn
 
 from ghoststep.controller import RadiusController
 from ghoststep.directional import (
     call_at,
-    capture_rng,
     directional,
     fd_step,
     forward,
     full_float32,
-    preserved_buffers,
     refined_step,
-    resolve_direction,
     tf32_allowed,
 )
-from ghoststep.experiments.models import build_model
+from ghoststep.directions import resolve_direction
+from ghoststep.isolation import capture_rng, preserved_buffers
 from ghoststep.radius import logit_spread, radius_from_spread, step_scale
 
 

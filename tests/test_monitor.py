@@ -83,7 +83,6 @@ def test_sink_protocol_extension_point():
     closed = []
     sink = CallbackSink(seen.append, on_close=lambda: closed.append(True))
     assert isinstance(sink, Sink)
-    assert isinstance(CSVSink, type) and not isinstance(object(), Sink)
 
     class ListSink:  # anything with write / close is a sink (e.g. a TensorBoard writer)
         def __init__(self):
@@ -99,6 +98,51 @@ def test_sink_protocol_extension_point():
     sink.write(_stats(1))
     sink.close()
     assert seen[0].step == 1 and closed == [True]
+
+
+def _csv_rows(path):
+    return list(csv.DictReader(path.open()))
+
+
+def _jsonl_rows(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+@pytest.mark.parametrize(
+    "make, read, as_written",
+    [
+        (CSVSink, _csv_rows, lambda v: "" if v is None else str(v)),  # csv writes str(v)
+        (JSONLSink, _jsonl_rows, lambda v: v),
+    ],
+    ids=["csv", "jsonl"],
+)
+def test_file_sinks_are_sinks_that_round_trip_every_field(tmp_path, make, read, as_written):
+    path = tmp_path / "history"
+    sink = make(path)
+    assert isinstance(sink, Sink)
+    steps = [_stats(1), _stats(2, r_before=3.5, scale=0.25, loss=None, skipped=True, lr=1e-3)]
+    for stats in steps:
+        sink.write(stats)
+    sink.close()
+    rows = read(path)
+    assert len(rows) == len(steps)
+    for row, stats in zip(rows, steps, strict=True):
+        assert list(row) == StepStats.field_names()
+        assert row == {k: as_written(v) for k, v in stats.as_dict().items()}
+
+
+def test_objects_without_write_and_close_are_not_sinks():
+    class WriteOnly:
+        def write(self, stats):
+            pass
+
+    class CloseOnly:
+        def close(self):
+            pass
+
+    assert not isinstance(WriteOnly(), Sink)
+    assert not isinstance(CloseOnly(), Sink)
+    assert not isinstance(object(), Sink)
 
 
 def test_controller_feeds_sinks_every_step(tmp_path):

@@ -11,21 +11,14 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import ARCHITECTURES, MLP, TinyLM, build_model
 from torch import nn
 
 from ghoststep import RadiusController
-from ghoststep.experiments.models import ARCHITECTURES, MLP, TinyLM, build_model
-from ghoststep.slopes import (
-    Measurement,
-    direction_norm,
-    flatten_samples,
-    gradient_direction,
-    logit_slopes,
-    measure,
-    optimizer_update_direction,
-    per_sample_spread,
-    random_direction,
-)
+from ghoststep.directions import direction_norm, gradient_direction, random_direction
+from ghoststep.measurement import Measurement, measure
+from ghoststep.slopes import flatten_samples, logit_slopes, per_sample_spread
+from ghoststep.updates import optimizer_update_direction
 
 VOCAB = 97
 

@@ -2,8 +2,9 @@
 
 The softmax partition function F(t) = sum_k exp(z_k + a_k t) has complex zeros
 ("ghosts") that cap the radius in which the loss's Taylor series along an update
-direction converges. ghoststep measures that radius (``radius``, ``slopes``),
-monitors it (``monitor``) and keeps optimizer updates inside it (``controller``).
+direction converges. ghoststep measures that radius (``radius``, ``slopes``,
+``measurement``), monitors it (``monitor``) and keeps optimizer updates inside it
+(``controller``).
 
 Reference: P. Sao, "Ghosts of Softmax: Complex Singularities That Limit Safe Step
 Sizes in Cross-Entropy", arXiv:2603.13552 (2026).
@@ -29,14 +30,16 @@ _EXPORTS = {
     "normalized_step": "radius",
     # slopes: directional logit derivatives of modules
     "logit_slopes": "slopes",
-    "measure": "slopes",
-    "Measurement": "slopes",
-    "gradient_direction": "slopes",
-    "random_direction": "slopes",
-    "optimizer_update_direction": "slopes",
     "per_sample_spread": "slopes",
     "flatten_samples": "slopes",
-    "direction_norm": "slopes",
+    # measurement: the radius measurement of a batch
+    "measure": "measurement",
+    "Measurement": "measurement",
+    # directions and the optimizer's update
+    "gradient_direction": "directions",
+    "random_direction": "directions",
+    "direction_norm": "directions",
+    "optimizer_update_direction": "updates",
     # controller and monitoring
     "RadiusController": "controller",
     "StepStats": "monitor",

@@ -1,7 +1,7 @@
 """Model outputs and their directional derivatives along a parameter direction.
 
-The one evaluation path of ghoststep: ``slopes`` (logit slopes and the radius
-measurement), the controller, the internal (attention / FFN) radii and the line
+The one evaluation path of ghoststep: ``slopes`` (logit slopes), ``measurement`` (the
+radius measurement), the controller, the internal (attention / FFN) radii and the line
 probes all evaluate a model here. For a direction v over the trainable parameters
 and any output ``y = output_fn(model(*args, **kwargs))`` (the logits, or a tuple of
 internal activations) it returns ``(y, y_dot)`` with ``y_dot = d/dt y(theta + t v)``
@@ -53,14 +53,16 @@ Semantics shared by all methods (what exactly is differentiated):
   statistics, ``num_batches_tracked``) are bitwise unchanged (cloned for
   ``functional_call``, saved and restored around ordinary forwards); the CPU and the
   model's CUDA RNG states are restored afterwards (``torch.random.fork_rng``), so the
-  training RNG stream is as if nothing happened. ``rng=`` (from :func:`capture_rng`)
+  training RNG stream is as if nothing happened. ``rng=`` (from ``ghoststep.isolation.capture_rng``)
   replays a given state first: every evaluation then draws the same dropout masks
   as the forward that state was captured before.
 * Everything runs under ``torch.no_grad`` (no autograd graph), except
   :func:`call_at`, which is differentiable in ``t``.
 
-Directions are one tangent per trainable parameter (:func:`resolve_direction`
-accepts a dict, an aligned sequence or a flat tensor).
+Directions are one tangent per trainable parameter
+(``ghoststep.directions.resolve_direction`` accepts a dict, an aligned sequence or a
+flat tensor); inputs and outputs are read by ``ghoststep.inputs`` and
+``ghoststep.outputs``, the RNG and buffers kept by ``ghoststep.isolation``.
 """
 
 from __future__ import annotations
@@ -77,25 +79,23 @@ from torch import nn
 from torch.func import functional_call
 from torch.utils import _pytree as pytree
 
+# Also re-imported, unused here: controller.py and the experiments import
+# resolve_direction, batch_coupled, capture_rng, check_chunking, chunks and
+# split_inputs from this module, as before they moved out of it.
+from ghoststep.directions import resolve_direction as resolve_direction
+from ghoststep.directions import trainable_parameters
+from ghoststep.inputs import batch_coupled as batch_coupled
+from ghoststep.inputs import check_chunking as check_chunking
+from ghoststep.inputs import chunks as chunks
+from ghoststep.inputs import split_inputs as split_inputs
+from ghoststep.isolation import RNGState, cuda_devices, preserved_buffers, replay_rng
+from ghoststep.isolation import capture_rng as capture_rng
+from ghoststep.outputs import logits_reader
+
 __all__ = [
     "METHODS",
-    "trainable_parameters",
-    "resolve_direction",
-    "direction_norm",
-    "split_inputs",
-    "default_logits_fn",
-    "describe_output",
-    "class_logits",
-    "logits_reader",
-    "batch_coupled",
-    "check_chunking",
-    "chunks",
-    "cuda_devices",
     "full_float32",
     "tf32_allowed",
-    "capture_rng",
-    "replay_rng",
-    "preserved_buffers",
     "fd_step",
     "refined_step",
     "FAST_MOVE",
@@ -105,354 +105,6 @@ __all__ = [
 ]
 
 METHODS = ("jvp", "fd", "fast")
-_PASSTHROUGH = (bool, int, float, str, type(None))
-
-# (CPU generator state, {CUDA device index: generator state})
-RNGState = tuple[torch.Tensor, dict[int, torch.Tensor]]
-
-
-# ---------------------------------------------------------------- parameters / directions
-
-# ---------------------------------------------------------------- parameters / directions
-
-
-def trainable_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
-    """``(name, parameter)`` for every parameter with ``requires_grad``, in model order.
-
-    Raises:
-        ValueError: the model has no trainable parameter.
-    """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    if not named:
-        raise ValueError(
-            "model has no trainable parameters (none with requires_grad=True); "
-            "there is no direction to move along"
-        )
-    return named
-
-
-def _alias_map(model: nn.Module) -> dict[str, str]:
-    """Every parameter name (tied aliases included) -> its canonical name."""
-    canonical: dict[int, str] = {}
-    out: dict[str, str] = {}
-    for name, p in model.named_parameters(remove_duplicate=False):
-        out[name] = canonical.setdefault(id(p), name)
-    return out
-
-
-def resolve_direction(model: nn.Module, direction) -> list[torch.Tensor]:
-    """Validate ``direction`` and return one tangent per trainable parameter."""
-    named = trainable_parameters(model)
-    names = [n for n, _ in named]
-    entries: list[Any]
-    if isinstance(direction, torch.Tensor):
-        total = sum(p.numel() for _, p in named)
-        if direction.dim() != 1 or direction.numel() != total:
-            raise ValueError(
-                f"a tensor direction must be one flat 1-D vector of length {total} "
-                f"(all trainable parameters), got shape {tuple(direction.shape)}"
-            )
-        entries, offset = [], 0
-        for _, p in named:
-            entries.append(direction[offset : offset + p.numel()].view(p.shape))
-            offset += p.numel()
-    elif isinstance(direction, Mapping):
-        aliases = _alias_map(model)
-        by_id = {id(p): n for n, p in model.named_parameters()}
-        trainable = set(names)
-        given: dict[str, Any] = {}
-        for key, value in direction.items():
-            if isinstance(key, torch.Tensor):
-                if id(key) not in by_id:
-                    raise ValueError("direction is keyed by a tensor that is not a model parameter")
-                name = by_id[id(key)]
-            elif isinstance(key, str):
-                if key not in aliases:
-                    raise ValueError(f"direction names unknown parameter {key!r}")
-                name = aliases[key]
-            else:
-                raise ValueError(f"direction keys must be parameter names, got {key!r}")
-            if name not in trainable:
-                continue  # frozen parameter: takes no part
-            if name in given:
-                raise ValueError(f"direction gives parameter {name!r} twice (tied alias?)")
-            given[name] = value
-        missing = [n for n in names if n not in given]
-        if missing:
-            raise ValueError(
-                f"direction has no entry for trainable parameter {missing[0]!r}"
-                + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
-                + "; use None for a zero component"
-            )
-        entries = [given[n] for n in names]
-    elif isinstance(direction, Sequence) and not isinstance(direction, str):
-        if len(direction) != len(named):
-            raise ValueError(
-                f"direction has {len(direction)} entries but the model has {len(named)} "
-                "trainable parameters (aligned with [p for p in model.parameters() "
-                "if p.requires_grad])"
-            )
-        entries = list(direction)
-    else:
-        raise ValueError(
-            "direction must be a dict {name: tensor}, a sequence of tensors aligned with "
-            f"the trainable parameters, or a flat tensor; got {type(direction).__name__}"
-        )
-
-    tangents = []
-    for (name, p), value in zip(named, entries, strict=True):
-        if value is None:
-            tangents.append(torch.zeros_like(p, memory_format=torch.contiguous_format))
-            continue
-        if not isinstance(value, torch.Tensor):
-            raise ValueError(
-                f"direction for parameter {name!r} must be a tensor, got {type(value).__name__}"
-            )
-        if value.shape != p.shape:
-            raise ValueError(
-                f"direction for parameter {name!r} has shape {tuple(value.shape)}, "
-                f"expected {tuple(p.shape)}"
-            )
-        if not (value.is_floating_point() or value.is_complex()):
-            raise ValueError(
-                f"direction for parameter {name!r} must be floating, got {value.dtype}"
-            )
-        value = value.detach().to(device=p.device, dtype=p.dtype)
-        if not bool(torch.isfinite(value).all()):
-            raise ValueError(f"direction for parameter {name!r} has non-finite values")
-        tangents.append(value)
-    return tangents
-
-
-def direction_norm(direction, model: nn.Module | None = None) -> torch.Tensor:
-    """Global L2 norm of a direction (dict, sequence or flat tensor), as a 0-d tensor.
-
-    With ``model`` the direction is first resolved against its trainable parameters
-    (frozen entries dropped); without, all tensor entries count.
-    """
-    if model is not None:
-        parts = resolve_direction(model, direction)
-    elif isinstance(direction, torch.Tensor):
-        parts = [direction]
-    elif isinstance(direction, Mapping):
-        parts = [t for t in direction.values() if t is not None]
-    else:
-        parts = [t for t in direction if t is not None]
-    if not parts:
-        return torch.zeros(())
-    return torch.sqrt(sum(t.detach().double().pow(2).sum().cpu() for t in parts))
-
-
-# ------------------------------------------------------------------------- inputs
-
-
-def split_inputs(inputs) -> tuple[tuple, dict]:
-    """Positional args and kwargs for the model from a tensor, sequence or dict."""
-
-    def check(where: str, value):
-        if isinstance(value, torch.Tensor) or isinstance(value, _PASSTHROUGH):
-            return value
-        raise TypeError(
-            f"{where} is a {type(value).__name__}; inputs must be tensors (Python scalars, "
-            "strings and None are passed through). Convert arrays/lists with torch.as_tensor"
-        )
-
-    if isinstance(inputs, torch.Tensor):
-        return (inputs,), {}
-    if isinstance(inputs, Mapping):
-        return (), {str(k): check(f"inputs[{k!r}]", v) for k, v in inputs.items()}
-    if isinstance(inputs, (tuple, list)):
-        return tuple(check(f"inputs[{i}]", v) for i, v in enumerate(inputs)), {}
-    raise TypeError(
-        f"inputs must be a tensor, a tuple/list of tensors (positional arguments) or a "
-        f"dict of tensors (keyword arguments), got {type(inputs).__name__}"
-    )
-
-
-def batch_size(args: tuple, kwargs: dict) -> int:
-    sizes = {
-        v.shape[0] for v in (*args, *kwargs.values()) if isinstance(v, torch.Tensor) and v.dim() > 0
-    }
-    if not sizes:
-        raise ValueError("chunk_size needs at least one tensor input with a batch dimension")
-    if len(sizes) > 1:
-        raise ValueError(
-            f"chunk_size splits every tensor input along dim 0, but their leading sizes "
-            f"differ: {sorted(sizes)}"
-        )
-    return sizes.pop()
-
-
-def chunks(args: tuple, kwargs: dict, chunk_size: int | None):
-    """Yield ``(start, stop, args, kwargs)`` slices of the inputs along dim 0."""
-    if chunk_size is None:
-        yield 0, None, args, kwargs
-        return
-    if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
-        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
-    n = batch_size(args, kwargs)
-
-    def cut(v, s, e):
-        return v[s:e] if isinstance(v, torch.Tensor) and v.dim() > 0 else v
-
-    for s in range(0, n, chunk_size):
-        e = min(s + chunk_size, n)
-        yield s, e, tuple(cut(v, s, e) for v in args), {k: cut(v, s, e) for k, v in kwargs.items()}
-
-
-def batch_coupled(model: nn.Module) -> list[str]:
-    """Names of BatchNorm modules that normalize with batch statistics right now."""
-    out = []
-    for name, m in model.named_modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm) and (
-            m.training or not m.track_running_stats
-        ):
-            out.append(name or type(m).__name__)
-    return out
-
-
-def check_chunking(model: nn.Module, args, kwargs, chunk_size) -> None:
-    """Refuse a chunking that would split a batch a BatchNorm normalizes over."""
-    if chunk_size is None:
-        return
-    coupled = batch_coupled(model)
-    if coupled and chunk_size < batch_size(args, kwargs):
-        raise ValueError(
-            f"chunk_size={chunk_size} would split the batch, but BatchNorm module "
-            f"{coupled[0]!r} uses batch statistics (train mode), so the slopes would depend "
-            "on the chunking. Use chunk_size=None, or model.eval() if running statistics "
-            "are what you want to measure"
-        )
-
-
-def default_logits_fn(output) -> torch.Tensor:
-    """The logits of a model output, never guessed.
-
-    Accepted: a tensor; an object with a tensor ``.logits`` (Hugging Face outputs); a
-    mapping with a tensor ``"logits"``; a Hugging Face ``return_dict=False`` tuple
-    ``(loss, logits, ...)`` (its first item a scalar loss). Anything else (e.g. a
-    ``(features, logits)`` tuple) raises a ``TypeError`` that shows the output's
-    structure and names ``logits_fn``.
-    """
-    if isinstance(output, torch.Tensor):
-        return output
-    logits = getattr(output, "logits", None)
-    if isinstance(logits, torch.Tensor):
-        return logits
-    if isinstance(output, Mapping) and isinstance(output.get("logits"), torch.Tensor):
-        return output["logits"]
-    if (
-        isinstance(output, (tuple, list))
-        and len(output) >= 2
-        and isinstance(output[0], torch.Tensor)
-        and output[0].ndim == 0
-        and isinstance(output[1], torch.Tensor)
-        and output[1].ndim >= 1
-    ):
-        return output[1]
-    raise TypeError(
-        f"cannot tell which part of the model output is the logits; the output is "
-        f"{describe_output(output)}. Pass logits_fn=... to pick them "
-        "(e.g. logits_fn=lambda out: out[1])"
-    )
-
-
-def describe_output(obj, depth: int = 0) -> str:
-    """A short structural description of a model output (types and tensor shapes)."""
-    if isinstance(obj, torch.Tensor):
-        return f"Tensor{tuple(obj.shape)}"
-    if depth >= 2:
-        return type(obj).__name__
-    if isinstance(obj, Mapping):
-        items = ", ".join(f"{k!r}: {describe_output(v, depth + 1)}" for k, v in obj.items())
-        return f"{type(obj).__name__}({{{items}}})"
-    if isinstance(obj, (tuple, list)):
-        items = ", ".join(describe_output(v, depth + 1) for v in obj)
-        return f"{type(obj).__name__}({items})"
-    return type(obj).__name__
-
-
-def class_logits(logits: torch.Tensor) -> torch.Tensor:
-    """Logits ``(..., K)`` for the softmax radius. A binary classifier's single logit z
-    per sample (shape ``(B,)`` or ``(..., 1)``, trained with ``BCEWithLogitsLoss``) is
-    the two-class softmax ``[0, z]``: spread ``|a|``, exact radius
-    ``sqrt(z^2 + pi^2) / |a|``. Other shapes are returned unchanged."""
-    if logits.ndim == 1:
-        logits = logits.unsqueeze(-1)
-    if logits.shape[-1] == 1:
-        return torch.cat([torch.zeros_like(logits), logits], dim=-1)
-    return logits
-
-
-def logits_reader(logits_fn: Callable[[Any], torch.Tensor] | None = None):
-    """``class_logits(logits_fn(output))``: the output function for the logits."""
-    pick = logits_fn or default_logits_fn
-
-    def read(output) -> torch.Tensor:
-        logits = pick(output)
-        if not isinstance(logits, torch.Tensor):
-            raise TypeError(f"logits_fn must return a tensor, got {type(logits).__name__}")
-        return class_logits(logits)
-
-    return read
-
-
-# ------------------------------------------------------------------- RNG and buffers
-
-
-def cuda_devices(model: nn.Module) -> list[int]:
-    """Indices of the CUDA devices holding the model's parameters (for the RNG)."""
-    return sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
-
-
-def capture_rng(devices: Sequence[int] = ()) -> RNGState:
-    """The CPU RNG state and those of the given CUDA devices (no device sync)."""
-    return torch.get_rng_state(), {d: torch.cuda.get_rng_state(d) for d in devices}
-
-
-@contextlib.contextmanager
-def replay_rng(devices: Sequence[int], state: RNGState | None = None):
-    """Run from ``state`` (default: the current state); restore the RNG afterwards."""
-    with torch.random.fork_rng(devices=list(devices)):
-        if state is not None:
-            torch.set_rng_state(state[0])
-            for device, s in state[1].items():
-                torch.cuda.set_rng_state(s, device)
-        yield
-
-
-@contextlib.contextmanager
-def preserved_buffers(model: nn.Module):
-    """Leave every buffer bitwise as it was on exit (BatchNorm running statistics,
-    counters), at the cost of two fused copies of the buffers no BatchNorm owns.
-
-    Train-mode BatchNorm layers run the block with ``track_running_stats=False``: they
-    normalize with the batch statistics as before and write no buffer (one kernel
-    launch per buffer saved and restored matters on a GPU: ResNet-18 has 60).
-    """
-    quiet = [
-        m
-        for m in model.modules()
-        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training and m.track_running_stats
-    ]
-    untouched = {id(b) for m in quiet for b in m.buffers(recurse=False)}
-    buffers = [b.detach() for b in model.buffers() if id(b) not in untouched]
-    saved = [torch.empty_like(b) for b in buffers]
-    if buffers:
-        with torch.no_grad():
-            torch._foreach_copy_(saved, buffers)
-    for m in quiet:
-        m.track_running_stats = False
-    try:
-        yield
-    finally:
-        for m in quiet:
-            m.track_running_stats = True
-        if buffers:
-            with torch.no_grad():
-                torch._foreach_copy_(buffers, saved)
 
 
 def fd_step(param_norm: float, direction_norm: float, dtype: torch.dtype) -> float:

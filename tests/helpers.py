@@ -1,0 +1,176 @@
+"""Tiny models and the digits data for the core tests, independent of
+``ghoststep.experiments`` (the library's core must be testable without it).
+
+The models are built like the experiments' architectures of the same names (same
+layers created in the same order, so the same seed gives the same weights): the
+tests' numeric thresholds were set on those. Digit classifiers take flat (B, 64)
+inputs; ``tinylm`` takes (B, T) token ids and returns (B, T, vocab) logits.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+ARCHITECTURES = ("linear", "mlp", "mlp_ln", "cnn", "cnn_bn", "transformer")
+
+
+def load_digits(seed: int = 0) -> tuple[torch.Tensor, ...]:
+    """sklearn digits, features / 16, stratified 80/20 split by ``seed``:
+    ``(X_train, y_train, X_test, y_test)``, float32 (N, 64) in [0, 1], int64 (N,)."""
+    from sklearn.datasets import load_digits as sklearn_digits
+    from sklearn.model_selection import train_test_split
+
+    digits = sklearn_digits()
+    X = (digits.data / 16.0).astype(np.float32)
+    y = digits.target.astype(np.int64)
+    X_tr, X_te, y_tr, y_te = train_test_split(X, y, test_size=0.2, stratify=y, random_state=seed)
+    return tuple(torch.from_numpy(p) for p in (X_tr, y_tr, X_te, y_te))
+
+
+class Flat(nn.Sequential):
+    """``nn.Sequential`` on the flattened input: (B, ...) -> (B, features)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.flatten(1))
+
+
+class MLP(nn.Module):
+    """64 -> hidden -> 10 with ReLU (dropout after it when ``dropout > 0``)."""
+
+    def __init__(self, hidden: int = 128, dropout: float = 0.0):
+        super().__init__()
+        drop = [nn.Dropout(dropout)] if dropout > 0 else []
+        self.net = Flat(nn.Linear(64, hidden), nn.ReLU(), *drop, nn.Linear(hidden, 10))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class CNN(nn.Module):
+    """Two 3x3 conv (BatchNorm) ReLU 2x2-max-pool blocks on the 8x8 image, linear head."""
+
+    def __init__(self, channels: int = 16, batch_norm: bool = False):
+        super().__init__()
+
+        def block(c_in: int, c_out: int) -> list[nn.Module]:
+            bn = [nn.BatchNorm2d(c_out)] if batch_norm else []
+            conv = nn.Conv2d(c_in, c_out, 3, padding=1, bias=not batch_norm)
+            return [conv, *bn, nn.ReLU(), nn.MaxPool2d(2)]
+
+        self.features = nn.Sequential(*block(1, channels), *block(channels, 2 * channels))
+        self.head = nn.Linear(8 * channels, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x.reshape(-1, 1, 8, 8)).flatten(1))
+
+
+class Block(nn.Module):
+    """Pre-LayerNorm transformer block, attention with an explicit softmax (forward AD
+    runs on the CPU): x + attn(LN x); x + FFN(LN x), FFN width 4 d."""
+
+    def __init__(self, d: int, heads: int, activation, causal: bool = False):
+        super().__init__()
+        self.heads, self.causal, self.activation = heads, causal, activation
+        self.ln1 = nn.LayerNorm(d)
+        self.qkv, self.out = nn.Linear(d, 3 * d), nn.Linear(d, d)
+        self.ln2 = nn.LayerNorm(d)
+        self.ff_in, self.ff_out = nn.Linear(d, 4 * d), nn.Linear(4 * d, d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, d = x.shape
+        q, k, v = self.qkv(self.ln1(x)).reshape(b, t, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
+        scores = q @ k.transpose(-2, -1) / math.sqrt(d // self.heads)
+        if self.causal:
+            future = torch.ones(t, t, dtype=torch.bool, device=x.device).triu(1)
+            scores = scores.masked_fill(future, float("-inf"))
+        x = x + self.out((torch.softmax(scores, -1) @ v).transpose(1, 2).reshape(b, t, d))
+        return x + self.ff_out(self.activation(self.ff_in(self.ln2(x))))
+
+
+class Transformer(nn.Module):
+    """Digit classifier: the 8 image rows are 8 tokens; 2 blocks (ReLU FFN), final
+    LayerNorm, mean pooling, linear head."""
+
+    def __init__(self, d: int = 32):
+        super().__init__()
+        self.embed = nn.Linear(8, d)
+        self.pos = nn.Parameter(0.02 * torch.randn(8, d))
+        self.blocks = nn.Sequential(*(Block(d, 4, F.relu) for _ in range(2)))
+        self.ln_f, self.head = nn.LayerNorm(d), nn.Linear(d, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.blocks(self.embed(x.reshape(-1, 8, 8)) + self.pos)
+        return self.head(self.ln_f(h).mean(dim=1))
+
+
+class TinyLM(nn.Module):
+    """Causal LM, 2 blocks (GELU FFN), with tied embeddings:
+    ``lm_head.weight is tok_emb.weight``. (B, T) ids -> (B, T, vocab_size) logits."""
+
+    def __init__(self, vocab_size: int = 97, max_len: int = 64, d: int = 32):
+        super().__init__()
+        self.tok_emb, self.pos_emb = nn.Embedding(vocab_size, d), nn.Embedding(max_len, d)
+        self.blocks = nn.Sequential(*(Block(d, 4, F.gelu, causal=True) for _ in range(2)))
+        self.ln_f = nn.LayerNorm(d)
+        self.lm_head = nn.Linear(d, vocab_size, bias=False)
+        self.lm_head.weight = self.tok_emb.weight
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        pos = torch.arange(idx.shape[1], device=idx.device)
+        return self.lm_head(self.ln_f(self.blocks(self.tok_emb(idx) + self.pos_emb(pos))))
+
+
+class BasicBlock(nn.Module):
+    """Two 3x3 conv-BN layers with an identity (or 1x1 conv-BN) shortcut."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c_out)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c_out)
+        self.shortcut: nn.Module = nn.Identity()
+        if stride != 1 or c_in != c_out:
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(c_in, c_out, 1, stride=stride, bias=False), nn.BatchNorm2d(c_out)
+            )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x)))))
+        return F.relu(out + self.shortcut(x))
+
+
+def resnet18(width: int = 64) -> nn.Module:
+    """ResNet-18 for (B, 3, 32, 32) images: 3x3 stem, stages of 2 blocks, 10 classes."""
+    layers: list[nn.Module] = [
+        nn.Conv2d(3, width, 3, padding=1, bias=False),
+        nn.BatchNorm2d(width),
+        nn.ReLU(),
+    ]
+    c_in = width
+    for i, c_out in enumerate((width, 2 * width, 4 * width, 8 * width)):
+        layers += [BasicBlock(c_in, c_out, 1 if i == 0 else 2), BasicBlock(c_out, c_out, 1)]
+        c_in = c_out
+    return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c_in, 10))
+
+
+_MODELS = {
+    "linear": lambda: Flat(nn.Linear(64, 10)),
+    "mlp": MLP,
+    "mlp_ln": lambda: Flat(nn.Linear(64, 128), nn.LayerNorm(128), nn.GELU(), nn.Linear(128, 10)),
+    "cnn": CNN,
+    "cnn_bn": lambda: CNN(batch_norm=True),
+    "transformer": Transformer,
+    "tinylm": TinyLM,
+    "resnet18": resnet18,
+}
+
+
+def build_model(name: str, **kwargs) -> nn.Module:
+    """A fresh model by name (weights from the global RNG: seed it first)."""
+    return _MODELS[name](**kwargs)
