@@ -360,7 +360,8 @@ def main(argv: list[str] | None = None) -> None:
     if "agreement" not in args.skip:
         torch.set_num_threads(max(args.threads))
         print(
-            f"\n## agreement, {args.agree_steps} monitor-mode steps vs the exact radius of each update"
+            f"\n## agreement, {args.agree_steps} monitor-mode steps vs the exact radius"
+            " of each update"
         )
         print(
             f"{'model':9s} {'fast within 2%':>15s} {'max overshoot':>14s} {'max |error|':>12s} "
