@@ -371,6 +371,34 @@ def _evaluate_batched(model, X, y, batch_size: int = 1000):
     return total_loss / n, correct / n
 
 
+def _train_epoch(
+    model, opt, inner, X, y, batches, aug_gen, log_every, rec, epoch, step, bar
+) -> list[torch.Tensor]:
+    """One epoch over ``batches`` (index tensors); returns the minibatch losses (0-d,
+    on the device). In set mode (``rec.target_r``) every step goes through the
+    controller ``opt``; otherwise only the logged steps (every ``log_every``-th) do, and
+    the others call the shared ``inner`` optimizer (the same update, no radius cost).
+    ``aug_gen`` None: no augmentation."""
+    losses = []
+    for i, idx in enumerate(batches):
+        xb, yb = X[idx], y[idx]
+        if aug_gen is not None:
+            xb = augment_cifar(xb, aug_gen)
+        opt.zero_grad(set_to_none=True)
+        loss = F.cross_entropy(model(xb), yb)
+        loss.backward()
+        logged = i % log_every == 0
+        if rec.target_r is not None or logged:
+            opt.step()
+            if logged:
+                rec.log(opt.last, step + i, epoch)
+        else:
+            inner.step()
+        losses.append(loss.detach())
+        bar.update(1)
+    return losses
+
+
 def resnet_run(
     train_data: tuple[torch.Tensor, torch.Tensor],
     test_data: tuple[torch.Tensor, torch.Tensor],
@@ -448,25 +476,12 @@ def resnet_run(
     for epoch in range(epochs):
         te = time.perf_counter()
         order = torch.randperm(n, generator=generator).to(device)
-        losses = []
-        for i in range(per_epoch):
-            idx = order[i * batch_size : (i + 1) * batch_size]
-            xb, yb = X[idx], y[idx]
-            if augment:
-                xb = augment_cifar(xb, aug_gen)
-            opt.zero_grad(set_to_none=True)
-            loss = F.cross_entropy(model(xb), yb)
-            loss.backward()
-            logged = i % log_every == 0
-            if target_r is not None or logged:
-                opt.step()
-                if logged:
-                    rec.log(opt.last, step, epoch)
-            else:
-                inner.step()
-            losses.append(loss.detach())
-            step += 1
-            bar.update(1)
+        batches = [order[i * batch_size : (i + 1) * batch_size] for i in range(per_epoch)]
+        losses = _train_epoch(
+            model, opt, inner, X, y, batches, aug_gen if augment else None, log_every,
+            rec, epoch, step, bar,
+        )  # fmt: skip
+        step += per_epoch
         rec.train_loss.append(float(torch.stack(losses).mean()))  # syncs the device
         train_seconds += time.perf_counter() - te
         test_loss, test_acc = _evaluate_batched(model, Xt, yt)

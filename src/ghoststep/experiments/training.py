@@ -363,19 +363,13 @@ def controlled_run(
     generator = set_seed(seed)
     model = build_model(arch, **dict(model_kwargs or {}))
     rec = RunRecord(arch, method or mode, seed, lr, factor, steps, spike_at)
-    opt = controller_cls(
-        _make_optimizer(optimizer, model.parameters(), lr),
-        model,
-        mode=mode,
-        target_r=target_r,
-        history_size=0,
-        sinks=[CallbackSink(rec.stats.append)],
-        **dict(controller_kwargs or {}),
-    )
+    inner = _make_optimizer(optimizer, model.parameters(), lr)
+    sink = CallbackSink(rec.stats.append)  # every step's StepStats, skipped ones included
+    kwargs = dict(mode=mode, target_r=target_r, history_size=0, **(controller_kwargs or {}))
+    opt = controller_cls(inner, model, sinks=[sink], **kwargs)
 
-    def before(info: StepInfo) -> None:
-        if clip_norm is not None:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=clip_norm)
+    def clip(info: StepInfo) -> None:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=clip_norm)
 
     def after(info: StepInfo) -> None:
         done = info.step + 1
@@ -391,7 +385,7 @@ def controlled_run(
         steps,
         batch_size,
         lr_schedule=spike_schedule(factor, spike_at),
-        before_step=before,
+        before_step=None if clip_norm is None else clip,
         on_step=after,
         generator=generator,
         progress=progress,
