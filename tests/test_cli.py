@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -13,7 +12,7 @@ import pytest
 
 from ghoststep.cli import COMMANDS, main
 from ghoststep.experiments import EXPERIMENTS
-from ghoststep.experiments.common import validate_results
+from ghoststep.experiments.results import validate_results
 
 
 def test_help_lists_subcommands(capsys):
@@ -108,10 +107,6 @@ def test_report_without_runs_fails(tmp_path, capsys, monkeypatch):
     assert "no runs" in capsys.readouterr().err
 
 
-@pytest.mark.skipif(
-    not os.path.exists(Path(__file__).parents[1] / "src/ghoststep/slopes.py"),
-    reason="ghoststep.slopes not written yet",
-)
 def test_demo_prints_table(capsys):
     assert main(["demo", "--steps", "30", "--every", "10"]) == 0
     out = capsys.readouterr().out

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ghoststep.experiments import probes
+from ghoststep.experiments.data import digits
 from ghoststep.experiments.probes import (
     batch_radius,
     curvature_along,
@@ -29,6 +29,7 @@ from ghoststep.experiments.probes import (
     train_checkpoints,
     value_at,
 )
+from ghoststep.experiments.runner import torch_threads
 from ghoststep.slopes import logit_slopes
 
 
@@ -184,10 +185,10 @@ def test_curvature_of_a_linear_logit_direction_that_moves_nothing_is_zero():
 
 def test_torch_threads_restores_the_setting():
     before = torch.get_num_threads()
-    with probes.torch_threads(1):
+    with torch_threads(1):
         assert torch.get_num_threads() == 1
     assert torch.get_num_threads() == before
-    with probes.torch_threads(0):
+    with torch_threads(0):
         assert torch.get_num_threads() == before
 
 
@@ -276,7 +277,7 @@ def test_log_grid_value_at_distribution_std_log10():
 
 
 def test_train_checkpoints_thresholds_steps_and_determinism():
-    data = probes.digits(0)
+    data = digits(0)
     cks = train_checkpoints("linear", 0, steps=400, at_steps=(0, 50), at_accuracy=(0.5, 0.8),
                             lr=1e-2, data=data)
     steps = [c.step for c in cks]

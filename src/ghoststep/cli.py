@@ -51,7 +51,7 @@ def _add_run(p: argparse.ArgumentParser) -> None:
 
 def _cmd_run(args: argparse.Namespace) -> int:
     from ghoststep.experiments import ExperimentNotWritten
-    from ghoststep.experiments.common import ConfigError, parse_override, run_experiment
+    from ghoststep.experiments.runner import ConfigError, parse_override, run_experiment
 
     overrides = {}
     try:
@@ -103,7 +103,8 @@ def _add_report(p: argparse.ArgumentParser) -> None:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from ghoststep.experiments.common import RESULTS_FILE, render_merged_report
+    from ghoststep.experiments.report import render_merged_report
+    from ghoststep.experiments.results import RESULTS_FILE
 
     if args.runs:
         dirs = [Path(d) for d in args.runs]
@@ -139,9 +140,9 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
     import torch
 
-    from ghoststep.experiments.common import evaluate, set_seed, train
     from ghoststep.experiments.data import load_digits_split
     from ghoststep.experiments.models import build_model
+    from ghoststep.experiments.training import evaluate, set_seed, train
     from ghoststep.radius import aggregate, normalized_step, rho_bound
     from ghoststep.slopes import logit_slopes
 

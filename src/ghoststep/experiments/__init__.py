@@ -2,7 +2,7 @@
 
 The registry maps each name to its module ``ghoststep.experiments.<name>``, imported
 only when the experiment is run (``ghoststep list`` imports nothing). What a module
-must define is described in :mod:`ghoststep.experiments.common` (the runner).
+must define is described in :mod:`ghoststep.experiments.runner` (the runner).
 
 Example:
     >>> from ghoststep.experiments import EXPERIMENTS

@@ -9,7 +9,7 @@ Adam for 200 steps; at step 50 the learning rate is multiplied by 10, 100, 1000 
   ||g||, blind to the radius);
 * Adam wrapped in the rho_a-controller (``RadiusController(mode="clip", target_r=1)``).
 
-All runs use the shared spike protocol (:func:`~ghoststep.experiments.protocols.spike_run`),
+All runs use the shared spike protocol (:func:`~ghoststep.experiments.training.spike_run`),
 so every run also reports r = tau / rho_a. The paper's Table 1 gives the median final
 test accuracy at 10000x: the controller keeps 72-95%, plain Adam and clipping end at
 10-52%.
@@ -26,17 +26,16 @@ from pathlib import Path
 
 import numpy as np
 
-from ghoststep.experiments.common import claim, new_figure, save_figure
-from ghoststep.experiments.protocols import (
+from ghoststep.experiments.figures import (
     METHOD_COLORS,
     METHOD_LABELS,
-    finite_median,
+    new_figure,
     plot_band,
-    post_spike_r,
-    run_jobs,
-    spike_run,
-    summarize_finals,
+    save_figure,
 )
+from ghoststep.experiments.results import Claim, Results, Table
+from ghoststep.experiments.runner import parallel_map
+from ghoststep.experiments.training import finite_median, post_spike_r, spike_run, summarize_finals
 
 ARCH_LABELS = {"transformer": "Transformer", "mlp_ln": "MLP+LN", "cnn_bn": "CNN+BN"}
 # Paper Table 1: median final test accuracy at the 10 000x spike (plain, clip, controller).
@@ -51,9 +50,9 @@ PAPER_TABLE1 = {
 class Config:
     """Defaults are the paper's protocol (Fig. 10 / Table 1)."""
 
-    archs: tuple = ("transformer", "mlp_ln", "cnn_bn")
-    factors: tuple = (10.0, 100.0, 1000.0, 10000.0)
-    methods: tuple = ("plain", "clip_grad", "controller")
+    archs: tuple[str, ...] = ("transformer", "mlp_ln", "cnn_bn")
+    factors: tuple[float, ...] = (10.0, 100.0, 1000.0, 10000.0)
+    methods: tuple[str, ...] = ("plain", "clip_grad", "controller")
     base_lr: float = 1e-3  # not stated for Fig. 10; the middle base LR of the spike test
     steps: int = 200
     spike_at: int = 50
@@ -61,7 +60,7 @@ class Config:
     clip_norm: float = 1.0  # ||g|| <= 1
     target_r: float = 1.0
     eval_every: int = 5
-    seeds: list = field(default_factory=lambda: [0, 1, 2, 3, 4])
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2, 3, 4])
     workers: int = 1  # processes (0: one per core)
     threads: int = 1  # torch threads per run (fixed: reproducible bits, no oversubscription)
     diverge_loss: float = 10.0  # Table 1: a seed is divergent if its final loss > 10
@@ -79,7 +78,7 @@ PRESETS = {
 }
 
 
-def run(config: Config, out_dir: Path, progress: bool) -> dict:
+def run(config: Config, out_dir: Path, progress: bool) -> Results:
     jobs = [
         dict(arch=a, method=m, base_lr=config.base_lr, factor=float(f), seed=s,
              steps=config.steps, spike_at=config.spike_at, batch_size=config.batch_size,
@@ -88,7 +87,7 @@ def run(config: Config, out_dir: Path, progress: bool) -> dict:
         for a in config.archs for f in config.factors for m in config.methods
         for s in config.seeds
     ]
-    records = run_jobs(spike_run, jobs, workers=config.workers, threads=config.threads,
+    records = parallel_map(spike_run, jobs, workers=config.workers, threads=config.threads,
                        progress=progress,
                        desc="archgrid runs")
     groups: dict[tuple[str, float, str], list] = {}
@@ -98,9 +97,9 @@ def run(config: Config, out_dir: Path, progress: bool) -> dict:
     for key, recs in groups.items():
         summary[key] = {
             **summarize_finals(recs, config.diverge_loss),
-            "r_at_spike": finite_median(rec.r_proposed[config.spike_at] for rec in recs),
+            "r_at_spike": finite_median(rec.r_before[config.spike_at] for rec in recs),
             "r_post_median": finite_median(post_spike_r(rec) for rec in recs),
-            "r_applied_max": float(np.nanmax([np.nanmax(rec.r_applied) for rec in recs])),
+            "r_applied_max": float(np.nanmax([np.nanmax(rec.r_after) for rec in recs])),
         }
 
     top = max(float(f) for f in config.factors)
@@ -140,15 +139,15 @@ def run(config: Config, out_dir: Path, progress: bool) -> dict:
         f"A seed is divergent when its final test loss exceeds {config.diverge_loss:g} "
         "(Table 1's criterion applied to the test loss).",
     ]
-    return {
-        "title": "Controller vs plain Adam vs gradient clipping across architectures",
-        "summary": text,
-        "claims": claims,
-        "tables": tables,
-        "figures": figures,
-        "metrics": metrics,
-        "notes": notes,
-    }
+    return Results(
+        title="Controller vs plain Adam vs gradient clipping across architectures",
+        summary=text,
+        claims=claims,
+        tables=tables,
+        figures=figures,
+        metrics=metrics,
+        notes=notes,
+    )
 
 
 def _claims(config: Config, summary: dict, top: float) -> list[dict]:
@@ -166,7 +165,7 @@ def _claims(config: Config, summary: dict, top: float) -> list[dict]:
         paper_txt = ("controller far above both: "
                      + " / ".join(f"{v:.1%}" for v in paper)) if paper else "n/a"
         ok = k >= max(p, c) + config.margin
-        claims.append(claim(
+        claims.append(Claim(
             f"{ARCH_LABELS.get(a, a)} at {top:g}x: the controller beats plain Adam and "
             f"clipping by >= {config.margin:.0%} points (plain / clip / controller)",
             paper_txt, f"{p:.1%} / {c:.1%} / {k:.1%}", ok,
@@ -174,7 +173,7 @@ def _claims(config: Config, summary: dict, top: float) -> list[dict]:
     ctrl = [(a, f, s["median"]) for (a, f, m), s in summary.items() if m == "controller"]
     if ctrl:
         worst = min(ctrl, key=lambda t: t[2])
-        claims.append(claim(
+        claims.append(Claim(
             f"The controller survives every architecture and spike (final median >= "
             f"{config.survive_acc:.0%} in every cell)",
             "survives all conditions (lowest: CNN+BN 71.6% at 10000x)",
@@ -183,14 +182,14 @@ def _claims(config: Config, summary: dict, top: float) -> list[dict]:
             note=None if worst[2] >= config.survive_acc else _survive_note(config, summary,
                                                                            worst)))
         r_max = max(s["r_applied_max"] for (a, f, m), s in summary.items() if m == "controller")
-        claims.append(claim(
+        claims.append(Claim(
             "Every applied controller step has r <= 1", "r <= 1", f"max r = {r_max:.6g}",
             r_max <= config.target_r * (1 + 1e-6)))
     clips = [(a, med(a, top, "clip_grad")) for a in ("transformer", "cnn_bn")
              if med(a, top, "clip_grad") is not None]
     if clips:
         ok = all(v <= config.collapse_acc for _, v in clips)
-        claims.append(claim(
+        claims.append(Claim(
             f"At {top:g}x clipping still fails for Transformer and CNN+BN (final median <= "
             f"{config.collapse_acc:.0%})",
             "38.7% / 10.3%", " / ".join(f"{v:.1%}" for _, v in clips), ok))
@@ -199,7 +198,7 @@ def _claims(config: Config, summary: dict, top: float) -> list[dict]:
         drops = [(a, med(a, lo, "plain"), med(a, top, "plain")) for a in config.archs]
         drops = [d for d in drops if None not in d]
         if drops:
-            claims.append(claim(
+            claims.append(Claim(
                 f"Plain Adam fails progressively: final accuracy at {top:g}x below that at "
                 f"{lo:g}x for every architecture",
                 "fails progressively with spike size",
@@ -215,14 +214,14 @@ def _claims(config: Config, summary: dict, top: float) -> list[dict]:
         x, y = med(a, good, "plain"), med(a, bad, "plain")
         if x is None or y is None:
             continue
-        claims.append(claim(
+        claims.append(Claim(
             f"{text} (>= {config.recover_acc:.0%} vs <= {config.collapse_acc:.0%})", paper,
             f"{good:g}x: {x:.1%}; {bad:g}x: {y:.1%}",
             x >= config.recover_acc and y <= config.collapse_acc))
     x = med("cnn_bn", 10.0, "plain")
     r10 = summary.get(("cnn_bn", 10.0, "plain"), {}).get("r_at_spike", math.nan)
     if x is not None:
-        claims.append(claim(
+        claims.append(Claim(
             f"Plain Adam: CNN+BN collapses permanently even at 10x (final median <= "
             f"{config.collapse_acc:.0%}; BatchNorm running statistics corrupted)",
             "permanent collapse at 10x", f"{x:.1%}", x <= config.collapse_acc,
@@ -257,7 +256,7 @@ def _margin_note(p: float, c: float, k: float) -> str:
             "batch size, initialization)")
 
 
-def _table1(config: Config, summary: dict, top: float) -> dict:
+def _table1(config: Config, summary: dict, top: float) -> Table:
     rows = []
     for a in config.archs:
         paper = PAPER_TABLE1.get(a)
@@ -271,16 +270,16 @@ def _table1(config: Config, summary: dict, top: float) -> dict:
                               for m in ("plain", "clip_grad", "controller")
                               if (a, top, m) in summary))
         rows.append(row)
-    return {
-        "title": f"Table 1: median final test accuracy at {top:g}x (paper vs ours)",
-        "columns": ["arch", "plain (paper)", "plain (ours)", "clip (paper)", "clip (ours)",
+    return Table(
+        title=f"Table 1: median final test accuracy at {top:g}x (paper vs ours)",
+        columns=["arch", "plain (paper)", "plain (ours)", "clip (paper)", "clip (ours)",
                     "controller (paper)", "controller (ours)",
                     "divergent seeds plain / clip / ctrl"],
-        "rows": rows,
-    }
+        rows=rows,
+    )
 
 
-def _full_table(config: Config, summary: dict) -> dict:
+def _full_table(config: Config, summary: dict) -> Table:
     rows = []
     for a in config.archs:
         for f in config.factors:
@@ -292,12 +291,12 @@ def _full_table(config: Config, summary: dict) -> dict:
             s = summary.get((a, float(f), "plain"))
             row.append("-" if s is None else f"{s['r_at_spike']:.3g}")
             rows.append(row)
-    return {
-        "title": "Median final test accuracy (IQR) for every architecture and spike",
-        "columns": ["arch", "spike"] + [METHOD_LABELS[m] for m in config.methods]
+    return Table(
+        title="Median final test accuracy (IQR) for every architecture and spike",
+        columns=["arch", "spike"] + [METHOD_LABELS[m] for m in config.methods]
         + ["plain r at spike"],
-        "rows": rows,
-    }
+        rows=rows,
+    )
 
 
 def _plot_finals(config: Config, summary: dict, out_dir: Path) -> dict:

@@ -34,10 +34,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ghoststep.experiments.common import claim, new_figure, progress_bar, save_figure, sig
+from ghoststep.experiments.data import digits
+from ghoststep.experiments.figures import new_figure, save_figure
 from ghoststep.experiments.probes import (
     descent_direction,
-    digits,
     distribution,
     first_crossing,
     line_sweep,
@@ -46,6 +46,9 @@ from ghoststep.experiments.probes import (
     sample_radii,
     train_checkpoints,
 )
+from ghoststep.experiments.results import Claim, Results
+from ghoststep.experiments.runner import progress_bar
+from ghoststep.experiments.training import sig
 
 DIRECTIONS = ("gradient", "random")
 
@@ -54,9 +57,9 @@ DIRECTIONS = ("gradient", "random")
 class Config:
     """Defaults: MLP and CNN, five checkpoints, gradient and one random direction."""
 
-    architectures: tuple = ("mlp", "cnn")
-    checkpoint_steps: tuple = (10, 30, 100, 300, 1000)
-    directions: tuple = DIRECTIONS
+    architectures: tuple[str, ...] = ("mlp", "cnn")
+    checkpoint_steps: tuple[int, ...] = (10, 30, 100, 300, 1000)
+    directions: tuple[str, ...] = DIRECTIONS
     n_samples: int = 0  # training samples analysed (0 = all)
     lr: float = 1e-3
     batch_size: int = 64
@@ -64,7 +67,7 @@ class Config:
     r_max: float = 1000.0
     n_r: int = 101
     threshold: float = 2.0  # onset: loss ratio reaches this
-    seeds: tuple = (0, 1, 2)  # training seeds (everything is pooled over them)
+    seeds: tuple[int, ...] = (0, 1, 2)  # training seeds (everything is pooled over them)
     direction_seed: int = 1000  # the random direction of seed s: direction_seed + 1000 s
     data_seed: int = 0
     threads: int = 1  # intra-op torch threads while running (0: leave as is)
@@ -143,7 +146,7 @@ def _norm(model) -> float:
     return float(torch.sqrt(sum(p.detach().double().pow(2).sum() for p in model.parameters())))
 
 
-def run(config: Config, out_dir: Path, progress: bool) -> dict:
+def run(config: Config, out_dir: Path, progress: bool) -> Results:
     data = digits(config.data_seed)
     X, y = data.X_train, data.y_train
     if config.n_samples and config.n_samples < len(y):
@@ -265,17 +268,17 @@ def run(config: Config, out_dir: Path, progress: bool) -> dict:
             f"{p['exact_over_rho_a'].get('p95', math.nan):.3g}), batch onset/rho_a median "
             f"{p['batch_onset_over_rho_a'].get('median', math.nan):.3g}"
         )
-    return {
-        "title": "Calibration of rho_a against the exact radius rho* and the real line loss",
-        "summary": (
+    return Results(
+        title="Calibration of rho_a against the exact radius rho* and the real line loss",
+        summary=(
             f"{', '.join(config.architectures)} at steps {list(config.checkpoint_steps)} "
             f"({len(config.seeds)} seed(s), pooled); "
             f"{len(y)} training samples; directions {list(config.directions)}. "
             + "; ".join(summary_bits)
             + f". Uncertified exact radii: {n_unc} of {n_all}."
         ),
-        "claims": claims,
-        "tables": [
+        claims=claims,
+        tables=[
             {
                 "title": "Pooled over checkpoints (median, 5th, 95th percentile)",
                 "columns": ["direction", "quantity", "n", "median", "p5", "p95"],
@@ -305,9 +308,9 @@ def run(config: Config, out_dir: Path, progress: bool) -> dict:
                 "rows": rows,
             },
         ],
-        "figures": figures,
-        "metrics": metrics,
-        "notes": [
+        figures=figures,
+        metrics=metrics,
+        notes=[
             "Per-sample quantities use the linearized logits z + a t (one JVP); onsets use "
             "the real network at theta + tau v on the same samples (eval mode). Gradient = "
             "steepest descent of the mean training loss; random = seeded Gaussian unit "
@@ -316,7 +319,7 @@ def run(config: Config, out_dir: Path, progress: bool) -> dict:
             f"[{config.r_min:g}, {config.r_max:g}]; an onset is a grid point.",
             f"Uncertified exact radii (NaN, left out of every distribution): {n_unc} of {n_all}.",
         ],
-    }
+    )
 
 
 def _claims(config, results, pooled) -> list[dict]:
@@ -324,7 +327,7 @@ def _claims(config, results, pooled) -> list[dict]:
     mins = [e["min_exact_over_rho_a"] for e in results if math.isfinite(e["min_exact_over_rho_a"])]
     lowest = min(mins) if mins else math.nan
     claims.append(
-        claim(
+        Claim(
             "rho_a is a lower bound on the exact linearized radius rho* (Theorem): smallest "
             "rho*/rho_a over every certified sample",
             ">= 1 (proven)",
@@ -338,7 +341,7 @@ def _claims(config, results, pooled) -> list[dict]:
     }
     any_above = any(e["top2_above_exact_share"] > 0 for e in results)
     claims.append(
-        claim(
+        Claim(
             "The top-2 proxy is not a bound for K > 2: it exceeds rho* for some samples "
             "(mean share per checkpoint)",
             "proxy, not a guaranteed bound",
@@ -377,7 +380,7 @@ def _claims(config, results, pooled) -> list[dict]:
             f"loss up to r = {config.r_max:g}"
         )
     claims.append(
-        claim(
+        Claim(
             "The real network's batch loss does not double before tau = rho_a (no failure "
             "for r < 1) at any checkpoint or direction: smallest batch onset / rho_a",
             "no failure for r < 1",
@@ -390,7 +393,7 @@ def _claims(config, results, pooled) -> list[dict]:
         d = p["batch_onset_over_rho_a"]
         med = d.get("median", math.nan)
         claims.append(
-            claim(
+            Claim(
                 f"Transitions lie between r = 1 and r = 10 ({kind} direction; median batch "
                 "onset / rho_a over checkpoints, 5-95%)",
                 "1 <= r <= 10 (Fig. 7)",

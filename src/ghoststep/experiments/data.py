@@ -16,6 +16,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import pickle
 from collections.abc import Iterator
 from pathlib import Path
@@ -31,6 +32,7 @@ __all__ = [
     "CIFAR10_TEST_FILES",
     "Split",
     "load_digits_split",
+    "digits",
     "load_cifar10",
     "fake_cifar10",
     "normalize_cifar",
@@ -80,6 +82,17 @@ def load_digits_split(seed: int = 0, test_size: float = 0.2) -> Split:
         torch.from_numpy(X_te),
         torch.from_numpy(y_te),
     )
+
+
+@functools.lru_cache(maxsize=4)
+def _cached_digits(seed: int) -> Split:
+    return load_digits_split(seed)
+
+
+def digits(seed: int = 0) -> Split:
+    """:func:`load_digits_split` cached per ``seed``: every run of a process shares one
+    copy, so treat the tensors as read-only."""
+    return _cached_digits(int(seed))
 
 
 def _find_cifar_dir(data_dir: str | Path, names: tuple[str, ...]) -> Path:

@@ -28,12 +28,12 @@ from pathlib import Path
 
 import numpy as np
 
-from ghoststep.experiments.common import claim, new_figure, progress_bar, save_figure, sig
+from ghoststep.experiments.data import digits
+from ghoststep.experiments.figures import new_figure, save_figure
 from ghoststep.experiments.probes import (
     batch_radius,
     curvature_along,
     descent_direction,
-    digits,
     first_crossing,
     line_sweep,
     log_grid,
@@ -42,6 +42,9 @@ from ghoststep.experiments.probes import (
     train_checkpoints,
     value_at,
 )
+from ghoststep.experiments.results import Claim, Results
+from ghoststep.experiments.runner import progress_bar
+from ghoststep.experiments.training import sig
 
 STAGE_NAMES = ("early", "mid", "late")
 
@@ -51,10 +54,10 @@ class Config:
     """Defaults follow Fig. 8 and App. 5.5: three stages, gradient + 20 random directions."""
 
     arch: str = "mlp"
-    stage_accuracies: tuple = (0.73, 0.91, 0.94)
-    paper_random_r1: tuple = (1.08, 1.14, 1.20)  # median random loss ratio at r = 1
-    paper_gradient_r1: tuple = (1.50, 1.48, 1.59)  # gradient loss ratio at r = 1
-    paper_hessian_ratio: tuple = (10.0, 460.0)  # (2/kappa) / rho_a, early -> late
+    stage_accuracies: tuple[float, ...] = (0.73, 0.91, 0.94)
+    paper_random_r1: tuple[float, ...] = (1.08, 1.14, 1.20)  # median random loss ratio at r = 1
+    paper_gradient_r1: tuple[float, ...] = (1.50, 1.48, 1.59)  # gradient loss ratio at r = 1
+    paper_hessian_ratio: tuple[float, ...] = (10.0, 460.0)  # (2/kappa) / rho_a, early -> late
     n_random: int = 20
     r_min: float = 0.1
     r_max: float = 10.0
@@ -62,7 +65,8 @@ class Config:
     max_steps: int = 3000
     lr: float = 1e-3
     batch_size: int = 64
-    seeds: tuple = (0, 1, 2)  # training seeds: gradient values are medians, randoms pooled
+    # training seeds: gradient values are medians, randoms pooled
+    seeds: tuple[int, ...] = (0, 1, 2)
     direction_seed: int = 1000  # random direction k of seed s: direction_seed + 1000 s + k
     data_seed: int = 0
     random_r1_tolerance: float = 0.15  # |ours - paper| for the random loss ratio at r = 1
@@ -139,7 +143,7 @@ def _stage_probes(config: Config, ck, X, y, r, seed: int, name: str, progress: b
     }
 
 
-def run(config: Config, out_dir: Path, progress: bool) -> dict:
+def run(config: Config, out_dir: Path, progress: bool) -> Results:
     data = digits(config.data_seed)
     X, y = data.X_train, data.y_train
     r = log_grid(config.r_min, config.r_max, config.n_r)
@@ -236,9 +240,9 @@ def run(config: Config, out_dir: Path, progress: bool) -> dict:
     ]
     if missing:
         notes.append(f"test accuracy never reached {missing} within {config.max_steps} steps")
-    return {
-        "title": "Gradient vs random directions at three training stages (Fig. 8)",
-        "summary": (
+    return Results(
+        title="Gradient vs random directions at three training stages (Fig. 8)",
+        summary=(
             f"{config.arch} checkpoints ({len(config.seeds)} training seed(s); medians) at "
             "test accuracy "
             + ", ".join(f"{s['test_accuracy']:.1%} (step {s['step']})" for s in stages)
@@ -252,8 +256,8 @@ def run(config: Config, out_dir: Path, progress: bool) -> dict:
             + ", ".join(f"{s['gradient']['hessian_over_rho']:.3g}x" for s in stages)
             + "."
         ),
-        "claims": claims,
-        "tables": [
+        claims=claims,
+        tables=[
             {
                 "title": "Per stage (r = 1 values interpolated on the grid)",
                 "columns": [
@@ -275,15 +279,15 @@ def run(config: Config, out_dir: Path, progress: bool) -> dict:
                 "rows": rows,
             }
         ],
-        "figures": figures,
-        "metrics": {"r": r.tolist(), "stages": stages},
-        "notes": notes,
-    }
+        figures=figures,
+        metrics={"r": r.tolist(), "stages": stages},
+        notes=notes,
+    )
 
 
 def _claims(config: Config, stages: list[dict]) -> list[dict]:
     if not stages:
-        return [claim("Training reached the stage accuracies", "73%, 91%, 94%", "none", False)]
+        return [Claim("Training reached the stage accuracies", "73%, 91%, 94%", "none", False)]
     by_index = {s["index"]: s for s in stages}
     claims = []
     # 1. Hessian step exceeds rho_a everywhere.
@@ -292,7 +296,7 @@ def _claims(config: Config, stages: list[dict]) -> list[dict]:
     ]
     lowest = min(all_ratios)
     claims.append(
-        claim(
+        Claim(
             "The Hessian-implied step 2/(v^T H v) exceeds rho_a in every case (all stages, "
             "gradient and random directions): smallest ratio",
             "> 1 in every case",
@@ -318,7 +322,7 @@ def _claims(config: Config, stages: list[dict]) -> list[dict]:
         grows = all(b > a for a, b in zip(seq, seq[1:]))
         ok = grows and within(early, lo_p) and within(late, hi_p) and len(stages) >= 2
         claims.append(
-            claim(
+            Claim(
                 f"Hessian overestimation (2/kappa)/rho_a grows from ~10x early to ~460x late "
                 f"({kind}; each end within {f:g}x of the paper's, growing across stages)",
                 f"{lo_p:g}x -> {hi_p:g}x",
@@ -350,7 +354,7 @@ def _claims(config: Config, stages: list[dict]) -> list[dict]:
         for o, p in zip(ours, config.paper_random_r1)
     )
     claims.append(
-        claim(
+        Claim(
             "Median random-direction loss ratio at r = 1 (early, mid, late; each within "
             f"+-{config.random_r1_tolerance:g})",
             ", ".join(f"{p:.2f}" for p in config.paper_random_r1),
@@ -382,7 +386,7 @@ def _claims(config: Config, stages: list[dict]) -> list[dict]:
         f"(+g/||g||) gives {ascent} at r = 1"
     )
     claims.append(
-        claim(
+        Claim(
             f"Gradient-direction loss ratio at r = 1 (early, mid, late; each within {tol:.0%})",
             ", ".join(f"{p:.2f}" for p in config.paper_gradient_r1),
             ", ".join(f"{o:.3f}" for o in ours_g),
@@ -393,7 +397,7 @@ def _claims(config: Config, stages: list[dict]) -> list[dict]:
     # 5. gradient is the extreme direction.
     extreme = [s["gradient"]["loss_ratio_r1"] > s["random_p90_r1"] for s in stages]
     claims.append(
-        claim(
+        Claim(
             "The gradient is the extreme direction: its loss ratio at r = 1 exceeds the "
             "90th percentile of the random directions at every stage",
             "gradient degrades earliest",
@@ -413,7 +417,7 @@ def _claims(config: Config, stages: list[dict]) -> list[dict]:
     med = float(np.nanmedian(rand_onsets)) if np.isfinite(rand_onsets).any() else math.nan
     ok = early_fail == 0 and math.isfinite(med) and med <= 10
     claims.append(
-        claim(
+        Claim(
             "Transition near r ~ 1 for every direction: no direction's loss doubles below "
             "r = 1, and the random directions' median onset (loss ratio >= 2) is at r <= 10",
             "transition near r ~ 1",

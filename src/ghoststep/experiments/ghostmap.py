@@ -25,9 +25,11 @@ from pathlib import Path
 
 import torch
 
-from ghoststep.experiments.common import claim, new_figure, save_figure, set_seed, train
-from ghoststep.experiments.data import load_digits_split
+from ghoststep.experiments.data import digits
+from ghoststep.experiments.figures import new_figure, save_figure
 from ghoststep.experiments.models import build_model
+from ghoststep.experiments.results import Claim, Results
+from ghoststep.experiments.training import set_seed, train
 from ghoststep.radius import logit_spread, nearest_ghost
 from ghoststep.slopes import logit_slopes, optimizer_update_direction
 
@@ -36,12 +38,12 @@ from ghoststep.slopes import logit_slopes, optimizer_update_direction
 class Config:
     """Three architectures, stages at 0 / 150 / 600 Adam steps (lr 1e-3, batch 64)."""
 
-    architectures: tuple = ("mlp", "cnn", "transformer")
-    stages: tuple = (0, 150, 600)
+    architectures: tuple[str, ...] = ("mlp", "cnn", "transformer")
+    stages: tuple[int, ...] = (0, 150, 600)
     lr: float = 1e-3
     batch_size: int = 64
     samples: int = 360  # held-out samples whose ghosts are drawn
-    quantiles: tuple = (0.01, 0.1, 0.5)
+    quantiles: tuple[float, ...] = (0.01, 0.1, 0.5)
     seed: int = 0
     threads: int = 0
 
@@ -108,8 +110,8 @@ def _draw(ax, t0: torch.Tensor, record: dict, quantiles, title: str) -> None:
     ax.set_xlabel("Re t (units of the step)")
 
 
-def run(config: Config, out_dir: Path, progress: bool) -> dict:
-    split = load_digits_split(config.seed)
+def run(config: Config, out_dir: Path, progress: bool) -> Results:
+    split = digits(config.seed)
     held_out = split.X_test[: config.samples]
     architectures, stages = list(config.architectures), sorted(config.stages)
     import numpy as np
@@ -154,23 +156,23 @@ def run(config: Config, out_dir: Path, progress: bool) -> dict:
         for stage, r in per_arch.items()
     ]  # fmt: skip
     claims = [
-        claim(
+        Claim(
             "No nearest ghost lies inside the rho_a circle (rho_a is a lower bound on "
             "every sample's radius)",
             "min |t0| / rho_a >= 1 (Theorem 1)",
             f"{worst_ratio:.4f}",
             worst_ratio >= 1.0 - 1e-9,
         ),
-        claim(
+        Claim(
             "The nearest ghost is certified for every sample",
             "certified or NaN, never wrong",
             f"{certified:.1%} certified (worst stage)",
             certified >= 0.99,
         ),
     ]
-    return {
-        "title": "Ghost map: nearest complex singularities along the update",
-        "summary": (
+    return Results(
+        title="Ghost map: nearest complex singularities along the update",
+        summary=(
             "Each panel shows, for held-out digits samples, the nearest complex zero of the "
             "softmax partition function along the actual Adam update, in units of that "
             "update. The update is safe for a sample while its ghost lies outside the dashed "
@@ -178,9 +180,9 @@ def run(config: Config, out_dir: Path, progress: bool) -> dict:
             f"the bottleneck sample: min |t0| / rho_a from {worst_ratio:.2f} to "
             f"{max(r['min_ghost_over_rho_a'] for r in all_records):.2f} across panels."
         ),
-        "claims": claims,
-        "figures": [figure],
-        "tables": [
+        claims=claims,
+        figures=[figure],
+        tables=[
             {
                 "title": "Per architecture and stage",
                 "columns": [
@@ -195,5 +197,5 @@ def run(config: Config, out_dir: Path, progress: bool) -> dict:
                 "rows": rows,
             }
         ],  # fmt: skip
-        "metrics": records,
-    }
+        metrics=records,
+    )

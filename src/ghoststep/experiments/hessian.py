@@ -25,7 +25,8 @@ from pathlib import Path
 
 import torch
 
-from ghoststep.experiments.common import claim, new_figure, save_figure
+from ghoststep.experiments.figures import new_figure, save_figure
+from ghoststep.experiments.results import Claim, Results
 from ghoststep.radius import (
     crossover_margin,
     hessian_radius_ratio,
@@ -45,8 +46,9 @@ class Config:
     n_margins: int = 2001
     check_margin: float = 10.0  # the paper's headline margin
     paper_ratio: float = 4000.0  # "exceeds the radius by more than 4000x"
-    table_margins: tuple = (0.0, 1.0, 2.0, 5.0, 10.0, 15.0, 20.0)
-    slope_gaps: tuple = (3.0, 10.0, 30.0, 100.0, 1000.0)  # |Delta_{y,c}| for the crossover
+    table_margins: tuple[float, ...] = (0.0, 1.0, 2.0, 5.0, 10.0, 15.0, 20.0)
+    # |Delta_{y,c}| for the crossover
+    slope_gaps: tuple[float, ...] = (3.0, 10.0, 30.0, 100.0, 1000.0)
     crossover_check_from: float = 10.0  # compare exact vs formula for |Delta| >= this
     crossover_tolerance: float = 0.2  # max |exact - formula| (difference ~ 4 / (pi |Delta|))
 
@@ -89,7 +91,7 @@ def _f(x: float, digits: int = 4) -> float:
     return float(f"{x:.{digits}g}")
 
 
-def run(config: Config, out_dir: Path, progress: bool) -> dict:
+def run(config: Config, out_dir: Path, progress: bool) -> Results:
     margins = torch.linspace(0.0, config.margin_max, config.n_margins, dtype=torch.float64)
     curvature = logistic_curvature(margins)
     radius = logistic_radius(margins)
@@ -117,14 +119,14 @@ def run(config: Config, out_dir: Path, progress: bool) -> dict:
     max_err = float(err.max()) if err.numel() else float("nan")
 
     claims = [
-        claim(
+        Claim(
             f"At delta = {config.check_margin:g} the Hessian-implied step 2/f'' exceeds the "
             "convergence radius sqrt(delta^2 + pi^2) by more than 4000x",
             f"> {config.paper_ratio:.0f}x",
             f"{ratio0:.0f}x",
             ratio0 > config.paper_ratio,
         ),
-        claim(
+        Claim(
             f"At delta = {config.check_margin:g} the Hessian suggests a step of ~22,000 while "
             "the true limit is ~10 (Fig. 13 annotation)",
             "1/f'' ~ 22,000; radius ~ 10",
@@ -132,20 +134,20 @@ def run(config: Config, out_dir: Path, progress: bool) -> dict:
             abs(inv_curv0 / 22000 - 1) < 0.02 and abs(radius0 - 10) < 0.6,
             note="the figure's Hessian scale is 1/f''; the >4000x ratio uses 2/f''",
         ),
-        claim(
+        Claim(
             "Curvature sigma(1 - sigma) decays like e^-delta while the radius grows only "
             "linearly (fitted d ln f''/d delta on the upper half of the margins)",
             "e^-delta (rate -1)",
             f"{decay_rate:.4f}",
             abs(decay_rate + 1) < 0.01,
         ),
-        claim(
+        Claim(
             "(2/f'') / radius ~ 2 e^delta / delta as delta -> infinity (eq. 36)",
             1.0,
             f"{asymptote:.3f} at delta = {float(dmax):g}",
             abs(asymptote - 1) < 0.05,
         ),
-        claim(
+        Claim(
             "Crossover margin where 2/(f'' Delta^2) overtakes rho_a = pi/|Delta| is "
             "delta* ~ ln(pi |Delta| / 2) (eq. 48)",
             "ln(pi |Delta| / 2)",
@@ -175,17 +177,17 @@ def run(config: Config, out_dir: Path, progress: bool) -> dict:
     figures = [_plot_scales(config, out_dir, margins, curvature, radius, step, ratio, ratio0),
                _plot_crossover(config, out_dir)]
 
-    return {
-        "title": "Hessian step vs convergence radius, binary logistic loss",
-        "summary": (
+    return Results(
+        title="Hessian step vs convergence radius, binary logistic loss",
+        summary=(
             "For binary logistic loss at margin delta the curvature sigma(1-sigma) vanishes "
             "like e^-delta while the distance to the complex singularities, "
             "sqrt(delta^2 + pi^2), grows only linearly, so a curvature-based step "
             "overshoots the Taylor convergence radius exponentially. Analytic; "
             "computed with ghoststep.radius helpers in float64."
         ),
-        "claims": claims,
-        "tables": [
+        claims=claims,
+        tables=[
             {"title": "Scales by margin (unit slope gap)",
              "columns": ["delta", "f'' = sigma(1-sigma)", "2/f''", "sqrt(delta^2+pi^2)",
                          "(2/f'')/radius"],
@@ -195,8 +197,8 @@ def run(config: Config, out_dir: Path, progress: bool) -> dict:
                          "exact vs sqrt(delta^2+pi^2)/|Delta|"],
              "rows": cross_rows},
         ],
-        "figures": figures,
-        "metrics": {
+        figures=figures,
+        metrics={
             "check_margin": config.check_margin,
             "ratio_at_check_margin": ratio0,
             "inverse_curvature_at_check_margin": inv_curv0,
@@ -209,8 +211,8 @@ def run(config: Config, out_dir: Path, progress: bool) -> dict:
             "crossover_exact_radius": exact_r.tolist(),
             "crossover_max_error": max_err,
         },
-        "notes": ["NaN crossover = no crossover (|Delta| <= 8/pi)."],
-    }
+        notes=["NaN crossover = no crossover (|Delta| <= 8/pi)."],
+    )
 
 
 def _plot_scales(config, out_dir, margins, curvature, radius, step, ratio, ratio0) -> dict:

@@ -25,16 +25,19 @@ from pathlib import Path
 
 import numpy as np
 
-from ghoststep.experiments.common import claim, new_figure, progress_bar, save_figure, sig
+from ghoststep.experiments.data import digits
+from ghoststep.experiments.figures import new_figure, save_figure
 from ghoststep.experiments.probes import (
     batch_radius,
     descent_direction,
-    digits,
     first_crossing,
     line_sweep,
     log_grid,
     pretrain,
 )
+from ghoststep.experiments.results import Claim, Results
+from ghoststep.experiments.runner import progress_bar
+from ghoststep.experiments.training import sig
 
 LABELS = {
     "linear": "Linear",
@@ -50,7 +53,7 @@ LABELS = {
 class Config:
     """Defaults follow Fig. 7: six architectures, r in [0.01, 100], one step."""
 
-    architectures: tuple = ("linear", "mlp", "mlp_ln", "cnn", "cnn_bn", "transformer")
+    architectures: tuple[str, ...] = ("linear", "mlp", "mlp_ln", "cnn", "cnn_bn", "transformer")
     steps: int = 1500  # Adam steps "to convergence"
     lr: float = 1e-3
     # The convex linear model crawls at 1e-3 (train accuracy ~95% after 1500 steps);
@@ -62,7 +65,7 @@ class Config:
     n_r: int = 33  # odd: r = 1 is on the grid
     fail_below: float = 0.5  # "fails" = test accuracy retained below this share
     keep_above: float = 0.9  # "keeps its accuracy" = retained at least this share
-    seeds: tuple = (0, 1, 2)  # curves are medians over seeds
+    seeds: tuple[int, ...] = (0, 1, 2)  # curves are medians over seeds
     data_seed: int = 0
     threads: int = 1  # intra-op torch threads while running (0: leave as is)
 
@@ -126,7 +129,7 @@ def _combine(arch: str, runs: list[dict], r: np.ndarray, config: Config) -> dict
     return out
 
 
-def run(config: Config, out_dir: Path, progress: bool) -> dict:
+def run(config: Config, out_dir: Path, progress: bool) -> Results:
     data = digits(config.data_seed)
     r = log_grid(config.r_min, config.r_max, config.n_r)
     seeds = [int(s) for s in config.seeds]
@@ -159,20 +162,20 @@ def run(config: Config, out_dir: Path, progress: bool) -> dict:
         f"r grid spacing x{r[1] / r[0]:.2f}"
     )
     claims = [
-        claim(
+        Claim(
             f"No architecture fails (test accuracy below {config.fail_below:.0%} of its "
             "pre-step value) for any r < 1: lowest share retained at r < 1",
             "no failure for r < 1",
             f"{worst:.3f} ({LABELS.get(worst_arch, worst_arch)})",
             worst >= config.fail_below,
         ),
-        claim(
+        Claim(
             f"Every network keeps its accuracy for r < 1 (retained >= {config.keep_above:.0%})",
             "keeps accuracy for r < 1 (Fig. 1)",
             f"lowest {worst:.3f}",
             worst >= config.keep_above,
         ),
-        claim(
+        Claim(
             "Collapse appears once r >= 1 in every architecture: first r where accuracy "
             f"falls below {config.fail_below:.0%} (r <= {config.r_max:g})",
             "all collapse for r >= 1",
@@ -180,7 +183,7 @@ def run(config: Config, out_dir: Path, progress: bool) -> dict:
             all_fail and all(f >= 1 for f in fail_rs.values()),
             note=None if all_fail else "NaN = never fell below half within the r grid",
         ),
-        claim(
+        Claim(
             "Transitions cluster between r = 1 and r = 10 (scored on the first r where "
             "accuracy falls below half)",
             "1 <= r <= 10",
@@ -200,7 +203,7 @@ def run(config: Config, out_dir: Path, progress: bool) -> dict:
         lin_ok = math.isfinite(f_lin) and 0.5 <= f_lin <= 3.0
         lin = per_arch["linear"]
         claims.append(
-            claim(
+            Claim(
                 "The Linear model transitions at r ~ 1 (first r with accuracy below half "
                 "within [0.5, 3]); the others retain confidence-margin slack",
                 "Linear ~ 1, others later",
@@ -246,9 +249,9 @@ def run(config: Config, out_dir: Path, progress: bool) -> dict:
         for a in archs
     ]
     figures = [_plot(r, per_arch, out_dir)]
-    return {
-        "title": "Phase transition at r = 1: one gradient step of length r * rho_a",
-        "summary": (
+    return Results(
+        title="Phase transition at r = 1: one gradient step of length r * rho_a",
+        summary=(
             f"{len(archs)} architectures trained {config.steps} Adam steps (lr {config.lr:g}, "
             f"Linear {config.linear_lr:g}; batch {config.batch_size}; {len(config.seeds)} "
             "seed(s), median curves); one step along the normalized full-batch gradient "
@@ -257,8 +260,8 @@ def run(config: Config, out_dir: Path, progress: bool) -> dict:
             f"{config.r_max:g}]. Lowest test accuracy retained at any r < 1: {worst:.3f} "
             f"({LABELS.get(worst_arch, worst_arch)})."
         ),
-        "claims": claims,
-        "tables": [
+        claims=claims,
+        tables=[
             {
                 "title": "Per architecture",
                 "columns": [
@@ -277,20 +280,20 @@ def run(config: Config, out_dir: Path, progress: bool) -> dict:
                 "rows": rows,
             }
         ],
-        "figures": figures,
-        "metrics": {
+        figures=figures,
+        metrics={
             "r": r.tolist(),
             "lowest_retained_below_1": worst,
             "lowest_retained_below_1_arch": worst_arch,
             "fail_r": fail_rs,
             "architectures": per_arch,
         },
-        "notes": [
+        notes=[
             "All probes in eval mode (BatchNorm running statistics), so the gradient, "
             "rho_a and the evaluation see the same function.",
             "Loss inflation is the test-loss ratio; train_loss_ratio is in the metrics.",
         ],
-    }
+    )
 
 
 def _at(r: np.ndarray, values, x: float) -> float:

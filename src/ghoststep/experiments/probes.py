@@ -38,7 +38,6 @@ True
 from __future__ import annotations
 
 import copy
-import functools
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -49,9 +48,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ghoststep.directional import call_at, resolve_direction
-from ghoststep.experiments.common import evaluate, set_seed, torch_threads, train
-from ghoststep.experiments.data import Split, load_digits_split
+from ghoststep.experiments.data import Split, digits
 from ghoststep.experiments.models import build_model
+from ghoststep.experiments.training import evaluate, set_seed, train
 from ghoststep.radius import exact_radius, rho_bound, top2_radius
 from ghoststep.slopes import (
     gradient_direction,
@@ -60,10 +59,8 @@ from ghoststep.slopes import (
 )
 
 __all__ = [
-    "torch_threads",
     "Checkpoint",
     "LineSweep",
-    "digits",
     "tempered_loss",
     "train_checkpoints",
     "pretrain",
@@ -84,20 +81,7 @@ __all__ = [
 ]
 
 
-# ----------------------------------------------------------------------------- setup
-
-
 # ----------------------------------------------------------------------------- data
-
-
-@functools.lru_cache(maxsize=4)
-def _digits(seed: int) -> Split:
-    return load_digits_split(seed)
-
-
-def digits(seed: int = 0) -> Split:
-    """The digits split for ``seed`` (cached; treat the tensors as read-only)."""
-    return _digits(int(seed))
 
 
 def tempered_loss(temperature: float = 1.0) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:

@@ -22,14 +22,23 @@ on one H100 -- 16 ms per fixed-LR step, 67 ms per set-controller step) or
 
 from __future__ import annotations
 
+import math
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import torch
+import torch.nn.functional as F
 
-from ghoststep.experiments.common import claim, median_iqr, new_figure, save_figure
+from ghoststep.controller import RadiusController
 from ghoststep.experiments.data import fake_cifar10, load_cifar10
-from ghoststep.experiments.protocols import pick_device, resnet_run, run_jobs
+from ghoststep.experiments.figures import new_figure, save_figure
+from ghoststep.experiments.models import build_model
+from ghoststep.experiments.results import Claim, Results, Table
+from ghoststep.experiments.runner import parallel_map, progress_bar
+from ghoststep.experiments.training import median_iqr, set_seed
+from ghoststep.monitor import StepStats
 
 # Paper Table 3: max r, logged steps with r > 1, median final accuracy, IQR.
 PAPER_TABLE3 = {
@@ -57,8 +66,8 @@ class Config:
     momentum: float = 0.9
     weight_decay: float = 0.0  # not stated in the paper
     augment: bool = True  # random crop (pad 4) + horizontal flip; not stated in the paper
-    lrs: tuple = (0.005, 0.01, 0.1, 0.5)
-    targets: tuple = (0.5, 1.0, 2.0, 4.0)  # set-controller r*
+    lrs: tuple[float, ...] = (0.005, 0.01, 0.1, 0.5)
+    targets: tuple[float, ...] = (0.5, 1.0, 2.0, 4.0)  # set-controller r*
     set_base_lr: float = 0.1  # nominal LR of the set-controller's inner SGD (no effect on tau)
     width: int = 64  # stem width of ResNet-18 (64 = the standard network)
     log_every: int = 50  # r logged every 50 steps of an epoch
@@ -66,7 +75,7 @@ class Config:
     max_steps_per_epoch: int = 0  # 0: full epochs
     device: str = "auto"  # "auto": CUDA when available
     threads: int = 0  # torch CPU threads (0: leave torch's default)
-    seeds: list = field(default_factory=lambda: [0, 1, 2, 3, 4])
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2, 3, 4])
     # claim thresholds (stated before running)
     r4_drop: float = 0.05  # r* = 4 degrades: >= 5 points below r* = 1
     r2_keep: float = 0.03  # r* = 2 retains: within 3 points of r* = 1
@@ -92,7 +101,7 @@ def _load(config: Config):
     return load_cifar10(config.data_dir, train=True), load_cifar10(config.data_dir, train=False)
 
 
-def run(config: Config, out_dir: Path, progress: bool) -> dict:
+def run(config: Config, out_dir: Path, progress: bool) -> Results:
     train_data, test_data = _load(config)
     device = pick_device(config.device)
     common = dict(
@@ -106,7 +115,7 @@ def run(config: Config, out_dir: Path, progress: bool) -> dict:
     jobs = ([dict(common, seed=s, lr=float(lr)) for lr in config.lrs for s in config.seeds]
             + [dict(common, seed=s, target_r=float(t)) for t in config.targets
                for s in config.seeds])
-    records = run_jobs(resnet_run, jobs, workers=1, threads=config.threads, progress=progress,
+    records = parallel_map(resnet_run, jobs, workers=1, threads=config.threads, progress=progress,
                        desc="resnet runs")
     groups: dict[str, list] = {}
     for rec in records:
@@ -119,8 +128,8 @@ def run(config: Config, out_dir: Path, progress: bool) -> dict:
             "median": med, "q25": q25, "q75": q75,
             "max_r": float(np.nanmax([r.max_r for r in recs])),
             "median_max_r": median_iqr([r.max_r for r in recs])[0],
-            "r_gt_1": int(np.median([sum(v > 1.0 + 1e-9 for v in r.r) for r in recs])),
-            "n_logged": len(recs[0].r),
+            "r_gt_1": int(np.median([sum(v > 1.0 + 1e-9 for v in r.r_after) for r in recs])),
+            "n_logged": len(recs[0].r_after),
             "per_seed": [r.final_acc for r in recs],
             "step_ms": 1000 * float(np.median([r.step_seconds for r in recs])),
         }
@@ -151,19 +160,19 @@ def run(config: Config, out_dir: Path, progress: bool) -> dict:
     if config.fake_data:
         notes.insert(0, "FAKE DATA: random images with random labels and a narrow network; "
                         "this run checks the pipeline only, no claim can be reproduced.")
-    return {
-        "title": "ResNet-18 / CIFAR-10: r at fixed learning rates vs the set-controller",
-        "summary": text,
-        "claims": claims,
-        "tables": [_table3(summary)],
-        "figures": [_plot(config, groups, out_dir)],
-        "metrics": {
+    return Results(
+        title="ResNet-18 / CIFAR-10: r at fixed learning rates vs the set-controller",
+        summary=text,
+        claims=claims,
+        tables=[_table3(summary)],
+        figures=[_plot(config, groups, out_dir)],
+        metrics={
             "summary": summary,
-            "runs": {lab: [r.as_dict() for r in recs] for lab, recs in groups.items()},
+            "runs": {lab: list(recs) for lab, recs in groups.items()},
             "device": device.type,
         },
-        "notes": notes,
-    }
+        notes=notes,
+    )
 
 
 def _claims(config: Config, summary: dict) -> list[dict]:
@@ -172,7 +181,7 @@ def _claims(config: Config, summary: dict) -> list[dict]:
     note_fake = "fake data: pipeline smoke test, the claim is not tested" if fake else None
 
     def add(text, paper, ours, ok, note=None):
-        claims.append(claim(text, paper, ours, bool(ok) and not fake, note_fake or note))
+        claims.append(Claim(text, paper, ours, bool(ok) and not fake, note_fake or note))
 
     sets = {lab: s for lab, s in summary.items() if lab.startswith("set")}
     fixed = {lab: s for lab, s in summary.items() if lab.startswith("lr=")}
@@ -214,7 +223,7 @@ def _claims(config: Config, summary: dict) -> list[dict]:
     return claims
 
 
-def _table3(summary: dict) -> dict:
+def _table3(summary: dict) -> Table:
     rows = []
     for lab, s in summary.items():
         p = PAPER_TABLE3.get(lab)
@@ -224,12 +233,12 @@ def _table3(summary: dict) -> dict:
             f"{s['median']:.1%}" + (f" ({p[2]:.1%})" if p else ""),
             f"{s['q25']:.1%}-{s['q75']:.1%}" + (f" ({p[3]})" if p else ""),
         ])
-    return {
-        "title": "Table 3: ours (paper) -- max r, logged steps with r > 1 (median seed), "
+    return Table(
+        title="Table 3: ours (paper) -- max r, logged steps with r > 1 (median seed), "
                  "median final accuracy, IQR",
-        "columns": ["config", "max r", "r > 1", "acc (median)", "IQR"],
-        "rows": rows,
-    }
+        columns=["config", "max r", "r > 1", "acc (median)", "IQR"],
+        rows=rows,
+    )
 
 
 def _plot(config: Config, groups: dict, out_dir: Path) -> dict:
@@ -265,3 +274,223 @@ def _plot(config: Config, groups: dict, out_dir: Path) -> dict:
                        "(dashed); median and IQR over seeds" + (
                            " -- FAKE DATA smoke test" if config.fake_data else ""))
 
+
+
+# ----------------------------------------------------------------------------- ResNet / CIFAR
+
+
+def pick_device(device: str = "auto") -> torch.device:
+    """``"auto"``: CUDA when available, else CPU; otherwise ``torch.device(device)``."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def augment_cifar(x: torch.Tensor, generator: torch.Generator, pad: int = 4) -> torch.Tensor:
+    """Random crop with zero padding ``pad`` and random horizontal flip, per image.
+
+    ``generator`` lives on the CPU (the draws are moved to ``x``'s device) so the
+    augmentation stream is the same on every device.
+    """
+    b, c, h, w = x.shape
+    offsets = torch.randint(0, 2 * pad + 1, (2, b), generator=generator).to(x.device)
+    flips = (torch.rand(b, generator=generator) < 0.5).to(x.device)
+    padded = F.pad(x, (pad, pad, pad, pad))
+    rows = offsets[0][:, None] + torch.arange(h, device=x.device)  # (B, H)
+    cols = offsets[1][:, None] + torch.arange(w, device=x.device)  # (B, W)
+    cols = torch.where(flips[:, None], cols.flip(1), cols)
+    bi = torch.arange(b, device=x.device)[:, None, None, None]
+    ci = torch.arange(c, device=x.device)[None, :, None, None]
+    return padded[bi, ci, rows[:, None, :, None], cols[:, None, None, :]]
+
+
+@dataclass
+class ResNetRecord:
+    """One ResNet-18 run: per-epoch test metrics, the radius columns at the logged steps."""
+
+    label: str
+    seed: int
+    lr: float | None
+    target_r: float | None
+    epochs_done: int = 0
+    steps: int = 0
+    test_acc: list[float] = field(default_factory=list)
+    test_loss: list[float] = field(default_factory=list)
+    train_loss: list[float] = field(default_factory=list)  # mean minibatch loss per epoch
+    log_steps: list[int] = field(default_factory=list)
+    log_epoch: list[int] = field(default_factory=list)
+    # StepStats columns at the logged steps (``tau_applied = scale * tau``, the length
+    # of the update actually applied; ``lr_applied`` = group lr times scale)
+    r_after: list[float] = field(default_factory=list)
+    r_before: list[float] = field(default_factory=list)
+    tau_applied: list[float] = field(default_factory=list)
+    rho_a: list[float] = field(default_factory=list)
+    lr_applied: list[float] = field(default_factory=list)
+    seconds: float = 0.0
+    step_seconds: float = 0.0
+
+    @property
+    def final_acc(self) -> float:
+        return self.test_acc[-1] if self.test_acc else math.nan
+
+    @property
+    def max_r(self) -> float:
+        finite = [v for v in self.r_after if math.isfinite(v)]
+        return max(finite) if finite else math.nan
+
+    def log(self, stats: StepStats, step: int, epoch: int) -> None:
+        """Record the controller's ``stats`` of (0-based) ``step`` in ``epoch``."""
+        self.log_steps.append(step)
+        self.log_epoch.append(epoch)
+        self.r_after.append(stats.r_after)
+        self.r_before.append(stats.r_before)
+        self.tau_applied.append(stats.tau * stats.scale)
+        self.rho_a.append(stats.rho_a)
+        self.lr_applied.append(stats.lr * stats.scale)
+
+    def max_r_per_epoch(self, epochs: int) -> list[float]:
+        out = []
+        for e in range(epochs):
+            logged = zip(self.r_after, self.log_epoch)
+            vals = [v for v, ep in logged if ep == e and math.isfinite(v)]
+            out.append(max(vals) if vals else math.nan)
+        return out
+
+
+@torch.no_grad()
+def _evaluate_batched(model, X, y, batch_size: int = 1000):
+    was = model.training
+    model.eval()
+    total_loss, correct = 0.0, 0
+    for i in range(0, X.shape[0], batch_size):
+        logits = model(X[i : i + batch_size])
+        total_loss += float(F.cross_entropy(logits, y[i : i + batch_size], reduction="sum"))
+        correct += int((logits.argmax(-1) == y[i : i + batch_size]).sum())
+    model.train(was)
+    n = X.shape[0]
+    return total_loss / n, correct / n
+
+
+def _train_epoch(
+    model, opt, inner, X, y, batches, aug_gen, log_every, rec, epoch, step, bar
+) -> list[torch.Tensor]:
+    """One epoch over ``batches`` (index tensors); returns the minibatch losses (0-d,
+    on the device). In set mode (``rec.target_r``) every step goes through the
+    controller ``opt``; otherwise only the logged steps (every ``log_every``-th) do, and
+    the others call the shared ``inner`` optimizer (the same update, no radius cost).
+    ``aug_gen`` None: no augmentation."""
+    losses = []
+    for i, idx in enumerate(batches):
+        xb, yb = X[idx], y[idx]
+        if aug_gen is not None:
+            xb = augment_cifar(xb, aug_gen)
+        opt.zero_grad(set_to_none=True)
+        loss = F.cross_entropy(model(xb), yb)
+        loss.backward()
+        logged = i % log_every == 0
+        if rec.target_r is not None or logged:
+            opt.step()
+            if logged:
+                rec.log(opt.last, step + i, epoch)
+        else:
+            inner.step()
+        losses.append(loss.detach())
+        bar.update(1)
+    return losses
+
+
+def resnet_run(
+    train_data: tuple[torch.Tensor, torch.Tensor],
+    test_data: tuple[torch.Tensor, torch.Tensor],
+    *,
+    seed: int,
+    lr: float | None = None,
+    target_r: float | None = None,
+    epochs: int = 10,
+    batch_size: int = 128,
+    momentum: float = 0.9,
+    weight_decay: float = 0.0,
+    augment: bool = True,
+    width: int = 64,
+    log_every: int = 50,
+    measure_rows: int = 256,
+    max_steps_per_epoch: int | None = None,
+    set_base_lr: float = 0.1,
+    device: torch.device | str = "cpu",
+    progress: bool = False,
+) -> ResNetRecord:
+    """ResNet-18 on CIFAR-10 with SGD + momentum: a fixed ``lr`` or a set-controller.
+
+    Exactly one of ``lr`` (fixed learning rate, r monitored every ``log_every`` steps of
+    an epoch) and ``target_r`` (``RadiusController(mode="set", target_r=...)`` every
+    step: ``tau = r* rho_a`` along the momentum update; ``set_base_lr`` only sets the
+    inner optimizer's nominal rate) must be given. The radius is measured on (at most
+    ``measure_rows`` rows of) the current training batch, along the actual update
+    ``p`` (momentum and weight decay included). The monitor shares the inner
+    optimizer: on logged steps ``monitor.step()`` (s = 1, bitwise the plain step), on
+    the others ``inner.step()``.
+
+    Returns:
+        A :class:`ResNetRecord` (test loss / accuracy after each epoch, r at logged steps).
+    """
+    if (lr is None) == (target_r is None):
+        raise ValueError("give exactly one of lr (fixed) and target_r (set-controller)")
+    device = torch.device(device)
+    generator = set_seed(seed)
+    aug_gen = torch.Generator().manual_seed(seed + 10_000)
+    model = build_model("resnet18", width=width).to(device)
+    inner = torch.optim.SGD(
+        model.parameters(),
+        lr=set_base_lr if lr is None else lr,
+        momentum=momentum,
+        weight_decay=weight_decay,
+    )
+    subset = measure_rows if measure_rows < batch_size else None
+    if target_r is not None:
+        opt = RadiusController(
+            inner, model, mode="set", target_r=target_r, subset=subset, history_size=0, seed=seed
+        )
+        label = f"set r*={target_r:g}"
+    else:
+        opt = RadiusController(
+            inner, model, mode="monitor", subset=subset, history_size=0, seed=seed
+        )
+        label = f"lr={lr:g}"
+    rec = ResNetRecord(label=label, seed=seed, lr=lr, target_r=target_r)
+    X, y = train_data
+    X, y = X.to(device), y.to(device)
+    Xt, yt = test_data[0].to(device), test_data[1].to(device)
+    n = X.shape[0]
+    per_epoch = n // batch_size
+    if max_steps_per_epoch is not None:
+        per_epoch = min(per_epoch, max_steps_per_epoch)
+    if per_epoch < 1:
+        raise ValueError(f"{n} training images are fewer than one batch of {batch_size}")
+    t0 = time.perf_counter()
+    step = 0
+    bar = progress_bar(
+        total=epochs * per_epoch, desc=f"resnet {label} seed {seed}", enabled=progress
+    )
+    model.train()
+    train_seconds = 0.0
+    for epoch in range(epochs):
+        te = time.perf_counter()
+        order = torch.randperm(n, generator=generator).to(device)
+        batches = [order[i * batch_size : (i + 1) * batch_size] for i in range(per_epoch)]
+        losses = _train_epoch(
+            model, opt, inner, X, y, batches, aug_gen if augment else None, log_every,
+            rec, epoch, step, bar,
+        )  # fmt: skip
+        step += per_epoch
+        rec.train_loss.append(float(torch.stack(losses).mean()))  # syncs the device
+        train_seconds += time.perf_counter() - te
+        test_loss, test_acc = _evaluate_batched(model, Xt, yt)
+        rec.test_loss.append(test_loss)
+        rec.test_acc.append(test_acc)
+        rec.epochs_done = epoch + 1
+    bar.close()
+    opt.close()
+    rec.steps = step
+    rec.seconds = time.perf_counter() - t0
+    rec.step_seconds = train_seconds / max(step, 1)
+    return rec

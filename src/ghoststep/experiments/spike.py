@@ -26,14 +26,19 @@ from pathlib import Path
 
 import numpy as np
 
-from ghoststep.experiments.common import claim, median_iqr, new_figure, save_figure
-from ghoststep.experiments.protocols import (
+from ghoststep.experiments.figures import (
     METHOD_COLORS,
     METHOD_LABELS,
-    finite_median,
+    new_figure,
     plot_band,
+    save_figure,
+)
+from ghoststep.experiments.results import Claim, Results, Table
+from ghoststep.experiments.runner import parallel_map
+from ghoststep.experiments.training import (
+    finite_median,
+    median_iqr,
     post_spike_r,
-    run_jobs,
     spike_run,
     summarize_finals,
 )
@@ -51,21 +56,21 @@ class Config:
     """Defaults are the paper's protocol (Fig. 6)."""
 
     arch: str = "mlp"  # 64 -> 128 -> 10, ReLU
-    base_lrs: tuple = (1e-4, 1e-3, 1e-2)
+    base_lrs: tuple[float, ...] = (1e-4, 1e-3, 1e-2)
     factor: float = 1000.0  # LR multiplier from step `spike_at` on
     steps: int = 200
     spike_at: int = 50
     batch_size: int = 64  # not stated in the paper; radius measured on the same minibatch
-    methods: tuple = ("plain", "controller")
+    methods: tuple[str, ...] = ("plain", "controller")
     target_r: float = 1.0  # the controller's cap r* (Prop. 5.2: no new hyperparameter)
     eval_every: int = 1  # test accuracy every k steps
-    seeds: list = field(default_factory=lambda: [0, 1, 2, 3, 4])
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2, 3, 4])
     workers: int = 1  # processes (0: one per core); results do not depend on it
     threads: int = 1  # torch threads per run (fixed: reproducible bits, no oversubscription)
     # claim thresholds (stated before running; see the claims' text)
     unharmed_acc: float = 0.85
     chance_acc: float = 0.20
-    half_band: tuple = (0.30, 0.70)
+    half_band: tuple[float, ...] = (0.30, 0.70)
     r_factor: float = 3.0  # "r ~ X" reproduced when within a factor 3 of X
 
 
@@ -75,14 +80,14 @@ PRESETS = {
 }
 
 
-def run(config: Config, out_dir: Path, progress: bool) -> dict:
+def run(config: Config, out_dir: Path, progress: bool) -> Results:
     jobs = [
         dict(arch=config.arch, method=m, base_lr=float(lr), factor=config.factor, seed=s,
              steps=config.steps, spike_at=config.spike_at, batch_size=config.batch_size,
              eval_every=config.eval_every, target_r=config.target_r)
         for lr in config.base_lrs for m in config.methods for s in config.seeds
     ]
-    records = run_jobs(spike_run, jobs, workers=config.workers, threads=config.threads,
+    records = parallel_map(spike_run, jobs, workers=config.workers, threads=config.threads,
                        progress=progress,
                        desc="spike runs")
     groups: dict[tuple[float, str], list] = {}
@@ -94,7 +99,7 @@ def run(config: Config, out_dir: Path, progress: bool) -> dict:
     for (lr, method), recs in groups.items():
         fin = summarize_finals(recs)
         pre_idx = recs[0].eval_steps.index(max(s for s in recs[0].eval_steps if s <= k))
-        r_spike = [rec.r_proposed[k] for rec in recs]
+        r_spike = [rec.r_before[k] for rec in recs]
         summary[(lr, method)] = {
             **fin,
             "pre_spike_acc": median_iqr([rec.test_acc[pre_idx] for rec in recs])[0],
@@ -103,7 +108,7 @@ def run(config: Config, out_dir: Path, progress: bool) -> dict:
                  for rec in recs])[0],
             "r_at_spike": finite_median(r_spike),
             "r_post_median": finite_median(post_spike_r(rec, k) for rec in recs),
-            "r_applied_max": float(np.nanmax([np.nanmax(rec.r_applied[k:]) for rec in recs])),
+            "r_applied_max": float(np.nanmax([np.nanmax(rec.r_after[k:]) for rec in recs])),
             "skipped": sum(rec.skipped for rec in recs),
             "single_class_seeds": sum(rec.final_pred_classes == 1 for rec in recs),
         }
@@ -137,10 +142,10 @@ def run(config: Config, out_dir: Path, progress: bool) -> dict:
                 "eval_steps": recs[0].eval_steps,
                 "test_acc": [rec.test_acc for rec in recs],
                 "train_loss": [rec.train_loss for rec in recs],
-                "r_proposed": [rec.r_proposed for rec in recs],
-                "r_applied": [rec.r_applied for rec in recs],
+                "r_proposed": [rec.r_before for rec in recs],
+                "r_applied": [rec.r_after for rec in recs],
                 "tau": [rec.tau for rec in recs],
-                "rho_a": [rec.rho for rec in recs],
+                "rho_a": [rec.rho_a for rec in recs],
                 "seconds": [round(rec.seconds, 3) for rec in recs],
             }
             for (lr, m), recs in groups.items()
@@ -157,15 +162,15 @@ def run(config: Config, out_dir: Path, progress: bool) -> dict:
         "Batch size is not given in the paper; we use "
         f"{config.batch_size}, without tuning it to match.",
     ]
-    return {
-        "title": "Learning-rate spike: plain Adam vs the rho_a-controller",
-        "summary": text,
-        "claims": claims,
-        "tables": tables,
-        "figures": figures,
-        "metrics": metrics,
-        "notes": notes,
-    }
+    return Results(
+        title="Learning-rate spike: plain Adam vs the rho_a-controller",
+        summary=text,
+        claims=claims,
+        tables=tables,
+        figures=figures,
+        metrics=metrics,
+        notes=notes,
+    )
 
 
 def _within(value: float, target: float, factor: float) -> bool:
@@ -182,11 +187,11 @@ def _claims(config: Config, summary: dict) -> list[dict]:
 
     p = get(1e-4, "plain")
     if p:
-        claims.append(claim(
+        claims.append(Claim(
             f"eta0 = 1e-4: plain Adam is unharmed by the spike (final median test accuracy "
             f">= {config.unharmed_acc:.0%})",
             PAPER[1e-4]["plain"], f"{p['median']:.1%}", p["median"] >= config.unharmed_acc))
-        claims.append(claim(
+        claims.append(Claim(
             "eta0 = 1e-4: the spiked step stays inside the radius (r < 1 at the spiked step)",
             PAPER[1e-4]["r"], f"r = {p['r_at_spike']:.3g}", p["r_at_spike"] < 1.0,
             note=None if p["r_at_spike"] < 1.0 else (
@@ -195,12 +200,12 @@ def _claims(config: Config, summary: dict) -> list[dict]:
     p = get(1e-3, "plain")
     if p:
         ok = lo <= p["median"] <= hi
-        claims.append(claim(
+        claims.append(Claim(
             f"eta0 = 1e-3: plain Adam drops to ~50% and does not recover (final median in "
             f"[{lo:.0%}, {hi:.0%}])",
             PAPER[1e-3]["plain"], f"{p['median']:.1%} (IQR {p['q25']:.1%}-{p['q75']:.1%})",
             ok, note=None if ok else _collapse_note(p)))
-        claims.append(claim(
+        claims.append(Claim(
             f"eta0 = 1e-3: the spike takes r to ~10 (r at the spiked step within {f:g}x of 10)",
             PAPER[1e-3]["r"],
             f"{p['r_at_spike']:.3g} at the spiked step" + _ctrl_r(get(1e-3, "controller")),
@@ -209,11 +214,11 @@ def _claims(config: Config, summary: dict) -> list[dict]:
     p = get(1e-2, "plain")
     if p:
         ok = p["median"] <= config.chance_acc
-        claims.append(claim(
+        claims.append(Claim(
             f"eta0 = 1e-2: plain Adam falls to chance (final median <= "
             f"{config.chance_acc:.0%})",
             PAPER[1e-2]["plain"], f"{p['median']:.1%}", ok))
-        claims.append(claim(
+        claims.append(Claim(
             f"eta0 = 1e-2: the spike takes r to ~100 (r at the spiked step within {f:g}x "
             "of 100)",
             PAPER[1e-2]["r"],
@@ -224,12 +229,12 @@ def _claims(config: Config, summary: dict) -> list[dict]:
     if ctrl:
         worst = min(c["median"] for _, c in ctrl)
         ours = ", ".join(f"{lr:g}: {c['median']:.1%}" for lr, c in ctrl)
-        claims.append(claim(
+        claims.append(Claim(
             f"The controller survives every spike (final median test accuracy >= "
             f"{config.unharmed_acc:.0%} at every eta0)",
             "survives all three", ours, worst >= config.unharmed_acc))
         r_max = max(c["r_applied_max"] for _, c in ctrl)
-        claims.append(claim(
+        claims.append(Claim(
             "The controller keeps every applied step inside the radius (max applied r <= 1, "
             "Prop. 5.2)",
             "r <= 1", f"max r = {r_max:.6g}", r_max <= config.target_r * (1 + 1e-6)))
@@ -270,7 +275,7 @@ def _r_note(value: float, target: float) -> str | None:
             "on the model's confidence at the spike and the measuring batch")
 
 
-def _table(config: Config, summary: dict) -> dict:
+def _table(config: Config, summary: dict) -> Table:
     rows = []
     for lr in config.base_lrs:
         for m in config.methods:
@@ -285,13 +290,13 @@ def _table(config: Config, summary: dict) -> dict:
                 f"{s['r_applied_max']:.3g}", f"{s['divergent']}/{s['n']}",
                 PAPER.get(float(lr), {}).get("plain", "") if m == "plain" else "survives",
             ])
-    return {
-        "title": f"Test accuracy around the {config.factor:g}x spike (median over seeds)",
-        "columns": ["eta0", "method", "acc before spike", "lowest acc after",
+    return Table(
+        title=f"Test accuracy around the {config.factor:g}x spike (median over seeds)",
+        columns=["eta0", "method", "acc before spike", "lowest acc after",
                     "final acc (IQR)", "r at spike", "post-spike r (median)",
                     "max applied r", "divergent", "paper"],
-        "rows": rows,
-    }
+        rows=rows,
+    )
 
 
 def _plot_curves(config: Config, groups: dict, out_dir: Path) -> dict:
@@ -309,10 +314,10 @@ def _plot_curves(config: Config, groups: dict, out_dir: Path) -> dict:
             plot_band(ax_loss, steps, [rec.train_loss for rec in recs], METHOD_LABELS[m], color)
             plot_band(ax_acc, recs[0].eval_steps, [rec.test_acc for rec in recs],
                       METHOD_LABELS[m], color)
-            plot_band(ax_r, steps, [rec.r_applied for rec in recs],
+            plot_band(ax_r, steps, [rec.r_after for rec in recs],
                       f"{METHOD_LABELS[m]} (applied)", color)
             if m == "controller":
-                plot_band(ax_r, steps, [rec.r_proposed for rec in recs],
+                plot_band(ax_r, steps, [rec.r_before for rec in recs],
                           "controller: proposed by Adam", color, linestyle=":")
         for ax in axes[row]:
             ax.axvline(config.spike_at, color="grey", linewidth=0.8, linestyle="--")

@@ -24,24 +24,20 @@ from pathlib import Path
 
 import numpy as np
 
-from ghoststep.experiments.common import (
-    claim,
-    median_iqr,
-    new_figure,
-    progress_bar,
-    save_figure,
-    sig,
-)
+from ghoststep.experiments.data import digits
+from ghoststep.experiments.figures import new_figure, save_figure
 from ghoststep.experiments.probes import (
     batch_radius,
     descent_direction,
-    digits,
     line_sweep,
     log_grid,
     onset,
     pretrain,
     std_log10,
 )
+from ghoststep.experiments.results import Claim, Results
+from ghoststep.experiments.runner import progress_bar
+from ghoststep.experiments.training import median_iqr, sig
 from ghoststep.radius import radius_from_spread
 
 
@@ -50,9 +46,9 @@ class Config:
     """Defaults follow Fig. 9: T in {0.25, ..., 64}, three seeds, onset at loss ratio 2."""
 
     arch: str = "mlp"
-    temperatures: tuple = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 64.0)
-    scored_temperatures: tuple = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0)  # SPEC §5.5's set
-    seeds: tuple = (0, 1, 2)
+    temperatures: tuple[float, ...] = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 64.0)
+    scored_temperatures: tuple[float, ...] = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0)  # SPEC §5.5's set
+    seeds: tuple[int, ...] = (0, 1, 2)
     steps: int = 1000
     lr: float = 1e-3
     batch_size: int = 64
@@ -79,7 +75,7 @@ PRESETS = {
 }
 
 
-def run(config: Config, out_dir: Path, progress: bool) -> dict:
+def run(config: Config, out_dir: Path, progress: bool) -> Results:
     data = digits(config.data_seed)
     X, y = data.X_train, data.y_train
     taus = log_grid(config.tau_min, config.tau_max, config.n_tau)
@@ -150,7 +146,7 @@ def run(config: Config, out_dir: Path, progress: bool) -> dict:
         else ""
     )
     claims = [
-        claim(
+        Claim(
             f"Std of log10 onset across T in raw tau, T in {t_text} (within a factor 2)",
             config.paper_std_raw,
             sig(raw),
@@ -158,13 +154,13 @@ def run(config: Config, out_dir: Path, progress: bool) -> dict:
             note="the raw spread grows with the range of T (the paper's caption lists T up to "
             "64, SPEC scores {0.25..8}) and depends on how each model trains" + all_text,
         ),
-        claim(
+        Claim(
             "Std of log10 onset across T in r_T = tau / rho_a(T) (at most twice the paper's)",
             config.paper_std_normalized,
             sig(norm),
             math.isfinite(norm) and norm <= 2 * config.paper_std_normalized,
         ),
-        claim(
+        Claim(
             f"Normalizing by rho_a(T) shrinks the onset spread (reduction >= "
             f"{config.min_reduction:g}x)",
             "6x (0.992 / 0.164)",
@@ -189,25 +185,25 @@ def run(config: Config, out_dir: Path, progress: bool) -> dict:
         for T, p in per_t.items()
     ]
     figures = [_plot(config, taus, runs, out_dir)]
-    return {
-        "title": "Temperature fingerprint: onsets in raw tau vs in r_T = tau / rho_a(T)",
-        "summary": (
+    return Results(
+        title="Temperature fingerprint: onsets in raw tau vs in r_T = tau / rho_a(T)",
+        summary=(
             f"{config.arch} trained {config.steps} Adam steps at each T with loss "
             f"CE(z/T); {len(seeds)} seed(s); one step along the normalized full-batch "
             f"gradient, {config.n_tau} raw step lengths in [{config.tau_min:g}, "
             f"{config.tau_max:g}]. Std of log10 onsets across T {t_text}: raw {raw:.3f}, "
             f"normalized {norm:.3f} ({reduction:.2f}x smaller)."
         ),
-        "claims": claims,
-        "tables": [
+        claims=claims,
+        tables=[
             {
                 "title": "Per temperature (median over seeds)",
                 "columns": ["T", "test acc", "rho_a(T)", "onset tau", "onset r_T"],
                 "rows": rows,
             }
         ],
-        "figures": figures,
-        "metrics": {
+        figures=figures,
+        metrics={
             "tau": taus.tolist(),
             "std_log10_onset_raw": raw,
             "std_log10_onset_normalized": norm,
@@ -217,12 +213,12 @@ def run(config: Config, out_dir: Path, progress: bool) -> dict:
             "per_temperature": {f"{T:g}": p for T, p in per_t.items()},
             "runs": {f"{T:g}": rs for T, rs in runs.items()},
         },
-        "notes": [
+        notes=[
             "Loss ratio on the full training set (model in eval mode); rho_a(T) = pi T / "
             "max Delta a over the same samples; onsets are grid points (10 per decade in "
             "the paper preset), so stds below ~0.03 are grid-limited.",
         ],
-    }
+    )
 
 
 def _plot(config, taus, runs, out_dir) -> dict:

@@ -13,7 +13,7 @@ trains on sklearn digits with Adam under four step-size strategies:
     ReLU kink (a conservative proxy, paper Appendix 2);
 
   all along Adam's update direction from forward-mode JVPs
-  (:class:`~ghoststep.experiments.protocols.AllRadiiController`);
+  (:class:`~ghoststep.experiments.transformer.AllRadiiController`);
 * ``output_only``: the same controller with ``rho_out`` alone;
 * ``fixed_1x`` / ``fixed_16x``: plain Adam at eta0 and 16 eta0 (radii monitored).
 
@@ -27,22 +27,23 @@ serial on one core, 2.5 min with ``--set workers=16`` on 16 cores) or ``--preset
 
 from __future__ import annotations
 
+import functools
 import math
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import torch
 
-from ghoststep.experiments.common import claim, new_figure, save_figure
-from ghoststep.experiments.protocols import (
-    RADII,
-    AllRadiiController,
-    controlled_run,
-    finite_median,
-    plot_band,
-    run_jobs,
-)
+from ghoststep.controller import RadiusController
+from ghoststep.directional import directional, trainable_parameters
+from ghoststep.experiments.figures import new_figure, plot_band, save_figure
+from ghoststep.experiments.results import Claim, Results, Table
+from ghoststep.experiments.runner import parallel_map
+from ghoststep.experiments.training import controlled_run, finite_median
+from ghoststep.radius import logit_spread, radius_from_spread
 
 METHOD_LABELS = {
     "all_radii": "all-radii controller",
@@ -63,11 +64,111 @@ PAPER_TABLE2 = {
 PHASES = ("early", "middle", "late")
 
 
+# ----------------------------------------------------------------------------- internal radii
+
+RADII = ("out", "attn", "ffn")
+
+
+def internal_radii(
+    model: torch.nn.Module,
+    inputs: torch.Tensor,
+    direction: Sequence[torch.Tensor | None],
+    *,
+    ffn_quantile: float = 0.01,
+) -> dict[str, float]:
+    """Attention and FFN radii of a transformer along ``direction``, in units of t.
+
+    One forward-mode JVP of ``model(inputs, return_internals=True)`` (the models in
+    :mod:`~ghoststep.experiments.models` return their pre-softmax attention logits
+    ``s`` (B, H, T, T) and FFN pre-activations ``h`` (B, T, d_ff) per layer) gives the
+    tangents ``s_dot``, ``h_dot`` along v. Then
+
+    * ``attn``: ``pi / max(max_keys s_dot - min_keys s_dot)`` over layers, heads,
+      queries and samples (the softmax-ghost bound of every attention row);
+    * ``ffn``: the ``ffn_quantile`` quantile of ``|h| / |h_dot|`` over every
+      pre-activation entry with ``h_dot != 0`` (the distance to the ReLU kink,
+      paper Appendix 2; a conservative proxy, not a bound).
+
+    ``direction`` is aligned with the model's trainable parameters (None: zero); it
+    need not have unit norm: divide the radii by ``||direction||`` for unit units.
+    Parameters, buffers and the RNG are left untouched; no autograd graph is built.
+    """
+    named = trainable_parameters(model)
+    if len(direction) != len(named):
+        raise ValueError(f"direction has {len(direction)} parts for {len(named)} parameters")
+
+    def internals(out):
+        return out[1]["attention_logits"], out[1]["ffn_preacts"]
+
+    (_, pre), (dscores, dpre) = directional(
+        model, (inputs,), {"return_internals": True}, list(direction), output_fn=internals
+    )
+    spread = max((float(logit_spread(d).max()) for d in dscores), default=0.0)
+    rho_attn = radius_from_spread(spread)
+    h = torch.cat([p.reshape(-1) for p in pre]).double()
+    dh = torch.cat([d.reshape(-1) for d in dpre]).double().abs()
+    moving = dh > 0
+    if bool(moving.any()):
+        ratio = h[moving].abs() / dh[moving]
+        k = max(1, int(math.ceil(ffn_quantile * ratio.numel())))
+        rho_ffn = float(ratio.kthvalue(k).values)
+    else:
+        rho_ffn = math.inf
+    return {"attn": rho_attn, "ffn": rho_ffn}
+
+
+def _internal_radii_hook(model, inputs, update, *, ffn_quantile: float) -> dict[str, float]:
+    """``RadiusController(extra_radii=...)`` hook: attention and FFN radii along p."""
+    return internal_radii(
+        model, inputs[0] if isinstance(inputs, tuple) else inputs, update, ffn_quantile=ffn_quantile
+    )
+
+
+class AllRadiiController(RadiusController):
+    """A :class:`~ghoststep.RadiusController` whose radius is ``min`` over several terms.
+
+    Every step it measures the output-logit radius ``rho_out`` exactly as the base
+    controller does, plus the attention and FFN radii of :func:`internal_radii` along
+    the same update (through the controller's ``extra_radii`` hook), and uses
+    ``rho_net = min(rho_x for x in use)`` (``limit_by``). All three radii and the
+    binding term are kept in ``last_radii`` / ``last_binding`` whatever ``use`` is, so
+    an output-only controller (``use=("out",)``) or a monitored run still reports
+    them. This is the paper's all-radii controller of Section 6.6
+    (``use=("out", "attn", "ffn")``, the default).
+
+    Args:
+        use: the radii that limit the step, a subset of ``("out", "attn", "ffn")``.
+        ffn_quantile: quantile q of ``Q_q(|h| / |h_dot|)``.
+        Everything else: as :class:`~ghoststep.RadiusController`.
+    """
+
+    def __init__(
+        self, optimizer, model, *, use: Sequence[str] = RADII, ffn_quantile: float = 0.01, **kwargs
+    ) -> None:
+        unknown = set(use) - set(RADII)
+        if unknown or not use:
+            raise ValueError(f"use must be a non-empty subset of {RADII}, got {use!r}")
+        if not 0.0 < ffn_quantile <= 1.0:
+            raise ValueError(f"ffn_quantile must be in (0, 1], got {ffn_quantile!r}")
+        hook = functools.partial(_internal_radii_hook, ffn_quantile=float(ffn_quantile))
+        super().__init__(optimizer, model, extra_radii=hook, limit_by=tuple(use), **kwargs)
+        self.use = tuple(use)
+        self.ffn_quantile = float(ffn_quantile)
+
+    @property
+    def last_radii(self) -> dict[str, float] | None:
+        return None if self.last is None else self.last.radii
+
+    @property
+    def last_binding(self) -> str | None:
+        return None if self.last is None else self.last.binding
+
+
 @dataclass
 class Config:
     """Defaults follow the paper's protocol (Fig. 11 / Table 2) where it is stated."""
 
-    methods: tuple = ("all_radii", "output_only", "fixed_1x", "fixed_16x")
+    methods: tuple[str, ...] = ("all_radii", "output_only", "fixed_1x", "fixed_16x")
     base_lr: float = 1e-3  # "1x"; the paper does not state it
     high_factor: float = 16.0  # "the highest fixed rate set to 16x the lowest"
     steps: int = 1200  # Fig. 11's x-axis; 61 logged evaluations every 20 steps
@@ -79,7 +180,7 @@ class Config:
     eval_every: int = 20
     d_model: int = 32
     n_layers: int = 2
-    seeds: list = field(default_factory=lambda: [0, 1, 2, 3, 4])
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2, 3, 4])
     workers: int = 1  # processes (0: one per core)
     threads: int = 1  # torch threads per run (fixed: reproducible bits, no oversubscription)
 
@@ -121,12 +222,12 @@ def logged_steps(steps: int, every: int) -> list[int]:
     return out
 
 
-def run(config: Config, out_dir: Path, progress: bool) -> dict:
+def run(config: Config, out_dir: Path, progress: bool) -> Results:
     import dataclasses
 
     cfg = dataclasses.asdict(config)
     jobs = [dict(method=m, seed=s, config=cfg) for m in config.methods for s in config.seeds]
-    records = run_jobs(transformer_run, jobs, workers=config.workers, threads=config.threads,
+    records = parallel_map(transformer_run, jobs, workers=config.workers, threads=config.threads,
                        progress=progress,
                        desc="transformer runs")
     groups: dict[str, list] = {}
@@ -146,7 +247,7 @@ def run(config: Config, out_dir: Path, progress: bool) -> dict:
             "initial_loss": finite_median(rec.train_eval_loss[0] for rec in recs),
             "best_loss": finite_median(np.nanmin(rec.train_eval_loss) for rec in recs),
             "test_acc": finite_median(rec.test_acc[-1] for rec in recs),
-            "lr_median": finite_median(v for rec in recs for v in rec.lr),
+            "lr_median": finite_median(v for rec in recs for v in rec.lr_applied),
         }
     binding = {}
     if "all_radii" in groups:
@@ -184,7 +285,7 @@ def run(config: Config, out_dir: Path, progress: bool) -> dict:
                 "eval_steps": recs[0].eval_steps,
                 "train_loss": [rec.train_eval_loss for rec in recs],
                 "test_acc": [rec.test_acc for rec in recs],
-                "effective_lr": [[rec.lr[s] for s in logged] for rec in recs],
+                "effective_lr": [[rec.lr_applied[s] for s in logged] for rec in recs],
                 "radii": {k: [[rec.radii[k][s] for s in logged] for rec in recs]
                           for k in RADII},
                 "binding": [[rec.binding[s] for s in logged] for rec in recs],
@@ -205,15 +306,15 @@ def run(config: Config, out_dir: Path, progress: bool) -> dict:
         "Fixed-LR runs are plain Adam (controller in monitor mode); their radii are "
         "recorded for diagnosis only.",
     ]
-    return {
-        "title": "Tiny transformer: all-radii vs output-only controller vs fixed LR",
-        "summary": text,
-        "claims": claims,
-        "tables": tables,
-        "figures": figures,
-        "metrics": metrics,
-        "notes": notes,
-    }
+    return Results(
+        title="Tiny transformer: all-radii vs output-only controller vs fixed LR",
+        summary=text,
+        claims=claims,
+        tables=tables,
+        figures=figures,
+        metrics=metrics,
+        notes=notes,
+    )
 
 
 def _binding(recs: list, phases: list[list[int]]) -> dict:
@@ -260,7 +361,7 @@ def _claims(config, finals, binding, all_recs, logged) -> list[dict]:
                    if math.isfinite(finals[m]["train_loss"]) else math.inf)
         ours = ", ".join(f"{METHOD_LABELS[m]} {finals[m]['train_loss']:.3g}" for m in finals)
         ok = best == "all_radii"
-        claims.append(claim(
+        claims.append(Claim(
             "The all-radii controller reaches the lowest final training loss",
             "all-radii lowest", ours, ok,
             note=None if ok else (
@@ -270,7 +371,7 @@ def _claims(config, finals, binding, all_recs, logged) -> list[dict]:
                 "and step rule are not stated")))
     f = finals.get("fixed_16x")
     if f:
-        claims.append(claim(
+        claims.append(Claim(
             f"Fixed LR {config.high_factor:g}x diverges (final training loss not below the "
             "initial loss)",
             "diverges", f"final {f['train_loss']:.3g} vs initial {f['initial_loss']:.3g} "
@@ -282,7 +383,7 @@ def _claims(config, finals, binding, all_recs, logged) -> list[dict]:
     f1 = finals.get("fixed_1x")
     if f1 and fa:
         ok = (not _diverged(f1)) and f1["train_loss"] > fa["train_loss"]
-        claims.append(claim(
+        claims.append(Claim(
             "Fixed LR 1x converges, but more slowly than the all-radii controller (higher "
             "final training loss, not diverged)",
             "converges slowly", f"1x {f1['train_loss']:.3g} vs all-radii {fa['train_loss']:.3g}",
@@ -303,17 +404,17 @@ def _claims(config, finals, binding, all_recs, logged) -> list[dict]:
 
         share_e = e["counts"]["ffn"] / e["n"]
         share_l = late["counts"]["out"] / late["n"]
-        claims.append(claim(
+        claims.append(Claim(
             "Early training is FFN-limited (rho_ffn binds in most early logged steps)",
             "94/100", f"{e['counts']['ffn']}/{e['n']}", share_e > 0.5,
             note=None if share_e > 0.5 else why()))
         ok = min(mid["counts"]["ffn"], mid["counts"]["out"]) >= 0.2 * mid["n"]
-        claims.append(claim(
+        claims.append(Claim(
             "The middle third mixes FFN and output bottlenecks (each binds at least 20%)",
             "48/100 FFN, 52/100 Out",
             f"{mid['counts']['ffn']}/{mid['n']} FFN, {mid['counts']['out']}/{mid['n']} Out",
             ok, note=None if ok else why()))
-        claims.append(claim(
+        claims.append(Claim(
             "Late training is output-limited (rho_out binds in most late logged steps)",
             "97/105", f"{late['counts']['out']}/{late['n']}", share_l > 0.5,
             note=None if share_l > 0.5 else why()))
@@ -321,40 +422,40 @@ def _claims(config, finals, binding, all_recs, logged) -> list[dict]:
             ours = [binding[ph]["median_radii"][k] for ph in PHASES]
             paper = [PAPER_TABLE2[ph][2][("ffn", "out", "attn").index(k)] for ph in PHASES]
             ok = all(0.5 <= o / p <= 2.0 for o, p in zip(ours, paper))
-            claims.append(claim(
+            claims.append(Claim(
                 f"Median rho_{k} per phase (early / middle / late) within 2x of Table 2",
                 " / ".join(f"{v:g}" for v in paper), " / ".join(f"{v:.3g}" for v in ours), ok,
                 note=None if ok else "radii depend on model details and on the sample set "
                 "they are measured on; see the binding claims"))
         attn = sum(binding[p]["counts"]["attn"] for p in PHASES)
         total = sum(binding[p]["n"] for p in PHASES)
-        claims.append(claim(
+        claims.append(Claim(
             "The attention radius never binds", "0/305", f"{attn}/{total}", attn == 0))
         first = Counter(rec.binding[logged[0]] for rec in all_recs)
         last = Counter(rec.binding[logged[-1]] for rec in all_recs)
         ok = set(first) == {"ffn"} and set(last) == {"out"}
-        claims.append(claim(
+        claims.append(Claim(
             "Every seed starts FFN-limited and ends output-limited",
             "every seed", f"first: {dict(first)}; last: {dict(last)}", ok,
             note=None if ok else why()))
     return claims
 
 
-def _final_table(config, finals) -> dict:
+def _final_table(config, finals) -> Table:
     rows = []
     for m, f in finals.items():
         rows.append([METHOD_LABELS[m], f"{f['initial_loss']:.3g}", f"{f['best_loss']:.3g}",
                      f"{f['train_loss']:.3g}", f"{f['test_acc']:.1%}", f"{f['lr_median']:.3g}",
                      "yes" if _diverged(f) else "no"])
-    return {
-        "title": "Final training loss and test accuracy (median over seeds)",
-        "columns": ["method", "initial loss", "best loss", "final loss", "final test acc",
+    return Table(
+        title="Final training loss and test accuracy (median over seeds)",
+        columns=["method", "initial loss", "best loss", "final loss", "final test acc",
                     "median effective LR", "diverged"],
-        "rows": rows,
-    }
+        rows=rows,
+    )
 
 
-def _table2(binding, n_seeds) -> dict:
+def _table2(binding, n_seeds) -> Table:
     rows = []
     for ph in PHASES:
         b = binding[ph]
@@ -368,13 +469,13 @@ def _table2(binding, n_seeds) -> dict:
             f"{b['median_radii']['out']:.3g} ({paper_radii[1]:g})",
             f"{b['median_radii']['attn']:.3g} ({paper_radii[2]:g})",
         ])
-    return {
-        "title": f"Table 2: which radius binds in the all-radii run, ours (paper), "
+    return Table(
+        title=f"Table 2: which radius binds in the all-radii run, ours (paper), "
                  f"{n_seeds} seed(s)",
-        "columns": ["phase", "steps", "FFN", "Out", "Attn", "med. rho_ffn", "med. rho_out",
+        columns=["phase", "steps", "FFN", "Out", "Attn", "med. rho_ffn", "med. rho_out",
                     "med. rho_attn"],
-        "rows": rows,
-    }
+        rows=rows,
+    )
 
 
 def _plot_training(config, groups, out_dir) -> dict:
@@ -384,7 +485,7 @@ def _plot_training(config, groups, out_dir) -> dict:
         steps = recs[0].eval_steps
         plot_band(ax_loss, steps, [r.train_eval_loss for r in recs], METHOD_LABELS[m], color)
         plot_band(ax_acc, steps, [r.test_acc for r in recs], METHOD_LABELS[m], color)
-        plot_band(ax_lr, np.arange(config.steps), [r.lr for r in recs], METHOD_LABELS[m],
+        plot_band(ax_lr, np.arange(config.steps), [r.lr_applied for r in recs], METHOD_LABELS[m],
                   color)
     ax_loss.set_yscale("log")
     ax_loss.set_title("training loss (full train set)")

@@ -15,13 +15,8 @@ import pytest
 import torch
 
 from ghoststep.cli import main
-from ghoststep.experiments.common import (
-    RESULTS_FILE,
-    build_config,
-    read_json,
-    run_experiment,
-    validate_results,
-)
+from ghoststep.experiments.results import RESULTS_FILE, read_json, validate_results
+from ghoststep.experiments.runner import build_config, run_experiment
 
 
 def _run(name, tmp_path):

@@ -1,9 +1,9 @@
-"""Experiments spike, archgrid, transformer, resnet and their shared protocols.
+"""Experiments spike, archgrid, transformer, resnet and their shared training loop.
 
 Each quick preset runs end to end through the runner (results validated, report and
 figures written), with science checks that hold even at quick size. The protocol
 helpers get small unit tests: plain == bare Adam, the internal radii against finite
-differences, the all-radii controller's step length, the worker pool's determinism.
+differences, the all-radii controller's step length, the parallel map's determinism.
 """
 
 from __future__ import annotations
@@ -13,18 +13,13 @@ import math
 import pytest
 import torch
 
-from ghoststep.experiments.common import run_experiment, set_seed, train, validate_results
-from ghoststep.experiments.data import fake_cifar10
+from ghoststep.experiments.data import digits, fake_cifar10
 from ghoststep.experiments.models import build_model
-from ghoststep.experiments.protocols import (
-    AllRadiiController,
-    augment_cifar,
-    digits,
-    internal_radii,
-    resnet_run,
-    run_jobs,
-    spike_run,
-)
+from ghoststep.experiments.resnet import augment_cifar, resnet_run
+from ghoststep.experiments.results import validate_results
+from ghoststep.experiments.runner import parallel_map, run_experiment
+from ghoststep.experiments.training import set_seed, spike_run, train
+from ghoststep.experiments.transformer import AllRadiiController, internal_radii
 
 
 def _run_quick(name, tmp_path):
@@ -114,13 +109,13 @@ def test_plain_method_is_bare_adam():
                    generator=gen)
     assert losses == rec.train_loss
     assert rec.eval_steps == [0, 6, 12]
-    assert rec.r_proposed == rec.r_applied and rec.r_proposed[6] > rec.r_proposed[5]
+    assert rec.r_before == rec.r_after and rec.r_before[6] > rec.r_before[5]
 
 
 def test_controller_method_caps_and_clip_grad_differs():
     ctrl = spike_run("mlp", "controller", 1e-2, 1000.0, seed=0, steps=8, spike_at=4)
-    assert max(ctrl.r_applied) <= 1 + 1e-9
-    assert ctrl.r_proposed[4] > 1  # the spike proposes an unsafe step, the cap shortens it
+    assert max(ctrl.r_after) <= 1 + 1e-9
+    assert ctrl.r_before[4] > 1  # the spike proposes an unsafe step, the cap shortens it
     plain = spike_run("mlp", "plain", 1e-2, 1000.0, seed=0, steps=8, spike_at=4)
     clipped = spike_run("mlp", "clip_grad", 1e-2, 1000.0, seed=0, steps=8, spike_at=4)
     assert plain.train_loss[:1] == clipped.train_loss[:1]
@@ -206,11 +201,11 @@ def test_output_only_equals_radius_controller():
     assert all(torch.equal(p, q) for p, q in zip(a, b))
 
 
-def test_run_jobs_workers_match_serial():
+def test_parallel_map_workers_match_serial():
     jobs = [dict(arch="mlp", method="controller", base_lr=1e-3, factor=100.0, seed=s,
                  steps=6, spike_at=3, eval_every=3) for s in (0, 1)]
-    serial = run_jobs(spike_run, jobs, workers=1, threads=1)
-    pooled = run_jobs(spike_run, jobs, workers=2, threads=1)
+    serial = parallel_map(spike_run, jobs, workers=1, threads=1)
+    pooled = parallel_map(spike_run, jobs, workers=2, threads=1)
     for a, b in zip(serial, pooled):
         assert a.train_loss == b.train_loss and a.test_acc == b.test_acc
 

@@ -1,0 +1,262 @@
+"""What an experiment returns: typed :class:`Results` and their strict-JSON form.
+
+An experiment's ``run`` returns a :class:`Results` (or the equivalent plain dict, as
+read back from ``results.json``); :func:`validate_results` turns either into a
+:class:`Results`, listing every way a dict breaks the schema in one
+:class:`ResultsError`. ``Results.to_dict`` gives the ``results.json`` layout::
+
+    {"title": str, "summary": str, "claims": [{"claim", "paper", "ours", "reproduced",
+     "note"?}], "figures": [{"file", "caption"?}], "tables": [{"title", "columns",
+     "rows"}], "metrics": {...}, "notes": [str], "meta": {...}, "config": {...}}
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils._pytree import tree_map
+
+__all__ = [
+    "CONFIG_FILE",
+    "RESULTS_FILE",
+    "REPORT_FILE",
+    "ResultsError",
+    "Claim",
+    "Figure",
+    "Table",
+    "Results",
+    "validate_results",
+    "results_problems",
+    "to_jsonable",
+    "write_json",
+    "read_json",
+]
+
+CONFIG_FILE = "config.json"
+RESULTS_FILE = "results.json"
+REPORT_FILE = "report.md"
+
+Scalar = str | float  # a table cell or claim value: ints are floats here (PEP 484)
+
+
+class ResultsError(ValueError):
+    """``run`` returned results that break the schema."""
+
+
+def _is_scalar(x: Any) -> bool:
+    return isinstance(x, (str, int, float)) and not isinstance(x, bool)
+
+
+@dataclass
+class Claim:
+    """One row of the claims table: the paper's value beside ours.
+
+    ``note`` says how or why ours differs (required in spirit when not reproduced).
+    ``reproduced`` accepts numpy booleans (``np.float64 >= x``) and stores a ``bool``.
+    """
+
+    claim: str
+    paper: Scalar
+    ours: Scalar
+    reproduced: bool
+    note: str | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.reproduced, np.bool_):
+            self.reproduced = bool(self.reproduced)
+        self.note = self.note or None  # "" and None both mean: no note
+
+    def problems(self) -> list[str]:
+        out = []
+        if not (isinstance(self.claim, str) and self.claim.strip()):
+            out.append("claim must be a non-empty string")
+        out += [
+            f"{k} must be a string or a number"
+            for k in ("paper", "ours")
+            if not _is_scalar(getattr(self, k))
+        ]
+        if not isinstance(self.reproduced, bool):
+            out.append("reproduced must be a bool")
+        if not isinstance(self.note, (str, type(None))):
+            out.append("note must be a string")
+        return out
+
+
+@dataclass
+class Figure:
+    """A PNG in the run folder (``file`` relative to it) and its caption."""
+
+    file: str
+    caption: str = ""
+
+    def problems(self) -> list[str]:
+        return [] if isinstance(self.file, str) else ["file must be a string"]
+
+
+@dataclass
+class Table:
+    """A report table: ``rows`` is a list of rows, each one cell per column."""
+
+    columns: list[str]
+    rows: list[list[Any]]
+    title: str = "Table"
+
+    def problems(self) -> list[str]:
+        if isinstance(self.columns, list) and isinstance(self.rows, list):
+            return []
+        return ["must have 'columns' and 'rows' lists"]
+
+
+@dataclass
+class Results:
+    """An experiment's outcome; ``meta`` and ``config`` are filled in by the runner."""
+
+    claims: list[Claim]
+    title: str | None = None
+    summary: str | None = None
+    figures: list[Figure] = field(default_factory=list)
+    tables: list[Table] = field(default_factory=list)
+    metrics: dict[str, Any] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    meta: dict[str, Any] = field(default_factory=dict)
+    config: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def n_reproduced(self) -> int:
+        return sum(c.reproduced for c in self.claims)
+
+    def to_dict(self) -> dict:
+        """The ``results.json`` layout as a dict (None title/summary/note left out; values
+        as given: :func:`write_json` makes them strict JSON)."""
+        out = {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+        out["claims"] = [{k: v for k, v in c.items() if v is not None} for c in out["claims"]]
+        out["figures"] = [{k: v for k, v in f.items() if v} for f in out["figures"]]
+        return out
+
+
+# ----------------------------------------------------------------------------- parsing
+
+
+def _parse_item(cls: type, data: Any, where: str, problems: list[str]):
+    """``cls(**data)`` for a dict (or ``data`` itself if already a ``cls``); the
+    dataclass's own ``problems()`` and missing keys are appended to ``problems``."""
+    if isinstance(data, Mapping):
+        required = [f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING]
+        missing = [k for k in required if k not in data]
+        problems += [f"{where} missing key {k!r}" for k in missing]
+        if missing:
+            return None
+        names = {f.name for f in dataclasses.fields(cls)}
+        data = cls(**{k: v for k, v in data.items() if k in names})
+    if not isinstance(data, cls):
+        problems.append(f"{where} must be a dict")
+        return None
+    problems += [
+        f"{where}: {p}" if p.startswith("must") else f"{where}.{p}" for p in data.problems()
+    ]
+    return data
+
+
+def _origin(hint: Any) -> type:
+    """The runtime class of a field annotation (``list[Claim]`` -> list, ``str | None`` -> str)."""
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    if typing.get_origin(hint) not in (list, dict) and args:  # a union
+        return _origin(args[0])
+    return typing.get_origin(hint) or hint
+
+
+_ITEMS = {"claims": Claim, "figures": Figure, "tables": Table}
+
+
+def _parse(data: Any) -> tuple[Results | None, list[str]]:
+    if isinstance(data, Results):
+        data = dataclasses.asdict(data)
+    if not isinstance(data, Mapping):
+        return None, [f"results must be a dict, got {type(data).__name__}"]
+    problems: list[str] = []
+    if "claims" not in data:
+        problems.append("missing required key 'claims'")
+    values = {}
+    for name, hint in typing.get_type_hints(Results).items():
+        if data.get(name) is None:
+            continue
+        value = data[name]
+        if not isinstance(value, _origin(hint)):
+            article = "a list" if _origin(hint) is list else f"a {_origin(hint).__name__}"
+            problems.append(f"{name!r} must be {article}")
+            continue
+        if name in _ITEMS:
+            # a figure may be given by its file name alone
+            value = [{"file": v} if name == "figures" and isinstance(v, str) else v for v in value]
+            value = [
+                _parse_item(_ITEMS[name], v, f"{name}[{i}]", problems) for i, v in enumerate(value)
+            ]
+        if name == "notes":
+            problems += [
+                f"notes[{i}] must be a string"
+                for i, n in enumerate(value)
+                if not isinstance(n, str)
+            ]
+        values[name] = value
+    if problems:
+        return None, problems
+    results = Results(**values)
+    try:
+        json.dumps(to_jsonable(results.to_dict()), allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        return None, [f"results are not JSON-serializable: {exc}"]
+    return results, []
+
+
+def results_problems(results: Any) -> list[str]:
+    """Every way ``results`` (a :class:`Results` or dict) breaks the schema; [] when valid."""
+    return _parse(results)[1]
+
+
+def validate_results(results: Any) -> Results:
+    """``results`` as :class:`Results`; raise :class:`ResultsError` listing every problem."""
+    parsed, problems = _parse(results)
+    if problems:
+        raise ResultsError("invalid experiment results:\n  " + "\n  ".join(problems))
+    return parsed
+
+
+# ----------------------------------------------------------------------------- JSON
+
+
+def _json_leaf(x: Any) -> Any:
+    if isinstance(x, (torch.Tensor, np.ndarray, np.generic)):
+        return to_jsonable(x.tolist())  # nested lists of Python scalars
+    if isinstance(x, float) and not math.isfinite(x):
+        return "nan" if math.isnan(x) else ("inf" if x > 0 else "-inf")
+    if isinstance(x, Path):
+        return str(x)
+    if dataclasses.is_dataclass(x) and not isinstance(x, type):
+        return to_jsonable(dataclasses.asdict(x))
+    return x
+
+
+def to_jsonable(obj: Any) -> Any:
+    """Plain-JSON copy: tensors/arrays to lists, paths to str, non-finite floats to str."""
+    return tree_map(_json_leaf, obj)
+
+
+def write_json(path: str | Path, obj: Any) -> Path:
+    """Write ``obj`` as indented strict JSON (see :func:`to_jsonable` for conversions)."""
+    path = Path(path)
+    text = json.dumps(to_jsonable(obj), indent=2, allow_nan=False)
+    path.write_text(text + "\n", encoding="utf-8")
+    return path
+
+
+def read_json(path: str | Path) -> Any:
+    return json.loads(Path(path).read_text(encoding="utf-8"))
