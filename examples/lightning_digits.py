@@ -1,7 +1,7 @@
 """Lightning: an ordinary LightningModule on digits, radius control added by one callback.
 
 The module below knows nothing about ghoststep; the Trainer gets
-``callbacks=[RadiusCallback(mode="clip", target_r=1.0)]``. The callback wraps the
+``callbacks=[LightningRadiusCallback(mode="clip", target_r=1.0)]``. The callback wraps the
 optimizer (its StepLR keeps working), logs ghoststep/tau, rho_a, r_before, r_after and
 scale through the module's loggers (here a CSVLogger), and keeps the controller state in
 checkpoints.
@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from lightning.pytorch.loggers import CSVLogger
 
 from ghoststep.experiments.data import load_digits_split
-from ghoststep.integrations.lightning import RadiusCallback
+from ghoststep.integrations.lightning import LightningRadiusCallback
 
 
 class DigitsClassifier(L.LightningModule):
@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.utils.data.DataLoader(test, batch_size=360),
     )
 
-    radius = RadiusCallback(mode="clip", target_r=args.target_r)  # the one added line
+    radius = LightningRadiusCallback(mode="clip", target_r=args.target_r)  # the one added line
     trainer = L.Trainer(
         accelerator="cpu",
         devices=1,

@@ -1,4 +1,4 @@
-"""RadiusCallback in real (tiny, CPU) Lightning runs."""
+"""LightningRadiusCallback in real (tiny, CPU) Lightning runs."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ L = pytest.importorskip("lightning")
 from lightning.pytorch.loggers import CSVLogger  # noqa: E402
 
 from ghoststep import RadiusController  # noqa: E402
-from ghoststep.integrations.lightning import RadiusCallback  # noqa: E402
+from ghoststep.integrations.lightning import LightningRadiusCallback  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings(
     "ignore:.*(LeafSpec|resuming from a checkpoint|callbacks used to create).*"
@@ -90,7 +90,7 @@ def _trainer(tmp_path, callbacks, max_steps: int, **kwargs):
 
 
 def test_clip_run_logs_stats_caps_r_and_keeps_scheduler(tmp_path):
-    cb = RadiusCallback(mode="clip", target_r=0.5)
+    cb = LightningRadiusCallback(mode="clip", target_r=0.5)
     logger = CSVLogger(tmp_path, name="csv")
     trainer = _trainer(tmp_path, [cb], max_steps=5, logger=logger)
     with warnings.catch_warnings(record=True) as caught:
@@ -134,7 +134,7 @@ def test_gradient_accumulation_measures_the_accumulated_update(tmp_path):
                 old = torch.cat([q.flatten() for q in self.before])
                 moved.append(float(torch.linalg.vector_norm(now - old)))
 
-    cb = RadiusCallback(mode="monitor", keep_samples=True)
+    cb = LightningRadiusCallback(mode="monitor", keep_samples=True)
     trainer = _trainer(tmp_path, [cb, Probe()], max_steps=3, accumulate_grad_batches=2)
     trainer.fit(Classifier(lr=0.1), _loader())
     assert cb.controller.step_count == 3  # 6 batches, 3 optimizer steps
@@ -146,7 +146,7 @@ def test_gradient_accumulation_measures_the_accumulated_update(tmp_path):
 
 def test_checkpoint_resume_restores_controller_state(tmp_path):
     options = dict(mode="clip", target_r=1.0, subset=4, window=3, seed=7)
-    cb = RadiusCallback(**options)
+    cb = LightningRadiusCallback(**options)
     trainer = _trainer(tmp_path, [cb], max_steps=4)
     trainer.fit(Classifier(lr=1.0, optim="adam"), _loader())
     path = tmp_path / "last.ckpt"
@@ -163,7 +163,7 @@ def test_checkpoint_resume_restores_controller_state(tmp_path):
         def on_train_start(self, trainer, pl_module):
             seen.update(copy.deepcopy(trainer.optimizers[0].state_dict()))
 
-    cb2 = RadiusCallback(**options)
+    cb2 = LightningRadiusCallback(**options)
     trainer2 = _trainer(tmp_path, [cb2, Probe()], max_steps=6)
     trainer2.fit(Classifier(lr=1.0, optim="adam"), _loader(), ckpt_path=path)
 
@@ -183,7 +183,7 @@ def test_checkpoint_resume_restores_controller_state(tmp_path):
 
 
 def test_manual_optimization_uses_the_wrapper(tmp_path):
-    cb = RadiusCallback(mode="clip", target_r=0.5)
+    cb = LightningRadiusCallback(mode="clip", target_r=0.5)
     trainer = _trainer(tmp_path, [cb], max_steps=3)
     trainer.fit(ManualClassifier(), _loader())
     assert cb.controller.step_count == 3
@@ -205,7 +205,7 @@ class TwoOptimizers(ManualClassifier):
 
 
 def test_prewrapped_optimizer_is_kept_and_logged(tmp_path):
-    cb = RadiusCallback()
+    cb = LightningRadiusCallback()
     module = PreWrapped()
     trainer = _trainer(tmp_path, [cb], max_steps=2)
     trainer.fit(module, _loader())
@@ -215,7 +215,7 @@ def test_prewrapped_optimizer_is_kept_and_logged(tmp_path):
 
 
 def test_several_optimizers_are_refused(tmp_path):
-    trainer = _trainer(tmp_path, [RadiusCallback()], max_steps=1)
+    trainer = _trainer(tmp_path, [LightningRadiusCallback()], max_steps=1)
     with pytest.raises(ValueError, match="single optimizer"):
         trainer.fit(TwoOptimizers(), _loader())
 
@@ -235,7 +235,7 @@ class _SaveFinalState(L.Callback):
         self.folder = str(folder)
 
     def on_train_end(self, trainer, pl_module):
-        controller = next(c for c in trainer.callbacks if isinstance(c, RadiusCallback))
+        controller = next(c for c in trainer.callbacks if isinstance(c, LightningRadiusCallback))
         flat = torch.cat([p.detach().flatten() for p in pl_module.parameters()])
         history = [(s.scale, s.rho_a) for s in controller.controller.history]
         torch.save(
@@ -252,7 +252,7 @@ def test_ddp_spawn_ranks_apply_the_same_scale(tmp_path):
         strategy="ddp_spawn",
         max_steps=3,
         logger=False,
-        callbacks=[RadiusCallback(mode="clip", target_r=0.5), _SaveFinalState(tmp_path)],
+        callbacks=[LightningRadiusCallback(mode="clip", target_r=0.5), _SaveFinalState(tmp_path)],
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
@@ -263,3 +263,12 @@ def test_ddp_spawn_ranks_apply_the_same_scale(tmp_path):
     assert len(rank0["history"]) == 3 and rank0["history"] == rank1["history"]
     assert any(scale < 1 for scale, _ in rank0["history"])  # the clip did bind
     assert torch.equal(rank0["flat"], rank1["flat"])
+
+
+def test_old_callback_name_warns_and_resolves_to_the_lightning_class():
+    import ghoststep.integrations.lightning as integration
+
+    with pytest.warns(DeprecationWarning, match="LightningRadiusCallback"):
+        assert integration.RadiusCallback is LightningRadiusCallback
+    with pytest.raises(AttributeError, match="no attribute 'RadiusCallbak'"):
+        integration.RadiusCallbak  # noqa: B018

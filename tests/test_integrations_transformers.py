@@ -1,4 +1,4 @@
-"""add_radius_control / RadiusCallback in real (tiny, offline, CPU) transformers.Trainer runs."""
+"""add_radius_control / TrainerRadiusCallback in real (tiny, offline, CPU) Trainer runs."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ pytest.importorskip("accelerate")
 
 from ghoststep import RadiusController  # noqa: E402
 from ghoststep.integrations.transformers import (  # noqa: E402
-    RadiusCallback,
+    TrainerRadiusCallback,
     add_radius_control,
     is_causal_lm,
     label_mask_fn,
@@ -232,7 +232,7 @@ def test_prewrapped_optimizer_via_optimizers_argument(tmp_path):
         optimizers=(controller, None),
     )  # fmt: skip
     cb = add_radius_control(trainer)  # only adds the reporting
-    assert isinstance(cb, RadiusCallback) and cb.controller is controller
+    assert isinstance(cb, TrainerRadiusCallback) and cb.controller is controller
     trainer.train()
     assert controller.step_count == 2
     assert all("ghoststep/tau" in h for h in _train_logs(trainer))
@@ -243,3 +243,10 @@ def test_missing_extra_raises_helpful_import_error(monkeypatch):
     monkeypatch.delitem(sys.modules, "ghoststep.integrations.transformers", raising=False)
     with pytest.raises(ImportError, match=r"pip install 'ghoststep\[transformers\]'"):
         importlib.import_module("ghoststep.integrations.transformers")
+
+
+def test_old_callback_name_warns_and_resolves_to_the_trainer_class():
+    import ghoststep.integrations.transformers as integration
+
+    with pytest.warns(DeprecationWarning, match="TrainerRadiusCallback"):
+        assert integration.RadiusCallback is TrainerRadiusCallback

@@ -43,7 +43,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import IO, Any, Protocol, runtime_checkable
 
-__all__ = ["StepStats", "Sink", "CSVSink", "JSONLSink", "CallbackSink"]
+__all__ = ["StepStats", "Sink", "CSVSink", "JSONLSink", "CallbackSink", "DEFAULT_KEYS"]
+
+#: StepStats fields the trainer integrations log by default (as ``ghoststep/<key>``).
+DEFAULT_KEYS: tuple[str, ...] = ("tau", "rho_a", "r_before", "r_after", "scale")
 
 
 _NON_SCALAR = ("rho_samples", "radii")

@@ -14,7 +14,7 @@ module                                   extra
 
 One line each (see ``docs/integrations.md``)::
 
-    trainer = lightning.Trainer(callbacks=[RadiusCallback(mode="clip", target_r=1.0)])
+    trainer = lightning.Trainer(callbacks=[LightningRadiusCallback(mode="clip", target_r=1.0)])
     add_radius_control(hf_trainer, mode="clip", target_r=1.0)
     RadiusController(opt, model, sinks=[TensorBoardSink("runs/tb")])
 """

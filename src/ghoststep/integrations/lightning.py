@@ -1,6 +1,6 @@
 """Lightning: radius control with one callback, no change to the LightningModule.
 
-``RadiusCallback`` wraps the optimizer that ``configure_optimizers`` returned in a
+``LightningRadiusCallback`` wraps the optimizer that ``configure_optimizers`` returned in a
 :class:`~ghoststep.RadiusController` when fitting starts, re-points the LR schedulers at
 the wrapper, logs the per-step statistics through ``pl_module.log`` (so every attached
 logger receives them) and keeps the controller's state in Lightning checkpoints.
@@ -8,9 +8,10 @@ logger receives them) and keeps the controller's state in Lightning checkpoints.
 Example::
 
     import lightning as L
-    from ghoststep.integrations.lightning import RadiusCallback
+    from ghoststep.integrations.lightning import LightningRadiusCallback
 
-    trainer = L.Trainer(max_epochs=3, callbacks=[RadiusCallback(mode="clip", target_r=1.0)])
+    radius = LightningRadiusCallback(mode="clip", target_r=1.0)
+    trainer = L.Trainer(max_epochs=3, callbacks=[radius])
     trainer.fit(module)  # logs ghoststep/tau, ghoststep/rho_a, ghoststep/r_before, ...
 
 How it fits Lightning's step (2.x, automatic optimization): Lightning calls
@@ -44,6 +45,7 @@ ghoststep, and a run resumed with the callback continues the controller where it
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -51,18 +53,17 @@ from torch import nn
 
 from ghoststep.controller import RadiusController
 from ghoststep.integrations import repoint_scheduler, require
+from ghoststep.monitor import DEFAULT_KEYS
 
 _pl = require("lightning.pytorch", "lightning", feature="ghoststep.integrations.lightning")
 Callback = _pl.Callback
 from lightning.pytorch.core.optimizer import _MockOptimizer  # noqa: E402
 
-__all__ = ["RadiusCallback", "DEFAULT_KEYS"]
-
-#: StepStats fields logged by default (``ghoststep/<key>``).
-DEFAULT_KEYS: tuple[str, ...] = ("tau", "rho_a", "r_before", "r_after", "scale")
+__all__ = ["LightningRadiusCallback", "DEFAULT_KEYS"]
 
 
-class RadiusCallback(Callback):
+
+class LightningRadiusCallback(Callback):
     """Wrap the LightningModule's optimizer in a :class:`~ghoststep.RadiusController`.
 
     Args:
@@ -132,21 +133,21 @@ class RadiusCallback(Callback):
         strategy = trainer.strategy
         if "deepspeed" in type(strategy).__name__.lower():
             raise ValueError(
-                "RadiusCallback does not support DeepSpeed (it owns the optimizer step); use "
-                "DDP, or FSDP2 through ModelParallelStrategy with method='fast' "
+                "LightningRadiusCallback does not support DeepSpeed (it owns the optimizer "
+                "step); use DDP, or FSDP2 through ModelParallelStrategy with method='fast' "
                 "(docs/scaling.md)"
             )
         optimizers = list(strategy.optimizers)
         real = [o for o in optimizers if not isinstance(o, _MockOptimizer)]
         if not real:
             raise ValueError(
-                "RadiusCallback: configure_optimizers returned no optimizer; there is nothing "
-                "to control"
+                "LightningRadiusCallback: configure_optimizers returned no optimizer; there "
+                "is nothing to control"
             )
         if len(optimizers) > 1:
             raise ValueError(
-                f"RadiusCallback controls a single optimizer, configure_optimizers returned "
-                f"{len(optimizers)}; wrap each one in configure_optimizers yourself "
+                "LightningRadiusCallback controls a single optimizer, configure_optimizers "
+                f"returned {len(optimizers)}; wrap each one in configure_optimizers yourself "
                 "(RadiusController(optimizer, the_submodule_it_trains, ...)) and leave the "
                 "callback out"
             )
@@ -226,3 +227,16 @@ class RadiusCallback(Callback):
         state = states[0]
         if isinstance(state, Mapping) and "inner" in state and "ghoststep" in state:
             checkpoint["optimizer_states"] = [state["inner"]]
+
+
+def __getattr__(name: str):
+    # ``RadiusCallback`` was this class's name in 0.1; the other integration
+    # had a different class of the same name.
+    if name == "RadiusCallback":
+        warnings.warn(
+            "ghoststep.integrations.lightning.RadiusCallback is now LightningRadiusCallback",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return LightningRadiusCallback
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

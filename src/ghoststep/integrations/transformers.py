@@ -24,7 +24,7 @@ What :func:`add_radius_control` does:
   included). Positions whose label is -100 are ignored; for causal language models the
   logits at position t are scored against label t + 1 (the model shifts internally), so
   the mask is shifted the same way, and the last position is never used.
-* inserts a :class:`RadiusCallback` *first* in the Trainer's callback list, so the
+* inserts a :class:`TrainerRadiusCallback` *first* in the Trainer's callback list, so the
   statistics it adds to the training logs reach ``state.log_history`` and every
   reporting callback (TensorBoard, wandb, ...) that runs after it.
 
@@ -49,14 +49,13 @@ import torch
 
 from ghoststep.controller import RadiusController
 from ghoststep.integrations import repoint_scheduler, require
+from ghoststep.monitor import DEFAULT_KEYS
 
 _tf = require("transformers", "transformers", feature="ghoststep.integrations.transformers")
 TrainerCallback = _tf.TrainerCallback
 
-__all__ = ["RadiusCallback", "add_radius_control", "label_mask_fn", "is_causal_lm"]
+__all__ = ["TrainerRadiusCallback", "add_radius_control", "label_mask_fn", "is_causal_lm"]
 
-#: StepStats fields reported (last optimizer step before the log) as ``ghoststep/<key>``.
-DEFAULT_KEYS: tuple[str, ...] = ("tau", "rho_a", "r_before", "r_after", "scale")
 
 _CAUSAL_SUFFIXES = ("ForCausalLM", "LMHeadModel")
 
@@ -118,7 +117,7 @@ def _shift_left(mask: torch.Tensor, fill: bool) -> torch.Tensor:
     return out
 
 
-class RadiusCallback(TrainerCallback):
+class TrainerRadiusCallback(TrainerCallback):
     """Report a :class:`~ghoststep.RadiusController`'s statistics in the Trainer's logs.
 
     On every training log (the ones with ``"loss"``) it adds ``ghoststep/<key>`` for the
@@ -153,7 +152,7 @@ class RadiusCallback(TrainerCallback):
             self.controller = _find_controller(optimizer)
             if self.controller is None:
                 warnings.warn(
-                    "ghoststep RadiusCallback: the Trainer's optimizer is not a "
+                    "ghoststep TrainerRadiusCallback: the Trainer's optimizer is not a "
                     "RadiusController; nothing will be reported (use add_radius_control)",
                     RuntimeWarning,
                     stacklevel=2,
@@ -202,7 +201,7 @@ def add_radius_control(
     keys: Sequence[str] = DEFAULT_KEYS,
     prefix: str = "ghoststep/",
     **controller_kwargs: Any,
-) -> RadiusCallback:
+) -> TrainerRadiusCallback:
     """Make ``trainer`` train with a radius-controlled optimizer and report its statistics.
 
     Call after constructing the Trainer and before ``trainer.train()``.
@@ -211,12 +210,12 @@ def add_radius_control(
         trainer: a ``transformers.Trainer`` (or subclass).
         mode: ``"clip"`` | ``"set"`` | ``"monitor"`` (see ``RadiusController``).
         target_r: r*, the normalized step to cap at (clip) or set (set).
-        keys, prefix: what :class:`RadiusCallback` reports and under which prefix.
+        keys, prefix: what :class:`TrainerRadiusCallback` reports and under which prefix.
         **controller_kwargs: passed to ``RadiusController`` (``subset``, ``window``,
             ``quantile``, ``chunk_size``, ``sinks``, ``mask_fn``, ...). Default mask:
             :func:`label_mask_fn` with ``shift=is_causal_lm(model)``.
     Returns:
-        The inserted :class:`RadiusCallback`; ``callback.controller`` is the controller.
+        The inserted :class:`TrainerRadiusCallback`; ``callback.controller`` is the controller.
     Raises:
         ValueError: DeepSpeed / FSDP / model_init, or ``optimizer``/``model`` in the kwargs.
     """
@@ -256,7 +255,7 @@ def add_radius_control(
         if scheduler is not None and getattr(scheduler, "optimizer", None) is inner:
             repoint_scheduler(scheduler, controller)
 
-    callback = RadiusCallback(controller, keys=keys, prefix=prefix)
+    callback = TrainerRadiusCallback(controller, keys=keys, prefix=prefix)
     trainer.callback_handler.callbacks.insert(0, callback)
     return callback
 
@@ -269,3 +268,16 @@ def _find_controller(optimizer: Any) -> RadiusController | None:
         optimizer = getattr(optimizer, "optimizer", None)
         seen += 1
     return None
+
+
+def __getattr__(name: str):
+    # ``RadiusCallback`` was this class's name in 0.1; the other integration
+    # had a different class of the same name.
+    if name == "RadiusCallback":
+        warnings.warn(
+            "ghoststep.integrations.transformers.RadiusCallback is now TrainerRadiusCallback",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return TrainerRadiusCallback
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
