@@ -27,7 +27,9 @@ directions).
 
 Reference: P. Sao, "Ghosts of Softmax", arXiv:2603.13552 (2026), section 3.
 
->>> import torch
+>>> import warnings
+
+import torch
 >>> from ghoststep.directions import random_direction
 >>> from ghoststep.slopes import logit_slopes, per_sample_spread
 >>> _ = torch.manual_seed(0)
@@ -44,6 +46,8 @@ torch.Size([5])
 from __future__ import annotations
 
 import contextlib
+import importlib
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -53,16 +57,9 @@ from torch import nn
 from ghoststep.directional import METHODS, directional
 from ghoststep.directional import fd_step as fd_step_default
 from ghoststep.directions import direction_norm, resolve_direction, trainable_parameters
-
-# gradient_direction, random_direction and optimizer_update_direction are re-imported,
-# unused here: the experiments (probes, ghostmap) and the README import them from
-# this module, as before they moved to ghoststep.directions and ghoststep.updates.
-from ghoststep.directions import gradient_direction as gradient_direction
-from ghoststep.directions import random_direction as random_direction
 from ghoststep.inputs import check_chunking, chunks, split_inputs
 from ghoststep.outputs import logits_reader
 from ghoststep.radius import logit_spread
-from ghoststep.updates import optimizer_update_direction as optimizer_update_direction
 
 __all__ = ["logit_slopes", "per_sample_spread", "flatten_samples"]
 
@@ -302,3 +299,22 @@ def per_sample_spread(
     keep = sample_mask(spread.shape, spread.device, mask)
     flat = spread.reshape(-1)
     return flat if keep is None else flat[keep.reshape(-1)]
+
+
+_MOVED = {
+    "gradient_direction": "ghoststep.directions",
+    "random_direction": "ghoststep.directions",
+    "optimizer_update_direction": "ghoststep.updates",
+}
+
+
+def __getattr__(name: str):
+    # These lived here in 0.1; old imports keep working, with a warning.
+    if name in _MOVED:
+        warnings.warn(
+            f"ghoststep.slopes.{name} moved to {_MOVED[name]}.{name} (also ghoststep.{name})",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return getattr(importlib.import_module(_MOVED[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -31,7 +31,8 @@ from ghoststep.experiments.models import build_model
 from ghoststep.experiments.results import Claim, Results
 from ghoststep.experiments.training import set_seed, train
 from ghoststep.radius import logit_spread, nearest_ghost
-from ghoststep.slopes import logit_slopes, optimizer_update_direction
+from ghoststep.slopes import logit_slopes
+from ghoststep.updates import optimizer_update_direction
 
 
 @dataclass

@@ -22,7 +22,7 @@ Conventions
 * **Nothing mutates the model.** Shifted parameters are substituted with
   ``torch.func.functional_call``; buffers are cloned inside each call.
 * Directions are dicts ``{name: tensor}`` over the trainable parameters (what
-  ``ghoststep.slopes.gradient_direction`` / ``random_direction`` return). The loss
+  ``ghoststep.directions.gradient_direction`` / ``random_direction`` return). The loss
   is mean softmax cross-entropy of ``logits / T``.
 
 >>> import torch
@@ -48,15 +48,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from ghoststep.directional import call_at, resolve_direction
+from ghoststep.directions import gradient_direction, random_direction
 from ghoststep.experiments.data import Split, digits
 from ghoststep.experiments.models import build_model
 from ghoststep.experiments.training import evaluate, set_seed, train
 from ghoststep.radius import exact_radius, rho_bound, top2_radius
-from ghoststep.slopes import (
-    gradient_direction,
-    logit_slopes,
-    random_direction,
-)
+from ghoststep.slopes import logit_slopes
 
 __all__ = [
     "Checkpoint",
@@ -223,7 +220,7 @@ def descent_direction(
     """Unit direction of steepest descent, ``-g / ||g||``, of the mean loss on ``(X, y)``.
 
     The model runs in its current mode; nothing is mutated (see
-    ``ghoststep.slopes.gradient_direction``).
+    ``ghoststep.directions.gradient_direction``).
     """
     g, _ = gradient_direction(model, tempered_loss(temperature), X, y)
     return {n: -t for n, t in g.items()}

@@ -62,7 +62,6 @@ from lightning.pytorch.core.optimizer import _MockOptimizer  # noqa: E402
 __all__ = ["LightningRadiusCallback", "DEFAULT_KEYS"]
 
 
-
 class LightningRadiusCallback(Callback):
     """Wrap the LightningModule's optimizer in a :class:`~ghoststep.RadiusController`.
 
