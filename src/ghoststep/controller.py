@@ -91,55 +91,12 @@ class RadiusController(torch.optim.Optimizer):
     optimizer produced (the controller keeps that result and only rewrites the
     parameters when s < 1).
 
-    Memory: one extra copy of the trainable parameters, kept between steps (plain
-    tensors trade storage with it, so no copy is made back and forth), plus transient
-    tensors the size of the largest parameter and the activations of the measurement;
-    ``method="jvp"`` also holds the tangent p (a second copy) during its pass. No
-    per-parameter host sync: three per step (gradient check, ||p||, the radius), plus
-    ``"fast"``'s spread that sets the next h and, when the clip binds, ||old|| for the
-    rounding margin.
-
-    Devices: parameters may live on several devices (e.g. a model split between CPU and
-    GPU); every snapshot stays beside its parameter and the norms are gathered on the
-    first parameter's device. Sparse gradients raise a ``RuntimeError``.
-
-    Which samples set the radius: the whole batch by default (the exact guarantee
-    ``r <= target_r`` for every sample, every logit position for sequence models, at the
-    old parameters); ``subset``, ``buffer_size``, ``window`` and ``quantile`` trade some
-    of it for cost or robustness, each as :class:`ghoststep.sampling.Sampling` states.
-
-    Faults (``on_nonfinite``): a non-finite gradient is detected *before*
-    ``inner.step()``, so parameters and the inner state are untouched. If the gradients
-    are finite but the update p or the slopes are not, the parameters are restored to
-    the old values (bitwise; with ``"fast"`` and non-finite slopes to rounding, since
-    the old values were moved to old + h v), but the inner optimizer has already
-    consumed the gradient (its moments / step count advanced; with a non-finite p they
-    may now hold NaN).
-    ``"skip"`` counts the step in ``skipped_steps``, records it (``StepStats.skipped``)
-    and warns once; ``"raise"`` raises ``FloatingPointError`` after restoring.
-
-    Distributed: if ``torch.distributed`` is initialized, the aggregated spread is
-    all-reduced with MAX (and the fault flag with it) so every rank applies the same s;
-    ``||p||`` is already global because DDP synchronizes gradients. Pass the DDP wrapper
-    or its ``.module``; slopes are computed on ``.module``.
-
-    Optimizers with an iterate of their own (schedule-free, Lookahead) get the scaled
-    update by re-running their step with the learning rates times s from their saved
-    state (``scaled_update``); ``train()`` / ``eval()`` are forwarded to them.
-
-    Guarantee margin: clip mode caps at ``target_r * (rho (1 - margin) - 2 eps ||old||)``:
-    the method's error and the float rounding of old + s p cannot push the realised r
-    above ``target_r``. A batch with every position masked has no radius: a
-    ``RuntimeWarning``, and clip / set skip the update (monitor applies it). With
-    ``"jvp"`` / ``"fd"`` the first step evaluates the slopes along the gradient before
-    the inner step, so a model the method cannot evaluate raises with the optimizer
-    untouched.
-
-    Not supported (``ValueError`` at construction, naming what works): LBFGS and
-    two-pass optimizers whose step needs a closure (SAM: wrap its ``base_optimizer``).
-    Sparse gradients raise a ``RuntimeError``. With gradient accumulation the radius is
-    measured on the last micro-batch forwarded before ``step`` unless ``inputs=`` is
-    given.
+    Memory (one extra parameter copy), host syncs, devices, faults (``on_nonfinite``),
+    distributed reduction, optimizers with their own iterate, the guarantee margin and
+    what is not supported: see the behaviour section of the API page
+    (``docs/api/controller.md``). Which samples set the radius: the whole batch by
+    default; ``subset``, ``buffer_size``, ``window`` and ``quantile`` trade some of the
+    guarantee for cost or robustness, as :class:`ghoststep.sampling.Sampling` states.
 
     Args:
         optimizer: the inner ``torch.optim.Optimizer``; every parameter it optimizes must
@@ -366,9 +323,8 @@ class RadiusController(torch.optim.Optimizer):
         self.optimizer.zero_grad(set_to_none=set_to_none)
 
     def state_dict(self) -> dict[str, Any]:  # type: ignore[override]
-        """``{"inner": inner.state_dict(), "ghoststep": ControllerState.to_dict()}``:
-        the step and skip counters, the window of recent radii, the bottleneck buffer's
-        inputs and the subset generator's state."""
+        """``{"inner": inner.state_dict(), "ghoststep": ControllerState.to_dict()}``
+        (counters, recent radii, bottleneck buffer, subset generator)."""
         ours = ControllerState(
             step_count=self.step_count,
             skipped_steps=self.skipped_steps,
@@ -407,8 +363,6 @@ class RadiusController(torch.optim.Optimizer):
         for sink in self.sinks:
             sink.close()
 
-    # ------------------------------------------------------------------------ step
-
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None, *, inputs: Any = None):
         """One controlled step. Returns what ``closure`` returned (or None).
@@ -434,8 +388,7 @@ class RadiusController(torch.optim.Optimizer):
         # scalars are summed over the shard group (no-op for unsharded parameters)
         shards = shard_group(model_params)
         params = local_shards(model_params)
-        info = {"lr": _as_float(self.param_groups[0].get("lr", math.nan))}
-        info["loss"] = _as_float(loss)
+        info = {"lr": _as_float(self.param_groups[0].get("lr", math.nan)), "loss": _as_float(loss)}
         check_dense(model_params)
         if not self._capable:
             self._try_measurement(model_params, batches)
