@@ -1,6 +1,6 @@
 """Speed of the certified exact radius (issue target: 10,000 x 10 in < 2 s on one core).
 
-    python benchmarks/bench_exact_radius.py [--samples 10000] [--classes 10] [--threads 1]
+python benchmarks/bench_exact_radius.py [--samples 10000] [--classes 10] [--threads 1]
 """
 
 from __future__ import annotations

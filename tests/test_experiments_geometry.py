@@ -76,13 +76,15 @@ def test_directions_quick(tmp_path):
     # the gradient sweep and its uphill twin share rho_a and curvature
     g, up = stages[-1]["gradient"], stages[-1]["gradient_ascent"]
     assert g["rho_a"] == pytest.approx(up["rho_a"]) and g["curvature"] == pytest.approx(
-        up["curvature"])
+        up["curvature"]
+    )
 
 
 def test_temperature_quick_via_cli(tmp_path, capsys):
     out = tmp_path / "temperature"
-    assert main(["run", "temperature", "--preset", "quick", "--out", str(out),
-                 "--no-progress"]) == 0
+    assert (
+        main(["run", "temperature", "--preset", "quick", "--out", str(out), "--no-progress"]) == 0
+    )
     assert "claims reproduced" in capsys.readouterr().out
     res = json.loads((out / RESULTS_FILE).read_text())
     validate_results(res)

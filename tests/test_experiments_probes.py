@@ -76,9 +76,12 @@ def test_line_sweep_matches_a_shifted_copy_and_leaves_the_model_alone():
         ref = _shifted_copy(model, v, t)
         with torch.no_grad():
             logits = ref(X)
-        assert torch.allclose(sweep.sample_loss[k], F.cross_entropy(logits.double(), y,
-                                                                    reduction="none"),
-                              rtol=1e-5, atol=1e-6)
+        assert torch.allclose(
+            sweep.sample_loss[k],
+            F.cross_entropy(logits.double(), y, reduction="none"),
+            rtol=1e-5,
+            atol=1e-6,
+        )
         assert torch.equal(sweep.predictions[k], logits.argmax(-1))
     assert sweep.loss0 == pytest.approx(float(sweep.loss[0]))
     assert sweep.flip_fraction[0] == 0 and sweep.loss_ratio[0] == pytest.approx(1.0)
@@ -208,7 +211,8 @@ def test_batch_radius_is_pi_over_the_largest_spread():
     spread = (a.amax(-1) - a.amin(-1)).double()
     assert batch_radius(model, X, v) == pytest.approx(math.pi / float(spread.max()), rel=1e-6)
     assert batch_radius(model, X, v, temperature=3.0) == pytest.approx(
-        3.0 * math.pi / float(spread.max()), rel=1e-6)
+        3.0 * math.pi / float(spread.max()), rel=1e-6
+    )
 
 
 def test_sample_radii_exact_is_at_least_the_bound_and_batch_is_the_min():
@@ -278,8 +282,9 @@ def test_log_grid_value_at_distribution_std_log10():
 
 def test_train_checkpoints_thresholds_steps_and_determinism():
     data = digits(0)
-    cks = train_checkpoints("linear", 0, steps=400, at_steps=(0, 50), at_accuracy=(0.5, 0.8),
-                            lr=1e-2, data=data)
+    cks = train_checkpoints(
+        "linear", 0, steps=400, at_steps=(0, 50), at_accuracy=(0.5, 0.8), lr=1e-2, data=data
+    )
     steps = [c.step for c in cks]
     assert steps == sorted(steps) and 0 in steps and 50 in steps
     by_target = {c.target_accuracy: c for c in cks if c.target_accuracy is not None}

@@ -24,7 +24,6 @@ from ghoststep.integrations.transformers import (  # noqa: E402
 T, VALID = 16, 4  # sequence length; labels are -100 from position VALID on
 
 
-
 def _gpt2(attn: str = "eager"):
     torch.manual_seed(0)
     config = transformers.GPT2Config(

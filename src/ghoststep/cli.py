@@ -32,18 +32,32 @@ from ghoststep import __version__
 def _add_run(p: argparse.ArgumentParser) -> None:
     from ghoststep.experiments import EXPERIMENTS
 
-    p.add_argument("experiment", choices=list(EXPERIMENTS), metavar="EXPERIMENT",
-                   help="one of: " + ", ".join(EXPERIMENTS))
-    p.add_argument("--preset", default="paper",
-                   help="'paper' (the paper's protocol, default) or 'quick' (seconds)")
-    p.add_argument("--seeds", type=int, nargs="+", metavar="SEED",
-                   help="seeds to run (replaces the preset's)")
-    p.add_argument("--set", dest="overrides", action="append", default=[],
-                   metavar="KEY=VALUE",
-                   help="override a config field, e.g. --set steps=100 (repeatable; "
-                        "lists comma-separated)")
-    p.add_argument("--data-dir", help="data folder for experiments that read files "
-                                      "(sets the config field data_dir)")
+    p.add_argument(
+        "experiment",
+        choices=list(EXPERIMENTS),
+        metavar="EXPERIMENT",
+        help="one of: " + ", ".join(EXPERIMENTS),
+    )
+    p.add_argument(
+        "--preset",
+        default="paper",
+        help="'paper' (the paper's protocol, default) or 'quick' (seconds)",
+    )
+    p.add_argument(
+        "--seeds", type=int, nargs="+", metavar="SEED", help="seeds to run (replaces the preset's)"
+    )
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config field, e.g. --set steps=100 (repeatable; lists comma-separated)",
+    )
+    p.add_argument(
+        "--data-dir",
+        help="data folder for experiments that read files (sets the config field data_dir)",
+    )
     p.add_argument("--out", help="run folder (default: RUNS_DIR/<experiment>-<timestamp>)")
     p.add_argument("--runs-dir", default="runs", help="parent of new run folders (default: runs)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -64,9 +78,16 @@ def _cmd_run(args: argparse.Namespace) -> int:
         overrides["data_dir"] = args.data_dir
     command = "ghoststep " + shlex.join(args.argv) if args.argv is not None else None
     try:
-        out = run_experiment(args.experiment, args.preset, seeds=args.seeds,
-                             overrides=overrides, out=args.out, runs_root=args.runs_dir,
-                             progress=not args.no_progress, command=command)
+        out = run_experiment(
+            args.experiment,
+            args.preset,
+            seeds=args.seeds,
+            overrides=overrides,
+            out=args.out,
+            runs_root=args.runs_dir,
+            progress=not args.no_progress,
+            command=command,
+        )
     except (ConfigError, ExperimentNotWritten, FileNotFoundError) as exc:
         # user-facing problems; bugs inside an experiment keep their traceback
         return _fail(str(exc))
@@ -97,8 +118,12 @@ def _cmd_list(args: argparse.Namespace) -> int:
 
 
 def _add_report(p: argparse.ArgumentParser) -> None:
-    p.add_argument("runs", nargs="*", metavar="RUN_DIR",
-                   help="run folders holding results.json (default: every run under ./runs)")
+    p.add_argument(
+        "runs",
+        nargs="*",
+        metavar="RUN_DIR",
+        help="run folders holding results.json (default: every run under ./runs)",
+    )
     p.add_argument("--out", default=".", help="folder for the merged report.md (default: .)")
 
 
@@ -155,8 +180,10 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     snap: dict = {}
 
     print(f"ghoststep demo: MLP on sklearn digits, Adam lr={args.lr:g}, batch {args.batch_size}")
-    print("r = tau / rho_a: the actual Adam step length over the guaranteed radius "
-          "pi / max Delta a along it (r < 1: inside the convergence disk)")
+    print(
+        "r = tau / rho_a: the actual Adam step length over the guaranteed radius "
+        "pi / max Delta a along it (r < 1: inside the convergence disk)"
+    )
     header = f"{'step':>5} {'loss':>8} {'test acc':>8} {'|g|':>9} {'tau':>9} {'rho_a':>9} {'r':>8}"
     print(header)
     print("-" * len(header))
@@ -167,28 +194,43 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     def before(info) -> None:
         if logged(info.step):
             grads = [p.grad for p in params if p.grad is not None]
-            snap["gnorm"] = float(torch.linalg.vector_norm(torch.stack(
-                [torch.linalg.vector_norm(g) for g in grads])))
+            snap["gnorm"] = float(
+                torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+            )
             snap["model"] = copy.deepcopy(model)  # the parameters the step starts from
 
     def after(info) -> None:
         if not logged(info.step):
             return
         old = snap.pop("model")
-        update = [p.detach() - q.detach()
-                  for p, q in zip(model.parameters(), old.parameters()) if p.requires_grad]
-        tau = float(torch.linalg.vector_norm(torch.stack(
-            [torch.linalg.vector_norm(u) for u in update])))
+        update = [
+            p.detach() - q.detach()
+            for p, q in zip(model.parameters(), old.parameters())
+            if p.requires_grad
+        ]
+        tau = float(
+            torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(u) for u in update]))
+        )
         direction = [u / tau for u in update] if tau > 0 else update
         _, slopes = logit_slopes(old, info.inputs, direction)
         rho = aggregate(rho_bound(slopes.detach()))
         r = normalized_step(tau, rho)
         test = evaluate(model, data.X_test, data.y_test)
-        print(f"{info.step:>5d} {info.loss:>8.4f} {test.accuracy:>8.1%} {snap['gnorm']:>9.3g} "
-              f"{tau:>9.3g} {float(rho):>9.3g} {float(r):>8.3f}")
+        print(
+            f"{info.step:>5d} {info.loss:>8.4f} {test.accuracy:>8.1%} {snap['gnorm']:>9.3g} "
+            f"{tau:>9.3g} {float(rho):>9.3g} {float(r):>8.3f}"
+        )
 
-    train(model, data, opt, args.steps, args.batch_size, on_step=after,
-          before_step=before, generator=generator)
+    train(
+        model,
+        data,
+        opt,
+        args.steps,
+        args.batch_size,
+        on_step=after,
+        before_step=before,
+        generator=generator,
+    )
     print(f"done in {time.perf_counter() - t0:.1f} s")
     return 0
 
@@ -197,9 +239,12 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _add_plot(p: argparse.ArgumentParser) -> None:
-    p.add_argument("path", metavar="RUN_OR_CSV",
-                   help="a radius history (CSVSink .csv, JSONLSink .jsonl, Lightning "
-                        "metrics.csv, transformers trainer_state.json) or a folder of them")
+    p.add_argument(
+        "path",
+        metavar="RUN_OR_CSV",
+        help="a radius history (CSVSink .csv, JSONLSink .jsonl, Lightning "
+        "metrics.csv, transformers trainer_state.json) or a folder of them",
+    )
     p.add_argument("--out", help="PNG to write (default: beside the file, or FOLDER/history.png)")
 
 
@@ -235,7 +280,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ghoststep",
         description="Step-safe cross-entropy: convergence radii from the ghosts of softmax "
-                    "(P. Sao, arXiv:2603.13552).",
+        "(P. Sao, arXiv:2603.13552).",
     )
     parser.add_argument("--version", action="version", version=f"ghoststep {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)

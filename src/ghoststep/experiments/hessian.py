@@ -165,17 +165,24 @@ def run(config: Config, out_dir: Path, progress: bool) -> Results:
     table_rows = []
     for d in config.table_margins:
         dt = torch.tensor(float(d), dtype=torch.float64)
-        table_rows.append([
-            _f(d), _f(float(logistic_curvature(dt))), _f(float(hessian_step(dt))),
-            _f(float(logistic_radius(dt))), _f(float(hessian_radius_ratio(dt))),
-        ])
+        table_rows.append(
+            [
+                _f(d),
+                _f(float(logistic_curvature(dt))),
+                _f(float(hessian_step(dt))),
+                _f(float(logistic_radius(dt))),
+                _f(float(hessian_radius_ratio(dt))),
+            ]
+        )
     cross_rows = [
         [_f(float(g)), _f(float(a)), _f(float(e)), _f(float(er))]
         for g, a, e, er in zip(gaps, approx, exact, exact_r)
     ]
 
-    figures = [_plot_scales(config, out_dir, margins, curvature, radius, step, ratio, ratio0),
-               _plot_crossover(config, out_dir)]
+    figures = [
+        _plot_scales(config, out_dir, margins, curvature, radius, step, ratio, ratio0),
+        _plot_crossover(config, out_dir),
+    ]
 
     return Results(
         title="Hessian step vs convergence radius, binary logistic loss",
@@ -188,14 +195,27 @@ def run(config: Config, out_dir: Path, progress: bool) -> Results:
         ),
         claims=claims,
         tables=[
-            {"title": "Scales by margin (unit slope gap)",
-             "columns": ["delta", "f'' = sigma(1-sigma)", "2/f''", "sqrt(delta^2+pi^2)",
-                         "(2/f'')/radius"],
-             "rows": table_rows},
-            {"title": "Crossover margin by slope gap |Delta|",
-             "columns": ["|Delta|", "ln(pi|Delta|/2)", "exact vs pi/|Delta|",
-                         "exact vs sqrt(delta^2+pi^2)/|Delta|"],
-             "rows": cross_rows},
+            {
+                "title": "Scales by margin (unit slope gap)",
+                "columns": [
+                    "delta",
+                    "f'' = sigma(1-sigma)",
+                    "2/f''",
+                    "sqrt(delta^2+pi^2)",
+                    "(2/f'')/radius",
+                ],
+                "rows": table_rows,
+            },
+            {
+                "title": "Crossover margin by slope gap |Delta|",
+                "columns": [
+                    "|Delta|",
+                    "ln(pi|Delta|/2)",
+                    "exact vs pi/|Delta|",
+                    "exact vs sqrt(delta^2+pi^2)/|Delta|",
+                ],
+                "rows": cross_rows,
+            },
         ],
         figures=figures,
         metrics={
@@ -228,19 +248,32 @@ def _plot_scales(config, out_dir, margins, curvature, radius, step, ratio, ratio
     ax1.legend(fontsize=8)
     ax2.semilogy(m, ratio.numpy(), label="(2/f'') / radius")
     big = margins >= 1.0  # the asymptote is meaningless near delta = 0
-    ax2.semilogy(m[big.numpy()], (2 * torch.exp(margins[big]) / margins[big]).numpy(),
-                 linestyle=":", label=r"$2e^{\delta}/\delta$")
+    ax2.semilogy(
+        m[big.numpy()],
+        (2 * torch.exp(margins[big]) / margins[big]).numpy(),
+        linestyle=":",
+        label=r"$2e^{\delta}/\delta$",
+    )
     ax2.axhline(config.paper_ratio, color="red", linewidth=0.8, label="4000× (paper)")
     ax2.plot([config.check_margin], [ratio0], "o", color="black")
-    ax2.annotate(f"{ratio0:.0f}× at δ={config.check_margin:g}", (config.check_margin, ratio0),
-                 textcoords="offset points", xytext=(-90, 10), fontsize=8)
+    ax2.annotate(
+        f"{ratio0:.0f}× at δ={config.check_margin:g}",
+        (config.check_margin, ratio0),
+        textcoords="offset points",
+        xytext=(-90, 10),
+        fontsize=8,
+    )
     ax2.set_ylim(0.5, float(ratio.max()) * 3)
     ax2.set_xlabel("margin δ")
     ax2.set_ylabel("overestimate factor")
     ax2.set_title("Hessian step / radius")
     ax2.legend(fontsize=8)
-    return save_figure(fig, out_dir, "fig13_hessian_vs_radius.png",
-                       "Fig. 13: Hessian step 2/f'' vs convergence radius sqrt(δ²+π²)")
+    return save_figure(
+        fig,
+        out_dir,
+        "fig13_hessian_vs_radius.png",
+        "Fig. 13: Hessian step 2/f'' vs convergence radius sqrt(δ²+π²)",
+    )
 
 
 def _plot_crossover(config, out_dir) -> dict:
@@ -249,12 +282,17 @@ def _plot_crossover(config, out_dir) -> dict:
     g = gaps.numpy()
     ax.semilogx(g, crossover_margin(gaps).numpy(), label="ln(π|Δ|/2) (eq. 48)")
     ax.semilogx(g, exact_crossover_bound(gaps).numpy(), "--", label="exact: 2/(f''Δ²) = π/|Δ|")
-    ax.semilogx(g, exact_crossover_radius(gaps).numpy(), ":",
-                label="exact: 2/(f''Δ²) = √(δ²+π²)/|Δ|")
+    ax.semilogx(
+        g, exact_crossover_radius(gaps).numpy(), ":", label="exact: 2/(f''Δ²) = √(δ²+π²)/|Δ|"
+    )
     ax.axvline(8 / PI, color="grey", linewidth=0.8)
     ax.set_xlabel("slope gap |Δ|")
     ax.set_ylabel("crossover margin δ*")
     ax.set_title("Hessian-to-ghost crossover")
     ax.legend(fontsize=8)
-    return save_figure(fig, out_dir, "crossover_margin.png",
-                       "Crossover margin δ* vs slope gap: formula vs exact roots")
+    return save_figure(
+        fig,
+        out_dir,
+        "crossover_margin.png",
+        "Crossover margin δ* vs slope gap: formula vs exact roots",
+    )

@@ -82,22 +82,33 @@ class Config:
 
 
 PRESETS = {
-    "quick": {"fake_data": True, "fake_train": 64, "fake_test": 32, "width": 4,
-              "epochs": 2, "batch_size": 16, "max_steps_per_epoch": 2, "lrs": (0.01, 0.5),
-              "targets": (1.0,), "seeds": [0], "log_every": 1, "threads": 1},
+    "quick": {
+        "fake_data": True,
+        "fake_train": 64,
+        "fake_test": 32,
+        "width": 4,
+        "epochs": 2,
+        "batch_size": 16,
+        "max_steps_per_epoch": 2,
+        "lrs": (0.01, 0.5),
+        "targets": (1.0,),
+        "seeds": [0],
+        "log_every": 1,
+        "threads": 1,
+    },
     "paper": {},
 }
 
 
 def _load(config: Config):
     if config.fake_data:
-        return (fake_cifar10(config.fake_train, seed=0),
-                fake_cifar10(config.fake_test, seed=1))
+        return (fake_cifar10(config.fake_train, seed=0), fake_cifar10(config.fake_test, seed=1))
     if not config.data_dir:
         raise FileNotFoundError(
             "the resnet experiment needs CIFAR-10 on disk: pass --data-dir DIR (the folder "
             "holding data_batch_1..5 and test_batch, or its parent), or run the smoke test "
-            "with --preset quick / --set fake_data=true")
+            "with --preset quick / --set fake_data=true"
+        )
     return load_cifar10(config.data_dir, train=True), load_cifar10(config.data_dir, train=False)
 
 
@@ -105,18 +116,27 @@ def run(config: Config, out_dir: Path, progress: bool) -> Results:
     train_data, test_data = _load(config)
     device = pick_device(config.device)
     common = dict(
-        train_data=train_data, test_data=test_data, epochs=config.epochs,
-        batch_size=config.batch_size, momentum=config.momentum,
-        weight_decay=config.weight_decay, augment=config.augment, width=config.width,
-        log_every=config.log_every, measure_rows=config.measure_rows,
+        train_data=train_data,
+        test_data=test_data,
+        epochs=config.epochs,
+        batch_size=config.batch_size,
+        momentum=config.momentum,
+        weight_decay=config.weight_decay,
+        augment=config.augment,
+        width=config.width,
+        log_every=config.log_every,
+        measure_rows=config.measure_rows,
         max_steps_per_epoch=config.max_steps_per_epoch or None,
-        set_base_lr=config.set_base_lr, device=device, progress=progress,
+        set_base_lr=config.set_base_lr,
+        device=device,
+        progress=progress,
     )
-    jobs = ([dict(common, seed=s, lr=float(lr)) for lr in config.lrs for s in config.seeds]
-            + [dict(common, seed=s, target_r=float(t)) for t in config.targets
-               for s in config.seeds])
-    records = parallel_map(resnet_run, jobs, workers=1, threads=config.threads, progress=progress,
-                       desc="resnet runs")
+    jobs = [dict(common, seed=s, lr=float(lr)) for lr in config.lrs for s in config.seeds] + [
+        dict(common, seed=s, target_r=float(t)) for t in config.targets for s in config.seeds
+    ]
+    records = parallel_map(
+        resnet_run, jobs, workers=1, threads=config.threads, progress=progress, desc="resnet runs"
+    )
     groups: dict[str, list] = {}
     for rec in records:
         groups.setdefault(rec.label, []).append(rec)
@@ -125,7 +145,9 @@ def run(config: Config, out_dir: Path, progress: bool) -> Results:
     for label, recs in groups.items():
         med, q25, q75 = median_iqr([r.final_acc for r in recs])
         summary[label] = {
-            "median": med, "q25": q25, "q75": q75,
+            "median": med,
+            "q25": q25,
+            "q75": q75,
             "max_r": float(np.nanmax([r.max_r for r in recs])),
             "median_max_r": median_iqr([r.max_r for r in recs])[0],
             "r_gt_1": int(np.median([sum(v > 1.0 + 1e-9 for v in r.r_after) for r in recs])),
@@ -134,17 +156,23 @@ def run(config: Config, out_dir: Path, progress: bool) -> Results:
             "step_ms": 1000 * float(np.median([r.step_seconds for r in recs])),
         }
     claims = _claims(config, summary)
-    fixed = [f"{lab} {s['median']:.1%} (max r {s['max_r']:.3g})" for lab, s in summary.items()
-             if lab.startswith("lr=")]
-    ctrl = [f"{lab} {s['median']:.1%}" for lab, s in summary.items()
-            if lab.startswith("set")]
-    data_txt = ("random fake data (smoke test; accuracies are chance)" if config.fake_data
-                else "CIFAR-10")
+    fixed = [
+        f"{lab} {s['median']:.1%} (max r {s['max_r']:.3g})"
+        for lab, s in summary.items()
+        if lab.startswith("lr=")
+    ]
+    ctrl = [f"{lab} {s['median']:.1%}" for lab, s in summary.items() if lab.startswith("set")]
+    data_txt = (
+        "random fake data (smoke test; accuracies are chance)" if config.fake_data else "CIFAR-10"
+    )
     text = (
         f"ResNet-18 (width {config.width}) on {data_txt}, SGD momentum {config.momentum:g}, "
         f"batch {config.batch_size}, {config.epochs} epoch(s), on {device.type}. "
-        "Median final test accuracy: fixed LRs " + ", ".join(fixed) + "; set-controllers "
-        + ", ".join(ctrl) + "."
+        "Median final test accuracy: fixed LRs "
+        + ", ".join(fixed)
+        + "; set-controllers "
+        + ", ".join(ctrl)
+        + "."
     )
     notes = [
         "r is logged at steps 0, 50, 100, ... of each epoch from the current batch (at most "
@@ -155,11 +183,15 @@ def run(config: Config, out_dir: Path, progress: bool) -> Results:
         f"+ flip), weight decay {config.weight_decay:g}, no LR schedule, BatchNorm in train "
         "mode when measuring (the training function).",
         f"Median time per training step on {device.type}: "
-        + ", ".join(f"{lab} {s['step_ms']:.1f} ms" for lab, s in summary.items()) + ".",
+        + ", ".join(f"{lab} {s['step_ms']:.1f} ms" for lab, s in summary.items())
+        + ".",
     ]
     if config.fake_data:
-        notes.insert(0, "FAKE DATA: random images with random labels and a narrow network; "
-                        "this run checks the pipeline only, no claim can be reproduced.")
+        notes.insert(
+            0,
+            "FAKE DATA: random images with random labels and a narrow network; "
+            "this run checks the pipeline only, no claim can be reproduced.",
+        )
     return Results(
         title="ResNet-18 / CIFAR-10: r at fixed learning rates vs the set-controller",
         summary=text,
@@ -187,39 +219,66 @@ def _claims(config: Config, summary: dict) -> list[dict]:
     fixed = {lab: s for lab, s in summary.items() if lab.startswith("lr=")}
     if "set r*=1" in summary and len(summary) > 1:
         best = max(summary, key=lambda lab: summary[lab]["median"])
-        add("The set-controller at r* = 1 reaches the highest median accuracy of all configs",
+        add(
+            "The set-controller at r* = 1 reaches the highest median accuracy of all configs",
             "r* = 1: 85.3% (best)",
             f"r* = 1: {summary['set r*=1']['median']:.1%}; best: {best} "
-            f"{summary[best]['median']:.1%}", best == "set r*=1")
+            f"{summary[best]['median']:.1%}",
+            best == "set r*=1",
+        )
     if fixed:
         ok = all(s["max_r"] > 1.0 for s in fixed.values())
-        add("No fixed LR keeps r below 1 throughout (max logged r > 1 for every fixed LR, "
+        add(
+            "No fixed LR keeps r below 1 throughout (max logged r > 1 for every fixed LR, "
             "even 0.005, via momentum)",
             "1.11 / 1.23 / 5.87 / 29.3",
-            " / ".join(f"{s['max_r']:.3g}" for s in fixed.values()), ok)
+            " / ".join(f"{s['max_r']:.3g}" for s in fixed.values()),
+            ok,
+        )
         labels = sorted(fixed, key=lambda lab: float(lab[3:]))
         maxr = [fixed[lab]["max_r"] for lab in labels]
-        add("Max r grows with the fixed learning rate", "increasing",
-            " < ".join(f"{v:.3g}" for v in maxr), all(a < b for a, b in zip(maxr, maxr[1:])))
+        add(
+            "Max r grows with the fixed learning rate",
+            "increasing",
+            " < ".join(f"{v:.3g}" for v in maxr),
+            all(a < b for a, b in zip(maxr, maxr[1:])),
+        )
         accs = {lab: fixed[lab]["median"] for lab in labels}
         worst = min(accs, key=accs.get)
-        add("The most aggressive fixed LR (deepest in r > 1) degrades most",
+        add(
+            "The most aggressive fixed LR (deepest in r > 1) degrades most",
             "0.5: 57.5% (lowest fixed)",
-            ", ".join(f"{lab[3:]}: {a:.1%}" for lab, a in accs.items()), worst == labels[-1])
+            ", ".join(f"{lab[3:]}: {a:.1%}" for lab, a in accs.items()),
+            worst == labels[-1],
+        )
     if sets:
-        err = max(abs(s["max_r"] - float(lab.split("=")[1])) / float(lab.split("=")[1])
-                  for lab, s in sets.items())
-        add("The set-controller holds r at r* exactly (max r = r*)", "0.50 / 1.00 / 2.00 / 4.00",
-            " / ".join(f"{s['max_r']:.6g}" for s in sets.values()), err < 1e-6)
+        err = max(
+            abs(s["max_r"] - float(lab.split("=")[1])) / float(lab.split("=")[1])
+            for lab, s in sets.items()
+        )
+        add(
+            "The set-controller holds r at r* exactly (max r = r*)",
+            "0.50 / 1.00 / 2.00 / 4.00",
+            " / ".join(f"{s['max_r']:.6g}" for s in sets.values()),
+            err < 1e-6,
+        )
     if "set r*=1" in sets and "set r*=4" in sets:
         a1, a4 = sets["set r*=1"]["median"], sets["set r*=4"]["median"]
-        add(f"r* = 4 degrades (>= {config.r4_drop:.0%} points below r* = 1)",
-            "72.1% vs 85.3%", f"{a4:.1%} vs {a1:.1%}", a4 <= a1 - config.r4_drop)
+        add(
+            f"r* = 4 degrades (>= {config.r4_drop:.0%} points below r* = 1)",
+            "72.1% vs 85.3%",
+            f"{a4:.1%} vs {a1:.1%}",
+            a4 <= a1 - config.r4_drop,
+        )
     if "set r*=1" in sets and "set r*=2" in sets:
         a1, a2 = sets["set r*=1"]["median"], sets["set r*=2"]["median"]
-        add(f"r* = 2 retains accuracy (within {config.r2_keep:.0%} points of r* = 1: "
-            "confidence-margin slack)", "84.4% vs 85.3%", f"{a2:.1%} vs {a1:.1%}",
-            a2 >= a1 - config.r2_keep)
+        add(
+            f"r* = 2 retains accuracy (within {config.r2_keep:.0%} points of r* = 1: "
+            "confidence-margin slack)",
+            "84.4% vs 85.3%",
+            f"{a2:.1%} vs {a1:.1%}",
+            a2 >= a1 - config.r2_keep,
+        )
     return claims
 
 
@@ -227,15 +286,18 @@ def _table3(summary: dict) -> Table:
     rows = []
     for lab, s in summary.items():
         p = PAPER_TABLE3.get(lab)
-        rows.append([
-            lab, f"{s['max_r']:.3g}" + (f" ({p[0]:g})" if p else ""),
-            f"{s['r_gt_1']}/{s['n_logged']}" + (f" ({p[1]})" if p else ""),
-            f"{s['median']:.1%}" + (f" ({p[2]:.1%})" if p else ""),
-            f"{s['q25']:.1%}-{s['q75']:.1%}" + (f" ({p[3]})" if p else ""),
-        ])
+        rows.append(
+            [
+                lab,
+                f"{s['max_r']:.3g}" + (f" ({p[0]:g})" if p else ""),
+                f"{s['r_gt_1']}/{s['n_logged']}" + (f" ({p[1]})" if p else ""),
+                f"{s['median']:.1%}" + (f" ({p[2]:.1%})" if p else ""),
+                f"{s['q25']:.1%}-{s['q75']:.1%}" + (f" ({p[3]})" if p else ""),
+            ]
+        )
     return Table(
         title="Table 3: ours (paper) -- max r, logged steps with r > 1 (median seed), "
-                 "median final accuracy, IQR",
+        "median final accuracy, IQR",
         columns=["config", "max r", "r > 1", "acc (median)", "IQR"],
         rows=rows,
     )
@@ -259,8 +321,9 @@ def _plot(config: Config, groups: dict, out_dir: Path) -> dict:
                 ax.fill_between(epochs, q25, q75, color=color, alpha=0.15, linewidth=0)
             maxr = np.array([r.max_r_per_epoch(len(epochs)) for r in recs], dtype=float)
             with np.errstate(all="ignore"):
-                ax_r.plot(epochs, np.nanmedian(maxr, axis=0), style, marker="o", color=color,
-                          label=lab)
+                ax_r.plot(
+                    epochs, np.nanmedian(maxr, axis=0), style, marker="o", color=color, label=lab
+                )
     ax_loss.set_title("test loss")
     ax_acc.set_title("test accuracy")
     ax_r.set_title("max r per epoch (r = 1 dashed)")
@@ -269,11 +332,14 @@ def _plot(config: Config, groups: dict, out_dir: Path) -> dict:
     for ax in (ax_loss, ax_acc, ax_r):
         ax.set_xlabel("epoch")
     ax_acc.legend(fontsize=7)
-    return save_figure(fig, out_dir, "fig12_resnet.png",
-                       "Fig. 12: ResNet-18 on CIFAR-10, fixed LRs (solid) vs set-controllers "
-                       "(dashed); median and IQR over seeds" + (
-                           " -- FAKE DATA smoke test" if config.fake_data else ""))
-
+    return save_figure(
+        fig,
+        out_dir,
+        "fig12_resnet.png",
+        "Fig. 12: ResNet-18 on CIFAR-10, fixed LRs (solid) vs set-controllers "
+        "(dashed); median and IQR over seeds"
+        + (" -- FAKE DATA smoke test" if config.fake_data else ""),
+    )
 
 
 # ----------------------------------------------------------------------------- ResNet / CIFAR
