@@ -20,7 +20,7 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/ruff check .
-	$(BIN)/ruff check --select C901 --config 'lint.mccabe.max-complexity=12' src/ghoststep --exclude src/ghoststep/experiments
+	$(BIN)/ruff check --select C901 --config 'lint.mccabe.max-complexity=12' src/ghoststep
 	$(BIN)/python -m pytest -q -n 2 tests
 
 docs: $(STAMP)
