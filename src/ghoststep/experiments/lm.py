@@ -266,6 +266,9 @@ def lm_run(method: str, vocab_size: int, lr_factor: float, config: dict, train_i
     gen = set_seed(c.seed)
     model = TinyLM(vocab_size=vocab_size, d_model=c.d_model, n_layers=c.n_layers,
                    n_heads=c.n_heads, max_len=c.seq_len, activation="relu")  # fmt: skip
+    with torch.no_grad():  # GPT-2's embedding init (TinyLM's default N(0, 1) is far too big)
+        model.tok_emb.weight.normal_(0.0, 0.02)
+        model.pos_emb.weight.normal_(0.0, 0.02)
     net = SoftCapped(model, c.softcap) if method == "softcap" else model
     peak = c.base_lr * lr_factor
     opt = _optimizer(method, model, c, peak)
@@ -295,8 +298,9 @@ def lm_run(method: str, vocab_size: int, lr_factor: float, config: dict, train_i
             rec["monitor"].append(_monitor_row(opt, x, y, ranks, c.quantile))
         if exact:
             new = {n: p.detach().clone() for n, p in model.named_parameters()}
-            rec["exact"].append({"step": step, **exact_sample(model, x, old, new,
-                                                              c.exact_positions, gen)})
+            rec["exact"].append(
+                {"step": step, **exact_sample(model, x, old, new, c.exact_positions, gen)}
+            )
         if step % c.eval_every == 0 or step == c.steps - 1:
             rec["eval_steps"].append(step)
             rec["val_loss"].append(validation_loss(net, val_ids, c))
@@ -437,28 +441,53 @@ def _claims(c: Config, per_v: dict, stab: dict, slope: float) -> list[Claim]:
     v_max = max(per_v)
     top = per_v[v_max]
     claims = [
-        Claim(f"No stall at V = {v_max}: the median r of AdamW updates at the standard LR "
-              "is below 10", "< 10", f"{top['r_median']:.3g}", top["r_median"] < 10),
-        Claim("r grows slower than sqrt(V): log-log slope of median r vs V below 0.5",
-              "< 0.5", f"{slope:.3g}", slope < 0.5),
-        Claim("rho_a is a lower bound: rho*/rho_a >= 1 at every certified sample",
-              ">= 1", f"min {min(s['exact_ratio_min'] for s in per_v.values()):.4g}",
-              all(s["exact_ratio_min"] >= 1 - 1e-6 for s in per_v.values()
-                  if s["exact_certified"])),
-        Claim("The exact radius certifies at >= 80% of the sampled positions at every V",
-              ">= 80%", ", ".join(f"V={v}: {s['exact_certified']}/{s['exact_sampled']}"
-                                  for v, s in per_v.items()),
-              all(s["exact_certified"] >= 0.8 * s["exact_sampled"] for s in per_v.values())),
-        Claim(f"The max over B*T positions is conservative at V = {v_max}: the {c.quantile:g}-"
-              "quantile radius is >= 1.5x rho_a (median over steps)", ">= 1.5",
-              f"{top['q_over_max_median']:.3g}", top["q_over_max_median"] >= 1.5),
-        Claim(f"Bottlenecks sit at rare tokens at V = {v_max}: median frequency rank of the "
-              "bottleneck's input token above that of a training token", "above",
-              f"{top['bottleneck_rank_median']:.0f} vs {top['token_rank_median']:.0f}",
-              top["bottleneck_rank_median"] > top["token_rank_median"]),
-        Claim(f"The output-logit radius binds in most steps at V = {v_max}", "> 50%",
-              f"{top['binding']['out']}/{sum(top['binding'].values())}",
-              top["binding"]["out"] > 0.5 * sum(top["binding"].values())),
+        Claim(
+            f"No stall at V = {v_max}: the median r of AdamW updates at the standard LR "
+            "is below 10",
+            "< 10",
+            f"{top['r_median']:.3g}",
+            top["r_median"] < 10,
+        ),
+        Claim(
+            "r grows slower than sqrt(V): log-log slope of median r vs V below 0.5",
+            "< 0.5",
+            f"{slope:.3g}",
+            slope < 0.5,
+        ),
+        Claim(
+            "rho_a is a lower bound: rho*/rho_a >= 1 at every certified sample",
+            ">= 1",
+            f"min {min(s['exact_ratio_min'] for s in per_v.values()):.4g}",
+            all(s["exact_ratio_min"] >= 1 - 1e-6 for s in per_v.values() if s["exact_certified"]),
+        ),
+        Claim(
+            "The exact radius certifies at >= 80% of the sampled positions at every V",
+            ">= 80%",
+            ", ".join(
+                f"V={v}: {s['exact_certified']}/{s['exact_sampled']}" for v, s in per_v.items()
+            ),
+            all(s["exact_certified"] >= 0.8 * s["exact_sampled"] for s in per_v.values()),
+        ),
+        Claim(
+            f"The max over B*T positions is conservative at V = {v_max}: the {c.quantile:g}-"
+            "quantile radius is >= 1.5x rho_a (median over steps)",
+            ">= 1.5",
+            f"{top['q_over_max_median']:.3g}",
+            top["q_over_max_median"] >= 1.5,
+        ),
+        Claim(
+            f"Bottlenecks sit at rare tokens at V = {v_max}: median frequency rank of the "
+            "bottleneck's input token above that of a training token",
+            "above",
+            f"{top['bottleneck_rank_median']:.0f} vs {top['token_rank_median']:.0f}",
+            top["bottleneck_rank_median"] > top["token_rank_median"],
+        ),
+        Claim(
+            f"The output-logit radius binds in most steps at V = {v_max}",
+            "> 50%",
+            f"{top['binding']['out']}/{sum(top['binding'].values())}",
+            top["binding"]["out"] > 0.5 * sum(top["binding"].values()),
+        ),
     ]
     return claims + _stability_claims(c, stab)
 
@@ -469,19 +498,34 @@ def _stability_claims(c: Config, stab: dict) -> list[Claim]:
     plain, ctrl = stab.get(("adamw", lo)), stab.get(("controller", lo))
     if plain and ctrl:
         ok = ctrl["final_val"] <= 1.05 * plain["final_val"]
-        claims.append(Claim(
-            f"The controller does not stall at LR x{lo:g}: final validation loss within 5% "
-            "of plain AdamW", "<= 1.05x", f"{ctrl['final_val']:.4g} vs {plain['final_val']:.4g}",
-            ok))
+        claims.append(
+            Claim(
+                f"The controller does not stall at LR x{lo:g}: final validation loss within 5% "
+                "of plain AdamW",
+                "<= 1.05x",
+                f"{ctrl['final_val']:.4g} vs {plain['final_val']:.4g}",
+                ok,
+            )
+        )
     plain, ctrl = stab.get(("adamw", hi)), stab.get(("controller", hi))
     if plain and ctrl:
         better = not plain["final_val"] <= ctrl["final_val"]  # NaN (diverged) plain counts
-        claims.append(Claim(
-            f"At LR x{hi:g} the controller ends with a lower validation loss than plain AdamW",
-            "lower", f"{ctrl['final_val']:.4g} vs {plain['final_val']:.4g}", better))
-        claims.append(Claim(
-            f"At LR x{hi:g} the controller has no more loss spikes than plain AdamW",
-            "<=", f"{ctrl['spikes']} vs {plain['spikes']}", ctrl["spikes"] <= plain["spikes"]))
+        claims.append(
+            Claim(
+                f"At LR x{hi:g} the controller ends with a lower validation loss than plain AdamW",
+                "lower",
+                f"{ctrl['final_val']:.4g} vs {plain['final_val']:.4g}",
+                better,
+            )
+        )
+        claims.append(
+            Claim(
+                f"At LR x{hi:g} the controller has no more loss spikes than plain AdamW",
+                "<=",
+                f"{ctrl['spikes']} vs {plain['spikes']}",
+                ctrl["spikes"] <= plain["spikes"],
+            )
+        )
     return claims
 
 
@@ -527,8 +571,12 @@ def _plot_measure(c: Config, measure: dict, out_dir: Path):
     for ax in (ax_r, ax_q):
         ax.set_xlabel("step")
         ax.legend(fontsize=7)
-    return save_figure(fig, out_dir, "lm_r_vs_vocab.png",
-                       "r of the AdamW update and the quantile radius over the max one, per V")
+    return save_figure(
+        fig,
+        out_dir,
+        "lm_r_vs_vocab.png",
+        "r of the AdamW update and the quantile radius over the max one, per V",
+    )
 
 
 def _plot_stability(c: Config, stab: dict, out_dir: Path):
@@ -543,5 +591,9 @@ def _plot_stability(c: Config, stab: dict, out_dir: Path):
         ax.set_xlabel("step")
         ax.set_ylabel("training loss")
     axes[0].legend(fontsize=7)
-    return save_figure(fig, out_dir, "lm_stability.png",
-                       f"Training loss at LR x{c.lr_factors} (V = {c.stability_vocab})")
+    return save_figure(
+        fig,
+        out_dir,
+        "lm_stability.png",
+        f"Training loss at LR x{c.lr_factors} (V = {c.stability_vocab})",
+    )

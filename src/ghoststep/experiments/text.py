@@ -108,7 +108,9 @@ def build_corpus(
         :class:`Corpus`; files that are not UTF-8 are skipped (listed in the manifest).
     """
     root = Path(root or sysconfig.get_paths()["stdlib"])
-    folder = Path(cache_dir or DEFAULT_CACHE) / f"corpus-{_corpus_key(root, max_files, val_fraction)}"
+    folder = (
+        Path(cache_dir or DEFAULT_CACHE) / f"corpus-{_corpus_key(root, max_files, val_fraction)}"
+    )
     manifest = folder / "manifest.json"
     if manifest.exists():
         return Corpus(folder, json.loads(manifest.read_text())["files"])
@@ -215,4 +217,3 @@ def token_frequency_rank(ids: np.ndarray, vocab_size: int) -> np.ndarray:
     rank = np.empty(vocab_size, dtype=np.int64)
     rank[order] = np.arange(vocab_size)
     return rank
-
