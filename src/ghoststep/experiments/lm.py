@@ -272,7 +272,8 @@ def lm_run(method: str, vocab_size: int, lr_factor: float, config: dict, train_i
     net = SoftCapped(model, c.softcap) if method == "softcap" else model
     peak = c.base_lr * lr_factor
     opt = _optimizer(method, model, c, peak)
-    train_ids, val_ids = torch.as_tensor(train_ids), torch.as_tensor(val_ids)
+    # copies: joblib hands large arrays to workers as read-only memmaps
+    train_ids, val_ids = torch.from_numpy(np.array(train_ids)), torch.from_numpy(np.array(val_ids))
     checkpoints = set(np.linspace(0, c.steps - 1, c.exact_checkpoints).round().astype(int).tolist())
     rec = {"method": method, "vocab_size": vocab_size, "lr_factor": lr_factor, "losses": [],
            "monitor": [], "exact": [], "eval_steps": [], "val_loss": [], "seconds": 0.0,

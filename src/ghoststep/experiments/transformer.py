@@ -84,7 +84,8 @@ def internal_radii(
     tangents ``s_dot``, ``h_dot`` along v. Then
 
     * ``attn``: ``pi / max(max_keys s_dot - min_keys s_dot)`` over layers, heads,
-      queries and samples (the softmax-ghost bound of every attention row);
+      queries and samples (the softmax-ghost bound of every attention row; causally
+      masked keys, at -inf, are left out);
     * ``ffn``: the ``ffn_quantile`` quantile of ``|h| / |h_dot|`` over every
       pre-activation entry with ``h_dot != 0`` (the distance to the ReLU kink,
       paper Appendix 2; a conservative proxy, not a bound).
