@@ -206,6 +206,7 @@ def test_registry_names_and_lazy_loading():
         "hessian",
         "ghostmap",
         "calibration",
+        "lm",
     ]
     module = load_experiment("hessian")
     for attr in ("Config", "PRESETS", "run"):

@@ -100,7 +100,41 @@ def _newton(c, b, rows, s, iterations: int = 40):
     return s, valid
 
 
+_EDGE_CLASSES = 384  # above this many classes, starts come from a reduced class set
+_EDGE_GRID = 65  # real parts probed for the leading term when reducing
+
+
+def _leading_classes(c: torch.Tensor, b: torch.Tensor, keep: int) -> torch.Tensor:
+    """Class indices (N, keep) likely to be Newton-polygon vertices of (b_k, c_k).
+
+    The upper hull's vertices are the terms that lead along some line Re s = x:
+    argmax_k (c_k + b_k x) over a symmetric geometric grid of x, plus the classes
+    with the largest c (the vertices near x = 0) to fill ``keep``. Starts only seed
+    Newton's method; the zero and its certificate always use every class, so this
+    choice can cost a NaN, never a wrong radius.
+    """
+    mags = torch.logspace(-2, 6, (_EDGE_GRID - 1) // 2, dtype=c.dtype, device=c.device)
+    xs = torch.cat([-mags.flip(0), mags.new_zeros(1), mags])
+    rows = []
+    for i in range(c.shape[0]):
+        lead = (c[i][None, :] + xs[:, None] * b[i][None, :]).argmax(-1)
+        marked = torch.zeros_like(c[i], dtype=torch.bool)
+        marked[lead] = True
+        score = torch.where(marked, torch.full_like(c[i], float("inf")), c[i])
+        rows.append(score.topk(keep).indices)
+    return torch.stack(rows)
+
+
 def _edge_starts(c: torch.Tensor, b: torch.Tensor, count: int) -> torch.Tensor:
+    """Newton starts (N, count + 1); for K > ``_EDGE_CLASSES`` from a reduced class set
+    (:func:`_leading_classes`; the full construction is O(K^2) per row)."""
+    if c.shape[1] > _EDGE_CLASSES:
+        cols = _leading_classes(c, b, _EDGE_CLASSES)
+        c, b = c.gather(-1, cols), b.gather(-1, cols)
+    return _all_edge_starts(c, b, count)
+
+
+def _all_edge_starts(c: torch.Tensor, b: torch.Tensor, count: int) -> torch.Tensor:
     """Newton starts from the Newton polygon of the points (b_k, c_k): (N, count + 1).
 
     Along Re s = x the largest term is the one on the upper hull of (b_k, c_k) with

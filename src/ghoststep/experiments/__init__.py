@@ -83,6 +83,11 @@ EXPERIMENTS: dict[str, Experiment] = {
         "calibration of the bound rho_a against the exact radius rho* and the real line loss",
         "open question (SPEC §6)",
     ),
+    "lm": Experiment(
+        "ghoststep.experiments.lm",
+        "GPT-style LM on the Python standard library, V = 256..50257: r, rho*/rho_a, high LR",
+        "open question (issue 12)",
+    ),
 }
 
 

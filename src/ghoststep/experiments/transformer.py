@@ -84,7 +84,8 @@ def internal_radii(
     tangents ``s_dot``, ``h_dot`` along v. Then
 
     * ``attn``: ``pi / max(max_keys s_dot - min_keys s_dot)`` over layers, heads,
-      queries and samples (the softmax-ghost bound of every attention row);
+      queries and samples (the softmax-ghost bound of every attention row; causally
+      masked keys, at -inf, are left out);
     * ``ffn``: the ``ffn_quantile`` quantile of ``|h| / |h_dot|`` over every
       pre-activation entry with ``h_dot != 0`` (the distance to the ReLU kink,
       paper Appendix 2; a conservative proxy, not a bound).
@@ -100,10 +101,10 @@ def internal_radii(
     def internals(out):
         return out[1]["attention_logits"], out[1]["ffn_preacts"]
 
-    (_, pre), (dscores, dpre) = directional(
+    (scores, pre), (dscores, dpre) = directional(
         model, (inputs,), {"return_internals": True}, list(direction), output_fn=internals
     )
-    spread = max((float(logit_spread(d).max()) for d in dscores), default=0.0)
+    spread = max((_attention_spread(s, d) for s, d in zip(scores, dscores)), default=0.0)
     rho_attn = radius_from_spread(spread)
     h = torch.cat([p.reshape(-1) for p in pre]).double()
     dh = torch.cat([d.reshape(-1) for d in dpre]).double().abs()
@@ -115,6 +116,17 @@ def internal_radii(
     else:
         rho_ffn = math.inf
     return {"attn": rho_attn, "ffn": rho_ffn}
+
+
+def _attention_spread(scores: torch.Tensor, dscores: torch.Tensor) -> float:
+    """Largest spread of the score tangents over the keys a query attends to: (...,
+    T_q, T_k) scores, masked (causal) keys at -inf are left out (their tangent is 0)."""
+    live = torch.isfinite(scores)
+    if bool(live.all()):
+        return float(logit_spread(dscores).max())
+    hi = dscores.masked_fill(~live, -math.inf).amax(-1)
+    lo = dscores.masked_fill(~live, math.inf).amin(-1)
+    return float(torch.where(live.any(-1), hi - lo, torch.zeros_like(hi)).max())
 
 
 def _internal_radii_hook(model, inputs, update, *, ffn_quantile: float) -> dict[str, float]:
