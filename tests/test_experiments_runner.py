@@ -206,6 +206,8 @@ def test_registry_names_and_lazy_loading():
         "hessian",
         "ghostmap",
         "calibration",
+        "baselines",
+        "lrsweep",
         "lm",
     ]
     module = load_experiment("hessian")

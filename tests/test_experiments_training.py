@@ -59,6 +59,16 @@ def test_archgrid_quick(tmp_path):
         assert ctrl["r_applied_max"] <= 1 + 1e-6
         assert ctrl["median"] > plain["median"] + 0.2
     assert res["tables"][0]["rows"][0][0] == "Transformer"
+    # the one-step spike of the paper's code runs beside the held one
+    assert list(res["config"]["spike_lengths"]) == [1, 25]
+    for arch in ("transformer", "mlp_ln", "cnn_bn"):
+        one = s[f"{arch}/10000x/controller/1-step"]
+        assert one["r_applied_max"] <= 1 + 1e-6
+    assert "ours, 1-step" in res["tables"][0]["columns"]
+    assert any(c["claim"].startswith("[1-step spike]") for c in res["claims"])
+    one_step = res["metrics"]["curves"]["mlp_ln/10000x/plain/1-step"]["test_acc"][0]
+    held = res["metrics"]["curves"]["mlp_ln/10000x/plain"]["test_acc"][0]
+    assert one_step[:4] == held[:4]  # identical until the spike (step 15, evals every 5)
 
 
 def test_transformer_quick(tmp_path):

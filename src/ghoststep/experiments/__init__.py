@@ -83,6 +83,16 @@ EXPERIMENTS: dict[str, Experiment] = {
         "calibration of the bound rho_a against the exact radius rho* and the real line loss",
         "open question (SPEC §6)",
     ),
+    "baselines": Experiment(
+        "ghoststep.experiments.baselines",
+        "the controller vs AGC, ZClip, AdaGC, SPAM, StableSPAM and clipping under LR spikes",
+        "beyond the paper",
+    ),
+    "lrsweep": Experiment(
+        "ghoststep.experiments.lrsweep",
+        "no spike: final accuracy vs base LR over six decades, plain vs controller",
+        "beyond the paper",
+    ),
     "lm": Experiment(
         "ghoststep.experiments.lm",
         "GPT-style LM on the Python standard library, V = 256..50257: r, rho*/rho_a, high LR",

@@ -1,6 +1,8 @@
-"""Data sets for the experiments: sklearn digits (offline) and CIFAR-10 (from disk).
+"""Data sets for the experiments: sklearn digits (offline), a synthetic token language
+(generated), and CIFAR-10 (from disk).
 
-Nothing here downloads anything. Digits ships inside scikit-learn; CIFAR-10 must
+Nothing here downloads anything. Digits ships inside scikit-learn; the language is a
+seeded random Markov chain; CIFAR-10 must
 already be on disk in its standard python-pickle format (``data_batch_1`` ..
 ``data_batch_5``, ``test_batch``), e.g. extracted from ``cifar-10-python.tar.gz``.
 
@@ -33,6 +35,7 @@ __all__ = [
     "Split",
     "load_digits_split",
     "digits",
+    "markov_language",
     "load_cifar10",
     "fake_cifar10",
     "normalize_cifar",
@@ -93,6 +96,49 @@ def digits(seed: int = 0) -> Split:
     """:func:`load_digits_split` cached per ``seed``: every run of a process shares one
     copy, so treat the tensors as read-only."""
     return _cached_digits(int(seed))
+
+
+def _markov_tokens(rng: np.random.Generator, table: np.ndarray, n: int, length: int):
+    vocab, order = table.shape[-1], table.ndim - 1
+    seqs = np.empty((n, length), dtype=np.int64)
+    seqs[:, :order] = rng.integers(0, vocab, size=(n, order))
+    cdf = np.cumsum(table, axis=-1)
+    for t in range(order, length):
+        rows = cdf[tuple(seqs[:, t - order + i] for i in range(order))]  # (n, vocab)
+        u = rng.random((n, 1))
+        seqs[:, t] = np.minimum((rows < u).sum(axis=1), vocab - 1)
+    return torch.from_numpy(seqs)
+
+
+@functools.lru_cache(maxsize=4)
+def markov_language(
+    seed: int = 0,
+    vocab: int = 32,
+    order: int = 2,
+    seq_len: int = 32,
+    n_train: int = 2048,
+    n_test: int = 256,
+    concentration: float = 0.1,
+) -> Split:
+    """A synthetic language for the TinyLM: token sequences of a random Markov chain.
+
+    Each context of the ``order`` previous tokens has its own next-token distribution,
+    drawn once from a symmetric Dirichlet(``concentration``) (small: few likely
+    successors, so the language is learnable and has a loss floor well below
+    log(vocab)). The first ``order`` tokens of a sequence are uniform. Cached per
+    argument set: treat the tensors as read-only.
+
+    Returns:
+        ``Split``: ``X`` int64 ``(N, seq_len)`` input tokens and ``y`` int64
+        ``(N, seq_len)`` the next tokens (``y[:, t] = sequence[t + 1]``).
+    """
+    if order < 1 or vocab < 2 or seq_len <= order or concentration <= 0:
+        raise ValueError("need order >= 1, vocab >= 2, seq_len > order, concentration > 0")
+    rng = np.random.default_rng(seed)
+    table = rng.dirichlet(np.full(vocab, concentration), size=(vocab,) * order)
+    train = _markov_tokens(rng, table, n_train, seq_len + 1)
+    test = _markov_tokens(rng, table, n_test, seq_len + 1)
+    return Split(train[:, :-1], train[:, 1:], test[:, :-1], test[:, 1:])
 
 
 def _find_cifar_dir(data_dir: str | Path, names: tuple[str, ...]) -> Path:

@@ -248,7 +248,9 @@ class TinyLM(_TransformerBase):
     """Small causal language model with tied input/output embeddings.
 
     ``lm_head.weight is tok_emb.weight``; input (B, T) token ids, output logits
-    (B, T, vocab_size).
+    (B, T, vocab_size). ``emb_std`` re-initializes both embeddings from N(0, emb_std^2)
+    (GPT-2 uses 0.02; None keeps ``nn.Embedding``'s N(0, 1), whose tied logits start
+    large).
     """
 
     def __init__(
@@ -261,10 +263,14 @@ class TinyLM(_TransformerBase):
         d_ff: int | None = None,
         activation: str = "gelu",
         record: bool = False,
+        emb_std: float | None = None,
     ):
         super().__init__()
         self.tok_emb = nn.Embedding(vocab_size, d_model)
         self.pos_emb = nn.Embedding(max_len, d_model)
+        if emb_std is not None:
+            nn.init.normal_(self.tok_emb.weight, std=emb_std)
+            nn.init.normal_(self.pos_emb.weight, std=emb_std)
         self.blocks = nn.ModuleList(
             Block(d_model, n_heads, d_ff or 4 * d_model, activation, causal=True)
             for _ in range(n_layers)

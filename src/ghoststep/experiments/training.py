@@ -18,8 +18,15 @@ only the wrapper's mode:
 =============  ===================================================================
 
 A learning-rate spike is the ``lr_schedule`` multiplier of ``train``:
-``factor if step >= spike_at else 1`` (steps count from 0, so ``spike_at=50`` gives
-50 steps at ``eta0`` and then ``steps - 50`` at ``factor * eta0``).
+``factor if spike_at <= step < spike_at + spike_steps else 1`` (steps count from 0, so
+``spike_at=50`` gives 50 steps at ``eta0`` and then ``factor * eta0``). ``spike_steps``
+None holds the spike to the end of the run (the paper's Fig. 6 protocol); ``1`` is the
+one-step spike of the paper's published code for Fig. 10 / Table 1.
+
+Beyond the paper's three methods, :func:`controlled_run` takes any base optimizer
+(``"adam"``, ``"sgd"``, ``"sgdm"``, ``"lion"`` or a factory), a ``grad_transform``
+applied to the gradients before each step (adaptive clipping baselines), and
+``wrap=False`` to train the bare optimizer (no radius measured; for wall-clock costs).
 
 Reference: P. Sao, "Ghosts of Softmax", arXiv:2603.13552 (2026), Sections 5-6.
 """
@@ -52,6 +59,7 @@ __all__ = [
     "predict",
     "evaluate",
     "spike_schedule",
+    "make_optimizer",
     "controlled_run",
     "spike_run",
     "sig",
@@ -59,6 +67,8 @@ __all__ = [
     "finite_median",
     "post_spike_r",
     "summarize_finals",
+    "recovery_steps",
+    "token_cross_entropy",
 ]
 
 METHODS = ("plain", "clip_grad", "controller")
@@ -92,6 +102,12 @@ class StepInfo:
 class Evaluation(NamedTuple):
     loss: float  # mean cross-entropy, nats
     accuracy: float  # fraction in [0, 1]
+
+
+def token_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy over every position: logits ``(..., V)``, targets ``(...)``
+    (a language model's ``(B, T, V)`` and ``(B, T)``; equals ``F.cross_entropy`` on 2-D)."""
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
 
 
 def _xy(data) -> tuple[torch.Tensor, torch.Tensor]:
@@ -228,9 +244,11 @@ class RunRecord:
     ``stats`` holds the controller's :class:`~ghoststep.monitor.StepStats` of every
     optimizer step (index = step, from 0); the per-step columns ``tau`` (proposed
     update length), ``rho_a``, ``r_before`` (proposed r), ``r_after`` (applied r),
-    ``scale`` and ``lr_applied`` (group lr times scale) are read from them.
-    Evaluations are taken before training (``eval_steps[0] = 0``) and after every
-    ``eval_every`` steps; ``eval_steps`` counts optimizer steps done.
+    ``scale`` and ``lr_applied`` (group lr times scale) are read from them (empty for
+    a bare, unwrapped run). Evaluations are taken before training (``eval_steps[0] =
+    0``) and after every ``eval_every`` steps; ``eval_steps`` counts optimizer steps
+    done. ``seconds`` is the whole run's wall clock, ``train_seconds`` the part spent
+    outside the evaluations (the optimizer steps, forward and backward included).
     """
 
     arch: str
@@ -240,6 +258,7 @@ class RunRecord:
     factor: float
     steps: int
     spike_at: int | None
+    spike_steps: int | None = None  # None: the spike is held to the end
     train_loss: list[float] = field(default_factory=list)
     stats: list[StepStats] = field(default_factory=list)
     eval_steps: list[int] = field(default_factory=list)
@@ -249,6 +268,7 @@ class RunRecord:
     final_pred_classes: int = 0  # distinct predicted classes on the test set at the end
     skipped: int = 0
     seconds: float = 0.0
+    train_seconds: float = 0.0
 
     def column(self, name: str) -> list[float]:
         """One :class:`~ghoststep.monitor.StepStats` field over the steps."""
@@ -285,31 +305,73 @@ class RunRecord:
         return self.test_loss[-1]
 
 
-def spike_schedule(factor: float, spike_at: int | None) -> Callable[[int], float]:
-    """``step -> factor if step >= spike_at else 1`` (constant ``factor`` if spike_at None)."""
+def spike_schedule(
+    factor: float, spike_at: int | None, spike_steps: int | None = None
+) -> Callable[[int], float]:
+    """``step -> factor`` on the spiked steps ``spike_at <= step < spike_at + spike_steps``,
+    else 1.
+
+    ``spike_steps`` None holds the spike to the end (paper Fig. 6); ``1`` multiplies one
+    step (the paper's published code for Fig. 10 / Table 1). ``spike_at`` None: from
+    the start.
+    """
+    if spike_steps is not None and int(spike_steps) < 1:
+        raise ValueError(f"spike_steps must be >= 1 or None, got {spike_steps!r}")
     start = 0 if spike_at is None else int(spike_at)
-    return lambda step: float(factor) if step >= start else 1.0
+    stop = math.inf if spike_steps is None else start + int(spike_steps)
+    return lambda step: float(factor) if start <= step < stop else 1.0
 
 
-def _make_optimizer(name: str, params, lr: float) -> torch.optim.Optimizer:
+OPTIMIZERS = ("adam", "sgd", "sgdm", "lion")
+
+
+def make_optimizer(name: str | Callable[..., Any], params, lr: float) -> torch.optim.Optimizer:
+    """The base optimizer ``name`` at learning rate ``lr``.
+
+    ``"adam"``: ``torch.optim.Adam`` (betas 0.9, 0.999); ``"sgd"``: plain SGD;
+    ``"sgdm"``: SGD with momentum 0.9; ``"lion"``: ``pytorch_optimizer.Lion`` (betas
+    0.9, 0.99, no weight decay; needs the ``baselines`` extra). A callable is a
+    factory ``name(params, lr)``.
+    """
+    if callable(name):
+        return name(params, lr)
     if name == "adam":
         return torch.optim.Adam(params, lr=lr)
     if name == "sgd":
         return torch.optim.SGD(params, lr=lr)
-    raise ValueError(f'optimizer must be "adam" or "sgd", got {name!r}')
+    if name == "sgdm":
+        return torch.optim.SGD(params, lr=lr, momentum=0.9)
+    if name == "lion":
+        from pytorch_optimizer import Lion
+
+        return Lion(params, lr=lr)
+    raise ValueError(f"optimizer must be one of {OPTIMIZERS} or a factory, got {name!r}")
 
 
-def _record_evaluation(rec: RunRecord, model, data, done: int, eval_train: bool) -> None:
+def _record_evaluation(rec: RunRecord, model, data, done: int, eval_train: bool,
+                       loss_fn=F.cross_entropy) -> None:
     """Append the test (and optionally train) evaluation after ``done`` steps to ``rec``."""
-    ev = evaluate(model, data.X_test, data.y_test)
+    ev = evaluate(model, data.X_test, data.y_test, loss_fn)
     rec.eval_steps.append(done)
     rec.test_acc.append(ev.accuracy)
     rec.test_loss.append(ev.loss)
     if eval_train:
-        rec.train_eval_loss.append(evaluate(model, data.X_train, data.y_train).loss)
+        rec.train_eval_loss.append(evaluate(model, data.X_train, data.y_train, loss_fn).loss)
     if done == rec.steps:
         preds = predict(model, data.X_test).argmax(-1)
         rec.final_pred_classes = int(preds.unique().numel())
+
+
+def _grad_hook(model, clip_norm: float | None, grad_transform) -> Callable | None:
+    """The ``before_step`` hook: fixed-norm clipping or a fresh ``grad_transform()``."""
+    if clip_norm is not None and grad_transform is not None:
+        raise ValueError("pass clip_norm or grad_transform, not both")
+    if clip_norm is not None:
+        return lambda info: torch.nn.utils.clip_grad_norm_(model.parameters(), clip_norm)
+    if grad_transform is not None:
+        transform = grad_transform()  # one per run: adaptive clippers keep state
+        return lambda info: transform(model)
+    return None
 
 
 def controlled_run(
@@ -323,13 +385,17 @@ def controlled_run(
     target_r: float = 1.0,
     factor: float = 1.0,
     spike_at: int | None = None,
+    spike_steps: int | None = None,
     clip_norm: float | None = None,
+    grad_transform: Callable[[], Callable[[torch.nn.Module], Any]] | None = None,
     eval_every: int = 1,
     eval_train: bool = False,
-    optimizer: str = "adam",
+    optimizer: str | Callable[..., Any] = "adam",
+    wrap: bool = True,
     controller_cls: type[RadiusController] = RadiusController,
     controller_kwargs: Mapping[str, Any] | None = None,
     model_kwargs: Mapping[str, Any] | None = None,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.cross_entropy,
     method: str | None = None,
     data=None,
     progress: bool = False,
@@ -344,56 +410,68 @@ def controlled_run(
         batch_size: minibatch size (the radius is measured on the same minibatch).
         mode: the controller mode (``"monitor"``, ``"clip"``, ``"set"``).
         target_r: r* of the controller.
-        factor, spike_at: LR multiplier ``factor`` from step ``spike_at`` on
-            (``spike_at=None``: from the start).
+        factor, spike_at, spike_steps: LR multiplier ``factor`` on ``spike_steps``
+            steps from step ``spike_at`` on (see :func:`spike_schedule`).
         clip_norm: if set, ``clip_grad_norm_(max_norm=clip_norm)`` before each step.
+        grad_transform: a factory called once per run; what it returns is called with
+            the model after backward, before each step (edits the gradients in place).
         eval_every: test evaluation period in steps (plus before training and at the end).
         eval_train: also record the full training-set loss at every evaluation.
-        optimizer: ``"adam"`` or ``"sgd"``.
+        optimizer: a name for :func:`make_optimizer` or a factory ``(params, lr)``.
+        wrap: wrap the optimizer in ``controller_cls``; False trains the bare optimizer
+            (``mode`` must be ``"monitor"``; nothing per step is recorded).
         controller_cls, controller_kwargs: the wrapper class and extra arguments.
         model_kwargs: passed to ``build_model``.
+        loss_fn: ``(logits, targets) -> loss`` for training and evaluation.
         method: label stored in the record (default: the mode).
-        data: a digits ``Split`` (default: :func:`~ghoststep.experiments.data.digits`).
+        data: a ``Split`` (default: :func:`~ghoststep.experiments.data.digits`).
         progress: show a progress bar.
 
     Returns:
         A :class:`RunRecord`.
     """
+    if not wrap and mode != "monitor":
+        raise ValueError(f"wrap=False trains the bare optimizer; mode {mode!r} needs the wrapper")
     data = digits() if data is None else data
     generator = set_seed(seed)
     model = build_model(arch, **dict(model_kwargs or {}))
-    rec = RunRecord(arch, method or mode, seed, lr, factor, steps, spike_at)
-    inner = _make_optimizer(optimizer, model.parameters(), lr)
-    sink = CallbackSink(rec.stats.append)  # every step's StepStats, skipped ones included
-    kwargs = dict(mode=mode, target_r=target_r, history_size=0, **(controller_kwargs or {}))
-    opt = controller_cls(inner, model, sinks=[sink], **kwargs)
-
-    def clip(info: StepInfo) -> None:
-        torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=clip_norm)
+    rec = RunRecord(arch, method or mode, seed, lr, factor, steps, spike_at, spike_steps)
+    opt = inner = make_optimizer(optimizer, model.parameters(), lr)
+    if wrap:
+        sink = CallbackSink(rec.stats.append)  # every step's StepStats, skipped ones included
+        kwargs = dict(mode=mode, target_r=target_r, history_size=0, **(controller_kwargs or {}))
+        opt = controller_cls(inner, model, sinks=[sink], **kwargs)
+    eval_seconds = [0.0]
 
     def after(info: StepInfo) -> None:
         done = info.step + 1
         if done % eval_every == 0 or done == steps:
-            _record_evaluation(rec, model, data, done, eval_train)
+            t = time.perf_counter()
+            _record_evaluation(rec, model, data, done, eval_train, loss_fn)
+            eval_seconds[0] += time.perf_counter() - t
 
+    _record_evaluation(rec, model, data, 0, eval_train, loss_fn)
+    before_step = _grad_hook(model, clip_norm, grad_transform)  # imports happen here
     t0 = time.perf_counter()
-    _record_evaluation(rec, model, data, 0, eval_train)
     rec.train_loss = train(
         model,
         data,
         opt,
         steps,
         batch_size,
-        lr_schedule=spike_schedule(factor, spike_at),
-        before_step=None if clip_norm is None else clip,
+        lr_schedule=spike_schedule(factor, spike_at, spike_steps),
+        before_step=before_step,
         on_step=after,
         generator=generator,
+        loss_fn=loss_fn,
         progress=progress,
         desc=f"{arch} {rec.method} seed {seed}",
     )
-    opt.close()
-    rec.skipped = opt.skipped_steps
     rec.seconds = time.perf_counter() - t0
+    rec.train_seconds = rec.seconds - eval_seconds[0]
+    if wrap:
+        opt.close()
+        rec.skipped = opt.skipped_steps
     return rec
 
 
@@ -406,6 +484,7 @@ def spike_run(
     *,
     steps: int = 200,
     spike_at: int = 50,
+    spike_steps: int | None = None,
     batch_size: int = 64,
     eval_every: int = 1,
     target_r: float = 1.0,
@@ -414,7 +493,8 @@ def spike_run(
     progress: bool = False,
 ) -> RunRecord:
     """One learning-rate spike run (paper Fig. 6 / Fig. 10): Adam at ``base_lr``, times
-    ``factor`` from step ``spike_at`` on, with ``method`` in :data:`METHODS`.
+    ``factor`` on ``spike_steps`` steps from step ``spike_at`` on (None: to the end),
+    with ``method`` in :data:`METHODS`.
 
     >>> rec = spike_run("mlp", "controller", 1e-3, 1000.0, seed=0, steps=6, spike_at=3)
     >>> len(rec.r_after), max(rec.r_after) <= 1.0 + 1e-6
@@ -432,6 +512,7 @@ def spike_run(
         target_r=target_r,
         factor=factor,
         spike_at=spike_at,
+        spike_steps=spike_steps,
         clip_norm=clip_norm if method == "clip_grad" else None,
         eval_every=eval_every,
         method=method,
@@ -501,3 +582,26 @@ def summarize_finals(records: Sequence[RunRecord], diverge_loss: float = 10.0) -
         "n": len(records),
         "per_seed": accs,
     }
+
+
+def recovery_steps(rec: RunRecord, fraction: float = 0.9) -> float:
+    """Steps after the spike until test accuracy is back to ``fraction`` of its pre-spike
+    value (the evaluation at ``spike_at``, before the first spiked step).
+
+    0 when no evaluation after the spike falls below the threshold; ``inf`` when the
+    accuracy never returns; NaN without a spike or an evaluation at ``spike_at``.
+    Resolution: the evaluation period.
+    """
+    if rec.spike_at is None or rec.spike_at not in rec.eval_steps:
+        return math.nan
+    i0 = rec.eval_steps.index(rec.spike_at)
+    threshold = fraction * rec.test_acc[i0]
+    after = list(zip(rec.eval_steps[i0 + 1 :], rec.test_acc[i0 + 1 :]))
+    if all(acc >= threshold for _, acc in after):
+        return 0.0
+    dropped = False
+    for step, acc in after:
+        dropped = dropped or acc < threshold
+        if dropped and acc >= threshold:
+            return float(step - rec.spike_at)
+    return math.inf
