@@ -20,6 +20,7 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/ruff check .
+	$(BIN)/ruff format --check src tests benchmarks examples
 	$(BIN)/ruff check --select C901 --config 'lint.mccabe.max-complexity=12' src/ghoststep
 	$(BIN)/python -m pytest -q -n 2 tests
 
@@ -28,6 +29,7 @@ docs: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
+	$(BIN)/ruff format --check src tests benchmarks examples
 
 clean:
 	rm -rf $(VENV) build site *.egg-info src/*.egg-info

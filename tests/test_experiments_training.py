@@ -80,8 +80,9 @@ def test_transformer_quick(tmp_path):
     runs = res["metrics"]["runs"]
     # the all-radii step is never longer than the output-only radius allows
     radii = runs["all_radii"]["radii"]
-    for out, attn, ffn, bind in zip(radii["out"][0], radii["attn"][0], radii["ffn"][0],
-                                    runs["all_radii"]["binding"][0]):
+    for out, attn, ffn, bind in zip(
+        radii["out"][0], radii["attn"][0], radii["ffn"][0], runs["all_radii"]["binding"][0]
+    ):
         assert {"out": out, "attn": attn, "ffn": ffn}[bind] == min(out, attn, ffn)
     f = res["metrics"]["finals"]
     assert all(math.isfinite(f[m]["train_loss"]) for m in f)
@@ -102,8 +103,13 @@ def test_resnet_without_data_fails_clearly(tmp_path):
     with pytest.raises(FileNotFoundError, match="--data-dir"):
         run_experiment("resnet", "paper", out=tmp_path / "a", progress=False)
     with pytest.raises(FileNotFoundError, match="data_batch_1"):
-        run_experiment("resnet", "paper", out=tmp_path / "b", progress=False,
-                       overrides={"data_dir": str(tmp_path / "nowhere")})
+        run_experiment(
+            "resnet",
+            "paper",
+            out=tmp_path / "b",
+            progress=False,
+            overrides={"data_dir": str(tmp_path / "nowhere")},
+        )
 
 
 # ----------------------------------------------------------------------------- protocols
@@ -115,8 +121,9 @@ def test_plain_method_is_bare_adam():
     gen = set_seed(3)
     model = build_model("mlp")
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    losses = train(model, data, opt, 12, 64, lr_schedule=lambda s: 1000.0 if s >= 6 else 1.0,
-                   generator=gen)
+    losses = train(
+        model, data, opt, 12, 64, lr_schedule=lambda s: 1000.0 if s >= 6 else 1.0, generator=gen
+    )
     assert losses == rec.train_loss
     assert rec.eval_steps == [0, 6, 12]
     assert rec.r_before == rec.r_after and rec.r_before[6] > rec.r_before[5]
@@ -157,12 +164,15 @@ def test_internal_radii_match_finite_differences():
 
     plus, minus, zero = internals(1), internals(-1), internals(0)
     h = 1e-6
-    spread = max(float(((a - b) / (2 * h)).amax(-1).sub(((a - b) / (2 * h)).amin(-1)).max())
-                 for a, b in zip(plus["attention_logits"], minus["attention_logits"]))
+    spread = max(
+        float(((a - b) / (2 * h)).amax(-1).sub(((a - b) / (2 * h)).amin(-1)).max())
+        for a, b in zip(plus["attention_logits"], minus["attention_logits"])
+    )
     assert radii["attn"] == pytest.approx(math.pi / spread, rel=1e-5)
     hv = torch.cat([p.reshape(-1) for p in zero["ffn_preacts"]])
-    dh = torch.cat([((a - b) / (2 * h)).reshape(-1)
-                    for a, b in zip(plus["ffn_preacts"], minus["ffn_preacts"])]).abs()
+    dh = torch.cat(
+        [((a - b) / (2 * h)).reshape(-1) for a, b in zip(plus["ffn_preacts"], minus["ffn_preacts"])]
+    ).abs()
     ratio = (hv.abs() / dh)[dh > 0].sort().values
     k = math.ceil(0.05 * ratio.numel())
     assert radii["ffn"] == pytest.approx(float(ratio[k - 1]), rel=1e-4)
@@ -175,14 +185,16 @@ def test_internal_radii_match_finite_differences():
 def test_all_radii_controller_sets_step_to_min_radius():
     torch.manual_seed(1)
     model = build_model("transformer")
-    ctrl = AllRadiiController(torch.optim.Adam(model.parameters(), lr=1e-3), model,
-                              mode="set", target_r=1.0)
+    ctrl = AllRadiiController(
+        torch.optim.Adam(model.parameters(), lr=1e-3), model, mode="set", target_r=1.0
+    )
     x, y = digits().X_train[:32], digits().y_train[:32]
     before = [p.detach().clone() for p in model.parameters()]
     torch.nn.functional.cross_entropy(model(x), y).backward()
     ctrl.step()
-    moved = math.sqrt(sum(float((p.detach() - q).pow(2).sum()) for p, q in zip(model.parameters(),
-                                                                        before)))
+    moved = math.sqrt(
+        sum(float((p.detach() - q).pow(2).sum()) for p, q in zip(model.parameters(), before))
+    )
     radii = ctrl.last_radii
     assert set(radii) == {"out", "attn", "ffn"}
     assert ctrl.last_binding == min(radii, key=radii.get)
@@ -212,8 +224,19 @@ def test_output_only_equals_radius_controller():
 
 
 def test_parallel_map_workers_match_serial():
-    jobs = [dict(arch="mlp", method="controller", base_lr=1e-3, factor=100.0, seed=s,
-                 steps=6, spike_at=3, eval_every=3) for s in (0, 1)]
+    jobs = [
+        dict(
+            arch="mlp",
+            method="controller",
+            base_lr=1e-3,
+            factor=100.0,
+            seed=s,
+            steps=6,
+            spike_at=3,
+            eval_every=3,
+        )
+        for s in (0, 1)
+    ]
     serial = parallel_map(spike_run, jobs, workers=1, threads=1)
     pooled = parallel_map(spike_run, jobs, workers=2, threads=1)
     for a, b in zip(serial, pooled):

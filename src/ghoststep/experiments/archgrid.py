@@ -86,8 +86,14 @@ class Config:
 
 
 PRESETS = {
-    "quick": {"steps": 40, "spike_at": 15, "seeds": [0], "factors": (10.0, 10000.0),
-              "eval_every": 5, "spike_lengths": (1, 25)},
+    "quick": {
+        "steps": 40,
+        "spike_at": 15,
+        "seeds": [0],
+        "factors": (10.0, 10000.0),
+        "eval_every": 5,
+        "spike_lengths": (1, 25),
+    },
     "paper": {},
 }
 
@@ -98,15 +104,34 @@ def _length_tag(length: int, held: int) -> str:
 
 def run(config: Config, out_dir: Path, progress: bool) -> Results:
     jobs = [
-        dict(arch=a, method=m, base_lr=config.base_lr, factor=float(f), seed=s,
-             steps=config.steps, spike_at=config.spike_at, spike_steps=int(n),
-             batch_size=config.batch_size, eval_every=config.eval_every,
-             target_r=config.target_r, clip_norm=config.clip_norm)
-        for n in config.spike_lengths for a in config.archs for f in config.factors
-        for m in config.methods for s in config.seeds
+        dict(
+            arch=a,
+            method=m,
+            base_lr=config.base_lr,
+            factor=float(f),
+            seed=s,
+            steps=config.steps,
+            spike_at=config.spike_at,
+            spike_steps=int(n),
+            batch_size=config.batch_size,
+            eval_every=config.eval_every,
+            target_r=config.target_r,
+            clip_norm=config.clip_norm,
+        )
+        for n in config.spike_lengths
+        for a in config.archs
+        for f in config.factors
+        for m in config.methods
+        for s in config.seeds
     ]
-    records = parallel_map(spike_run, jobs, workers=config.workers, threads=config.threads,
-                           progress=progress, desc="archgrid runs")
+    records = parallel_map(
+        spike_run,
+        jobs,
+        workers=config.workers,
+        threads=config.threads,
+        progress=progress,
+        desc="archgrid runs",
+    )
     groups: dict[tuple[str, float, str, int], list] = {}
     for job, rec in zip(jobs, records):
         key = (job["arch"], job["factor"], job["method"], job["spike_steps"])
@@ -131,9 +156,12 @@ def run(config: Config, out_dir: Path, progress: bool) -> Results:
             claims.append(claim)
         tables.append(_full_table(config, sub, tag))
         suffix = "" if n == held else f"_{tag}"
-        figures += [_plot_finals(config, sub, out_dir, tag, suffix),
-                    _plot_curves(config, {k[:3]: v for k, v in groups.items() if k[3] == n},
-                                 out_dir, tag, suffix)]
+        figures += [
+            _plot_finals(config, sub, out_dir, tag, suffix),
+            _plot_curves(
+                config, {k[:3]: v for k, v in groups.items() if k[3] == n}, out_dir, tag, suffix
+            ),
+        ]
     return Results(
         title="Controller vs plain Adam vs gradient clipping across architectures",
         summary=_summary_text(config, summary, top),
@@ -165,8 +193,10 @@ def _summary_text(config: Config, summary: dict, top: float) -> str:
         for a in config.archs:
             vals = [summary.get((a, top, m, n)) for m in ("plain", "clip_grad", "controller")]
             if all(vals):
-                cells.append(f"{ARCH_LABELS.get(a, a)} {vals[0]['median']:.0%} / "
-                             f"{vals[1]['median']:.0%} / {vals[2]['median']:.0%}")
+                cells.append(
+                    f"{ARCH_LABELS.get(a, a)} {vals[0]['median']:.0%} / "
+                    f"{vals[1]['median']:.0%} / {vals[2]['median']:.0%}"
+                )
         parts.append(f"{_length_tag(n, held)} spike: " + "; ".join(cells))
     spikes = ", ".join(f"{f:g}x" for f in config.factors)
     lengths = " or ".join(f"{n} step{'s' if n > 1 else ''}" for n in config.spike_lengths)
@@ -189,11 +219,11 @@ def _metrics(groups: dict, summary: dict, held: int) -> dict:
 
     return {
         "summary": {key(*k): v for k, v in summary.items()},
-        "curves": {key(*k): {"eval_steps": recs[0].eval_steps,
-                             "test_acc": [rec.test_acc for rec in recs]}
-                   for k, recs in groups.items()},
-        "seconds": {key(*k): [round(rec.seconds, 3) for rec in recs]
-                    for k, recs in groups.items()},
+        "curves": {
+            key(*k): {"eval_steps": recs[0].eval_steps, "test_acc": [rec.test_acc for rec in recs]}
+            for k, recs in groups.items()
+        },
+        "seconds": {key(*k): [round(rec.seconds, 3) for rec in recs] for k, recs in groups.items()},
     }
 
 
@@ -209,74 +239,124 @@ def _claims(config: Config, summary: dict, top: float) -> list[dict]:
         if None in (p, c, k):
             continue
         paper = PAPER_TABLE1.get(a)
-        paper_txt = ("controller far above both: "
-                     + " / ".join(f"{v:.1%}" for v in paper)) if paper else "n/a"
+        paper_txt = (
+            ("controller far above both: " + " / ".join(f"{v:.1%}" for v in paper))
+            if paper
+            else "n/a"
+        )
         ok = k >= max(p, c) + config.margin
-        claims.append(Claim(
-            f"{ARCH_LABELS.get(a, a)} at {top:g}x: the controller beats plain Adam and "
-            f"clipping by >= {config.margin:.0%} points (plain / clip / controller)",
-            paper_txt, f"{p:.1%} / {c:.1%} / {k:.1%}", ok,
-            note=None if ok else _margin_note(p, c, k)))
+        claims.append(
+            Claim(
+                f"{ARCH_LABELS.get(a, a)} at {top:g}x: the controller beats plain Adam and "
+                f"clipping by >= {config.margin:.0%} points (plain / clip / controller)",
+                paper_txt,
+                f"{p:.1%} / {c:.1%} / {k:.1%}",
+                ok,
+                note=None if ok else _margin_note(p, c, k),
+            )
+        )
     ctrl = [(a, f, s["median"]) for (a, f, m), s in summary.items() if m == "controller"]
     if ctrl:
         worst = min(ctrl, key=lambda t: t[2])
-        claims.append(Claim(
-            f"The controller survives every architecture and spike (final median >= "
-            f"{config.survive_acc:.0%} in every cell)",
-            "survives all conditions (lowest: CNN+BN 71.6% at 10000x)",
-            f"lowest: {ARCH_LABELS.get(worst[0], worst[0])} {worst[2]:.1%} at {worst[1]:g}x",
-            worst[2] >= config.survive_acc,
-            note=None if worst[2] >= config.survive_acc else _survive_note(config, summary,
-                                                                           worst)))
+        claims.append(
+            Claim(
+                f"The controller survives every architecture and spike (final median >= "
+                f"{config.survive_acc:.0%} in every cell)",
+                "survives all conditions (lowest: CNN+BN 71.6% at 10000x)",
+                f"lowest: {ARCH_LABELS.get(worst[0], worst[0])} {worst[2]:.1%} at {worst[1]:g}x",
+                worst[2] >= config.survive_acc,
+                note=None
+                if worst[2] >= config.survive_acc
+                else _survive_note(config, summary, worst),
+            )
+        )
         r_max = max(s["r_applied_max"] for (a, f, m), s in summary.items() if m == "controller")
-        claims.append(Claim(
-            "Every applied controller step has r <= 1", "r <= 1", f"max r = {r_max:.6g}",
-            r_max <= config.target_r * (1 + 1e-6)))
-    clips = [(a, med(a, top, "clip_grad")) for a in ("transformer", "cnn_bn")
-             if med(a, top, "clip_grad") is not None]
+        claims.append(
+            Claim(
+                "Every applied controller step has r <= 1",
+                "r <= 1",
+                f"max r = {r_max:.6g}",
+                r_max <= config.target_r * (1 + 1e-6),
+            )
+        )
+    clips = [
+        (a, med(a, top, "clip_grad"))
+        for a in ("transformer", "cnn_bn")
+        if med(a, top, "clip_grad") is not None
+    ]
     if clips:
         ok = all(v <= config.collapse_acc for _, v in clips)
-        claims.append(Claim(
-            f"At {top:g}x clipping still fails for Transformer and CNN+BN (final median <= "
-            f"{config.collapse_acc:.0%})",
-            "38.7% / 10.3%", " / ".join(f"{v:.1%}" for _, v in clips), ok))
+        claims.append(
+            Claim(
+                f"At {top:g}x clipping still fails for Transformer and CNN+BN (final median <= "
+                f"{config.collapse_acc:.0%})",
+                "38.7% / 10.3%",
+                " / ".join(f"{v:.1%}" for _, v in clips),
+                ok,
+            )
+        )
     lo = min(float(f) for f in config.factors)
     if lo < top:
         drops = [(a, med(a, lo, "plain"), med(a, top, "plain")) for a in config.archs]
         drops = [d for d in drops if None not in d]
         if drops:
-            claims.append(Claim(
-                f"Plain Adam fails progressively: final accuracy at {top:g}x below that at "
-                f"{lo:g}x for every architecture",
-                "fails progressively with spike size",
-                "; ".join(f"{ARCH_LABELS.get(a, a)} {x:.0%} -> {y:.0%}" for a, x, y in drops),
-                all(y < x for _, x, y in drops)))
+            claims.append(
+                Claim(
+                    f"Plain Adam fails progressively: final accuracy at {top:g}x below that at "
+                    f"{lo:g}x for every architecture",
+                    "fails progressively with spike size",
+                    "; ".join(f"{ARCH_LABELS.get(a, a)} {x:.0%} -> {y:.0%}" for a, x, y in drops),
+                    all(y < x for _, x, y in drops),
+                )
+            )
     pairs = [
-        ("transformer", 10.0, 1000.0, "Plain Adam: the Transformer recovers from 10x but not "
-         "1000x", "recovers at 10x, not at 1000x"),
-        ("mlp_ln", 100.0, 10000.0, "Plain Adam: MLP+LN tolerates 100x but collapses at 10000x",
-         "tolerates 100x, 44.6% at 10000x"),
+        (
+            "transformer",
+            10.0,
+            1000.0,
+            "Plain Adam: the Transformer recovers from 10x but not 1000x",
+            "recovers at 10x, not at 1000x",
+        ),
+        (
+            "mlp_ln",
+            100.0,
+            10000.0,
+            "Plain Adam: MLP+LN tolerates 100x but collapses at 10000x",
+            "tolerates 100x, 44.6% at 10000x",
+        ),
     ]
     for a, good, bad, text, paper in pairs:
         x, y = med(a, good, "plain"), med(a, bad, "plain")
         if x is None or y is None:
             continue
-        claims.append(Claim(
-            f"{text} (>= {config.recover_acc:.0%} vs <= {config.collapse_acc:.0%})", paper,
-            f"{good:g}x: {x:.1%}; {bad:g}x: {y:.1%}",
-            x >= config.recover_acc and y <= config.collapse_acc))
+        claims.append(
+            Claim(
+                f"{text} (>= {config.recover_acc:.0%} vs <= {config.collapse_acc:.0%})",
+                paper,
+                f"{good:g}x: {x:.1%}; {bad:g}x: {y:.1%}",
+                x >= config.recover_acc and y <= config.collapse_acc,
+            )
+        )
     x = med("cnn_bn", 10.0, "plain")
     r10 = summary.get(("cnn_bn", 10.0, "plain"), {}).get("r_at_spike", math.nan)
     if x is not None:
-        claims.append(Claim(
-            f"Plain Adam: CNN+BN collapses permanently even at 10x (final median <= "
-            f"{config.collapse_acc:.0%}; BatchNorm running statistics corrupted)",
-            "permanent collapse at 10x", f"{x:.1%}", x <= config.collapse_acc,
-            note=None if x <= config.collapse_acc else (
-                f"our CNN+BN survives a 10x spike: its spiked step has r = {r10:.3g} at "
-                "the spike, and r < 1 predicts survival. The paper's collapse suggests its "
-                "spiked steps left the radius (its base LR and batch size are not stated; "
-                "we did not tune ours)")))
+        claims.append(
+            Claim(
+                f"Plain Adam: CNN+BN collapses permanently even at 10x (final median <= "
+                f"{config.collapse_acc:.0%}; BatchNorm running statistics corrupted)",
+                "permanent collapse at 10x",
+                f"{x:.1%}",
+                x <= config.collapse_acc,
+                note=None
+                if x <= config.collapse_acc
+                else (
+                    f"our CNN+BN survives a 10x spike: its spiked step has r = {r10:.3g} at "
+                    "the spike, and r < 1 predicts survival. The paper's collapse suggests its "
+                    "spiked steps left the radius (its base LR and batch size are not stated; "
+                    "we did not tune ours)"
+                ),
+            )
+        )
     return claims
 
 
@@ -285,22 +365,30 @@ def _survive_note(config: Config, summary: dict, worst: tuple) -> str:
     lo = min(float(x) for x in config.factors)
     base = summary.get((a, lo, "plain"))
     if base is not None and base["median"] < config.survive_acc + 0.05:
-        return (f"{ARCH_LABELS.get(a, a)} is not trained far in {config.steps} steps even "
-                f"without a large spike (plain Adam at {lo:g}x: {base['median']:.1%}); the "
-                "controller's low cell reflects the short run, not a collapse")
-    return (f"the controller's {ARCH_LABELS.get(a, a)} run at {f:g}x ends low although "
-            "every applied step has r <= 1: one-step safety does not guarantee progress "
-            "when Adam's spiked direction stays poor")
+        return (
+            f"{ARCH_LABELS.get(a, a)} is not trained far in {config.steps} steps even "
+            f"without a large spike (plain Adam at {lo:g}x: {base['median']:.1%}); the "
+            "controller's low cell reflects the short run, not a collapse"
+        )
+    return (
+        f"the controller's {ARCH_LABELS.get(a, a)} run at {f:g}x ends low although "
+        "every applied step has r <= 1: one-step safety does not guarantee progress "
+        "when Adam's spiked direction stays poor"
+    )
 
 
 def _margin_note(p: float, c: float, k: float) -> str:
     if k < 0.6:
-        return ("our controller itself ends low here; at the spiked LR Adam's direction is "
-                "still applied at r = 1 each step, which can keep the loss high for the "
-                "rest of the run")
-    return ("plain Adam or clipping survives the spike better in our runs than in the "
-            "paper's; the outcome of an r >> 1 step depends on unstated details (base LR, "
-            "batch size, initialization)")
+        return (
+            "our controller itself ends low here; at the spiked LR Adam's direction is "
+            "still applied at r = 1 each step, which can keep the loss high for the "
+            "rest of the run"
+        )
+    return (
+        "plain Adam or clipping survives the spike better in our runs than in the "
+        "paper's; the outcome of an r >> 1 step depends on unstated details (base LR, "
+        "batch size, initialization)"
+    )
 
 
 def _table1(config: Config, summary: dict, top: float) -> Table:
@@ -311,8 +399,7 @@ def _table1(config: Config, summary: dict, top: float) -> Table:
         row = [ARCH_LABELS.get(a, a)]
         for ref in (PAPER_TABLE1, PAPER_CODE_10000X):
             vals = ref.get(a)
-            row.append(" / ".join(f"{v:.1%}" for v in vals) if vals and top == 10000.0
-                       else "-")
+            row.append(" / ".join(f"{v:.1%}" for v in vals) if vals and top == 10000.0 else "-")
         for n in config.spike_lengths:
             cells = [summary.get((a, top, m, n)) for m in methods]
             row.append(" / ".join("-" if c is None else f"{c['median']:.1%}" for c in cells))
@@ -324,7 +411,7 @@ def _table1(config: Config, summary: dict, top: float) -> Table:
         columns += [f"ours, {tag}", f"divergent seeds, {tag}"]
     return Table(
         title=f"Table 1: median final test accuracy at {top:g}x, plain / clip / controller "
-              "(paper, the paper's code run on this machine, ours per spike length)",
+        "(paper, the paper's code run on this machine, ours per spike length)",
         columns=columns,
         rows=rows,
     )
@@ -337,14 +424,16 @@ def _full_table(config: Config, summary: dict, tag: str) -> Table:
             row = [ARCH_LABELS.get(a, a), f"{f:g}x"]
             for m in config.methods:
                 s = summary.get((a, float(f), m))
-                row.append("-" if s is None else
-                           f"{s['median']:.1%} ({s['q25']:.0%}-{s['q75']:.0%})")
+                row.append(
+                    "-" if s is None else f"{s['median']:.1%} ({s['q25']:.0%}-{s['q75']:.0%})"
+                )
             s = summary.get((a, float(f), "plain"))
             row.append("-" if s is None else f"{s['r_at_spike']:.3g}")
             rows.append(row)
     return Table(
         title=f"Median final test accuracy (IQR) for every architecture and spike ({tag} spike)",
-        columns=["arch", "spike"] + [METHOD_LABELS[m] for m in config.methods]
+        columns=["arch", "spike"]
+        + [METHOD_LABELS[m] for m in config.methods]
         + ["plain r at spike"],
         rows=rows,
     )
@@ -358,15 +447,30 @@ def _plot_finals(config: Config, summary: dict, out_dir: Path, tag: str, suffix:
             fs = [float(f) for f in config.factors if (a, float(f), m) in summary]
             s = [summary[(a, f, m)] for f in fs]
             med = np.array([x["median"] for x in s])
-            err = np.array([[x["median"] - x["q25"] for x in s], [x["q75"] - x["median"]
-                                                                   for x in s]])
-            ax.errorbar(fs, med, yerr=err, marker="o", capsize=3, color=METHOD_COLORS[m],
-                        label=METHOD_LABELS[m])
+            err = np.array(
+                [[x["median"] - x["q25"] for x in s], [x["q75"] - x["median"] for x in s]]
+            )
+            ax.errorbar(
+                fs,
+                med,
+                yerr=err,
+                marker="o",
+                capsize=3,
+                color=METHOD_COLORS[m],
+                label=METHOD_LABELS[m],
+            )
         paper = PAPER_TABLE1.get(a)
         if paper and 10000.0 in [float(f) for f in config.factors]:
             for v, m in zip(paper, ("plain", "clip_grad", "controller")):
-                ax.plot([10000.0], [v], marker="*", markersize=11, color=METHOD_COLORS[m],
-                        markeredgecolor="black", linestyle="none")
+                ax.plot(
+                    [10000.0],
+                    [v],
+                    marker="*",
+                    markersize=11,
+                    color=METHOD_COLORS[m],
+                    markeredgecolor="black",
+                    linestyle="none",
+                )
         ax.set_xscale("log")
         ax.set_ylim(0, 1)
         ax.set_title(ARCH_LABELS.get(a, a))
@@ -374,9 +478,13 @@ def _plot_finals(config: Config, summary: dict, out_dir: Path, tag: str, suffix:
         ax.axhline(0.1, color="grey", linewidth=0.6, linestyle=":")
     axes[0].set_ylabel("final test accuracy")
     axes[0].legend(fontsize=7, loc="lower left")
-    return save_figure(fig, out_dir, f"fig10_final_accuracy{suffix}.png",
-                       f"Final test accuracy vs spike factor ({tag} spike; median, IQR "
-                       "bars); stars: paper Table 1 at 10000x")
+    return save_figure(
+        fig,
+        out_dir,
+        f"fig10_final_accuracy{suffix}.png",
+        f"Final test accuracy vs spike factor ({tag} spike; median, IQR "
+        "bars); stars: paper Table 1 at 10000x",
+    )
 
 
 def _plot_curves(config: Config, groups: dict, out_dir: Path, tag: str, suffix: str):
@@ -389,8 +497,13 @@ def _plot_curves(config: Config, groups: dict, out_dir: Path, tag: str, suffix: 
             for m in config.methods:
                 recs = groups.get((a, float(f), m))
                 if recs:
-                    plot_band(ax, recs[0].eval_steps, [r.test_acc for r in recs],
-                              METHOD_LABELS[m], METHOD_COLORS[m])
+                    plot_band(
+                        ax,
+                        recs[0].eval_steps,
+                        [r.test_acc for r in recs],
+                        METHOD_LABELS[m],
+                        METHOD_COLORS[m],
+                    )
             ax.axvline(config.spike_at, color="grey", linewidth=0.8, linestyle="--")
             ax.set_ylim(0, 1)
             if i == 0:
@@ -400,6 +513,10 @@ def _plot_curves(config: Config, groups: dict, out_dir: Path, tag: str, suffix: 
             if i == na - 1:
                 ax.set_xlabel("step")
     axes[0, 0].legend(fontsize=6, loc="lower left")
-    return save_figure(fig, out_dir, f"fig10_curves{suffix}.png",
-                       f"Fig. 10: test accuracy over steps ({tag} spike; median and IQR over "
-                       "seeds); rows: architectures, columns: spike factor")
+    return save_figure(
+        fig,
+        out_dir,
+        f"fig10_curves{suffix}.png",
+        f"Fig. 10: test accuracy over steps ({tag} spike; median and IQR over "
+        "seeds); rows: architectures, columns: spike factor",
+    )

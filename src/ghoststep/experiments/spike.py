@@ -82,14 +82,30 @@ PRESETS = {
 
 def run(config: Config, out_dir: Path, progress: bool) -> Results:
     jobs = [
-        dict(arch=config.arch, method=m, base_lr=float(lr), factor=config.factor, seed=s,
-             steps=config.steps, spike_at=config.spike_at, batch_size=config.batch_size,
-             eval_every=config.eval_every, target_r=config.target_r)
-        for lr in config.base_lrs for m in config.methods for s in config.seeds
+        dict(
+            arch=config.arch,
+            method=m,
+            base_lr=float(lr),
+            factor=config.factor,
+            seed=s,
+            steps=config.steps,
+            spike_at=config.spike_at,
+            batch_size=config.batch_size,
+            eval_every=config.eval_every,
+            target_r=config.target_r,
+        )
+        for lr in config.base_lrs
+        for m in config.methods
+        for s in config.seeds
     ]
-    records = parallel_map(spike_run, jobs, workers=config.workers, threads=config.threads,
-                       progress=progress,
-                       desc="spike runs")
+    records = parallel_map(
+        spike_run,
+        jobs,
+        workers=config.workers,
+        threads=config.threads,
+        progress=progress,
+        desc="spike runs",
+    )
     groups: dict[tuple[float, str], list] = {}
     for job, rec in zip(jobs, records):
         groups.setdefault((job["base_lr"], job["method"]), []).append(rec)
@@ -104,8 +120,8 @@ def run(config: Config, out_dir: Path, progress: bool) -> Results:
             **fin,
             "pre_spike_acc": median_iqr([rec.test_acc[pre_idx] for rec in recs])[0],
             "min_acc_after": median_iqr(
-                [min(a for s, a in zip(rec.eval_steps, rec.test_acc) if s > k)
-                 for rec in recs])[0],
+                [min(a for s, a in zip(rec.eval_steps, rec.test_acc) if s > k) for rec in recs]
+            )[0],
             "r_at_spike": finite_median(r_spike),
             "r_post_median": finite_median(post_spike_r(rec, k) for rec in recs),
             "r_applied_max": float(np.nanmax([np.nanmax(rec.r_after[k:]) for rec in recs])),
@@ -122,8 +138,10 @@ def run(config: Config, out_dir: Path, progress: bool) -> Results:
         c = summary.get((float(lr), "controller"))
         bits = [f"eta0 = {lr:g} (spiked LR {lr * config.factor:g}):"]
         if p:
-            bits.append(f"plain Adam ends at {p['median']:.1%} test accuracy "
-                        f"(r = {p['r_at_spike']:.3g} at the spiked step)")
+            bits.append(
+                f"plain Adam ends at {p['median']:.1%} test accuracy "
+                f"(r = {p['r_at_spike']:.3g} at the spiked step)"
+            )
         if c:
             bits.append(f"the controller at {c['median']:.1%}")
         lines.append(" ".join(bits[:1]) + " " + "; ".join(bits[1:]) + ".")
@@ -187,57 +205,98 @@ def _claims(config: Config, summary: dict) -> list[dict]:
 
     p = get(1e-4, "plain")
     if p:
-        claims.append(Claim(
-            f"eta0 = 1e-4: plain Adam is unharmed by the spike (final median test accuracy "
-            f">= {config.unharmed_acc:.0%})",
-            PAPER[1e-4]["plain"], f"{p['median']:.1%}", p["median"] >= config.unharmed_acc))
-        claims.append(Claim(
-            "eta0 = 1e-4: the spiked step stays inside the radius (r < 1 at the spiked step)",
-            PAPER[1e-4]["r"], f"r = {p['r_at_spike']:.3g}", p["r_at_spike"] < 1.0,
-            note=None if p["r_at_spike"] < 1.0 else (
-                "r exceeds 1 yet the run survives: confidence-margin slack, the exact "
-                "radius rho* exceeds the bound rho_a for confident samples")))
+        claims.append(
+            Claim(
+                f"eta0 = 1e-4: plain Adam is unharmed by the spike (final median test accuracy "
+                f">= {config.unharmed_acc:.0%})",
+                PAPER[1e-4]["plain"],
+                f"{p['median']:.1%}",
+                p["median"] >= config.unharmed_acc,
+            )
+        )
+        claims.append(
+            Claim(
+                "eta0 = 1e-4: the spiked step stays inside the radius (r < 1 at the spiked step)",
+                PAPER[1e-4]["r"],
+                f"r = {p['r_at_spike']:.3g}",
+                p["r_at_spike"] < 1.0,
+                note=None
+                if p["r_at_spike"] < 1.0
+                else (
+                    "r exceeds 1 yet the run survives: confidence-margin slack, the exact "
+                    "radius rho* exceeds the bound rho_a for confident samples"
+                ),
+            )
+        )
     p = get(1e-3, "plain")
     if p:
         ok = lo <= p["median"] <= hi
-        claims.append(Claim(
-            f"eta0 = 1e-3: plain Adam drops to ~50% and does not recover (final median in "
-            f"[{lo:.0%}, {hi:.0%}])",
-            PAPER[1e-3]["plain"], f"{p['median']:.1%} (IQR {p['q25']:.1%}-{p['q75']:.1%})",
-            ok, note=None if ok else _collapse_note(p)))
-        claims.append(Claim(
-            f"eta0 = 1e-3: the spike takes r to ~10 (r at the spiked step within {f:g}x of 10)",
-            PAPER[1e-3]["r"],
-            f"{p['r_at_spike']:.3g} at the spiked step" + _ctrl_r(get(1e-3, "controller")),
-            _within(p["r_at_spike"], 10.0, f),
-            note=None if _within(p["r_at_spike"], 10.0, f) else _r_note(p["r_at_spike"], 10.0)))
+        claims.append(
+            Claim(
+                f"eta0 = 1e-3: plain Adam drops to ~50% and does not recover (final median in "
+                f"[{lo:.0%}, {hi:.0%}])",
+                PAPER[1e-3]["plain"],
+                f"{p['median']:.1%} (IQR {p['q25']:.1%}-{p['q75']:.1%})",
+                ok,
+                note=None if ok else _collapse_note(p),
+            )
+        )
+        claims.append(
+            Claim(
+                f"eta0 = 1e-3: the spike takes r to ~10 (r at the spiked step within {f:g}x of 10)",
+                PAPER[1e-3]["r"],
+                f"{p['r_at_spike']:.3g} at the spiked step" + _ctrl_r(get(1e-3, "controller")),
+                _within(p["r_at_spike"], 10.0, f),
+                note=None if _within(p["r_at_spike"], 10.0, f) else _r_note(p["r_at_spike"], 10.0),
+            )
+        )
     p = get(1e-2, "plain")
     if p:
         ok = p["median"] <= config.chance_acc
-        claims.append(Claim(
-            f"eta0 = 1e-2: plain Adam falls to chance (final median <= "
-            f"{config.chance_acc:.0%})",
-            PAPER[1e-2]["plain"], f"{p['median']:.1%}", ok))
-        claims.append(Claim(
-            f"eta0 = 1e-2: the spike takes r to ~100 (r at the spiked step within {f:g}x "
-            "of 100)",
-            PAPER[1e-2]["r"],
-            f"{p['r_at_spike']:.3g} at the spiked step" + _ctrl_r(get(1e-2, "controller")),
-            _within(p["r_at_spike"], 100.0, f),
-            note=None if _within(p["r_at_spike"], 100.0, f) else _r_note(p["r_at_spike"], 100.0)))
+        claims.append(
+            Claim(
+                f"eta0 = 1e-2: plain Adam falls to chance (final median <= "
+                f"{config.chance_acc:.0%})",
+                PAPER[1e-2]["plain"],
+                f"{p['median']:.1%}",
+                ok,
+            )
+        )
+        claims.append(
+            Claim(
+                f"eta0 = 1e-2: the spike takes r to ~100 (r at the spiked step within {f:g}x "
+                "of 100)",
+                PAPER[1e-2]["r"],
+                f"{p['r_at_spike']:.3g} at the spiked step" + _ctrl_r(get(1e-2, "controller")),
+                _within(p["r_at_spike"], 100.0, f),
+                note=None
+                if _within(p["r_at_spike"], 100.0, f)
+                else _r_note(p["r_at_spike"], 100.0),
+            )
+        )
     ctrl = [(lr, get(lr, "controller")) for lr in config.base_lrs if get(lr, "controller")]
     if ctrl:
         worst = min(c["median"] for _, c in ctrl)
         ours = ", ".join(f"{lr:g}: {c['median']:.1%}" for lr, c in ctrl)
-        claims.append(Claim(
-            f"The controller survives every spike (final median test accuracy >= "
-            f"{config.unharmed_acc:.0%} at every eta0)",
-            "survives all three", ours, worst >= config.unharmed_acc))
+        claims.append(
+            Claim(
+                f"The controller survives every spike (final median test accuracy >= "
+                f"{config.unharmed_acc:.0%} at every eta0)",
+                "survives all three",
+                ours,
+                worst >= config.unharmed_acc,
+            )
+        )
         r_max = max(c["r_applied_max"] for _, c in ctrl)
-        claims.append(Claim(
-            "The controller keeps every applied step inside the radius (max applied r <= 1, "
-            "Prop. 5.2)",
-            "r <= 1", f"max r = {r_max:.6g}", r_max <= config.target_r * (1 + 1e-6)))
+        claims.append(
+            Claim(
+                "The controller keeps every applied step inside the radius (max applied r <= 1, "
+                "Prop. 5.2)",
+                "r <= 1",
+                f"max r = {r_max:.6g}",
+                r_max <= config.target_r * (1 + 1e-6),
+            )
+        )
     return claims
 
 
@@ -249,8 +308,10 @@ def _ctrl_r(c: dict | None) -> str:
 
 def _collapse_note(p: dict) -> str:
     if p["median"] < 0.3:
-        dead = (f"{p['single_class_seeds']}/{p['n']} seeds end predicting a single class "
-                "(a dead ReLU network)")
+        dead = (
+            f"{p['single_class_seeds']}/{p['n']} seeds end predicting a single class "
+            "(a dead ReLU network)"
+        )
         return (
             "our plain runs collapse further, to chance: the spiked steps reach r = "
             f"{p['r_at_spike']:.3g} at once and up to {p['r_applied_max']:.3g} within a few "
@@ -258,21 +319,27 @@ def _collapse_note(p: dict) -> str:
             "r >> 1 collapse goes depends on details the paper does not fix (batch size, "
             "initialization); we did not tune them"
         )
-    return ("our plain runs keep more accuracy than the paper's ~50%; how deep an r >> 1 "
-            "collapse goes depends on details the paper does not fix (batch size, "
-            "initialization); we did not tune them")
+    return (
+        "our plain runs keep more accuracy than the paper's ~50%; how deep an r >> 1 "
+        "collapse goes depends on details the paper does not fix (batch size, "
+        "initialization); we did not tune them"
+    )
 
 
 def _r_note(value: float, target: float) -> str | None:
     if not np.isfinite(value):
         return "r at the spiked step is not finite"
     if value > target:
-        return (f"ours is {value / target:.2g}x the paper's ~{target:g}; the regime (r >> 1, "
-                "growing with eta0) agrees. The value depends on how confident the model is "
-                "when the spike hits (larger logit spreads, smaller rho_a) and on the batch "
-                "the radius is measured on")
-    return (f"ours is {target / value:.2g}x below the paper's ~{target:g}; the value depends "
-            "on the model's confidence at the spike and the measuring batch")
+        return (
+            f"ours is {value / target:.2g}x the paper's ~{target:g}; the regime (r >> 1, "
+            "growing with eta0) agrees. The value depends on how confident the model is "
+            "when the spike hits (larger logit spreads, smaller rho_a) and on the batch "
+            "the radius is measured on"
+        )
+    return (
+        f"ours is {target / value:.2g}x below the paper's ~{target:g}; the value depends "
+        "on the model's confidence at the spike and the measuring batch"
+    )
 
 
 def _table(config: Config, summary: dict) -> Table:
@@ -282,19 +349,34 @@ def _table(config: Config, summary: dict) -> Table:
             s = summary.get((float(lr), m))
             if s is None:
                 continue
-            rows.append([
-                f"{lr:g}", METHOD_LABELS[m], f"{s['pre_spike_acc']:.1%}",
-                f"{s['min_acc_after']:.1%}",
-                f"{s['median']:.1%} ({s['q25']:.1%}-{s['q75']:.1%})",
-                f"{s['r_at_spike']:.3g}", f"{s['r_post_median']:.3g}",
-                f"{s['r_applied_max']:.3g}", f"{s['divergent']}/{s['n']}",
-                PAPER.get(float(lr), {}).get("plain", "") if m == "plain" else "survives",
-            ])
+            rows.append(
+                [
+                    f"{lr:g}",
+                    METHOD_LABELS[m],
+                    f"{s['pre_spike_acc']:.1%}",
+                    f"{s['min_acc_after']:.1%}",
+                    f"{s['median']:.1%} ({s['q25']:.1%}-{s['q75']:.1%})",
+                    f"{s['r_at_spike']:.3g}",
+                    f"{s['r_post_median']:.3g}",
+                    f"{s['r_applied_max']:.3g}",
+                    f"{s['divergent']}/{s['n']}",
+                    PAPER.get(float(lr), {}).get("plain", "") if m == "plain" else "survives",
+                ]
+            )
     return Table(
         title=f"Test accuracy around the {config.factor:g}x spike (median over seeds)",
-        columns=["eta0", "method", "acc before spike", "lowest acc after",
-                    "final acc (IQR)", "r at spike", "post-spike r (median)",
-                    "max applied r", "divergent", "paper"],
+        columns=[
+            "eta0",
+            "method",
+            "acc before spike",
+            "lowest acc after",
+            "final acc (IQR)",
+            "r at spike",
+            "post-spike r (median)",
+            "max applied r",
+            "divergent",
+            "paper",
+        ],
         rows=rows,
     )
 
@@ -312,13 +394,21 @@ def _plot_curves(config: Config, groups: dict, out_dir: Path) -> dict:
             color = METHOD_COLORS[m]
             steps = np.arange(config.steps)
             plot_band(ax_loss, steps, [rec.train_loss for rec in recs], METHOD_LABELS[m], color)
-            plot_band(ax_acc, recs[0].eval_steps, [rec.test_acc for rec in recs],
-                      METHOD_LABELS[m], color)
-            plot_band(ax_r, steps, [rec.r_after for rec in recs],
-                      f"{METHOD_LABELS[m]} (applied)", color)
+            plot_band(
+                ax_acc, recs[0].eval_steps, [rec.test_acc for rec in recs], METHOD_LABELS[m], color
+            )
+            plot_band(
+                ax_r, steps, [rec.r_after for rec in recs], f"{METHOD_LABELS[m]} (applied)", color
+            )
             if m == "controller":
-                plot_band(ax_r, steps, [rec.r_before for rec in recs],
-                          "controller: proposed by Adam", color, linestyle=":")
+                plot_band(
+                    ax_r,
+                    steps,
+                    [rec.r_before for rec in recs],
+                    "controller: proposed by Adam",
+                    color,
+                    linestyle=":",
+                )
         for ax in axes[row]:
             ax.axvline(config.spike_at, color="grey", linewidth=0.8, linestyle="--")
         ax_loss.set_yscale("log")
@@ -331,8 +421,7 @@ def _plot_curves(config: Config, groups: dict, out_dir: Path) -> dict:
         ax_r.set_ylabel("r = τ / ρa")
         if row == 0:
             ax_loss.set_title("training loss (minibatch)")
-            ax_acc.set_title(f"test accuracy ({config.factor:g}× spike at step "
-                             f"{config.spike_at})")
+            ax_acc.set_title(f"test accuracy ({config.factor:g}× spike at step {config.spike_at})")
             ax_r.set_title("normalized step r (r = 1 dashed)")
             ax_acc.legend(fontsize=7, loc="lower right")
             ax_r.legend(fontsize=7, loc="best")
@@ -340,7 +429,10 @@ def _plot_curves(config: Config, groups: dict, out_dir: Path) -> dict:
             for ax in axes[row]:
                 ax.set_xlabel("step")
     return save_figure(
-        fig, out_dir, "fig6_spike.png",
+        fig,
+        out_dir,
+        "fig6_spike.png",
         f"Fig. 6: {config.factor:g}x LR spike at step {config.spike_at} for three base LRs "
         f"(median and IQR over {len(config.seeds)} seed(s)). Right: r = tau/rho_a of every "
-        "step; the controller's applied r never exceeds 1.")
+        "step; the controller's applied r never exceeds 1.",
+    )

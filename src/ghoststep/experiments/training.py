@@ -348,8 +348,9 @@ def make_optimizer(name: str | Callable[..., Any], params, lr: float) -> torch.o
     raise ValueError(f"optimizer must be one of {OPTIMIZERS} or a factory, got {name!r}")
 
 
-def _record_evaluation(rec: RunRecord, model, data, done: int, eval_train: bool,
-                       loss_fn=F.cross_entropy) -> None:
+def _record_evaluation(
+    rec: RunRecord, model, data, done: int, eval_train: bool, loss_fn=F.cross_entropy
+) -> None:
     """Append the test (and optionally train) evaluation after ``done`` steps to ``rec``."""
     ev = evaluate(model, data.X_test, data.y_test, loss_fn)
     rec.eval_steps.append(done)

@@ -51,8 +51,12 @@ METHOD_LABELS = {
     "fixed_1x": "fixed LR 1×",
     "fixed_16x": "fixed LR 16×",
 }
-METHOD_COLORS = {"all_radii": "#d4a017", "output_only": "#8e44ad", "fixed_1x": "#2c7fb8",
-                 "fixed_16x": "#c0392b"}
+METHOD_COLORS = {
+    "all_radii": "#d4a017",
+    "output_only": "#8e44ad",
+    "fixed_1x": "#2c7fb8",
+    "fixed_16x": "#c0392b",
+}
 RADIUS_LABELS = {"ffn": "FFN", "out": "Out", "attn": "Attn"}
 # Paper Table 2: binding counts per phase (FFN, Out, Attn) over 5 seeds x 61 evaluations,
 # and the median radii pooled per phase (ffn, out, attn).
@@ -239,16 +243,21 @@ def run(config: Config, out_dir: Path, progress: bool) -> Results:
 
     cfg = dataclasses.asdict(config)
     jobs = [dict(method=m, seed=s, config=cfg) for m in config.methods for s in config.seeds]
-    records = parallel_map(transformer_run, jobs, workers=config.workers, threads=config.threads,
-                       progress=progress,
-                       desc="transformer runs")
+    records = parallel_map(
+        transformer_run,
+        jobs,
+        workers=config.workers,
+        threads=config.threads,
+        progress=progress,
+        desc="transformer runs",
+    )
     groups: dict[str, list] = {}
     for job, rec in zip(jobs, records):
         groups.setdefault(job["method"], []).append(rec)
 
     logged = logged_steps(config.steps, config.log_every)
     third = len(logged) // 3  # thirds, the last one takes the remainder (paper: 20/20/21)
-    phases = [logged[:third], logged[third:2 * third], logged[2 * third:]]
+    phases = [logged[:third], logged[third : 2 * third], logged[2 * third :]]
     finals = {}
     for m, recs in groups.items():
         losses = [rec.train_eval_loss[-1] for rec in recs]
@@ -273,21 +282,31 @@ def run(config: Config, out_dir: Path, progress: bool) -> Results:
     if "all_radii" in groups:
         figures.append(_plot_radii(config, groups["all_radii"], out_dir))
 
-    order = sorted(finals, key=lambda m: (not math.isfinite(finals[m]["train_loss"]),
-                                          finals[m]["train_loss"]))
+    order = sorted(
+        finals, key=lambda m: (not math.isfinite(finals[m]["train_loss"]), finals[m]["train_loss"])
+    )
     text = (
         f"TinyTransformer (d = {config.d_model}, {config.n_layers} layers) on digits, "
         f"{config.steps} Adam steps. Final training loss (median over "
         f"{len(config.seeds)} seed(s)): "
-        + ", ".join(f"{METHOD_LABELS[m]} {finals[m]['train_loss']:.3g}" for m in order) + ". "
+        + ", ".join(f"{METHOD_LABELS[m]} {finals[m]['train_loss']:.3g}" for m in order)
+        + ". "
         "The adaptive controllers set every step to r* = "
         f"{config.target_r:g} times their radius ({config.controller_mode} mode)."
     )
     if binding:
-        text += " Binding radius of the all-radii controller, early / middle / late: " + \
-            "; ".join(f"{ph}: " + ", ".join(f"{RADIUS_LABELS[k]} {binding[ph]['counts'][k]}"
-                                             for k in ("ffn", "out", "attn"))
-                      + f" of {binding[ph]['n']}" for ph in PHASES) + "."
+        text += (
+            " Binding radius of the all-radii controller, early / middle / late: "
+            + "; ".join(
+                f"{ph}: "
+                + ", ".join(
+                    f"{RADIUS_LABELS[k]} {binding[ph]['counts'][k]}" for k in ("ffn", "out", "attn")
+                )
+                + f" of {binding[ph]['n']}"
+                for ph in PHASES
+            )
+            + "."
+        )
     metrics = {
         "finals": finals,
         "binding": binding,
@@ -298,8 +317,7 @@ def run(config: Config, out_dir: Path, progress: bool) -> Results:
                 "train_loss": [rec.train_eval_loss for rec in recs],
                 "test_acc": [rec.test_acc for rec in recs],
                 "effective_lr": [[rec.lr_applied[s] for s in logged] for rec in recs],
-                "radii": {k: [[rec.radii[k][s] for s in logged] for rec in recs]
-                          for k in RADII},
+                "radii": {k: [[rec.radii[k][s] for s in logged] for rec in recs] for k in RADII},
                 "binding": [[rec.binding[s] for s in logged] for rec in recs],
                 "seconds": [round(rec.seconds, 3) for rec in recs],
             }
@@ -336,8 +354,10 @@ def _binding(recs: list, phases: list[list[int]]) -> dict:
         out[name] = {
             "counts": {k: counts.get(k, 0) for k in ("ffn", "out", "attn")},
             "n": len(steps) * len(recs),
-            "median_radii": {k: finite_median(rec.radii[k][s] for rec in recs for s in steps)
-                             for k in ("ffn", "out", "attn")},
+            "median_radii": {
+                k: finite_median(rec.radii[k][s] for rec in recs for s in steps)
+                for k in ("ffn", "out", "attn")
+            },
             "steps": [int(steps[0]), int(steps[-1])],
         }
     return out
@@ -353,11 +373,15 @@ def _binding_note(binding) -> str:
     for ph in ("early", "late"):
         ours = binding[ph]["median_radii"]
         paper = dict(zip(("ffn", "out", "attn"), PAPER_TABLE2[ph][2]))
-        ratios.append(", ".join(f"rho_{k} {ours[k] / paper[k]:.2g}x" for k in ("ffn", "out",
-                                                                                "attn")))
+        ratios.append(
+            ", ".join(f"rho_{k} {ours[k] / paper[k]:.2g}x" for k in ("ffn", "out", "attn"))
+        )
     return (
-        "our median radii relative to the paper's Table 2 -- early: " + ratios[0]
-        + "; late: " + ratios[1] + ". Where rho_out is several times the paper's while "
+        "our median radii relative to the paper's Table 2 -- early: "
+        + ratios[0]
+        + "; late: "
+        + ratios[1]
+        + ". Where rho_out is several times the paper's while "
         "rho_ffn is not, rho_ffn stays the minimum. Candidate causes (untested): the "
         "sample set rho_out is measured on (ours: each 64-sample minibatch; a larger set "
         "can only give a smaller rho_out) and transformer details the paper does not give "
@@ -369,40 +393,68 @@ def _claims(config, finals, binding, all_recs, logged) -> list[dict]:
     claims = []
     fa = finals.get("all_radii")
     if fa and len(finals) > 1:
-        best = min(finals, key=lambda m: finals[m]["train_loss"]
-                   if math.isfinite(finals[m]["train_loss"]) else math.inf)
+        best = min(
+            finals,
+            key=lambda m: (
+                finals[m]["train_loss"] if math.isfinite(finals[m]["train_loss"]) else math.inf
+            ),
+        )
         ours = ", ".join(f"{METHOD_LABELS[m]} {finals[m]['train_loss']:.3g}" for m in finals)
         ok = best == "all_radii"
-        claims.append(Claim(
-            "The all-radii controller reaches the lowest final training loss",
-            "all-radii lowest", ours, ok,
-            note=None if ok else (
-                f"in our runs {METHOD_LABELS[best]} ends lowest. The all-radii steps are "
-                f"short (median effective LR {fa['lr_median']:.2g}, the min of three radii) "
-                f"so it is slower over {config.steps} steps; the paper's optimizer, base LR "
-                "and step rule are not stated")))
+        claims.append(
+            Claim(
+                "The all-radii controller reaches the lowest final training loss",
+                "all-radii lowest",
+                ours,
+                ok,
+                note=None
+                if ok
+                else (
+                    f"in our runs {METHOD_LABELS[best]} ends lowest. The all-radii steps are "
+                    f"short (median effective LR {fa['lr_median']:.2g}, the min of three radii) "
+                    f"so it is slower over {config.steps} steps; the paper's optimizer, base LR "
+                    "and step rule are not stated"
+                ),
+            )
+        )
     f = finals.get("fixed_16x")
     if f:
-        claims.append(Claim(
-            f"Fixed LR {config.high_factor:g}x diverges (final training loss not below the "
-            "initial loss)",
-            "diverges", f"final {f['train_loss']:.3g} vs initial {f['initial_loss']:.3g} "
-            f"(best along the run {f['best_loss']:.3g})", _diverged(f),
-            note=None if _diverged(f) else (
-                f"Adam at {config.base_lr * config.high_factor:g} does not diverge here (its "
-                "loss is noisier and ends above its best); the paper's base LR and optimizer "
-                "are not stated, a larger base LR would diverge sooner. Not tuned")))
+        claims.append(
+            Claim(
+                f"Fixed LR {config.high_factor:g}x diverges (final training loss not below the "
+                "initial loss)",
+                "diverges",
+                f"final {f['train_loss']:.3g} vs initial {f['initial_loss']:.3g} "
+                f"(best along the run {f['best_loss']:.3g})",
+                _diverged(f),
+                note=None
+                if _diverged(f)
+                else (
+                    f"Adam at {config.base_lr * config.high_factor:g} does not diverge here (its "
+                    "loss is noisier and ends above its best); the paper's base LR and optimizer "
+                    "are not stated, a larger base LR would diverge sooner. Not tuned"
+                ),
+            )
+        )
     f1 = finals.get("fixed_1x")
     if f1 and fa:
         ok = (not _diverged(f1)) and f1["train_loss"] > fa["train_loss"]
-        claims.append(Claim(
-            "Fixed LR 1x converges, but more slowly than the all-radii controller (higher "
-            "final training loss, not diverged)",
-            "converges slowly", f"1x {f1['train_loss']:.3g} vs all-radii {fa['train_loss']:.3g}",
-            ok, note=None if ok else (
-                f"Adam at {config.base_lr:g} converges faster than the all-radii controller "
-                f"here; its steps are {config.base_lr / fa['lr_median']:.2g}x longer than "
-                "the all-radii controller's median effective LR")))
+        claims.append(
+            Claim(
+                "Fixed LR 1x converges, but more slowly than the all-radii controller (higher "
+                "final training loss, not diverged)",
+                "converges slowly",
+                f"1x {f1['train_loss']:.3g} vs all-radii {fa['train_loss']:.3g}",
+                ok,
+                note=None
+                if ok
+                else (
+                    f"Adam at {config.base_lr:g} converges faster than the all-radii controller "
+                    f"here; its steps are {config.base_lr / fa['lr_median']:.2g}x longer than "
+                    "the all-radii controller's median effective LR"
+                ),
+            )
+        )
     if binding:
         e, late, mid = binding["early"], binding["late"], binding["middle"]
         full = _binding_note(binding)
@@ -416,53 +468,95 @@ def _claims(config, finals, binding, all_recs, logged) -> list[dict]:
 
         share_e = e["counts"]["ffn"] / e["n"]
         share_l = late["counts"]["out"] / late["n"]
-        claims.append(Claim(
-            "Early training is FFN-limited (rho_ffn binds in most early logged steps)",
-            "94/100", f"{e['counts']['ffn']}/{e['n']}", share_e > 0.5,
-            note=None if share_e > 0.5 else why()))
+        claims.append(
+            Claim(
+                "Early training is FFN-limited (rho_ffn binds in most early logged steps)",
+                "94/100",
+                f"{e['counts']['ffn']}/{e['n']}",
+                share_e > 0.5,
+                note=None if share_e > 0.5 else why(),
+            )
+        )
         ok = min(mid["counts"]["ffn"], mid["counts"]["out"]) >= 0.2 * mid["n"]
-        claims.append(Claim(
-            "The middle third mixes FFN and output bottlenecks (each binds at least 20%)",
-            "48/100 FFN, 52/100 Out",
-            f"{mid['counts']['ffn']}/{mid['n']} FFN, {mid['counts']['out']}/{mid['n']} Out",
-            ok, note=None if ok else why()))
-        claims.append(Claim(
-            "Late training is output-limited (rho_out binds in most late logged steps)",
-            "97/105", f"{late['counts']['out']}/{late['n']}", share_l > 0.5,
-            note=None if share_l > 0.5 else why()))
+        claims.append(
+            Claim(
+                "The middle third mixes FFN and output bottlenecks (each binds at least 20%)",
+                "48/100 FFN, 52/100 Out",
+                f"{mid['counts']['ffn']}/{mid['n']} FFN, {mid['counts']['out']}/{mid['n']} Out",
+                ok,
+                note=None if ok else why(),
+            )
+        )
+        claims.append(
+            Claim(
+                "Late training is output-limited (rho_out binds in most late logged steps)",
+                "97/105",
+                f"{late['counts']['out']}/{late['n']}",
+                share_l > 0.5,
+                note=None if share_l > 0.5 else why(),
+            )
+        )
         for k in ("ffn", "out", "attn"):
             ours = [binding[ph]["median_radii"][k] for ph in PHASES]
             paper = [PAPER_TABLE2[ph][2][("ffn", "out", "attn").index(k)] for ph in PHASES]
             ok = all(0.5 <= o / p <= 2.0 for o, p in zip(ours, paper))
-            claims.append(Claim(
-                f"Median rho_{k} per phase (early / middle / late) within 2x of Table 2",
-                " / ".join(f"{v:g}" for v in paper), " / ".join(f"{v:.3g}" for v in ours), ok,
-                note=None if ok else "radii depend on model details and on the sample set "
-                "they are measured on; see the binding claims"))
+            claims.append(
+                Claim(
+                    f"Median rho_{k} per phase (early / middle / late) within 2x of Table 2",
+                    " / ".join(f"{v:g}" for v in paper),
+                    " / ".join(f"{v:.3g}" for v in ours),
+                    ok,
+                    note=None
+                    if ok
+                    else "radii depend on model details and on the sample set "
+                    "they are measured on; see the binding claims",
+                )
+            )
         attn = sum(binding[p]["counts"]["attn"] for p in PHASES)
         total = sum(binding[p]["n"] for p in PHASES)
-        claims.append(Claim(
-            "The attention radius never binds", "0/305", f"{attn}/{total}", attn == 0))
+        claims.append(
+            Claim("The attention radius never binds", "0/305", f"{attn}/{total}", attn == 0)
+        )
         first = Counter(rec.binding[logged[0]] for rec in all_recs)
         last = Counter(rec.binding[logged[-1]] for rec in all_recs)
         ok = set(first) == {"ffn"} and set(last) == {"out"}
-        claims.append(Claim(
-            "Every seed starts FFN-limited and ends output-limited",
-            "every seed", f"first: {dict(first)}; last: {dict(last)}", ok,
-            note=None if ok else why()))
+        claims.append(
+            Claim(
+                "Every seed starts FFN-limited and ends output-limited",
+                "every seed",
+                f"first: {dict(first)}; last: {dict(last)}",
+                ok,
+                note=None if ok else why(),
+            )
+        )
     return claims
 
 
 def _final_table(config, finals) -> Table:
     rows = []
     for m, f in finals.items():
-        rows.append([METHOD_LABELS[m], f"{f['initial_loss']:.3g}", f"{f['best_loss']:.3g}",
-                     f"{f['train_loss']:.3g}", f"{f['test_acc']:.1%}", f"{f['lr_median']:.3g}",
-                     "yes" if _diverged(f) else "no"])
+        rows.append(
+            [
+                METHOD_LABELS[m],
+                f"{f['initial_loss']:.3g}",
+                f"{f['best_loss']:.3g}",
+                f"{f['train_loss']:.3g}",
+                f"{f['test_acc']:.1%}",
+                f"{f['lr_median']:.3g}",
+                "yes" if _diverged(f) else "no",
+            ]
+        )
     return Table(
         title="Final training loss and test accuracy (median over seeds)",
-        columns=["method", "initial loss", "best loss", "final loss", "final test acc",
-                    "median effective LR", "diverged"],
+        columns=[
+            "method",
+            "initial loss",
+            "best loss",
+            "final loss",
+            "final test acc",
+            "median effective LR",
+            "diverged",
+        ],
         rows=rows,
     )
 
@@ -472,20 +566,30 @@ def _table2(binding, n_seeds) -> Table:
     for ph in PHASES:
         b = binding[ph]
         paper_counts, paper_n, paper_radii = PAPER_TABLE2[ph]
-        rows.append([
-            ph, f"{b['steps'][0]}-{b['steps'][1]}",
-            f"{b['counts']['ffn']}/{b['n']} ({paper_counts[0]}/{paper_n})",
-            f"{b['counts']['out']}/{b['n']} ({paper_counts[1]}/{paper_n})",
-            f"{b['counts']['attn']}/{b['n']} ({paper_counts[2]}/{paper_n})",
-            f"{b['median_radii']['ffn']:.3g} ({paper_radii[0]:g})",
-            f"{b['median_radii']['out']:.3g} ({paper_radii[1]:g})",
-            f"{b['median_radii']['attn']:.3g} ({paper_radii[2]:g})",
-        ])
+        rows.append(
+            [
+                ph,
+                f"{b['steps'][0]}-{b['steps'][1]}",
+                f"{b['counts']['ffn']}/{b['n']} ({paper_counts[0]}/{paper_n})",
+                f"{b['counts']['out']}/{b['n']} ({paper_counts[1]}/{paper_n})",
+                f"{b['counts']['attn']}/{b['n']} ({paper_counts[2]}/{paper_n})",
+                f"{b['median_radii']['ffn']:.3g} ({paper_radii[0]:g})",
+                f"{b['median_radii']['out']:.3g} ({paper_radii[1]:g})",
+                f"{b['median_radii']['attn']:.3g} ({paper_radii[2]:g})",
+            ]
+        )
     return Table(
-        title=f"Table 2: which radius binds in the all-radii run, ours (paper), "
-                 f"{n_seeds} seed(s)",
-        columns=["phase", "steps", "FFN", "Out", "Attn", "med. rho_ffn", "med. rho_out",
-                    "med. rho_attn"],
+        title=f"Table 2: which radius binds in the all-radii run, ours (paper), {n_seeds} seed(s)",
+        columns=[
+            "phase",
+            "steps",
+            "FFN",
+            "Out",
+            "Attn",
+            "med. rho_ffn",
+            "med. rho_out",
+            "med. rho_attn",
+        ],
         rows=rows,
     )
 
@@ -497,8 +601,9 @@ def _plot_training(config, groups, out_dir) -> dict:
         steps = recs[0].eval_steps
         plot_band(ax_loss, steps, [r.train_eval_loss for r in recs], METHOD_LABELS[m], color)
         plot_band(ax_acc, steps, [r.test_acc for r in recs], METHOD_LABELS[m], color)
-        plot_band(ax_lr, np.arange(config.steps), [r.lr_applied for r in recs], METHOD_LABELS[m],
-                  color)
+        plot_band(
+            ax_lr, np.arange(config.steps), [r.lr_applied for r in recs], METHOD_LABELS[m], color
+        )
     ax_loss.set_yscale("log")
     ax_loss.set_title("training loss (full train set)")
     ax_acc.set_title("test accuracy")
@@ -508,8 +613,12 @@ def _plot_training(config, groups, out_dir) -> dict:
     for ax in (ax_loss, ax_acc, ax_lr):
         ax.set_xlabel("step")
     ax_loss.legend(fontsize=7)
-    return save_figure(fig, out_dir, "fig11_transformer.png",
-                       "Fig. 11: adaptive vs fixed learning rates (median and IQR over seeds)")
+    return save_figure(
+        fig,
+        out_dir,
+        "fig11_transformer.png",
+        "Fig. 11: adaptive vs fixed learning rates (median and IQR over seeds)",
+    )
 
 
 def _plot_radii(config, recs, out_dir) -> dict:
@@ -532,6 +641,9 @@ def _plot_radii(config, recs, out_dir) -> dict:
     ax_b.set_ylabel("share of seeds")
     ax_b.set_title("which radius binds (logged steps)")
     ax_b.legend(fontsize=8)
-    return save_figure(fig, out_dir, "radii_binding.png",
-                       "All-radii controller: rho_out, rho_attn, rho_ffn over training and "
-                       "the binding radius")
+    return save_figure(
+        fig,
+        out_dir,
+        "radii_binding.png",
+        "All-radii controller: rho_out, rho_attn, rho_ffn over training and the binding radius",
+    )
