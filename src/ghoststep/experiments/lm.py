@@ -475,6 +475,9 @@ def _claims(c: Config, per_v: dict, stab: dict, slope: float) -> list[Claim]:
             ">= 1.5",
             f"{top['q_over_max_median']:.3g}",
             top["q_over_max_median"] >= 1.5,
+            f"a batch has {c.batch_size * c.seq_len} positions: the {c.quantile:g}-quantile "
+            "spread lies between the two largest spreads, so it can only be as loose as "
+            "the gap between the largest two",
         ),
         Claim(
             f"Bottlenecks sit at rare tokens at V = {v_max}: median frequency rank of the "
@@ -488,6 +491,9 @@ def _claims(c: Config, per_v: dict, stab: dict, slope: float) -> list[Claim]:
             "> 50%",
             f"{top['binding']['out']}/{sum(top['binding'].values())}",
             top["binding"]["out"] > 0.5 * sum(top["binding"].values()),
+            "steps binding out / attn / ffn: "
+            + " / ".join(str(top["binding"].get(k, 0)) for k in ("out", "attn", "ffn"))
+            + " (the FFN term is a proxy: a low quantile of |h| / |h_dot| over ReLU inputs)",
         ),
     ]
     return claims + _stability_claims(c, stab)
