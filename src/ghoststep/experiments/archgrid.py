@@ -73,6 +73,8 @@ class Config:
     batch_size: int = 64  # not stated in the paper
     clip_norm: float = 1.0  # ||g|| <= 1
     target_r: float = 1.0
+    # the controller's method= ("jvp": exact JVP; "fast": one extra forward, issue 9)
+    slope_method: str = "jvp"
     eval_every: int = 5
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2, 3, 4])
     workers: int = 1  # processes (0: one per core)
@@ -117,6 +119,7 @@ def run(config: Config, out_dir: Path, progress: bool) -> Results:
             eval_every=config.eval_every,
             target_r=config.target_r,
             clip_norm=config.clip_norm,
+            slope_method=config.slope_method,
         )
         for n in config.spike_lengths
         for a in config.archs
@@ -181,8 +184,17 @@ def run(config: Config, out_dir: Path, progress: bool) -> Results:
             f"protocol holds it. We run both; 'held' is {held} steps. The paper's code run on "
             "this machine (its controller uses tau = lr ||g||, not Adam's actual update) is "
             "the 'paper code' column of the Table 1 comparison.",
+            f"Slopes by method={config.slope_method!r} (every wrapped run, monitored ones "
+            f"included); median training seconds per run: {_train_seconds(records)}.",
         ],
     )
+
+
+def _train_seconds(records) -> str:
+    by_method: dict[str, list[float]] = {}
+    for rec in records:
+        by_method.setdefault(rec.method, []).append(rec.train_seconds)
+    return ", ".join(f"{m} {float(np.median(t)):.2f}" for m, t in by_method.items())
 
 
 def _summary_text(config: Config, summary: dict, top: float) -> str:

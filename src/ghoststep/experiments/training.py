@@ -490,12 +490,14 @@ def spike_run(
     eval_every: int = 1,
     target_r: float = 1.0,
     clip_norm: float = 1.0,
+    slope_method: str = "jvp",
     data=None,
     progress: bool = False,
 ) -> RunRecord:
     """One learning-rate spike run (paper Fig. 6 / Fig. 10): Adam at ``base_lr``, times
     ``factor`` on ``spike_steps`` steps from step ``spike_at`` on (None: to the end),
-    with ``method`` in :data:`METHODS`.
+    with ``method`` in :data:`METHODS`. ``slope_method`` is the controller's ``method=``
+    (``"jvp"``, ``"fast"``, ``"fd"``), for the controller and the monitored runs alike.
 
     >>> rec = spike_run("mlp", "controller", 1e-3, 1000.0, seed=0, steps=6, spike_at=3)
     >>> len(rec.r_after), max(rec.r_after) <= 1.0 + 1e-6
@@ -516,6 +518,7 @@ def spike_run(
         spike_steps=spike_steps,
         clip_norm=clip_norm if method == "clip_grad" else None,
         eval_every=eval_every,
+        controller_kwargs={"method": slope_method},
         method=method,
         data=data,
         progress=progress,
