@@ -491,6 +491,53 @@ def test_buffer_rows_are_rechecked(digits):
             assert _r_of_update(at_old, torch.cat([x, buffer]), applied) <= 1.0 + 1e-6
 
 
+@pytest.mark.parametrize("block_bytes", [4, 60, 1 << 20])
+def test_spread_of_difference_is_the_spread_of_the_difference(monkeypatch, block_bytes):
+    import ghoststep.meter
+
+    monkeypatch.setattr(ghoststep.meter, "_BLOCK_BYTES", block_bytes)
+    gen = torch.Generator().manual_seed(3)
+    shifted, baseline = torch.randn(3, 5, 7, generator=gen), torch.randn(3, 5, 7, generator=gen)
+    expected = (shifted - baseline).amax(-1) - (shifted - baseline).amin(-1)
+    got = ghoststep.meter.spread_of_difference(shifted.clone(), baseline)
+    assert got.shape == (3, 5) and torch.equal(got, expected)
+
+
+def test_fast_subset_and_buffer_measure_exactly_the_rows_drawn(monkeypatch):
+    """ "fast" with a subset and a buffer on independent rows: the subset's baseline
+    comes from the training forward, the buffer's from its own forward, each chunk is
+    differenced against its own part (tiny blocks force the blocked spread); the
+    radius is the exact JVP radius of exactly those rows."""
+    import ghoststep.meter
+
+    monkeypatch.setattr(ghoststep.meter, "_BLOCK_BYTES", 64)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(12, 32), nn.Tanh(), nn.Linear(32, 40))
+    ctrl = RadiusController(
+        torch.optim.Adam(model.parameters(), lr=0.05),
+        model,
+        method="fast",
+        mode="monitor",
+        subset=6,
+        buffer_size=5,
+    )
+    for step in range(3):
+        x, y = torch.randn(20, 12), torch.randint(0, 40, (20,))
+        buffer = None if ctrl._buffer is None else ctrl._buffer.clone()
+        drawn = torch.randperm(20, generator=copy.deepcopy(ctrl._generator))[:6]
+        at_old, old = copy.deepcopy(model), _params_copy(model)
+        ctrl.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        ctrl.step()
+        rows = x[drawn] if buffer is None else torch.cat([x[drawn], buffer])
+        applied = [p.detach() - o for p, o in zip(_trainable(model), old, strict=True)]
+        tau = math.sqrt(sum(float(u.pow(2).sum()) for u in applied))
+        _, slopes = logit_slopes(at_old, rows, applied)
+        exact = float((slopes.amax(-1) - slopes.amin(-1)).max()) / tau
+        assert ctrl.last.spread == pytest.approx(exact, rel=0.02), step
+    assert buffer is not None and buffer.shape == (5, 12)
+
+
 def test_sparse_gradients_rejected():
     model = nn.Sequential(nn.Embedding(10, 4, sparse=True), nn.Linear(4, 3))
     ctrl = RadiusController(torch.optim.SGD(model.parameters(), lr=0.1), model)

@@ -57,6 +57,27 @@ def spread_of_slopes(slopes: torch.Tensor) -> torch.Tensor:
     return slopes.amax(-1) - slopes.amin(-1)
 
 
+# On the CPU the difference and its two reductions run over blocks of rows this large,
+# so that each block is still in cache for the reductions (at V = 8192 the logits of a
+# batch are tens of MB: three passes through memory become one).
+_BLOCK_BYTES = 1 << 20
+
+
+def spread_of_difference(shifted: torch.Tensor, baseline: torch.Tensor) -> torch.Tensor:
+    """``spread_of_slopes(shifted - baseline)``, overwriting ``shifted``; shape
+    ``shifted.shape[:-1]``."""
+    classes = shifted.shape[-1]
+    rows = max(1, _BLOCK_BYTES // max(1, classes * shifted.element_size()))
+    if shifted.device.type != "cpu" or shifted.numel() <= rows * classes:
+        return spread_of_slopes(shifted.sub_(baseline))
+    flat, base = shifted.view(-1, classes), baseline.reshape(-1, classes)
+    out = flat.new_empty(flat.shape[0])
+    for start in range(0, flat.shape[0], rows):
+        block = flat[start : start + rows].sub_(base[start : start + rows])
+        torch.sub(block.amax(-1), block.amin(-1), out=out[start : start + rows])
+    return out.view(shifted.shape[:-1])
+
+
 class SpreadMeter:
     """Evaluates the spread of a model's logits along an update (see the module doc)."""
 
@@ -164,8 +185,11 @@ class SpreadMeter:
         return spread
 
     def _shifted(self, args, kwargs, rows: slice, plan: Plan) -> torch.Tensor:
-        shifted = self._forward(args, kwargs, plan)
-        return spread_of_slopes(shifted.sub_(plan.baseline[rows]))
+        shifted = self._forward(args, kwargs, plan).contiguous()
+        baseline = plan.baseline
+        if isinstance(baseline, list):  # one part per chunk of plan.split rows
+            return spread_of_difference(shifted, baseline[rows.start // plan.split])
+        return spread_of_difference(shifted, baseline[rows])
 
     def _forward(self, args, kwargs, plan: Plan) -> torch.Tensor:
         return forward(
@@ -181,15 +205,20 @@ class SpreadMeter:
         local = float(torch.stack([p.spread.max() for p in plans]).max()) if plans else 0.0
         self.spread_hint = max_over_ranks(local, True, self.process_group)[0]
 
+    def _rows_per_chunk(self, plan: Plan) -> int | None:
+        return self.chunk_size if self.chunk_size is not None else plan.split
+
     def _spread_of(self, plan: Plan, spread_fn) -> torch.Tensor:
-        """Flat float64 per-position spread of one plan, in ``chunk_size`` row chunks."""
+        """Flat float64 per-position spread of one plan, in row chunks (``chunk_size``,
+        else the plan's split, else none)."""
         args, kwargs = plan.call
-        if self.chunk_size is None:
+        size = self._rows_per_chunk(plan)
+        if size is None:
             return spread_fn(args, kwargs, slice(None), plan).reshape(-1).double()
-        check_chunking(self.model, args, kwargs, self.chunk_size)
+        check_chunking(self.model, args, kwargs, size)
         parts = [
             spread_fn(a, k, slice(start, stop), plan).reshape(-1)
-            for start, stop, a, k in chunks(args, kwargs, self.chunk_size)
+            for start, stop, a, k in chunks(args, kwargs, size)
         ]
         return torch.cat(parts).double()
 
@@ -198,13 +227,14 @@ class SpreadMeter:
         for plan in plans:
             if plan.baseline is None:
                 args, kwargs = plan.call if plan.head is None else split_inputs(plan.tail)
-                parts = [
-                    self._forward(a, k, plan)
-                    for _, _, a, k in chunks(args, kwargs, self.chunk_size)
-                ]
+                size = self._rows_per_chunk(plan)
+                parts = [self._forward(a, k, plan) for _, _, a, k in chunks(args, kwargs, size)]
                 if plan.head is not None:  # the subset's rows from the training forward
                     parts.insert(0, plan.head)
-                plan.baseline = parts[0] if len(parts) == 1 else torch.cat(parts)
+                if self.chunk_size is None and plan.split is not None:
+                    plan.baseline = parts  # aligned with the chunks of plan.split rows
+                else:
+                    plan.baseline = parts[0] if len(parts) == 1 else torch.cat(parts)
                 plan.head = plan.tail = None
 
     def _radii(self, params, update, tau: float, plans) -> dict[str, float] | None:
