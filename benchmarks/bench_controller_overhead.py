@@ -297,7 +297,8 @@ def bench_memory(device: str, seed: int) -> dict[str, tuple[float, float]]:
             loss_of(model(x), y).backward()
             with _LiveBytes() as tracker:
                 opt.step()
-        spare = getattr(opt, "_spare", None) or []
+        proposal = getattr(opt, "_proposal", None)
+        spare = (proposal.spare if proposal is not None else None) or []
         kept = sum(t.numel() * t.element_size() for t in spare)
         out[label] = (kept / param_bytes, tracker.peak / param_bytes)
     return out

@@ -187,8 +187,13 @@ class SpreadMeter:
     def _shifted(self, args, kwargs, rows: slice, plan: Plan) -> torch.Tensor:
         shifted = self._forward(args, kwargs, plan).contiguous()
         baseline = plan.baseline
-        if isinstance(baseline, list):  # one part per chunk of plan.split rows
-            return spread_of_difference(shifted, baseline[rows.start // plan.split])
+        if isinstance(baseline, list):  # parts over consecutive rows (not chunked)
+            spreads, start = [], 0
+            for part in baseline:
+                stop = start + part.shape[0]
+                spreads.append(spread_of_difference(shifted[start:stop], part))
+                start = stop
+            return torch.cat(spreads)
         return spread_of_difference(shifted, baseline[rows])
 
     def _forward(self, args, kwargs, plan: Plan) -> torch.Tensor:
@@ -205,20 +210,15 @@ class SpreadMeter:
         local = float(torch.stack([p.spread.max() for p in plans]).max()) if plans else 0.0
         self.spread_hint = max_over_ranks(local, True, self.process_group)[0]
 
-    def _rows_per_chunk(self, plan: Plan) -> int | None:
-        return self.chunk_size if self.chunk_size is not None else plan.split
-
     def _spread_of(self, plan: Plan, spread_fn) -> torch.Tensor:
-        """Flat float64 per-position spread of one plan, in row chunks (``chunk_size``,
-        else the plan's split, else none)."""
+        """Flat float64 per-position spread of one plan, in ``chunk_size`` row chunks."""
         args, kwargs = plan.call
-        size = self._rows_per_chunk(plan)
-        if size is None:
+        if self.chunk_size is None:
             return spread_fn(args, kwargs, slice(None), plan).reshape(-1).double()
-        check_chunking(self.model, args, kwargs, size)
+        check_chunking(self.model, args, kwargs, self.chunk_size)
         parts = [
             spread_fn(a, k, slice(start, stop), plan).reshape(-1)
-            for start, stop, a, k in chunks(args, kwargs, size)
+            for start, stop, a, k in chunks(args, kwargs, self.chunk_size)
         ]
         return torch.cat(parts).double()
 
@@ -227,12 +227,14 @@ class SpreadMeter:
         for plan in plans:
             if plan.baseline is None:
                 args, kwargs = plan.call if plan.head is None else split_inputs(plan.tail)
-                size = self._rows_per_chunk(plan)
-                parts = [self._forward(a, k, plan) for _, _, a, k in chunks(args, kwargs, size)]
+                parts = [
+                    self._forward(a, k, plan)
+                    for _, _, a, k in chunks(args, kwargs, self.chunk_size)
+                ]
                 if plan.head is not None:  # the subset's rows from the training forward
                     parts.insert(0, plan.head)
-                if self.chunk_size is None and plan.split is not None:
-                    plan.baseline = parts  # aligned with the chunks of plan.split rows
+                if self.chunk_size is None and len(parts) > 1:
+                    plan.baseline = parts  # head and tail, left apart (see Plan)
                 else:
                     plan.baseline = parts[0] if len(parts) == 1 else torch.cat(parts)
                 plan.head = plan.tail = None

@@ -186,21 +186,17 @@ class Plan:
     """What one micro-batch's measurement evaluates: the inputs (``evaluated``, split
     into ``call`` = (args, kwargs)), the RNG state of its training forward, and the
     logits at the old parameters when known (``baseline``; or only for the first rows,
-    ``head``, with the inputs of the rest in ``tail``).
+    ``head``, with the inputs of the rest in ``tail``). The baseline may be a list of
+    parts over consecutive rows (head, then tail), left unconcatenated: on the CPU a
+    fresh tensor of tens of MB costs its page faults, as much as a small forward."""
 
-    ``split``: when the head is known and the rows are independent, the evaluation runs
-    in chunks of that many rows (the head's rows, then the tail's), each differenced
-    against its own baseline part: no concatenated logits (on the CPU a fresh tensor of
-    tens of MB costs its page faults, as much as a small forward)."""
-
-    __slots__ = ("evaluated", "call", "rng", "baseline", "spread", "head", "tail", "split")
+    __slots__ = ("evaluated", "call", "rng", "baseline", "spread", "head", "tail")
 
     def __init__(self, evaluated, call: tuple[tuple, dict], rng, baseline) -> None:
         self.evaluated, self.call, self.rng, self.baseline = evaluated, call, rng, baseline
         self.spread: torch.Tensor | None = None
         self.head: torch.Tensor | None = None
         self.tail: Any = None
-        self.split: int | None = None
 
 
 def make_plan(entry, sampling: Sampling, generator: torch.Generator, buffer):
@@ -241,5 +237,5 @@ def make_plan(entry, sampling: Sampling, generator: torch.Generator, buffer):
                 known = None
     plan = Plan(evaluated, split_inputs(evaluated), entry.rng, None if tail is not None else known)
     if tail is not None and known is not None:
-        plan.head, plan.tail, plan.split = known, tail, int(known.shape[0])
+        plan.head, plan.tail = known, tail
     return plan, buffer
