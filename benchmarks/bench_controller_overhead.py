@@ -7,7 +7,9 @@ Three parts, every number measured in this one process:
    alike): plain optimizer, controller ``method="jvp"`` (exact), ``method="fast"`` (one
    extra forward), and for the MLP and the TinyLM ``"fast"`` with ``subset=16,
    buffer_size=16``. One timed step is zero_grad, forward, cross-entropy, backward,
-   step; the table gives the median after a warm-up and the ratio to plain.
+   step; the table gives the median after a warm-up and the ratio to plain, the floor
+   of ``"fast"`` (1 + one no-grad forward / plain step) and what one forward-mode JVP
+   costs in no-grad forwards (``"jvp"``'s extra work).
 2. **Agreement.** Monitor-mode runs of a ``"fast"`` and a sampled ``"fast"``
    controller; after each step, the exact radius of the update just applied (a
    full-float32 JVP at the same parameters and batch): per step the radius of
@@ -185,10 +187,22 @@ def timed_forward(model, x) -> float:
     return time.perf_counter() - start
 
 
+def timed_dual_forward(model, x) -> float:
+    """One forward-mode JVP along a random direction (what ``"jvp"`` adds): over
+    :func:`timed_forward`, how many forwards PyTorch's forward-mode rules cost."""
+    sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
+    tangents = [torch.randn_like(p) for _, p in trainable_parameters(model)]
+    sync()
+    start = time.perf_counter()
+    directional(model, (x,), {}, tangents, method="jvp")
+    sync()
+    return time.perf_counter() - start
+
+
 def bench_time(name: str, *, steps: int, warmup: int, batch, device: str, seed: int):
     runs = variants(name, device, seed, mode="clip")
     times: dict[str, list[float]] = {label: [] for label, _, _ in runs}
-    times["forward"] = []
+    times["forward"], times["dual"] = [], []
     gen = torch.Generator().manual_seed(seed + 1)
     for i in range(warmup + steps):
         x, y = (t.to(device) for t in SETUPS[name].batch(gen, batch))
@@ -199,6 +213,7 @@ def bench_time(name: str, *, steps: int, warmup: int, batch, device: str, seed: 
                 times[label].append(seconds)
         if i >= warmup:
             times["forward"].append(timed_forward(runs[0][1], x))
+            times["dual"].append(timed_dual_forward(runs[0][1], x))
     return {label: statistics.median(v) * 1e3 for label, v in times.items()}
 
 
@@ -336,7 +351,7 @@ def main(argv: list[str] | None = None) -> None:
             print(f"\n## step time, {threads} thread(s): median ms (ratio to plain), interleaved")
             print(
                 f"{'model':9s} {'plain':>8s} {'jvp':>15s} {'fast':>15s} {'fast+sample':>15s} "
-                f"{'fast floor':>11s}"
+                f"{'fast floor':>11s} {'dual/forward':>13s}"
             )
             for name in args.models:
                 steps = max(6, args.steps // 3) if name == "resnet18" else args.steps
@@ -356,6 +371,7 @@ def main(argv: list[str] | None = None) -> None:
                         else f"{'-':>15s}"
                     )
                 cells.append(f"{1 + ms['forward'] / ms['plain']:10.2f}x")
+                cells.append(f"{ms['dual'] / ms['forward']:12.2f}x")
                 print(f"{name:9s} " + " ".join(cells), flush=True)
 
     if "agreement" not in args.skip:
