@@ -165,38 +165,35 @@ def variants(name: str, device: str, seed: int, mode: str):
     return out
 
 
-def timed_step(model, opt, x, y) -> float:
-    sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
+def _timed(fn: Callable[[], object], on_cuda: bool) -> float:
+    """Seconds of ``fn()``, the device synchronized before and after."""
+    sync = torch.cuda.synchronize if on_cuda else (lambda: None)
     sync()
     start = time.perf_counter()
-    opt.zero_grad()
-    loss_of(model(x), y).backward()
-    opt.step()
+    fn()
     sync()
     return time.perf_counter() - start
+
+
+def timed_step(model, opt, x, y) -> float:
+    def step():
+        opt.zero_grad()
+        loss_of(model(x), y).backward()
+        opt.step()
+
+    return _timed(step, x.is_cuda)
 
 
 def timed_forward(model, x) -> float:
     """One forward without grad (what ``"fast"`` adds): 1 + this / plain is its floor."""
-    sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
-    sync()
-    start = time.perf_counter()
-    with torch.no_grad():
-        model(x)
-    sync()
-    return time.perf_counter() - start
+    return _timed(torch.no_grad()(lambda: model(x)), x.is_cuda)
 
 
 def timed_dual_forward(model, x) -> float:
     """One forward-mode JVP along a random direction (what ``"jvp"`` adds): over
     :func:`timed_forward`, how many forwards PyTorch's forward-mode rules cost."""
-    sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
     tangents = [torch.randn_like(p) for _, p in trainable_parameters(model)]
-    sync()
-    start = time.perf_counter()
-    directional(model, (x,), {}, tangents, method="jvp")
-    sync()
-    return time.perf_counter() - start
+    return _timed(lambda: directional(model, (x,), {}, tangents, method="jvp"), x.is_cuda)
 
 
 def bench_time(name: str, *, steps: int, warmup: int, batch, device: str, seed: int):

@@ -15,6 +15,7 @@ from helpers import build_model, load_digits
 from torch import nn
 from torch.utils import _pytree as pytree
 
+import ghoststep.meter
 from ghoststep.controller import RadiusController
 from ghoststep.slopes import logit_slopes
 
@@ -493,8 +494,6 @@ def test_buffer_rows_are_rechecked(digits):
 
 @pytest.mark.parametrize("block_bytes", [4, 60, 1 << 20])
 def test_spread_of_difference_is_the_spread_of_the_difference(monkeypatch, block_bytes):
-    import ghoststep.meter
-
     monkeypatch.setattr(ghoststep.meter, "_BLOCK_BYTES", block_bytes)
     gen = torch.Generator().manual_seed(3)
     shifted, baseline = torch.randn(3, 5, 7, generator=gen), torch.randn(3, 5, 7, generator=gen)
@@ -508,8 +507,6 @@ def test_fast_subset_and_buffer_measure_exactly_the_rows_drawn(monkeypatch):
     comes from the training forward, the buffer's from its own forward, each chunk is
     differenced against its own part (tiny blocks force the blocked spread); the
     radius is the exact JVP radius of exactly those rows."""
-    import ghoststep.meter
-
     monkeypatch.setattr(ghoststep.meter, "_BLOCK_BYTES", 64)
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(12, 32), nn.Tanh(), nn.Linear(32, 40))

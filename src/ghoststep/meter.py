@@ -64,13 +64,13 @@ _BLOCK_BYTES = 1 << 20
 
 
 def spread_of_difference(shifted: torch.Tensor, baseline: torch.Tensor) -> torch.Tensor:
-    """``spread_of_slopes(shifted - baseline)``, overwriting ``shifted``; shape
+    """``spread_of_slopes(shifted - baseline)``, using ``shifted`` as scratch; shape
     ``shifted.shape[:-1]``."""
     classes = shifted.shape[-1]
     rows = max(1, _BLOCK_BYTES // max(1, classes * shifted.element_size()))
     if shifted.device.type != "cpu" or shifted.numel() <= rows * classes:
         return spread_of_slopes(shifted.sub_(baseline))
-    flat, base = shifted.view(-1, classes), baseline.reshape(-1, classes)
+    flat, base = shifted.reshape(-1, classes), baseline.reshape(-1, classes)
     out = flat.new_empty(flat.shape[0])
     for start in range(0, flat.shape[0], rows):
         block = flat[start : start + rows].sub_(base[start : start + rows])
@@ -185,16 +185,15 @@ class SpreadMeter:
         return spread
 
     def _shifted(self, args, kwargs, rows: slice, plan: Plan) -> torch.Tensor:
-        shifted = self._forward(args, kwargs, plan).contiguous()
-        baseline = plan.baseline
-        if isinstance(baseline, list):  # parts over consecutive rows (not chunked)
-            spreads, start = [], 0
-            for part in baseline:
-                stop = start + part.shape[0]
-                spreads.append(spread_of_difference(shifted[start:stop], part))
-                start = stop
-            return torch.cat(spreads)
-        return spread_of_difference(shifted, baseline[rows])
+        shifted = self._forward(args, kwargs, plan)
+        # a list: parts over consecutive rows, and the forward was not chunked
+        parts = plan.baseline if isinstance(plan.baseline, list) else [plan.baseline[rows]]
+        spreads, start = [], 0
+        for part in parts:
+            stop = start + part.shape[0]
+            spreads.append(spread_of_difference(shifted[start:stop], part))
+            start = stop
+        return spreads[0] if len(spreads) == 1 else torch.cat(spreads)
 
     def _forward(self, args, kwargs, plan: Plan) -> torch.Tensor:
         return forward(
