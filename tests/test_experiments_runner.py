@@ -209,6 +209,7 @@ def test_registry_names_and_lazy_loading():
         "baselines",
         "lrsweep",
         "lm",
+        "lmstability",
     ]
     module = load_experiment("hessian")
     for attr in ("Config", "PRESETS", "run"):

@@ -98,6 +98,11 @@ EXPERIMENTS: dict[str, Experiment] = {
         "GPT-style LM on the Python standard library, V = 256..50257: r, rho*/rho_a, high LR",
         "open question (issue 12)",
     ),
+    "lmstability": Experiment(
+        "ghoststep.experiments.lmstability",
+        "Wortsman et al. small-scale proxies: LR sensitivity, attention / output-logit growth",
+        "beyond the paper (issue 23)",
+    ),
 }
 
 
