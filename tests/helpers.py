@@ -9,6 +9,7 @@ inputs; ``tinylm`` takes (B, T) token ids and returns (B, T, vocab) logits.
 
 from __future__ import annotations
 
+import copy
 import math
 
 import numpy as np
@@ -174,3 +175,124 @@ _MODELS = {
 def build_model(name: str, **kwargs) -> nn.Module:
     """A fresh model by name (weights from the global RNG: seed it first)."""
     return _MODELS[name](**kwargs)
+
+
+# --------------------------------------------------------------------------- float64 re-measurement
+# An independent check of the controller's promise (it shares no code with ghoststep):
+# the update actually applied, re-measured with a float64 JVP at the old parameters.
+
+
+def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Detached clones of the trainable parameters by name (tied weights listed once)."""
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def applied_update(
+    old: dict[str, torch.Tensor], new: dict[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """``new - old`` per parameter, computed in float64 (exact for bf16/fp16/fp32 values)."""
+    return {n: new[n].double() - old[n].double() for n in old}
+
+
+def _to_float64(obj):
+    if isinstance(obj, torch.Tensor):
+        return obj.double() if obj.is_floating_point() else obj
+    if isinstance(obj, dict):
+        return {k: _to_float64(v) for k, v in obj.items()}
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_to_float64(v) for v in obj)
+    return obj
+
+
+def _default_logits(out):
+    if isinstance(out, torch.Tensor):
+        return out
+    if hasattr(out, "logits"):
+        return out.logits
+    if isinstance(out, dict):
+        return out["logits"]
+    raise TypeError(f"cannot read logits from {type(out).__name__}; pass logits_fn")
+
+
+def position_spreads(
+    model: nn.Module,
+    old_params: dict[str, torch.Tensor],
+    inputs,
+    applied: dict[str, torch.Tensor],
+    *,
+    logits_fn=None,
+    method: str = "jvp",
+) -> torch.Tensor:
+    """Flat float64 spread ``max_k t_k - min_k t_k`` of the logit tangent
+    ``t = J_z(old; inputs) applied`` at every position (the model in its own
+    train/eval mode; its buffers and the global RNG are left untouched; every forward
+    draws from the same RNG state, so use models without active dropout).
+
+    ``method="jvp"``: ``torch.func.jvp``, exact. ``method="central"``: a float64
+    central difference at old +- 1e-6 applied, for models with an op that has no
+    forward-mode AD (exact for functions quadratic in the parameters, else O(1e-12))."""
+    logits_fn = logits_fn or _default_logits
+    twin = copy.deepcopy(model).double()  # parameters and floating buffers
+    twin.train(model.training)
+    names = set(old_params)
+    for n, p in twin.named_parameters():
+        if n not in names:
+            p.requires_grad_(False)
+    buffers = {n: b.detach() for n, b in twin.named_buffers()}
+    primals = {n: old_params[n].detach().double() for n in old_params}
+    tangents = {n: applied[n].detach().double().reshape(primals[n].shape) for n in old_params}
+    if isinstance(inputs, dict):
+        args, kwargs = (), _to_float64(inputs)
+    elif isinstance(inputs, tuple):
+        args, kwargs = _to_float64(inputs), {}
+    else:
+        args, kwargs = (_to_float64(inputs),), {}
+
+    def logits(params):
+        # buffers cloned inside the differentiated function (train-mode BatchNorm
+        # updates its running statistics in place)
+        state = {**{n: b.clone() for n, b in buffers.items()}, **params}
+        out = torch.func.functional_call(twin, state, args, kwargs, tie_weights=True)
+        return logits_fn(out)
+
+    def at(t: float) -> torch.Tensor:
+        with torch.random.fork_rng(devices=[]):
+            return logits({n: primals[n] + t * tangents[n] for n in primals})
+
+    with torch.random.fork_rng(devices=[]), torch.no_grad(), torch.autocast("cpu", enabled=False):
+        if method == "jvp":
+            _, tangent = torch.func.jvp(logits, (primals,), (tangents,))
+        elif method == "central":
+            h = 1e-6
+            tangent = (at(h) - at(-h)) / (2 * h)
+        else:
+            raise ValueError(f"method must be 'jvp' or 'central', got {method!r}")
+    if tangent.shape[-1] == 1:  # one logit (K = 1): the two-class softmax [0, z]
+        return tangent.abs().reshape(-1)
+    return (tangent.amax(-1) - tangent.amin(-1)).reshape(-1)
+
+
+def realised_r(
+    model: nn.Module,
+    old_params: dict[str, torch.Tensor],
+    inputs,
+    applied: dict[str, torch.Tensor],
+    *,
+    mask: torch.Tensor | None = None,
+    logits_fn=None,
+    temperature: float = 1.0,
+    method: str = "jvp",
+) -> float:
+    """The normalized step r = max_x spread(J_z(old; x) applied) / (pi T) of an applied
+    update, re-measured in float64; ``mask`` (bool, the positions' shape) drops the
+    False positions. ``old_params`` / ``applied`` are dicts by parameter name (see
+    :func:`trainable_state`, :func:`applied_update`); ``method``: see
+    :func:`position_spreads`."""
+    spread = position_spreads(
+        model, old_params, inputs, applied, logits_fn=logits_fn, method=method
+    )
+    if mask is not None:
+        spread = spread[torch.as_tensor(mask, dtype=torch.bool).reshape(-1)]
+    if spread.numel() == 0:
+        return 0.0
+    return float(spread.max()) / (math.pi * temperature)

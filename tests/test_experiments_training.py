@@ -92,7 +92,7 @@ def test_transformer_quick(tmp_path):
 def test_resnet_quick(tmp_path):
     res = _run_quick("resnet", tmp_path)
     s = res["metrics"]["summary"]
-    assert abs(s["set r*=1"]["max_r"] - 1.0) < 1e-6
+    assert abs(s["set r*=1"]["max_r"] - 1.0) <= 1e-5 + 1e-9  # the jvp margin, 1e-5
     assert s["lr=0.5"]["max_r"] > 5 * s["lr=0.01"]["max_r"]
     # fake data: no claim may be reported as reproduced
     assert not any(c["reproduced"] for c in res["claims"])
@@ -186,7 +186,7 @@ def test_all_radii_controller_sets_step_to_min_radius():
     torch.manual_seed(1)
     model = build_model("transformer")
     ctrl = AllRadiiController(
-        torch.optim.Adam(model.parameters(), lr=1e-3), model, mode="set", target_r=1.0
+        torch.optim.Adam(model.parameters(), lr=1e-3), model, mode="set", target_r=1.0, method="jvp"
     )
     x, y = digits().X_train[:32], digits().y_train[:32]
     before = [p.detach().clone() for p in model.parameters()]
@@ -264,5 +264,5 @@ def test_spike_run_passes_slope_method_to_the_controller():
     # and differ (a finite difference is not the JVP) in the low digits
     assert fast.rho_a[0] == pytest.approx(exact.rho_a[0], rel=2e-2)
     assert fast.rho_a[0] != exact.rho_a[0]
-    with pytest.raises(ValueError, match="method must be one of"):
+    with pytest.raises(ValueError, match="method must be"):
         spike_run("mlp", "controller", 1e-3, 10.0, seed=0, steps=2, slope_method="exact")

@@ -5,6 +5,7 @@ raises ``ValueError`` naming the argument, non-finite values are per-sample data
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 from torch import nn
@@ -74,8 +75,10 @@ def check_options(on_nonfinite, history_size, margin, scaled_update, micro_batch
         raise ValueError(f'on_nonfinite must be "skip" or "raise", got {on_nonfinite!r}')
     if not (is_int(history_size) and history_size >= 0):
         raise ValueError(f"history_size must be an int >= 0, got {history_size!r}")
-    if margin is not None and not (isinstance(margin, (int, float)) and 0.0 <= margin < 1.0):
-        raise ValueError(f"margin must be None or a number in [0, 1), got {margin!r}")
+    if margin is not None:
+        check_real("margin", margin)
+        if not 0.0 <= margin < 1.0:
+            raise ValueError(f"margin must be None or a number in [0, 1), got {margin!r}")
     if scaled_update not in ("auto", "interpolate", "rerun"):
         raise ValueError(
             f'scaled_update must be "auto", "interpolate" or "rerun", got {scaled_update!r}'
@@ -102,6 +105,27 @@ def is_int(x) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
 
+def is_real(x) -> bool:
+    """A real number (Python or NumPy scalar), not a bool."""
+    return isinstance(x, numbers.Real) and not isinstance(x, bool)
+
+
+def check_real(name: str, value) -> None:
+    """``TypeError`` naming the argument unless ``value`` is a real number (bools,
+    strings, tensors and None are not)."""
+    if not is_real(value):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__} {value!r}")
+
+
+def check_counts(seed, chunk_size) -> None:
+    """``RadiusController``'s integer options that are not sampling options."""
+    if not (isinstance(seed, numbers.Integral) and not isinstance(seed, bool)):
+        raise TypeError(f"seed must be an int, got {type(seed).__name__} {seed!r}")
+    if chunk_size is not None and not (is_int(chunk_size) and chunk_size >= 1):
+        raise ValueError(f"chunk_size must be None or an int >= 1, got {chunk_size!r}")
+
+
 def check_positive(name: str, value) -> None:
-    if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+    check_real(name, value)
+    if not (math.isfinite(value) and value > 0):
         raise ValueError(f"{name} must be a positive finite number, got {value!r}")

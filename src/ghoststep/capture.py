@@ -16,18 +16,24 @@ import torch
 from torch import nn
 
 from .directional import batch_coupled, capture_rng, tf32_allowed
+from .isolation import AutocastState, autocast_state
 
 __all__ = ["Captured", "ForwardCapture"]
 
 
 class Captured:
-    """One training forward: its inputs, the RNG state before it, whether its logits
-    are coarse (autocast, or TF32 on CUDA), and (when kept) its detached logits."""
+    """One training forward: its inputs, the RNG state before it, the autocast it ran
+    under (``{device_type: dtype}``, empty without autocast), whether its logits are
+    coarse (autocast, TF32 on CUDA, or a compiled forward: not the eager float32
+    function "fast" differences against), and (when kept) its detached logits."""
 
-    __slots__ = ("args", "kwargs", "inputs", "rng", "coarse", "logits", "rows_independent")
+    __slots__ = (
+        "args", "kwargs", "inputs", "rng", "autocast", "coarse", "logits", "rows_independent",
+    )  # fmt: skip
 
-    def __init__(self, args, kwargs, rng, coarse: bool) -> None:
+    def __init__(self, args, kwargs, rng, coarse: bool, autocast: AutocastState = ()) -> None:
         self.args, self.kwargs, self.rng, self.coarse = args, kwargs, rng, coarse
+        self.autocast = autocast
         self.inputs: Any = None
         self.logits: torch.Tensor | None = None
         self.rows_independent = False  # no RNG drawn, no batch statistics
@@ -43,8 +49,16 @@ class Captured:
 class ForwardCapture:
     """Forward hooks on ``model`` collecting :class:`Captured` training forwards.
 
+    Only forwards that can have produced the gradient are captured: the model in train
+    mode, gradients enabled, not in inference mode. A ``torch.no_grad()`` metrics
+    forward between ``backward()`` and ``step()`` therefore never replaces the batch.
+
     Args:
-        model: the module whose forwards are captured (the DDP-unwrapped model).
+        model: the module whose forwards are evaluated (DDP and ``torch.compile``
+            unwrapped); its signature replays mixed positional / keyword calls.
+        hooked: the module the hooks go on (default ``model``): a compiled module's
+            ``OptimizedModule``, so that the hooks run eagerly outside the compiled
+            graph; its forwards are marked coarse (compiled numerics).
         micro_batches: ``"last"`` keeps the latest forward, ``"all"`` every one.
         logits_fn: reads the logits from an output (``keep_logits`` only).
         keep_logits: keep each forward's logits (``method="fast"``'s baseline).
@@ -60,8 +74,11 @@ class ForwardCapture:
         keep_logits: bool,
         rows_check: bool,
         devices: list[int],
+        hooked: nn.Module | None = None,
     ) -> None:
         self.model = model
+        hooked = model if hooked is None else hooked
+        self.compiled = hooked is not model
         self.micro_batches = micro_batches
         self.logits_fn = logits_fn
         self.keep_logits = keep_logits
@@ -71,8 +88,8 @@ class ForwardCapture:
         self._frames: list[Captured | None] = []  # forwards of the model in progress
         self._measuring = False
         self._hooks = [
-            model.register_forward_pre_hook(_CaptureHook(self), with_kwargs=True),
-            model.register_forward_hook(
+            hooked.register_forward_pre_hook(_CaptureHook(self), with_kwargs=True),
+            hooked.register_forward_hook(
                 _CaptureHook(self, post=True), with_kwargs=True, always_call=True
             ),
         ]
@@ -81,6 +98,24 @@ class ForwardCapture:
         for hook in self._hooks:
             hook.remove()
         self._hooks = []
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Copied / pickled with the model it hooks (its handles refer to the model's
+        # hook dicts, whose _CaptureHook entries copy as disabled hooks).
+        state = self.__dict__.copy()
+        state["_frames"], state["_measuring"] = [], False  # no forward is in progress
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        """The copy re-arms its own hooks: the disabled copies of the original's hooks
+        in the copied model's hook dicts (same ids, same order) now feed this capture,
+        and the original's hooks are left alone."""
+        self.__dict__.update(state)
+        for handle in self._hooks:
+            hooks = handle.hooks_dict_ref()
+            hook = None if hooks is None else hooks.get(handle.id)
+            if isinstance(hook, _CaptureHook):
+                hook._ref = weakref.ref(self)
 
     @contextmanager
     def measuring(self):
@@ -100,12 +135,13 @@ class ForwardCapture:
 
     def pre(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         entry = None
-        if module.training and not self._measuring:
+        if self.model.training and not self._measuring and _builds_graph():
             # The RNG state before the forward: the measurement replays it, so it sees
-            # the dropout masks the training forward drew. Logits from autocast, or from
-            # TF32 on CUDA, are too coarse for "fast"'s one-sided difference.
-            coarse = _autocast_enabled() or bool(self.devices and tf32_allowed())
-            entry = Captured(args, kwargs, capture_rng(self.devices), coarse)
+            # the dropout masks the training forward drew. Logits from autocast, TF32 on
+            # CUDA or a compiled graph are too coarse for "fast"'s one-sided difference.
+            autocast = autocast_state()
+            coarse = bool(autocast) or self.compiled or bool(self.devices and tf32_allowed())
+            entry = Captured(args, kwargs, capture_rng(self.devices), coarse, autocast)
             if self._frames and self.entries:
                 # A call inside a call of the same model is the one with the model's
                 # inputs (e.g. Lightning under DDP routes training_step(batch, i)
@@ -177,11 +213,9 @@ def _rng_unchanged(rng, devices) -> bool:
     return all(torch.equal(torch.cuda.get_rng_state(d), state) for d, state in cuda.items())
 
 
-def _autocast_enabled() -> bool:
-    try:
-        return torch.is_autocast_enabled("cpu") or torch.is_autocast_enabled("cuda")
-    except TypeError:  # torch < 2.4: no device argument
-        return torch.is_autocast_enabled() or torch.is_autocast_cpu_enabled()
+def _builds_graph() -> bool:
+    """Whether a forward now can produce a gradient (grad mode on, not inference)."""
+    return torch.is_grad_enabled() and not torch.is_inference_mode_enabled()
 
 
 class _CaptureHook:

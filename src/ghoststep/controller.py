@@ -28,7 +28,9 @@ in Cross-Entropy", arXiv:2603.13552 (2026), section 5.
 from __future__ import annotations
 
 import collections
+import copy
 import math
+import sys
 import time
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -37,10 +39,18 @@ from typing import Any
 import torch
 from torch import nn
 
-from ._checks import check_controller_arguments, check_limit_by, check_options
+from ._checks import check_controller_arguments, check_counts, check_limit_by, check_options
 from .capture import Captured, ForwardCapture
 from .controller_state import ControllerState
-from .directional import METHODS, cuda_devices, logits_reader, split_inputs
+from .directional import (
+    METHODS,
+    check_fast_dtype,
+    cuda_devices,
+    logits_reader,
+    split_inputs,
+    tf32_allowed,
+)
+from .isolation import autocast_as
 from .meter import Measured, SpreadMeter
 from .monitor import Sink, StepStats
 from .proposal import (
@@ -52,15 +62,34 @@ from .proposal import (
     holds_iterate,
 )
 from .radius import clip_radius, step_scale
-from .sampling import Plan, Sampling, bottleneck_rows, make_plan
-from .sharding import agree, check_sharding, local_shards, shard_group
+from .sampling import Plan, Sampling, batch_rows, bottleneck_rows, make_plan
+from .sharding import (
+    agree,
+    check_sharding,
+    is_sharded,
+    local_shards,
+    max_over_ranks,
+    shard_group,
+)
 
 __all__ = ["RadiusController"]
 
-# Default relative margin on the measured radius in clip / set mode, by method: the
-# exact JVP only needs its float32 rounding covered; the secants ("fd" across a kink,
-# "fast" with its O(h) error, measured within +0.3 % of the JVP) need more.
-_MARGINS = {"jvp": 1e-5, "fd": 1e-2, "fast": 1e-2}
+# Default relative margin below the measured radius (clip and set mode), by method and
+# by the precision the measurement ran in (``_precision``): "full" float32 / float64;
+# "autocast" (the JVP under the training forward's bfloat16 / float16 autocast);
+# "half" (bfloat16 / float16 parameters: the JVP in 16 bits, and the rounding of
+# old + s p into them). The exact JVP in float32 only needs its rounding covered; the
+# secants ("fd" across a kink, "fast" with its O(h) error) need more. Measured errors:
+# benchmarks/bench_precision.py, table in docs/benchmarks.md.
+_MARGINS = {
+    ("jvp", "full"): 1e-5,
+    ("jvp", "autocast"): 1e-2,
+    ("jvp", "half"): 2e-2,
+    ("fast", "full"): 2e-2,
+    ("fd", "full"): 1e-2,
+    ("fd", "half"): 2e-2,
+}
+_HALF = (torch.bfloat16, torch.float16)
 
 
 class RadiusController(torch.optim.Optimizer):
@@ -92,8 +121,10 @@ class RadiusController(torch.optim.Optimizer):
     parameters when s < 1).
 
     Memory (one extra parameter copy), host syncs, devices, faults (``on_nonfinite``),
-    distributed reduction, optimizers with their own iterate, the guarantee margin and
-    what is not supported: see the behaviour section of the API page
+    distributed reduction, optimizers with their own iterate, the guarantee margin,
+    copies (``copy.deepcopy`` / ``torch.save`` of model and controller together give a
+    controller wired to the copied model) and what is not supported: see the behaviour
+    section of the API page
     (``docs/api/controller.md``). Which samples set the radius: the whole batch by
     default; ``subset``, ``buffer_size``, ``window`` and ``quantile`` trade some of the
     guarantee for cost or robustness, as :class:`ghoststep.sampling.Sampling` states.
@@ -184,11 +215,11 @@ class RadiusController(torch.optim.Optimizer):
         ignore_index: int | None = None,
         targets_fn: Callable[[Any], torch.Tensor] | None = None,
         chunk_size: int | None = None,
-        method: str = "jvp",
+        method: str = "auto",
         on_nonfinite: str = "skip",
         history_size: int = 1000,
         keep_samples: bool = False,
-        micro_batches: str = "last",
+        micro_batches: str = "all",
         extra_radii: Callable[[nn.Module, Any, list], Mapping[str, float]] | None = None,
         limit_by: Sequence[str] | None = None,
         sinks: Iterable[Sink] = (),
@@ -198,11 +229,16 @@ class RadiusController(torch.optim.Optimizer):
         scaled_update: str = "auto",
     ) -> None:
         check_controller_arguments(optimizer, model, mode, target_r, temperature)
-        if method not in METHODS:
-            raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+        _check_method(method)
         check_options(on_nonfinite, history_size, margin, scaled_update, micro_batches)
+        check_counts(seed, chunk_size)
         check_supported(optimizer)
         limit_by = check_limit_by(limit_by, extra_radii)
+        slope_model = _unwrap(model)
+        if ignore_index is not None and mask_fn is None and targets_fn is None:
+            # a causal LM scores logits at t against labels[t + 1]: shift the mask alike
+            mask_fn = _shifted_label_mask(slope_model, ignore_index)
+            ignore_index = None if mask_fn is not None else ignore_index
         self.sampling = Sampling(
             subset, buffer_size, window, quantile, mask_fn, ignore_index, targets_fn
         )
@@ -215,12 +251,14 @@ class RadiusController(torch.optim.Optimizer):
         self.defaults = optimizer.defaults
 
         self.model = model
-        self._slope_model = _unwrap(model)
+        self._slope_model = slope_model
         self.mode = mode
         self.target_r = float(target_r)
         self.temperature = float(temperature)
+        if method == "auto" and is_sharded(self._params()):
+            method = "fast"  # forward AD cannot run through FSDP2 shards
         self._method = method
-        self.margin = _MARGINS[method] if margin is None else float(margin)
+        self._margin = None if margin is None else float(margin)
         if scaled_update == "auto":
             scaled_update = "rerun" if holds_iterate(optimizer) else "interpolate"
         self.scaled_update = scaled_update
@@ -244,6 +282,8 @@ class RadiusController(torch.optim.Optimizer):
         self._capable = method == "fast"  # "jvp" / "fd" are tried before the first step
         self._check_params_in_model()
         check_sharding(self.model, self._params(), method, extra_radii, self.scaled_update)
+        if method == "fast":
+            check_fast_dtype(self._params())
         self._set_devices()
 
     def _build_parts(
@@ -269,22 +309,42 @@ class RadiusController(torch.optim.Optimizer):
             self._slope_model,
             micro_batches=micro_batches,
             logits_fn=logits,
-            keep_logits=self._method == "fast",
+            keep_logits=self._method in ("fast", "auto"),
             rows_check=self.sampling.samples_rows,
             devices=[],
+            hooked=_hooked(self.model),
         )
 
     @property
     def method(self) -> str:
-        """How the slopes are evaluated (``"jvp"`` | ``"fd"`` | ``"fast"``); settable."""
+        """How the slopes are evaluated: ``"jvp"`` | ``"fd"`` | ``"fast"``, or ``"auto"``
+        until the first step resolves it (then fixed for the run, and checkpointed);
+        settable."""
         return self._method
 
     @method.setter
     def method(self, value: str) -> None:
-        if value not in METHODS:
-            raise ValueError(f"method must be one of {METHODS}, got {value!r}")
+        _check_method(value)
+        if value == "fast":
+            check_fast_dtype(self._params())
         self._method = self._meter.method = value
-        self._capture.keep_logits = value == "fast"
+        self._capture.keep_logits = value in ("fast", "auto")
+
+    @property
+    def margin(self) -> float | None:
+        """The relative margin below the measured radius in float32 / float64 (the
+        ``margin`` argument, or the method's default; None while ``"auto"`` is
+        unresolved). Other precisions: :meth:`margin_for`."""
+        if self._margin is None and self._method == "auto":
+            return None
+        return self.margin_for("full")
+
+    def margin_for(self, precision: str) -> float:
+        """The margin for a measurement in ``precision`` (``"full"``, ``"autocast"``:
+        the JVP under bfloat16 / float16 autocast, ``"half"``: 16-bit parameters)."""
+        if self._margin is not None:
+            return self._margin
+        return _MARGINS.get((self._method, precision), _MARGINS[(self._method, "full")])
 
     # ------------------------------------------------------------------ Optimizer API
 
@@ -332,6 +392,8 @@ class RadiusController(torch.optim.Optimizer):
             buffer=self._buffer,
             generator=self._generator.get_state(),
             warned=self._warned,
+            spread_hint=self._meter.spread_hint,
+            method=self._method,
         )
         return {"inner": self.optimizer.state_dict(), "ghoststep": ours.to_dict()}
 
@@ -350,6 +412,28 @@ class RadiusController(torch.optim.Optimizer):
         if ours.generator is not None:
             self._generator.set_state(ours.generator)
         self._warned = ours.warned
+        self._meter.spread_hint = ours.spread_hint
+        if self._method == "auto" and ours.method not in (None, "auto"):
+            self.method = ours.method  # the run's resolved choice, as before the save
+
+    def __getstate__(self) -> dict[str, Any]:
+        """For ``copy.deepcopy`` and whole-object pickles (``torch.save(ctrl)``): the whole
+        controller (``torch.optim.Optimizer`` would keep only ``defaults``, ``state`` and
+        ``param_groups``), its model, inner optimizer and forward capture included,
+        except what belongs to the original: the sinks (open files, writers), a step
+        wrapper an LR scheduler put on the instance, the optimizer hooks (dropped as
+        ``torch.optim`` drops them) and the spare parameter copy (scratch)."""
+        state = self.__dict__.copy()
+        state.pop("step", None)
+        for key in [k for k in state if k.startswith("_optimizer_") and k.endswith("_hooks")]:
+            del state[key]
+        state["sinks"] = []
+        proposal = state["_proposal"] = copy.copy(self._proposal)
+        proposal.spare = None
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)  # restores the dict and fresh optimizer hook dicts
 
     def __repr__(self) -> str:
         return (
@@ -367,12 +451,15 @@ class RadiusController(torch.optim.Optimizer):
     def step(self, closure: Callable[[], Any] | None = None, *, inputs: Any = None):
         """One controlled step. Returns what ``closure`` returned (or None).
 
+        What surrounds the call does not change it: inside ``torch.autocast``,
+        ``no_grad`` or ``inference_mode`` it measures and steps exactly as outside.
+
         Args:
             closure: called first under ``torch.enable_grad()`` (Lightning runs forward and
                 backward inside it); afterwards the gradients must be final.
             inputs: the batch to measure the radius on, as passed to the model (a tensor,
                 a tuple of positional arguments, or a dict of keyword arguments). Default:
-                the inputs of the most recent training-mode forward since the last step.
+                the inputs of the training forwards since the last step.
         Raises:
             RuntimeError: no batch (neither a training forward nor ``inputs=``), or a
                 sparse gradient.
@@ -382,22 +469,36 @@ class RadiusController(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        with torch.inference_mode(False), torch.no_grad(), autocast_as(()):
+            self._step(inputs, loss)
+        return loss
+
+    def _step(self, inputs, loss) -> None:
         batches = self._batches(inputs)
         model_params = self._params()
+        info = {"lr": _as_float(self.param_groups[0].get("lr", math.nan)), "loss": _as_float(loss)}
+        batches, empty = self._degenerate(model_params, batches)
+        if empty is not None:
+            self.step_count += 1
+            self._skip(empty, info)  # before the inner step: nothing has moved
+            return
         # FSDP2: the arithmetic runs on each rank's local shard; the few global
         # scalars are summed over the shard group (no-op for unsharded parameters)
         shards = shard_group(model_params)
         params = local_shards(model_params)
-        info = {"lr": _as_float(self.param_groups[0].get("lr", math.nan)), "loss": _as_float(loss)}
         check_dense(model_params)
-        if not self._capable:
+        if self._method == "auto":
+            self._resolve_method(model_params, batches)
+        elif not self._capable:
             self._try_measurement(model_params, batches)
-        self.step_count += 1
+        if self._method == "fast":
+            check_fast_dtype(model_params)  # e.g. the model was cast to bfloat16 later
+        self.step_count += 1  # a step that raised above was not taken
         grads = local_shards([p.grad for p in model_params if p.grad is not None])
         # host sync 1 of 3: a non-finite gradient must stop us before inner.step().
-        if grads and not agree(all_finite(grads), shards):
+        if not agree(all_finite(grads), shards):
             self._fault("gradient", info)
-            return loss
+            return
         rerun = self.scaled_update == "rerun" and self.mode != "monitor"
         snapshot = OptimizerSnapshot(self.optimizer, params) if rerun else None
         # The one extra parameter copy. After the swap the parameters hold the old
@@ -408,70 +509,86 @@ class RadiusController(torch.optim.Optimizer):
         tau = self._proposal.swap(params, proposed)  # host sync 2 of 3
         if not math.isfinite(tau):
             self._fault("update", info)  # parameters hold the old values
-            return loss
+            return
         if tau == 0.0:
-            self._proposal.apply(params, proposed, 1.0, 0.0)
+            self._proposal.apply(params, proposed, 1.0)
             self._record(self._stats(0.0, math.inf, 1.0, info, spread=0.0))
-            return loss
-        self._controlled(params, proposed, tau, batches, snapshot, info)
-        return loss
+            return
+        try:
+            self._controlled(params, proposed, tau, batches, snapshot, info)
+        except BaseException:
+            if self._proposal.at != 1.0:
+                self._proposal.apply(params, proposed, 0.0)  # never leave old + f p
+            raise
 
     def _controlled(self, params, proposed, tau, batches, snapshot, info) -> None:
         """Measure the radius along the proposal and apply old + s p."""
         start = time.perf_counter()
         found = self._measure(params, proposed, tau, batches)
-        fraction = found.fraction
         info["seconds"] = time.perf_counter() - start
         if not found.finite:
-            self._proposal.apply(params, proposed, 0.0, fraction)  # back to the old values
+            self._proposal.apply(params, proposed, 0.0)  # back to the old values
             self._fault("slope", info, tau=tau)
             return
         if not found.counted:
-            self._all_masked(params, proposed, tau, fraction, info)
+            self._all_masked(params, proposed, tau, info)
             if self.mode != "monitor":
                 return
         rho = min([found.rho, *self._recent_rhos])
         if self.sampling.window > 1:
             self._recent_rhos.append(found.rho)
         info["seconds"] = time.perf_counter() - start
-        limit = self._limit(rho, tau, params, fraction)
+        limit = self._limit(rho, tau, params, batches)
         scale = step_scale(tau, limit, self.mode, self.target_r)
         if snapshot is not None and scale != 1.0:
             scale = self._rerun(params, snapshot, scale, self.target_r * limit, tau)
         else:
-            self._proposal.apply(params, proposed, scale, fraction)
+            self._proposal.apply(params, proposed, scale)
         self._record(self._stats(tau, rho, scale, info, measured=found))
 
     def _measure(self, params, proposed, tau: float, batches: list[Captured]) -> Measured:
         """The measurement over the micro-batches (see ``ghoststep.meter``); updates the
-        bottleneck buffer."""
-        # "fast" measures at old + f p (f = h / tau); "jvp" / "fd" at the old values.
-        meter = self._meter
-        fraction = meter.fd_fraction(tau, params, self._proposal) if self.method == "fast" else 0.0
+        bottleneck buffer. "fast" leaves the parameters at old + f p (``proposal.at``)."""
         plans = [self._plan(entry) for entry in batches]
-        with self._capture.measuring(), meter.precision():
-            found = meter.measure(params, proposed, tau, plans, fraction)
+        with self._capture.measuring(), self._meter.precision():
+            found = self._meter.measure(params, proposed, tau, plans, self._proposal)
         if found.pending is not None and self.sampling.buffer_size > 0:
             rows = bottleneck_rows(*found.pending, self.sampling.buffer_size)
             self._buffer = rows if rows is not None else self._buffer
         return found
 
-    def _limit(self, rho: float, tau: float, params, fraction: float) -> float:
-        """The radius the step rule uses. Clip keeps a margin below the radius for the
-        method's error and, when it binds (s < 1 is computed, not copied), for the float
-        rounding of old + s p: about one ulp of each parameter, eps ||old|| in length.
-        The parameters are at old + f p now, so ||old|| <= ||params|| + f tau."""
-        if self.mode != "clip":
+    def _precision(self, params, batches) -> str:
+        """The precision the measurement ran in, for the margin: ``"half"`` (16-bit
+        parameters), ``"autocast"`` (the JVP under the training forward's autocast) or
+        ``"full"``."""
+        if any(p.dtype in _HALF for p in params):
+            return "half"
+        if self._method == "jvp" and any(entry.autocast for entry in batches):
+            return "autocast"
+        return "full"
+
+    def _limit(self, rho: float, tau: float, params, batches) -> float:
+        """The radius the step rule uses: a margin below the measured radius for the
+        method's error in the precision it ran in (clip and set). When clip binds (s < 1
+        is computed, not copied) float32 / float64 parameters also get one ulp of each
+        parameter, eps ||old|| in length, for the rounding of old + s p (16-bit
+        parameters: in the relative margin). The parameters are at old + f p now, so
+        ||old|| <= ||params|| + f tau."""
+        if self.mode == "monitor":
             return rho
-        limit = clip_radius(rho, self.margin)
-        if step_scale(tau, limit, self.mode, self.target_r) < 1.0:
-            old_norm = self._proposal.norm(params) + fraction * tau
-            limit = clip_radius(rho, self.margin, 2.0 * torch.finfo(params[0].dtype).eps * old_norm)
+        precision = self._precision(params, batches)
+        margin = self.margin_for(precision)
+        limit = clip_radius(rho, margin)
+        binds = step_scale(tau, limit, self.mode, self.target_r) < 1.0
+        if self.mode == "clip" and binds and precision != "half":
+            old_norm = self._proposal.norm(params) + self._proposal.at * tau
+            limit = clip_radius(rho, margin, 2.0 * torch.finfo(params[0].dtype).eps * old_norm)
         return limit
 
-    def _all_masked(self, params, proposed, tau, fraction, info) -> None:
+    def _all_masked(self, params, proposed, tau, info) -> None:
         """Every position masked: no radius bounds this update. Policy: clip / set skip
-        it (the parameters keep their values), monitor applies it."""
+        it (the parameters keep their values), monitor applies it. (An all-masked batch
+        is skipped before the inner step; this covers what only the measurement sees.)"""
         applied = self.mode == "monitor"
         warnings.warn(
             "RadiusController: every position of the batch is masked (mask_fn / "
@@ -479,12 +596,41 @@ class RadiusController(torch.optim.Optimizer):
             + ("it was applied (monitor mode)" if applied
                else "it was skipped and the parameters left unchanged"),
             RuntimeWarning,
-            stacklevel=4,
+            stacklevel=5,
         )  # fmt: skip
         if not applied:
-            self._proposal.apply(params, proposed, 0.0, fraction)
+            self._proposal.apply(params, proposed, 0.0)
             self.skipped_steps += 1
             self._record(self._stats(tau, math.inf, 0.0, info, spread=0.0, skipped=True))
+
+    def _degenerate(self, params, batches: list[Captured]):
+        """``(batches with rows, why the step must be skipped or None)``, decided before
+        the inner step (and alike on every rank): no parameter has a gradient, every
+        batch is empty, or every position is masked."""
+        if not any(p.grad is not None for p in params):
+            return batches, "no trainable parameter has a gradient"
+        batches = [entry for entry in batches if batch_rows(entry.inputs) != 0]
+        counted = float(bool(batches))
+        if batches and self.sampling.masks:
+            masks = [self.sampling.position_mask(entry.inputs) for entry in batches]
+            counted = float(sum(int(m.sum()) for m in masks))
+        counted, _ = max_over_ranks(counted, True, self._meter.process_group)
+        if counted > 0 or (batches and self.mode == "monitor"):
+            return batches, None  # monitor mode applies an all-masked update (warned later)
+        if not batches and not self.sampling.masks:
+            return batches, "the batch is empty (0 rows)"
+        return batches, "the batch is empty or every position is masked (mask_fn / ignore_index)"
+
+    def _skip(self, why: str, info: dict) -> None:
+        """Skip a step before the inner optimizer ran: parameters and its state untouched."""
+        warnings.warn(
+            f"RadiusController: {why} at step {self.step_count}; the step was skipped, the "
+            "parameters and the optimizer state left unchanged",
+            RuntimeWarning,
+            stacklevel=4,
+        )
+        self.skipped_steps += 1
+        self._record(self._stats(math.nan, math.nan, 0.0, info, spread=math.nan, skipped=True))
 
     def _batches(self, inputs) -> list[Captured]:
         if inputs is not None:
@@ -494,7 +640,8 @@ class RadiusController(torch.optim.Optimizer):
         if not batches:
             raise RuntimeError(
                 "RadiusController.step() has no batch to measure the radius on: run a "
-                "training-mode forward of the model before step(), or pass step(inputs=batch)"
+                "training-mode forward of the model (with gradients enabled) before "
+                "step(), or pass step(inputs=batch)"
             )
         return batches
 
@@ -505,10 +652,41 @@ class RadiusController(torch.optim.Optimizer):
     def _try_measurement(self, params, batches) -> None:
         """Run the slopes once along the gradient on the first batch (first step only)."""
         entry = batches[0]  # all rows, no subset draw: the generator is left alone
-        plan = Plan(entry.inputs, split_inputs(entry.inputs), entry.rng, None)
+        plan = Plan(entry.inputs, split_inputs(entry.inputs), entry.rng, None, entry.autocast)
         with self._capture.measuring(), self._meter.precision():
             self._meter.try_gradient(params, plan)
         self._capable = True
+
+    def _resolve_method(self, params, batches) -> None:
+        """``method="auto"``, at the first step: the cheapest method that is exact enough
+        here (see the table in ``docs/api/controller.md``), fixed for the run.
+
+        * "jvp" for bfloat16 / float16 parameters, a training forward under autocast or
+          TF32 on CUDA: there a secant is off by 10 % or more and a JVP by < 1 %;
+        * "fast" otherwise (float32 / float64, one extra forward);
+        * "fast" with a warning when "jvp" meets an op without forward-mode AD (16-bit
+          parameters: the error is raised, no method is both possible and accurate).
+        """
+        half = any(p.dtype in _HALF for p in params)
+        coarse = any(entry.autocast for entry in batches) or (
+            bool(self._capture.devices) and tf32_allowed()
+        )
+        if not (half or coarse):
+            self.method = "fast"
+            return
+        self.method = "jvp"
+        try:
+            self._try_measurement(params, batches)
+        except NotImplementedError as err:  # an op (or autograd.Function) without forward AD
+            if half:
+                raise
+            warnings.warn(
+                f'RadiusController(method="auto"): {err} -- using method="fast" for this '
+                "run (measured in float32, autocast off)",
+                RuntimeWarning,
+                stacklevel=5,
+            )
+            self.method = "fast"
 
     def _rerun(self, params, snapshot: OptimizerSnapshot, scale, limit, tau) -> float:
         """Scaled update for optimizers with an iterate of their own (``"rerun"``): the
@@ -516,6 +694,7 @@ class RadiusController(torch.optim.Optimizer):
         In clip mode the result is pulled back to length ``limit`` if it overshoots
         (its direction is not exactly p). Returns the realised s' = ||step|| / tau."""
         length = snapshot.rerun(self.optimizer, params, scale)
+        self._proposal.at = 1.0  # the parameters hold the rerun's result: settled
         self.param_groups = self.optimizer.param_groups
         if self.mode == "clip" and length > limit:
             torch._foreach_lerp_(params, snapshot.params, 1.0 - limit / length)
@@ -595,6 +774,41 @@ def _as_float(value) -> float | None:
         return None
 
 
+_PARALLEL = (nn.parallel.DistributedDataParallel, nn.DataParallel)
+
+
+def _compiled(model: nn.Module) -> bool:
+    """A ``torch.compile`` module (``OptimizedModule``; its ``_orig_mod`` is the model)."""
+    return type(model).__name__ == "OptimizedModule" and isinstance(
+        getattr(model, "_orig_mod", None), nn.Module
+    )
+
+
 def _unwrap(model: nn.Module) -> nn.Module:
-    parallel = (nn.parallel.DistributedDataParallel, nn.DataParallel)
-    return model.module if isinstance(model, parallel) else model
+    """The module the measurement evaluates: DDP / DataParallel and ``torch.compile``
+    wrappers removed (a compiled module shares its parameters with ``_orig_mod``;
+    forward-mode AD does not run through the compiled graph)."""
+    while isinstance(model, _PARALLEL) or _compiled(model):
+        model = model.module if isinstance(model, _PARALLEL) else model._orig_mod
+    return model
+
+
+def _hooked(model: nn.Module) -> nn.Module:
+    """The module whose forward hooks see the training calls: the DDP-unwrapped model,
+    a compiled one included (its hooks run eagerly, outside the compiled graph)."""
+    return model.module if isinstance(model, _PARALLEL) else model
+
+
+def _check_method(method) -> None:
+    if method != "auto" and method not in METHODS:
+        raise ValueError(f"method must be 'auto' or one of {METHODS}, got {method!r}")
+
+
+def _shifted_label_mask(model: nn.Module, ignore_index: int):
+    """The ``mask_fn`` of a Hugging Face causal LM's loss (its logits at t are scored
+    against ``labels[t + 1]``), or None for other models."""
+    if "transformers" not in sys.modules:
+        return None  # no Hugging Face model can exist
+    from .integrations.transformers import is_causal_lm, label_mask_fn
+
+    return label_mask_fn(shift=True, ignore_index=ignore_index) if is_causal_lm(model) else None

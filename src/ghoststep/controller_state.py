@@ -26,6 +26,9 @@ class ControllerState:
         buffer: the inputs of the bottleneck rows (``buffer_size``), or None.
         generator: the subset generator's state (a CPU ByteTensor).
         warned: whether the once-per-controller fault warning was given.
+        spread_hint: ``"fast"``'s last max spread per unit step, which sets its next
+            difference step (None before the first measurement).
+        method: the method in use (``method="auto"``'s choice, fixed for the run).
     """
 
     step_count: int = 0
@@ -34,6 +37,8 @@ class ControllerState:
     buffer: Any = None
     generator: torch.Tensor | None = None
     warned: bool = False
+    spread_hint: float | None = None
+    method: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -44,6 +49,8 @@ class ControllerState:
             "buffer": detached_copy(self.buffer),
             "generator": self.generator,
             "warned": self.warned,
+            "spread_hint": self.spread_hint,
+            "method": self.method,
         }
 
     @classmethod
@@ -59,4 +66,6 @@ class ControllerState:
             buffer=detached_copy(ours.get("buffer")),
             generator=None if generator is None else generator.clone(),
             warned=bool(ours.get("warned", False)),
+            spread_hint=None if ours.get("spread_hint") is None else float(ours["spread_hint"]),
+            method=ours.get("method"),
         )

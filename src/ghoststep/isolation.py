@@ -1,9 +1,11 @@
-"""Evaluating a model without side effects: RNG streams and buffers.
+"""Evaluating a model without side effects: RNG streams, buffers and autocast.
 
 Every evaluation of ghoststep runs a model between training steps, so it must leave
 the training run as if it had not happened: the CPU and CUDA RNG streams restored
 (or replayed from a captured state, to draw the training forward's dropout masks)
-and every buffer (BatchNorm running statistics, counters) bitwise unchanged.
+and every buffer (BatchNorm running statistics, counters) bitwise unchanged. It must
+also not inherit what surrounds it: an autocast block around ``opt.step()`` would
+otherwise run the measuring forwards in bfloat16 (:func:`autocast_as`).
 """
 
 from __future__ import annotations
@@ -14,10 +16,50 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-__all__ = ["RNGState", "cuda_devices", "capture_rng", "replay_rng", "preserved_buffers"]
+__all__ = [
+    "AutocastState",
+    "RNGState",
+    "autocast_as",
+    "autocast_state",
+    "cuda_devices",
+    "capture_rng",
+    "replay_rng",
+    "preserved_buffers",
+]
 
 # (CPU generator state, {CUDA device index: generator state})
 RNGState = tuple[torch.Tensor, dict[int, torch.Tensor]]
+# ((device type, autocast dtype), ...) of the device types with autocast enabled
+AutocastState = tuple[tuple[str, torch.dtype], ...]
+_AUTOCAST_DEVICES = ("cpu", "cuda")
+
+
+def _autocast_of(device: str) -> torch.dtype | None:
+    try:
+        enabled = torch.is_autocast_enabled(device)
+        return torch.get_autocast_dtype(device) if enabled else None
+    except TypeError:  # pragma: no cover - torch < 2.4: no device argument
+        if device == "cpu":
+            return torch.get_autocast_cpu_dtype() if torch.is_autocast_cpu_enabled() else None
+        return torch.get_autocast_gpu_dtype() if torch.is_autocast_enabled() else None
+
+
+def autocast_state() -> AutocastState:
+    """The autocast in effect now, e.g. ``(("cpu", torch.bfloat16),)``; ``()`` if none."""
+    state = ((device, _autocast_of(device)) for device in _AUTOCAST_DEVICES)
+    return tuple((device, dtype) for device, dtype in state if dtype is not None)
+
+
+@contextlib.contextmanager
+def autocast_as(state: AutocastState):
+    """Run the block under exactly the autocast ``state`` (from :func:`autocast_state`;
+    ``()``: none), whatever autocast surrounds it."""
+    with contextlib.ExitStack() as stack:
+        for device, _ in autocast_state():
+            stack.enter_context(torch.autocast(device, enabled=False))
+        for device, dtype in state:
+            stack.enter_context(torch.autocast(device, dtype=dtype))
+        yield
 
 
 def cuda_devices(model: nn.Module) -> list[int]:

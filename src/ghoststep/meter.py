@@ -25,6 +25,7 @@ from .directional import (
     refined_step,
     split_inputs,
 )
+from .isolation import autocast_as
 from .radius import radius_from_spread
 from .sampling import Plan, Sampling
 from .sharding import max_over_ranks
@@ -37,9 +38,8 @@ class Measured(NamedTuple):
     reduced to 0 when nothing was counted); ``rho``: the limiting radius (with the extra
     radii); ``bottleneck``: the position index over the micro-batches in order;
     ``samples``: per-position radii (CPU float32) when kept; ``radii``: the extra radii
-    dict or None; ``counted``: some position was not masked; ``fraction``: where
-    ``"fast"`` left the parameters (old + f p); ``pending``: (inputs, spread, mask) of
-    the last plan, for the bottleneck buffer."""
+    dict or None; ``counted``: some position was not masked; ``pending``: (inputs,
+    spread, mask) of the last plan, for the bottleneck buffer."""
 
     spread: float
     rho: float
@@ -48,7 +48,6 @@ class Measured(NamedTuple):
     samples: torch.Tensor | None
     radii: dict[str, float] | None
     counted: bool
-    fraction: float
     pending: tuple | None
 
 
@@ -117,21 +116,22 @@ class SpreadMeter:
         (a JVP has no cancellation: TF32 costs it 1e-3 relative, ``"fast"`` 10 %)."""
         return full_float32() if self.devices and self.method == "fast" else nullcontext()
 
-    def measure(self, params, proposed, tau: float, plans: list[Plan], fraction: float):
+    def measure(self, params, proposed, tau: float, plans: list[Plan], proposal):
         """Measure along v = p / tau over the plans (parameters at the old values on
-        entry; ``"fast"`` moves them to old + f p). Returns a :class:`Measured`."""
+        entry; ``"fast"`` moves them to old + f p through ``proposal``, a
+        :class:`~ghoststep.proposal.ProposedUpdate`). Returns a :class:`Measured`."""
         radii = None
         if self.method == "fast":
+            fraction = self.fd_fraction(tau, params, proposal)
             self._fill_baselines(plans)
             if self.extra_radii is not None:  # at the old values, before the shift
                 radii = self._radii(params, torch._foreach_sub(proposed, params), tau, plans)
-            torch._foreach_lerp_(params, proposed, fraction)
+            proposal.move_to(params, proposed, fraction)
             self._shifted_spreads(plans, fraction * tau)
             better = refined_step(fraction * tau, fraction * tau * self.spread_hint)
             if better is not None:  # the outputs moved too far or too little: redo
-                target = away_from_one(better / tau)
-                torch._foreach_lerp_(params, proposed, (target - fraction) / (1.0 - fraction))
-                fraction = target
+                fraction = away_from_one(better / tau)
+                proposal.move_to(params, proposed, fraction)
                 self._shifted_spreads(plans, fraction * tau)
             for plan in plans:
                 plan.baseline = None
@@ -144,7 +144,7 @@ class SpreadMeter:
             del tangents
             radii = self._radii(params, update, tau, plans)
             del update
-        return self._reduce(plans, radii, fraction)
+        return self._reduce(plans, radii)
 
     def fd_fraction(self, tau: float, params: list[torch.Tensor], proposal) -> float:
         """f = h / tau for the one-sided difference at old + f p (``"fast"``): h moves
@@ -209,16 +209,24 @@ class SpreadMeter:
         local = float(torch.stack([p.spread.max() for p in plans]).max()) if plans else 0.0
         self.spread_hint = max_over_ranks(local, True, self.process_group)[0]
 
+    def evaluation_precision(self, plan: Plan):
+        """The autocast a plan's forwards run under, whatever surrounds ``step()``: the
+        training forward's for ``"jvp"`` (the tangent in the precision the model trains
+        in: exact to a few 1e-3 in bfloat16), none for the differences ``"fast"`` /
+        ``"fd"`` (in bfloat16 a secant at a 0.01-logit move is off by 100 % or more)."""
+        return autocast_as(plan.autocast if self.method == "jvp" else ())
+
     def _spread_of(self, plan: Plan, spread_fn) -> torch.Tensor:
         """Flat float64 per-position spread of one plan, in ``chunk_size`` row chunks."""
         args, kwargs = plan.call
-        if self.chunk_size is None:
-            return spread_fn(args, kwargs, slice(None), plan).reshape(-1).double()
-        check_chunking(self.model, args, kwargs, self.chunk_size)
-        parts = [
-            spread_fn(a, k, slice(start, stop), plan).reshape(-1)
-            for start, stop, a, k in chunks(args, kwargs, self.chunk_size)
-        ]
+        with self.evaluation_precision(plan):
+            if self.chunk_size is None:
+                return spread_fn(args, kwargs, slice(None), plan).reshape(-1).double()
+            check_chunking(self.model, args, kwargs, self.chunk_size)
+            parts = [
+                spread_fn(a, k, slice(start, stop), plan).reshape(-1)
+                for start, stop, a, k in chunks(args, kwargs, self.chunk_size)
+            ]
         return torch.cat(parts).double()
 
     def _fill_baselines(self, plans: list[Plan]) -> None:
@@ -226,10 +234,11 @@ class SpreadMeter:
         for plan in plans:
             if plan.baseline is None:
                 args, kwargs = plan.call if plan.head is None else split_inputs(plan.tail)
-                parts = [
-                    self._forward(a, k, plan)
-                    for _, _, a, k in chunks(args, kwargs, self.chunk_size)
-                ]
+                with self.evaluation_precision(plan):
+                    parts = [
+                        self._forward(a, k, plan)
+                        for _, _, a, k in chunks(args, kwargs, self.chunk_size)
+                    ]
                 if plan.head is not None:  # the subset's rows from the training forward
                     parts.insert(0, plan.head)
                 if self.chunk_size is None and len(parts) > 1:
@@ -246,7 +255,8 @@ class SpreadMeter:
         radii: dict[str, float] = {}
         direction = self.direction(params, update)
         for plan in plans:
-            extra = self.extra_radii(self.model, plan.evaluated, direction)
+            with self.evaluation_precision(plan):
+                extra = self.extra_radii(self.model, plan.evaluated, direction)
             for key, t in dict(extra).items():
                 radius, before = float(t) * tau, radii.get(str(key), math.inf)
                 # min() would drop a NaN; keep it so the step is treated as a fault
@@ -280,7 +290,7 @@ class SpreadMeter:
             offset += spread.numel()
         return rows, kept, pending
 
-    def _reduce(self, plans: list[Plan], radii, fraction: float) -> Measured:
+    def _reduce(self, plans: list[Plan], radii) -> Measured:
         """Aggregate the plans' spreads on the device, then one host sync."""
         rows, kept, pending = self._summaries(plans)
         summary = torch.stack([r.to(rows[0].device) for r in rows]).tolist()
@@ -304,7 +314,7 @@ class SpreadMeter:
             valid = [v for v in kept if v.numel()]
             if valid:
                 samples = radius_from_spread(torch.cat(valid), self.temperature).float().cpu()
-        return Measured(spread, rho, bottleneck, finite, samples, radii, counted, fraction, pending)
+        return Measured(spread, rho, bottleneck, finite, samples, radii, counted, pending)
 
     def _limit(self, rho: float, radii: dict[str, float]):
         """The smallest of the radii named by ``limit_by``, the same on every rank

@@ -7,6 +7,7 @@ binary logit read as the two-class softmax (``class_logits``).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -76,12 +77,13 @@ def class_logits(logits: torch.Tensor) -> torch.Tensor:
 
 def logits_reader(logits_fn: Callable[[Any], torch.Tensor] | None = None):
     """``class_logits(logits_fn(output))``: the output function for the logits."""
-    pick = logits_fn or default_logits_fn
+    # a partial of a module-level function: picklable (whole-object saves of a
+    # RadiusController) whenever ``logits_fn`` is
+    return functools.partial(_read_logits, logits_fn or default_logits_fn)
 
-    def read(output) -> torch.Tensor:
-        logits = pick(output)
-        if not isinstance(logits, torch.Tensor):
-            raise TypeError(f"logits_fn must return a tensor, got {type(logits).__name__}")
-        return class_logits(logits)
 
-    return read
+def _read_logits(pick: Callable[[Any], torch.Tensor], output) -> torch.Tensor:
+    logits = pick(output)
+    if not isinstance(logits, torch.Tensor):
+        raise TypeError(f"logits_fn must return a tensor, got {type(logits).__name__}")
+    return class_logits(logits)

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch.utils import _pytree as pytree
 
-from ._checks import is_int
+from ._checks import check_real, is_int
 from .directional import split_inputs
 
 __all__ = ["Sampling"]
@@ -78,8 +78,10 @@ class Sampling:
         if not (is_int(self.window) and self.window >= 1):
             raise ValueError(f"window must be an int >= 1, got {self.window!r}")
         q = self.quantile
-        if q is not None and not (isinstance(q, (int, float)) and 0.0 < q <= 1.0):
-            raise ValueError(f"quantile must be None or a number in (0, 1], got {q!r}")
+        if q is not None:
+            check_real("quantile", q)
+            if not 0.0 < q <= 1.0:
+                raise ValueError(f"quantile must be None or a number in (0, 1], got {q!r}")
         if self.ignore_index is not None and self.mask_fn is not None:
             raise ValueError("give either mask_fn or ignore_index, not both")
         if q is not None:
@@ -90,8 +92,25 @@ class Sampling:
         """Whether some rows of the training batch are re-used (subset or buffer)."""
         return self.subset is not None or self.buffer_size > 0
 
+    @property
+    def masks(self) -> bool:
+        """Whether some positions may be ignored (``mask_fn`` or ``ignore_index``)."""
+        return self.mask_fn is not None or self.ignore_index is not None
+
     def mask(self, inputs, n_samples: int, device: torch.device) -> torch.Tensor | None:
         """Flat bool mask over the ``n_samples`` logit positions, or None (keep all)."""
+        mask = self.position_mask(inputs)
+        if mask is None:
+            return None
+        if mask.numel() != n_samples:
+            raise ValueError(
+                f"the mask has {mask.numel()} entries but the logits have {n_samples} "
+                "sample positions (logits.shape[:-1])"
+            )
+        return mask.to(device)
+
+    def position_mask(self, inputs) -> torch.Tensor | None:
+        """The flat bool mask of ``inputs`` (True: counted), or None without a mask."""
         if self.mask_fn is not None:
             mask = self.mask_fn(inputs)
         elif self.ignore_index is not None:
@@ -104,13 +123,7 @@ class Sampling:
             mask = torch.as_tensor(targets) != self.ignore_index
         else:
             return None
-        mask = torch.as_tensor(mask, dtype=torch.bool).reshape(-1)
-        if mask.numel() != n_samples:
-            raise ValueError(
-                f"the mask has {mask.numel()} entries but the logits have {n_samples} "
-                "sample positions (logits.shape[:-1])"
-            )
-        return mask.to(device)
+        return torch.as_tensor(mask, dtype=torch.bool).reshape(-1)
 
     def aggregate(self, spread: torch.Tensor) -> torch.Tensor:
         """The spread that sets the radius: the max, or the upper ``quantile`` order
@@ -190,10 +203,11 @@ class Plan:
     parts over consecutive rows (head, then tail), left unconcatenated: on the CPU a
     fresh tensor of tens of MB costs its page faults, as much as a small forward."""
 
-    __slots__ = ("evaluated", "call", "rng", "baseline", "spread", "head", "tail")
+    __slots__ = ("evaluated", "call", "rng", "autocast", "baseline", "spread", "head", "tail")
 
-    def __init__(self, evaluated, call: tuple[tuple, dict], rng, baseline) -> None:
+    def __init__(self, evaluated, call: tuple[tuple, dict], rng, baseline, autocast=()) -> None:
         self.evaluated, self.call, self.rng, self.baseline = evaluated, call, rng, baseline
+        self.autocast = autocast  # the training forward's (``isolation.autocast_state``)
         self.spread: torch.Tensor | None = None
         self.head: torch.Tensor | None = None
         self.tail: Any = None
@@ -235,7 +249,13 @@ def make_plan(entry, sampling: Sampling, generator: torch.Generator, buffer):
             evaluated, tail = joined, buffer  # the buffer's rows need a baseline forward
             if not entry.rows_independent:
                 known = None
-    plan = Plan(evaluated, split_inputs(evaluated), entry.rng, None if tail is not None else known)
+    plan = Plan(
+        evaluated,
+        split_inputs(evaluated),
+        entry.rng,
+        None if tail is not None else known,
+        entry.autocast,
+    )
     if tail is not None and known is not None:
         plan.head, plan.tail = known, tail
     return plan, buffer

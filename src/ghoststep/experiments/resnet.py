@@ -514,13 +514,15 @@ def resnet_run(
     subset = measure_rows if measure_rows < batch_size else None
     if target_r is not None:
         opt = RadiusController(
-            inner, model, mode="set", target_r=target_r, subset=subset, history_size=0, seed=seed
-        )
+            inner, model, mode="set", target_r=target_r, subset=subset, history_size=0,
+            seed=seed, method="jvp",
+        )  # fmt: skip
         label = f"set r*={target_r:g}"
     else:
         opt = RadiusController(
-            inner, model, mode="monitor", subset=subset, history_size=0, seed=seed
-        )
+            inner, model, mode="monitor", subset=subset, history_size=0, seed=seed,
+            method="jvp",
+        )  # fmt: skip
         label = f"lr={lr:g}"
     rec = ResNetRecord(label=label, seed=seed, lr=lr, target_r=target_r)
     X, y = train_data

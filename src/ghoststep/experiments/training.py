@@ -440,7 +440,9 @@ def controlled_run(
     opt = inner = make_optimizer(optimizer, model.parameters(), lr)
     if wrap:
         sink = CallbackSink(rec.stats.append)  # every step's StepStats, skipped ones included
-        kwargs = dict(mode=mode, target_r=target_r, history_size=0, **(controller_kwargs or {}))
+        # the experiments measure with the exact JVP unless a run says otherwise
+        kwargs = {"mode": mode, "target_r": target_r, "history_size": 0, "method": "jvp"}
+        kwargs.update(controller_kwargs or {})
         opt = controller_cls(inner, model, sinks=[sink], **kwargs)
     eval_seconds = [0.0]
 

@@ -41,6 +41,7 @@ here).
 
 from __future__ import annotations
 
+import functools
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -88,26 +89,27 @@ def label_mask_fn(
         multi-label), or the ``attention_mask`` (shifted alike) when a causal LM gets no
         labels.
     """
+    # a partial of a module-level function: picklable (whole-object controller saves)
+    return functools.partial(_label_mask, shift, ignore_index)
 
-    def mask_fn(inputs: Mapping[str, Any]) -> torch.Tensor:
-        if not isinstance(inputs, Mapping):
-            raise TypeError("the Hugging Face label mask expects keyword inputs (a dict)")
-        labels = inputs.get("labels")
-        if labels is None:
-            attention = inputs.get("attention_mask")
-            if shift and attention is not None:
-                return _shift_left(torch.as_tensor(attention).bool(), False)
-            raise ValueError(
-                "the batch has no 'labels', so the positions the loss ignores are unknown; "
-                "pass mask_fn=... (or mask_fn=lambda inputs: <bool tensor of logits.shape[:-1]>)"
-            )
-        labels = torch.as_tensor(labels)
-        if labels.is_floating_point():
-            return torch.ones(labels.shape[0], dtype=torch.bool, device=labels.device)
-        keep = labels != ignore_index
-        return _shift_left(keep, False) if shift else keep
 
-    return mask_fn
+def _label_mask(shift: bool, ignore_index: int, inputs: Mapping[str, Any]) -> torch.Tensor:
+    if not isinstance(inputs, Mapping):
+        raise TypeError("the Hugging Face label mask expects keyword inputs (a dict)")
+    labels = inputs.get("labels")
+    if labels is None:
+        attention = inputs.get("attention_mask")
+        if shift and attention is not None:
+            return _shift_left(torch.as_tensor(attention).bool(), False)
+        raise ValueError(
+            "the batch has no 'labels', so the positions the loss ignores are unknown; "
+            "pass mask_fn=... (or mask_fn=lambda inputs: <bool tensor of logits.shape[:-1]>)"
+        )
+    labels = torch.as_tensor(labels)
+    if labels.is_floating_point():
+        return torch.ones(labels.shape[0], dtype=torch.bool, device=labels.device)
+    keep = labels != ignore_index
+    return _shift_left(keep, False) if shift else keep
 
 
 def _shift_left(mask: torch.Tensor, fill: bool) -> torch.Tensor:
