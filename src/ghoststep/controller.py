@@ -84,10 +84,10 @@ __all__ = ["RadiusController"]
 _MARGINS = {
     ("jvp", "full"): 1e-5,
     ("jvp", "autocast"): 1e-2,
-    ("jvp", "half"): 2e-2,
+    ("jvp", "half"): 3e-2,
     ("fast", "full"): 2e-2,
     ("fd", "full"): 1e-2,
-    ("fd", "half"): 2e-2,
+    ("fd", "half"): 3e-2,
 }
 _HALF = (torch.bfloat16, torch.float16)
 
@@ -146,11 +146,16 @@ class RadiusController(torch.optim.Optimizer):
         chunk_size: rows per JVP chunk (``ghoststep.slopes.per_sample_spread``; each
             chunk's tangent is reduced to its spread at once). Not with train-mode
             BatchNorm.
-        method: ``"jvp"`` (exact forward-mode AD; about one training step of extra
-            cost), ``"fast"`` (one extra float32 forward at old + h v against the
-            training forward's logits, same dropout masks; within 1 % of ``"jvp"`` on
-            smooth models; where it is unsafe, and the second forward autocast or TF32
-            cost: ``ghoststep.directional``) or ``"fd"`` (float64, a slow reference).
+        method: ``"auto"`` (default: the first step picks ``"fast"`` for float32 /
+            float64 training without autocast, ``"jvp"`` under autocast, with 16-bit
+            parameters or TF32, and falls back to ``"fast"`` with a warning where an op
+            has no forward AD; fixed for the run and checkpointed; table in
+            ``docs/api/controller.md``), ``"jvp"`` (exact forward-mode AD, under the
+            training forward's autocast; about one training step of extra cost),
+            ``"fast"`` (one extra float32 forward at old + h v against the training
+            forward's logits, same dropout masks, and one more at old - h v near the
+            bound; float32 / float64 parameters only: ``ghoststep.directional``) or
+            ``"fd"`` (float64, a slow reference).
         on_nonfinite: ``"skip"`` or ``"raise"``.
         history_size: length of the ``history`` deque of :class:`StepStats`.
         extra_radii: optional hook ``extra_radii(model, inputs, update) -> {name: t}``
@@ -164,12 +169,15 @@ class RadiusController(torch.optim.Optimizer):
         limit_by: names of the radii whose minimum limits the step (default: ``"out"``
             and every name ``extra_radii`` returns). E.g. ``("out",)`` records the
             extra radii without letting them bind.
-        micro_batches: ``"last"`` measures the radius on the most recent training-mode
-            forward before ``step()``; ``"all"`` on every training-mode forward since
-            the previous step (gradient accumulation: the update is built from all
-            micro-batches, so all of them should bound it). Each micro-batch is
-            evaluated on its own (BatchNorm sees the statistics it trained with) and
-            the smallest radius is used. ``inputs=`` passed to ``step`` overrides both.
+        micro_batches: ``"all"`` (default) measures the radius on every training
+            forward since the previous step (gradient accumulation: the update is built
+            from all micro-batches, so all of them bound it; their inputs, and for
+            ``"fast"`` their logits, are held until ``step()``); ``"last"`` on the most
+            recent one. A training forward is one in train mode with gradients enabled
+            (``no_grad`` / ``inference_mode`` side forwards are ignored). Each
+            micro-batch is evaluated on its own (BatchNorm sees the statistics it trained
+            with) and the smallest radius is used. ``inputs=`` passed to ``step``
+            overrides both.
         keep_samples: also keep each step's per-sample rho_a (``StepStats.rho_samples``,
             a CPU tensor; e.g. for the TensorBoard histogram). Off by default: for
             language models it is one number per token per step of history.
@@ -177,8 +185,9 @@ class RadiusController(torch.optim.Optimizer):
         process_group: group for the distributed reduction (default: the world).
         slopes_kwargs: extra keyword arguments for ``ghoststep.directional.directional``
             (``"jvp"`` / ``"fd"``; e.g. ``step=`` for ``"fd"``).
-        margin: relative margin below the measured radius in clip mode (default by
-            method: 1e-5 ``"jvp"``, 1e-2 ``"fd"`` / ``"fast"``).
+        margin: relative margin below the measured radius in clip and set mode
+            (default by method and precision, e.g. 1e-5 ``"jvp"`` in float32, 1e-2
+            under bf16 autocast, 2e-2 ``"fast"``: :meth:`margin_for`).
         scaled_update: how s < 1 is applied: ``"interpolate"`` (old + s p),
             ``"rerun"`` (restore the inner optimizer's state and parameters, step again
             with the learning rates times s; for optimizers keeping their own iterate)
@@ -550,8 +559,13 @@ class RadiusController(torch.optim.Optimizer):
         """The measurement over the micro-batches (see ``ghoststep.meter``); updates the
         bottleneck buffer. "fast" leaves the parameters at old + f p (``proposal.at``)."""
         plans = [self._plan(entry) for entry in batches]
+        # "fast" near the bound (r = tau spread / pi T >= half the target; set mode:
+        # always) also takes the difference on the other side (SpreadMeter._other_side)
+        share = {"clip": 0.5, "set": 0.0}.get(self.mode)
+        bound = self.target_r * math.pi * self.temperature / tau  # the spread at r = target
+        recheck = None if share is None else share * bound
         with self._capture.measuring(), self._meter.precision():
-            found = self._meter.measure(params, proposed, tau, plans, self._proposal)
+            found = self._meter.measure(params, proposed, tau, plans, self._proposal, recheck)
         if found.pending is not None and self.sampling.buffer_size > 0:
             rows = bottleneck_rows(*found.pending, self.sampling.buffer_size)
             self._buffer = rows if rows is not None else self._buffer

@@ -111,13 +111,17 @@ class ProposedUpdate:
 
     def apply(self, params, proposed, scale: float) -> None:
         """Parameters (now at old + at p) <- old + s p. s = 1 copies the proposal bitwise;
-        s = 0 from the old values leaves them bitwise."""
+        s = 0 from the old values leaves them bitwise. 16-bit parameters (measured at
+        the old values) are rounded toward the old values (:func:`_round_toward_old`)."""
         if scale == 1.0:
             if self.exchange_ok(params):
                 _exchange(params, proposed)  # the inner optimizer's tensors, bitwise
             else:
                 torch._foreach_copy_(params, proposed)
             self.at = 1.0
+        elif self.at == 0.0 and scale != 0.0 and any(p.dtype in _HALF for p in params):
+            _round_toward_old(params, proposed, scale)
+            self.at = scale
         else:
             self.move_to(params, proposed, scale)
 
@@ -169,6 +173,26 @@ def _squares(norms: Sequence[torch.Tensor], device) -> torch.Tensor:
     else:
         stacked = torch.stack([n.to(device, torch.float64) for n in norms])
     return stacked.double().pow(2).sum().reshape(1)
+
+
+_HALF = (torch.bfloat16, torch.float16)
+
+
+def _round_toward_old(params, proposed, scale: float) -> None:
+    """``params`` (the old values) <- old + s (new - old), each entry rounded toward
+    old where rounding to nearest would lengthen it. In bfloat16 an entry whose step
+    lies between half an ulp and one ulp rounds up to one ulp, up to twice its length:
+    measured r 1.05 on a TinyLM against 0.98 intended. Rounded toward old, every entry
+    moves at most s |p_i|, in p_i's direction. One parameter at a time in float32."""
+    for p, q in zip(params, proposed, strict=True):
+        if p.dtype not in _HALF:
+            p.lerp_(q, scale)
+            continue
+        old = p.float()
+        step = (q.float() - old).mul_(scale)
+        nearest = (old + step).to(p.dtype)
+        longer = (nearest.float() - old).abs_() > step.abs_()
+        p.copy_(torch.where(longer, torch.nextafter(nearest, p), nearest))
 
 
 def _wide(t: torch.Tensor) -> torch.Tensor:
