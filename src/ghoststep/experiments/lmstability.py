@@ -931,7 +931,7 @@ def _plot_binding(c: Config, s: dict, records: list[dict], out_dir: Path):
         ]
         ax_s.plot(lrs, scales, marker="o", ms=3, color=METHOD_COLORS[m], label=METHOD_LABELS[m])
     ax_share.set_title("share of steps the attention radius binds")
-    ax_s.set_title("median scale s applied to the AdamW update")
+    ax_s.set_title("median scale s of the AdamW update")
     ax_s.set_yscale("log")
     for ax in (ax_share, ax_s):
         ax.set_xscale("log")
@@ -956,7 +956,7 @@ def _plot_binding(c: Config, s: dict, records: list[dict], out_dir: Path):
         )
     ax_r.set_yscale("log")
     ax_r.set_xlabel("step")
-    ax_r.set_title(f"radii along the update, {METHOD_LABELS[m]}, LR {max(c.lrs):g} (seed 0)")
+    ax_r.set_title(f"radii along the update, LR {max(c.lrs):g}, {m}")
     ax_r.legend(fontsize=7)
     return save_figure(
         fig,
