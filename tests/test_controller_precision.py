@@ -749,3 +749,24 @@ def test_fast_secant_checked_on_both_sides_near_the_bound():
     rs = _run(model, ctrl, [(x, y)] * 3)
     assert _max(rs) <= FLOAT32_BOUND, rs
     assert _bound(ctrl)
+
+
+def test_mask_that_cannot_be_aligned_is_an_error():
+    """Targets that do not line up with the logit positions: a ValueError naming the
+    sizes, never a guessed alignment; the parameters keep their old values."""
+    torch.manual_seed(0)
+    model = build_model("tinylm", vocab_size=50)
+    ctrl = RadiusController(
+        torch.optim.Adam(model.parameters(), lr=0.5),
+        model,
+        ignore_index=-100,
+        targets_fn=lambda ids: torch.zeros(ids.shape[0], ids.shape[1] + 1),  # one too many
+        method="jvp",
+    )
+    ids = torch.randint(0, 50, (2, 8))
+    before = trainable_state(model)
+    F.cross_entropy(model(ids).flatten(0, 1), ids.flatten()).backward()
+    with pytest.raises(ValueError, match="mask has 18 entries but the logits have 16"):
+        ctrl.step()
+    after = trainable_state(model)
+    assert all(torch.equal(before[k], after[k]) for k in before)

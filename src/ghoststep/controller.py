@@ -65,7 +65,9 @@ from .radius import clip_radius, step_scale
 from .sampling import Plan, Sampling, batch_rows, bottleneck_rows, make_plan
 from .sharding import (
     agree,
+    auto_method,
     check_sharding,
+    half_compute,
     is_sharded,
     local_shards,
     max_over_ranks,
@@ -265,7 +267,7 @@ class RadiusController(torch.optim.Optimizer):
         self.target_r = float(target_r)
         self.temperature = float(temperature)
         if method == "auto" and is_sharded(self._params()):
-            method = "fast"  # forward AD cannot run through FSDP2 shards
+            method = auto_method(slope_model, self._params())  # FSDP2: fixed here
         self._method = method
         self._margin = None if margin is None else float(margin)
         if scaled_update == "auto":
@@ -575,7 +577,7 @@ class RadiusController(torch.optim.Optimizer):
         """The precision the measurement ran in, for the margin: ``"half"`` (16-bit
         parameters), ``"autocast"`` (the JVP under the training forward's autocast) or
         ``"full"``."""
-        if any(p.dtype in _HALF for p in params):
+        if any(p.dtype in _HALF for p in params) or half_compute(self._slope_model):
             return "half"
         if self._method == "jvp" and any(entry.autocast for entry in batches):
             return "autocast"

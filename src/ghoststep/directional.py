@@ -8,8 +8,10 @@ internal activations) it returns ``(y, y_dot)`` with ``y_dot = d/dt y(theta + t 
 at t = 0, by one of three methods:
 
 * ``"jvp"``: forward-mode AD (``torch.autograd.forward_ad`` dual parameters through
-  ``torch.func.functional_call``), exact. One primal + tangent pass, which costs about
-  as much as a training step (forward and backward) on matmul / conv networks.
+  ``torch.func.functional_call``; for FSDP2 models through the ordinary forward, with
+  the duals put on each unit's all-gathered parameters: ``ghoststep.sharding.
+  dual_unsharded``), exact. One primal + tangent pass, which costs about as much as a
+  training step (forward and backward) on matmul / conv networks.
   ``F.scaled_dot_product_attention`` runs with its math kernel inside this pass only
   (the fused flash / memory-efficient kernels have no forward AD), so models with the
   default attention (``nn.TransformerEncoderLayer``, Hugging Face ``"sdpa"``) need no
@@ -91,6 +93,7 @@ from ghoststep.inputs import split_inputs as split_inputs
 from ghoststep.isolation import RNGState, cuda_devices, preserved_buffers, replay_rng
 from ghoststep.isolation import capture_rng as capture_rng
 from ghoststep.outputs import logits_reader
+from ghoststep.sharding import dual_unsharded, fsdp_units, reshard
 
 __all__ = [
     "METHODS",
@@ -178,6 +181,7 @@ def forward(
     devices = cuda_devices(model) if devices is None else devices
     with torch.no_grad(), replay_rng(devices, rng), preserved_buffers(model):
         out = _tensors_of(model(*args, **kwargs), output_fn)
+    reshard(model)  # FSDP2: no stale all-gathered parameters after a no_grad forward
     return pytree.tree_map(lambda t: t.detach(), out)
 
 
@@ -245,6 +249,11 @@ def math_attention():
 
 
 def _jvp(model, args, kwargs, tangents, primals, output_fn, rng, devices):
+    sharded = bool(fsdp_units(model))
+    if sharded:
+        if primals is not None:
+            raise ValueError("primals= is not supported for FSDP2 (fully_shard) models")
+        reshard(model)  # the sharded parameters are the trainable ones (see reshard)
     named = trainable_parameters(model)
     base = [p.detach() for _, p in named] if primals is None else primals
     with (
@@ -254,11 +263,15 @@ def _jvp(model, args, kwargs, tangents, primals, output_fn, rng, devices):
         fwAD.dual_level(),
         math_attention(),
     ):
-        state = {}  # the trainable parameters; buffers are the module's own
-        for (name, _), p, v in zip(named, base, tangents, strict=True):
-            state[name] = p if v is None else fwAD.make_dual(p, v)
         try:
-            out = functional_call(model, state, args, kwargs, tie_weights=True, strict=False)
+            if sharded:  # duals on the unsharded parameters, the model's own forward
+                with dual_unsharded(model, dict(zip((n for n, _ in named), tangents))):
+                    out = model(*args, **kwargs)
+            else:
+                state = {}  # the trainable parameters; buffers are the module's own
+                for (name, _), p, v in zip(named, base, tangents, strict=True):
+                    state[name] = p if v is None else fwAD.make_dual(p, v)
+                out = functional_call(model, state, args, kwargs, tie_weights=True, strict=False)
         except (NotImplementedError, RuntimeError) as err:
             better = _forward_ad_error(err)
             if better is None:

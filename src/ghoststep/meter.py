@@ -28,7 +28,7 @@ from .directional import (
 from .isolation import autocast_as
 from .radius import radius_from_spread
 from .sampling import Plan, Sampling
-from .sharding import max_over_ranks
+from .sharding import local_shards, max_over_ranks, reshard
 
 __all__ = ["Measured", "SpreadMeter"]
 
@@ -181,9 +181,16 @@ class SpreadMeter:
         self._spread_of(plan, self._tangent(self.direction(params, grads)))
 
     def direction(self, params, updates) -> list[torch.Tensor | None]:
-        """Updates aligned with the model's trainable parameters (None: not optimized)."""
+        """Updates aligned with the model's trainable parameters (None: not optimized).
+        ``params`` may be the parameters or, for FSDP2, their local shards
+        (``local_shards``): a DTensor parameter's update is its local shard's."""
         by_id = {id(p): u for p, u in zip(params, updates, strict=True)}
-        return [by_id.get(id(q)) for q in self.model.parameters() if q.requires_grad]
+        reshard(self.model)  # FSDP2: the registered parameters are the sharded ones
+        model_params = [q for q in self.model.parameters() if q.requires_grad]
+        shards = local_shards(model_params)
+        return [
+            by_id.get(id(q), by_id.get(id(s))) for q, s in zip(model_params, shards, strict=True)
+        ]
 
     # ------------------------------------------------------------------- internals
 
