@@ -62,7 +62,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ghoststep.controller import RadiusController
-from ghoststep.directional import directional, trainable_parameters
+from ghoststep.directional import directional
+from ghoststep.directions import trainable_parameters
 from ghoststep.experiments.models import MLP, CNNBatchNorm, TinyLM, resnet18_cifar
 from ghoststep.outputs import default_logits_fn
 from ghoststep.radius import logit_spread

@@ -263,12 +263,3 @@ def test_ddp_spawn_ranks_apply_the_same_scale(tmp_path):
     assert len(rank0["history"]) == 3 and rank0["history"] == rank1["history"]
     assert any(scale < 1 for scale, _ in rank0["history"])  # the clip did bind
     assert torch.equal(rank0["flat"], rank1["flat"])
-
-
-def test_old_callback_name_warns_and_resolves_to_the_lightning_class():
-    import ghoststep.integrations.lightning as integration
-
-    with pytest.warns(DeprecationWarning, match="LightningRadiusCallback"):
-        assert integration.RadiusCallback is LightningRadiusCallback
-    with pytest.raises(AttributeError, match="no attribute 'RadiusCallbak'"):
-        integration.RadiusCallbak  # noqa: B018

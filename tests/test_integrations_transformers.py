@@ -242,10 +242,3 @@ def test_missing_extra_raises_helpful_import_error(monkeypatch):
     monkeypatch.delitem(sys.modules, "ghoststep.integrations.transformers", raising=False)
     with pytest.raises(ImportError, match=r"pip install 'ghoststep\[transformers\]'"):
         importlib.import_module("ghoststep.integrations.transformers")
-
-
-def test_old_callback_name_warns_and_resolves_to_the_trainer_class():
-    import ghoststep.integrations.transformers as integration
-
-    with pytest.warns(DeprecationWarning, match="TrainerRadiusCallback"):
-        assert integration.RadiusCallback is TrainerRadiusCallback

@@ -636,17 +636,3 @@ def test_hugging_face_gpt2_with_eager_attention():
 def test_tinylm_weight_tying():
     model = TinyLM()
     assert model.lm_head.weight is model.tok_emb.weight
-
-
-def test_moved_direction_helpers_warn_and_resolve_to_their_new_home():
-    import ghoststep.directions
-    import ghoststep.slopes
-    import ghoststep.updates
-
-    with pytest.warns(DeprecationWarning, match="ghoststep.directions.gradient_direction"):
-        assert ghoststep.slopes.gradient_direction is ghoststep.directions.gradient_direction
-    with pytest.warns(DeprecationWarning, match="ghoststep.updates"):
-        moved = ghoststep.slopes.optimizer_update_direction
-    assert moved is ghoststep.updates.optimizer_update_direction
-    with pytest.raises(AttributeError):
-        ghoststep.slopes.no_such_function  # noqa: B018

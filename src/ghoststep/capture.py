@@ -15,8 +15,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from .directional import batch_coupled, capture_rng, tf32_allowed
-from .isolation import AutocastState, autocast_state
+from .directional import tf32_allowed
+from .inputs import batch_coupled
+from .isolation import AutocastState, autocast_state, capture_rng
 
 __all__ = ["Captured", "ForwardCapture"]
 

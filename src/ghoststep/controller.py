@@ -42,17 +42,12 @@ from torch import nn
 from ._checks import check_controller_arguments, check_counts, check_limit_by, check_options
 from .capture import Captured, ForwardCapture
 from .controller_state import ControllerState
-from .directional import (
-    METHODS,
-    check_fast_dtype,
-    cuda_devices,
-    logits_reader,
-    split_inputs,
-    tf32_allowed,
-)
-from .isolation import autocast_as
+from .directional import METHODS, check_fast_dtype, tf32_allowed
+from .inputs import split_inputs
+from .isolation import autocast_as, cuda_devices
 from .meter import Measured, SpreadMeter
 from .monitor import Sink, StepStats
+from .outputs import logits_reader
 from .proposal import (
     OptimizerSnapshot,
     ProposedUpdate,

@@ -81,17 +81,8 @@ from torch import nn
 from torch.func import functional_call
 from torch.utils import _pytree as pytree
 
-# Also re-imported, unused here: controller.py and the experiments import
-# resolve_direction, batch_coupled, capture_rng, check_chunking, chunks and
-# split_inputs from this module, as before they moved out of it.
-from ghoststep.directions import resolve_direction as resolve_direction
 from ghoststep.directions import trainable_parameters
-from ghoststep.inputs import batch_coupled as batch_coupled
-from ghoststep.inputs import check_chunking as check_chunking
-from ghoststep.inputs import chunks as chunks
-from ghoststep.inputs import split_inputs as split_inputs
 from ghoststep.isolation import RNGState, cuda_devices, preserved_buffers, replay_rng
-from ghoststep.isolation import capture_rng as capture_rng
 from ghoststep.outputs import logits_reader
 from ghoststep.sharding import dual_unsharded, fsdp_units, reshard
 

@@ -16,15 +16,13 @@ from torch import nn
 
 from .directional import (
     FAST_MOVE,
-    check_chunking,
-    chunks,
     directional,
     fd_step,
     forward,
     full_float32,
     refined_step,
-    split_inputs,
 )
+from .inputs import check_chunking, chunks, split_inputs
 from .isolation import autocast_as
 from .radius import radius_from_spread
 from .sampling import Plan, Sampling

@@ -16,7 +16,7 @@ import torch
 from torch.utils import _pytree as pytree
 
 from ._checks import check_real, is_int
-from .directional import split_inputs
+from .inputs import split_inputs
 
 __all__ = ["Sampling"]
 

@@ -46,8 +46,6 @@ torch.Size([5])
 from __future__ import annotations
 
 import contextlib
-import importlib
-import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -299,22 +297,3 @@ def per_sample_spread(
     keep = sample_mask(spread.shape, spread.device, mask)
     flat = spread.reshape(-1)
     return flat if keep is None else flat[keep.reshape(-1)]
-
-
-_MOVED = {
-    "gradient_direction": "ghoststep.directions",
-    "random_direction": "ghoststep.directions",
-    "optimizer_update_direction": "ghoststep.updates",
-}
-
-
-def __getattr__(name: str):
-    # These lived here in 0.1; old imports keep working, with a warning.
-    if name in _MOVED:
-        warnings.warn(
-            f"ghoststep.slopes.{name} moved to {_MOVED[name]}.{name} (also ghoststep.{name})",
-            DeprecationWarning,
-            stacklevel=2,
-        )
-        return getattr(importlib.import_module(_MOVED[name]), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

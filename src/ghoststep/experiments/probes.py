@@ -47,8 +47,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ghoststep.directional import call_at, resolve_direction
-from ghoststep.directions import gradient_direction, random_direction
+from ghoststep.directional import call_at
+from ghoststep.directions import gradient_direction, random_direction, resolve_direction
 from ghoststep.experiments.data import Split, digits
 from ghoststep.experiments.models import build_model
 from ghoststep.experiments.training import evaluate, set_seed, train

@@ -45,7 +45,6 @@ ghoststep, and a run resumed with the callback continues the controller where it
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -226,16 +225,3 @@ class LightningRadiusCallback(Callback):
         state = states[0]
         if isinstance(state, Mapping) and "inner" in state and "ghoststep" in state:
             checkpoint["optimizer_states"] = [state["inner"]]
-
-
-def __getattr__(name: str):
-    # ``RadiusCallback`` was this class's name in 0.1; the other integration
-    # had a different class of the same name.
-    if name == "RadiusCallback":
-        warnings.warn(
-            "ghoststep.integrations.lightning.RadiusCallback is now LightningRadiusCallback",
-            DeprecationWarning,
-            stacklevel=2,
-        )
-        return LightningRadiusCallback
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -270,16 +270,3 @@ def _find_controller(optimizer: Any) -> RadiusController | None:
         optimizer = getattr(optimizer, "optimizer", None)
         seen += 1
     return None
-
-
-def __getattr__(name: str):
-    # ``RadiusCallback`` was this class's name in 0.1; the other integration
-    # had a different class of the same name.
-    if name == "RadiusCallback":
-        warnings.warn(
-            "ghoststep.integrations.transformers.RadiusCallback is now TrainerRadiusCallback",
-            DeprecationWarning,
-            stacklevel=2,
-        )
-        return TrainerRadiusCallback
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
