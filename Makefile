@@ -18,11 +18,15 @@ $(STAMP): pyproject.toml constraints.txt
 demo: $(STAMP)
 	$(BIN)/ghoststep run spike --preset quick
 
+# `make test` runs everything: the tests (including those marked slow) and the docstring
+# examples of the package. For a quick local loop skip the slow ones (over ~5 s each):
+#   .venv/bin/pytest -n 2 -m "not slow" tests
 test: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check src tests benchmarks examples
 	$(BIN)/ruff check --select C901 --config 'lint.mccabe.max-complexity=12' src/ghoststep
 	$(BIN)/python -m pytest -q -n 2 tests
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q --doctest-modules src/ghoststep
 
 docs: $(STAMP)
 	$(BIN)/mkdocs build --strict

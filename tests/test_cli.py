@@ -49,12 +49,19 @@ def test_unknown_experiment_exits_2_listing_valid_names(capsys):
         assert name in err
 
 
-def test_subcommands_registered_in_one_dict():
-    assert {"run", "list", "report", "demo"} <= set(COMMANDS)
-    for help_text, add_arguments, handler in COMMANDS.values():
-        assert isinstance(help_text, str) and callable(add_arguments) and callable(handler)
+def test_every_registered_command_is_a_subcommand_dispatching_to_its_handler():
+    import argparse
+
+    from ghoststep.cli import build_parser
+
+    (sub,) = [a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)]
+    assert list(sub.choices) == list(COMMANDS)
+    for name, (help_text, _, handler) in COMMANDS.items():
+        assert sub.choices[name].get_default("handler") is handler
+        assert sub.choices[name].description == help_text
 
 
+@pytest.mark.slow
 def test_run_hessian_quick_writes_run_folder(tmp_path, capsys):
     out = tmp_path / "hes"
     assert main(["run", "hessian", "--preset", "quick", "--out", str(out), "--no-progress"]) == 0
@@ -75,6 +82,23 @@ def test_run_hessian_quick_writes_run_folder(tmp_path, capsys):
     assert "| claim | paper | ours | reproduced |" in report
 
 
+def test_run_spike_prints_its_headline(tmp_path, capsys):
+    """What `make demo` ends with: accuracy through the spike, the largest applied r, and
+    where the report and figure are; the claim count stays in the report."""
+    out = tmp_path / "spike"
+    argv = ["run", "spike", "--preset", "quick", "--set", "base_lrs=0.01", "--no-progress"]
+    assert main(argv + ["--out", str(out)]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert "claims reproduced" not in "\n".join(lines)
+    row = next(line for line in lines if line.strip().startswith("eta0 0.01"))
+    assert "plain Adam" in row and "controller" in row and row.count("%") == 6
+    r_ctrl = next(
+        line for line in lines if line.startswith("largest applied r") and "contr" in line
+    )
+    assert float(r_ctrl.rsplit(":", 1)[1]) <= 1.0 + 1e-6
+    assert lines[-2:] == [f"report: {out / 'report.md'}", f"figure: {out / 'fig6_spike.png'}"]
+
+
 def test_run_errors_are_clean(tmp_path, capsys):
     assert main(["run", "hessian", "--preset", "nope", "--out", str(tmp_path / "a")]) == 1
     assert "unknown preset" in capsys.readouterr().err
@@ -84,6 +108,7 @@ def test_run_errors_are_clean(tmp_path, capsys):
     assert "key=value" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_report_merges_runs(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert main(["run", "hessian", "--preset", "quick", "--no-progress"]) == 0
@@ -113,3 +138,5 @@ def test_demo_prints_table(capsys):
     rows = [line for line in out.splitlines() if line.strip()[:1].isdigit()]
     assert [int(r.split()[0]) for r in rows] == [0, 10, 20, 29]
     assert "rho_a" in out
+    largest = float(out.split("largest r of the last 30 steps:")[1].split()[0])
+    assert largest >= max(float(r.split()[-1]) for r in rows) - 1e-3  # printed rounded

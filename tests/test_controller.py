@@ -178,7 +178,7 @@ def _lr_spike_run(digits, controlled: bool, seed: int = 0) -> float:
 
 
 def test_lr_spike_protocol(digits):
-    """SPEC 5.3 in miniature: Adam 1e-3, LR x1000 at step 50 for 150 more steps."""
+    """The paper's spike protocol in miniature: Adam 1e-3, LR x1000 at step 50 for 150 steps."""
     plain = _lr_spike_run(digits, controlled=False)
     controlled = _lr_spike_run(digits, controlled=True)
     print(f"\nLR spike x1000: plain Adam acc {plain:.3f}, controller acc {controlled:.3f}")

@@ -22,6 +22,7 @@ def _run(script: str, tmp_path: Path, *args: str) -> str:
     return done.stdout
 
 
+@pytest.mark.slow
 def test_plain_loop_and_plot(tmp_path):
     pytest.importorskip("sklearn")
     out = _run("plain_loop.py", tmp_path, "--steps", "12")
@@ -36,6 +37,7 @@ def test_plain_loop_and_plot(tmp_path):
     assert (tmp_path / "out" / "history.png").read_bytes()[:4] == b"\x89PNG"
 
 
+@pytest.mark.slow
 def test_lightning_digits(tmp_path):
     pytest.importorskip("lightning")
     pytest.importorskip("sklearn")
@@ -45,6 +47,7 @@ def test_lightning_digits(tmp_path):
     assert "ghoststep/r_after" in header
 
 
+@pytest.mark.slow
 def test_hf_trainer_tiny(tmp_path):
     pytest.importorskip("transformers")
     pytest.importorskip("accelerate")

@@ -276,6 +276,7 @@ def test_lrsweep_helpers():
 # ----------------------------------------------------------------------------- quick presets
 
 
+@pytest.mark.slow
 def test_baselines_quick(tmp_path):
     res = _run_quick("baselines", tmp_path)
     s = res["metrics"]["summary"]
@@ -288,6 +289,7 @@ def test_baselines_quick(tmp_path):
     assert {row[0] for row in res["tables"][3]["rows"]} >= {"zclip", "agc", "spam"}
 
 
+@pytest.mark.slow
 def test_lrsweep_quick(tmp_path):
     res = _run_quick("lrsweep", tmp_path)
     rng = res["metrics"]["stable_range"]

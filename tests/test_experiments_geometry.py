@@ -45,6 +45,7 @@ def test_paper_presets_are_the_defaults():
         assert build_config(module.Config, module.PRESETS, "paper") == module.Config()
 
 
+@pytest.mark.slow
 def test_phase_quick(tmp_path):
     res = _run("phase", tmp_path)
     m = res["metrics"]
@@ -59,6 +60,7 @@ def test_phase_quick(tmp_path):
         assert arch["test_accuracy"] > 0.8
 
 
+@pytest.mark.slow
 def test_directions_quick(tmp_path):
     res = _run("directions", tmp_path)
     stages = res["metrics"]["stages"]
@@ -80,6 +82,7 @@ def test_directions_quick(tmp_path):
     )
 
 
+@pytest.mark.slow
 def test_temperature_quick_via_cli(tmp_path, capsys):
     out = tmp_path / "temperature"
     assert (
@@ -98,6 +101,7 @@ def test_temperature_quick_via_cli(tmp_path, capsys):
     assert rhos == sorted(rhos)
 
 
+@pytest.mark.slow
 def test_calibration_quick(tmp_path):
     res = _run("calibration", tmp_path)
     m = res["metrics"]

@@ -132,6 +132,7 @@ def test_exact_radius_large_vocab_certified_and_matches_full_starts(monkeypatch)
     assert (reduced >= rho_bound(a)).all()
 
 
+@pytest.mark.slow
 def test_lm_quick_preset(tmp_path, no_network):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)

@@ -45,6 +45,7 @@ def test_qk_layernorm_bounds_attention_logits():
     assert ls.max_attention_logit(scores) == 5.0
 
 
+@pytest.mark.slow
 def test_lmstability_quick_preset(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)

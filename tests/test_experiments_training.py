@@ -36,6 +36,7 @@ def _run_quick(name, tmp_path):
 # ----------------------------------------------------------------------------- quick presets
 
 
+@pytest.mark.slow
 def test_spike_quick(tmp_path):
     res = _run_quick("spike", tmp_path)
     s = res["metrics"]["summary"]
@@ -51,6 +52,7 @@ def test_spike_quick(tmp_path):
     assert "Test accuracy" in (tmp_path / "spike" / "report.md").read_text()
 
 
+@pytest.mark.slow
 def test_archgrid_quick(tmp_path):
     res = _run_quick("archgrid", tmp_path)
     s = res["metrics"]["summary"]
@@ -71,6 +73,7 @@ def test_archgrid_quick(tmp_path):
     assert one_step[:4] == held[:4]  # identical until the spike (step 15, evals every 5)
 
 
+@pytest.mark.slow
 def test_transformer_quick(tmp_path):
     res = _run_quick("transformer", tmp_path)
     binding = res["metrics"]["binding"]
@@ -89,6 +92,7 @@ def test_transformer_quick(tmp_path):
     assert f["fixed_1x"]["train_loss"] < f["fixed_1x"]["initial_loss"]
 
 
+@pytest.mark.slow
 def test_resnet_quick(tmp_path):
     res = _run_quick("resnet", tmp_path)
     s = res["metrics"]["summary"]
@@ -223,6 +227,7 @@ def test_output_only_equals_radius_controller():
     assert all(torch.equal(p, q) for p, q in zip(a, b))
 
 
+@pytest.mark.slow
 def test_parallel_map_workers_match_serial():
     jobs = [
         dict(

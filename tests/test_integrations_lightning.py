@@ -243,6 +243,7 @@ class _SaveFinalState(L.Callback):
         )
 
 
+@pytest.mark.slow
 def test_ddp_spawn_ranks_apply_the_same_scale(tmp_path):
     # Lightning under DDP routes training_step through the module's __call__; the
     # controller keeps the inner self(x) call and all-reduces the spread.

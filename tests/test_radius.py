@@ -71,6 +71,7 @@ def _mp_nearest_zero(z, a, digits=50):
         return complex(nearest)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("num_classes", [2, 3, 5, 10, 50])
 def test_exact_radius_matches_mpmath(num_classes):
     gen = torch.Generator().manual_seed(100 + num_classes)
@@ -265,6 +266,7 @@ def _all_radii(logits, slopes):
     )
 
 
+@pytest.mark.slow
 @settings(max_examples=40, deadline=None)
 @given(_samples(), st.floats(-50, 50), st.floats(-5, 5), st.randoms(use_true_random=False))
 def test_invariances(sample, logit_shift, slope_shift, rnd):

@@ -633,6 +633,21 @@ def test_hugging_face_gpt2_with_eager_attention():
     assert rel_err(slopes, fd.double()) < 1e-4
 
 
-def test_tinylm_weight_tying():
-    model = TinyLM()
-    assert model.lm_head.weight is model.tok_emb.weight
+def test_a_direction_on_a_tied_weight_moves_both_of_its_uses():
+    """TinyLM ties lm_head.weight to tok_emb.weight: the slopes along that one matrix
+    are the sum of the slopes along its two uses in an untied copy."""
+    torch.manual_seed(0)
+    model = TinyLM().eval()
+    ids = torch.randint(0, VOCAB, (2, 7))
+    d = torch.randn(model.tok_emb.weight.shape, generator=torch.Generator().manual_seed(1))
+
+    def along(net, name):
+        direction = {n: None for n, _ in net.named_parameters()}
+        direction[name] = d
+        return logit_slopes(net, ids, direction)[1]
+
+    untied = copy.deepcopy(model)
+    untied.lm_head.weight = nn.Parameter(model.tok_emb.weight.detach().clone())
+    embedding, head = along(untied, "tok_emb.weight"), along(untied, "lm_head.weight")
+    assert embedding.abs().max() > 1e-3 and head.abs().max() > 1e-3
+    torch.testing.assert_close(along(model, "tok_emb.weight"), embedding + head)

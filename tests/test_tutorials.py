@@ -18,8 +18,13 @@ def python_blocks(text: str) -> str:
     return "\n\n".join(re.findall(r"```python\n(.*?)```", text, flags=re.DOTALL))
 
 
-def test_there_are_tutorials():
-    assert TUTORIALS
+@pytest.mark.parametrize("path", TUTORIALS, ids=[p.stem for p in TUTORIALS])
+def test_tutorial_code_compiles(path):
+    """The fast check (no ``slow`` marker): each tutorial has Python blocks, and they
+    parse as one script."""
+    code = python_blocks(path.read_text())
+    assert code.strip(), f"{path.name} has no ```python block"
+    compile(code, str(path), "exec")
 
 
 @pytest.mark.slow

@@ -91,11 +91,26 @@ def _cmd_run(args: argparse.Namespace) -> int:
     except (ConfigError, ExperimentNotWritten, FileNotFoundError) as exc:
         # user-facing problems; bugs inside an experiment keep their traceback
         return _fail(str(exc))
-    claims = out.results.get("claims", [])
-    ok = sum(1 for c in claims if c["reproduced"])
-    print(f"{args.experiment}: {ok}/{len(claims)} claims reproduced")
-    print(f"report: {out.report_path}")
+    _print_outcome(args.experiment, out)
     return 0
+
+
+def _print_outcome(name: str, out) -> None:
+    """The experiment's own headline if its module defines ``headline(results)`` (the
+    claim count then stays in the report), else the claim count; then where the report
+    and the figures are."""
+    from ghoststep.experiments import load_experiment
+
+    headline = getattr(load_experiment(name), "headline", None)
+    if headline is not None:
+        print("\n".join(headline(out.results)))
+    else:
+        claims = out.results.get("claims", [])
+        ok = sum(1 for c in claims if c["reproduced"])
+        print(f"{name}: {ok}/{len(claims)} claims reproduced")
+    print(f"report: {out.report_path}")
+    for figure in out.results.get("figures", []):
+        print(f"figure: {out.out_dir / figure['file']}")
 
 
 # ----------------------------------------------------------------------------- list
@@ -160,77 +175,43 @@ def _add_demo(p: argparse.ArgumentParser) -> None:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    """MLP on digits with Adam; every N steps: loss, accuracy, ||g||, tau, rho_a, r."""
-    import copy
-
+    """MLP on digits with Adam wrapped in ``RadiusController(mode="monitor")`` (bitwise
+    plain Adam); every N steps the controller's ``StepStats``: tau, rho_a, r."""
     import torch
 
+    from ghoststep import RadiusController
     from ghoststep.experiments.data import load_digits_split
     from ghoststep.experiments.models import build_model
     from ghoststep.experiments.training import evaluate, set_seed, train
-    from ghoststep.radius import aggregate, normalized_step, rho_bound
-    from ghoststep.slopes import logit_slopes
 
     t0 = time.perf_counter()
     data = load_digits_split(seed=args.seed)
     generator = set_seed(args.seed)
     model = build_model("mlp")
-    opt = torch.optim.Adam(model.parameters(), lr=args.lr)
-    params = [p for p in model.parameters() if p.requires_grad]
-    snap: dict = {}
+    adam = torch.optim.Adam(model.parameters(), lr=args.lr)
+    opt = RadiusController(adam, model, mode="monitor")  # records, changes nothing
 
     print(f"ghoststep demo: MLP on sklearn digits, Adam lr={args.lr:g}, batch {args.batch_size}")
     print(
-        "r = tau / rho_a: the actual Adam step length over the guaranteed radius "
+        "r = tau / rho_a: the length of Adam's update over the guaranteed radius "
         "pi / max Delta a along it (r < 1: inside the convergence disk)"
     )
-    header = f"{'step':>5} {'loss':>8} {'test acc':>8} {'|g|':>9} {'tau':>9} {'rho_a':>9} {'r':>8}"
+    header = f"{'step':>5} {'loss':>8} {'test acc':>8} {'tau':>9} {'rho_a':>9} {'r':>8}"
     print(header)
     print("-" * len(header))
 
-    def logged(step: int) -> bool:
-        return step % args.every == 0 or step == args.steps - 1
-
-    def before(info) -> None:
-        if logged(info.step):
-            grads = [p.grad for p in params if p.grad is not None]
-            snap["gnorm"] = float(
-                torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
-            )
-            snap["model"] = copy.deepcopy(model)  # the parameters the step starts from
-
     def after(info) -> None:
-        if not logged(info.step):
-            return
-        old = snap.pop("model")
-        update = [
-            p.detach() - q.detach()
-            for p, q in zip(model.parameters(), old.parameters())
-            if p.requires_grad
-        ]
-        tau = float(
-            torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(u) for u in update]))
-        )
-        direction = [u / tau for u in update] if tau > 0 else update
-        _, slopes = logit_slopes(old, info.inputs, direction)
-        rho = aggregate(rho_bound(slopes.detach()))
-        r = normalized_step(tau, rho)
-        test = evaluate(model, data.X_test, data.y_test)
-        print(
-            f"{info.step:>5d} {info.loss:>8.4f} {test.accuracy:>8.1%} {snap['gnorm']:>9.3g} "
-            f"{tau:>9.3g} {float(rho):>9.3g} {float(r):>8.3f}"
-        )
+        if info.step % args.every == 0 or info.step == args.steps - 1:
+            stats = opt.last  # the StepStats of the step just taken
+            test = evaluate(model, data.X_test, data.y_test)
+            print(
+                f"{info.step:>5d} {info.loss:>8.4f} {test.accuracy:>8.1%} {stats.tau:>9.3g} "
+                f"{stats.rho_a:>9.3g} {stats.r_after:>8.3f}"
+            )
 
-    train(
-        model,
-        data,
-        opt,
-        args.steps,
-        args.batch_size,
-        on_step=after,
-        before_step=before,
-        generator=generator,
-    )
+    train(model, data, opt, args.steps, args.batch_size, on_step=after, generator=generator)
+    r_max = max(stats.r_after for stats in opt.history)
+    print(f"largest r of the last {len(opt.history)} steps: {r_max:.3g}")
     print(f"done in {time.perf_counter() - t0:.1f} s")
     return 0
 

@@ -1,6 +1,6 @@
 """RadiusController: keep any optimizer's update inside the softmax convergence radius.
 
-Algorithm (one ``step``; paper Prop. 5.2 and SPEC section 3)::
+Algorithm (one ``step``; paper Prop. 5.2 and section 5)::
 
     grads finite?            else skip (inner optimizer untouched)      # host sync 1
     spare <- copy(theta)                      # the one extra parameter copy (kept)
@@ -410,7 +410,8 @@ class RadiusController(torch.optim.Optimizer):
             self.param_groups = self.optimizer.param_groups
             return
         self.optimizer.load_state_dict(state_dict["inner"])
-        self.param_groups = self.optimizer.param_groups  # re-link (see PYTORCH-FACTS)
+        # re-link: the inner load replaced its group dicts; schedulers edit ours
+        self.param_groups = self.optimizer.param_groups
         ours = ControllerState.from_dict(state_dict.get("ghoststep", {}))
         self.step_count, self.skipped_steps = ours.step_count, ours.skipped_steps
         self._recent_rhos = collections.deque(ours.recent_rhos, maxlen=self._recent_rhos.maxlen)

@@ -137,7 +137,7 @@ _MODES = ("clip", "set", "monitor")
 
 
 def step_scale(tau: float, rho: float, mode: str = "clip", target_r: float = 1.0) -> float:
-    """The factor s applied to an update of length tau given the radius rho (SPEC 3).
+    """The factor s applied to an update of length tau given the radius rho (paper Prop. 5.2).
 
     * ``"clip"``: ``s = min(1, r* rho / tau)``, so the step moves at most r* radii;
     * ``"set"``: ``s = r* rho / tau``, the step moves exactly r* radii;

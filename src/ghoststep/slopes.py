@@ -27,9 +27,7 @@ directions).
 
 Reference: P. Sao, "Ghosts of Softmax", arXiv:2603.13552 (2026), section 3.
 
->>> import warnings
-
-import torch
+>>> import torch
 >>> from ghoststep.directions import random_direction
 >>> from ghoststep.slopes import logit_slopes, per_sample_spread
 >>> _ = torch.manual_seed(0)

@@ -81,7 +81,7 @@ EXPERIMENTS: dict[str, Experiment] = {
     "calibration": Experiment(
         "ghoststep.experiments.calibration",
         "calibration of the bound rho_a against the exact radius rho* and the real line loss",
-        "open question (SPEC §6)",
+        "open question",
     ),
     "baselines": Experiment(
         "ghoststep.experiments.baselines",

@@ -1,8 +1,8 @@
 """Calibration of the bound rho_a against the exact radius rho* and the real line loss.
 
 The paper proves ``rho_a = pi / Delta a <= rho*`` (the nearest complex zero of the
-linearized partition function) and leaves open how conservative the bound is
-(SPEC §6). Here, for checkpoints through training of the digits MLP (and CNN), along
+linearized partition function) and leaves open how conservative the bound is.
+Here, for checkpoints through training of the digits MLP (and CNN), along
 the steepest-descent direction of the training loss and along a seeded random unit
 direction, per training sample:
 

@@ -1,4 +1,4 @@
-"""Small architectures for the paper's experiments (SPEC section 5).
+"""Small architectures for the paper's experiments (paper Section 6).
 
 The six digit classifiers take flat 64-feature inputs (8x8 sklearn digits scaled to
 [0, 1]) and reshape inside when they need an image or a token sequence. All are

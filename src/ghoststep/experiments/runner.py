@@ -6,7 +6,7 @@ Every experiment is a module ``ghoststep.experiments.<name>`` registered in
 ``ghoststep.experiments.EXPERIMENTS``. The module must define:
 
 ``Config``
-    A ``@dataclass`` whose defaults ARE the paper's protocol (SPEC.md §5). Fields are
+    A ``@dataclass`` whose defaults ARE the paper's protocol (its Section 6). Fields are
     annotated with plain JSON-able types (``int``, ``float``, ``bool``, ``str``,
     ``X | None``, ``list[X]``, ``tuple[X, ...]``); the annotation says how a
     ``--set key=value`` string is parsed (lists comma-separated). Seeded experiments

@@ -191,6 +191,35 @@ def run(config: Config, out_dir: Path, progress: bool) -> Results:
     )
 
 
+def headline(results: dict) -> list[str]:
+    """What ``ghoststep run spike`` prints: test accuracy of plain Adam and of the
+    controller through the spike (before it, lowest after it, final) and the largest r
+    each applied. The claim count stays in the report."""
+    config, summary = results["config"], results["metrics"]["summary"]
+    label = {"plain": "plain Adam", "controller": "controller"}
+    lines = [
+        f"spike: MLP on sklearn digits, Adam's learning rate x{config['factor']:g} from step "
+        f"{config['spike_at']} to {config['steps']} (test accuracy: before the spike -> lowest "
+        "after it -> final; median over seeds)"
+    ]
+    for lr in config["base_lrs"]:
+        cells = [f"  eta0 {lr:<6g} (spiked LR {lr * config['factor']:g}):".ljust(32)]
+        for method in config["methods"]:
+            s = summary.get(f"lr={lr:g}/{method}")
+            if s is not None:
+                accs = f"{s['pre_spike_acc']:.1%} -> {s['min_acc_after']:.1%} -> {s['median']:.1%}"
+                cells.append(f"{label.get(method, method)} {accs}".ljust(40))
+        lines.append("".join(cells).rstrip())
+    for method in config["methods"]:
+        r_max = [s["r_applied_max"] for k, s in summary.items() if k.endswith(f"/{method}")]
+        if r_max:
+            name = label.get(method, method)
+            r = max(r_max)
+            value = f"{r:.3f}" if r < 100 else f"{r:,.0f}"
+            lines.append(f"largest applied r = tau / rho_a, {name}: {value}")
+    return lines
+
+
 def _within(value: float, target: float, factor: float) -> bool:
     return bool(np.isfinite(value)) and target / factor <= value <= target * factor
 

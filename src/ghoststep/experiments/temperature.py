@@ -47,7 +47,7 @@ class Config:
 
     arch: str = "mlp"
     temperatures: tuple[float, ...] = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 64.0)
-    scored_temperatures: tuple[float, ...] = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0)  # SPEC §5.5's set
+    scored_temperatures: tuple[float, ...] = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0)  # scored in the claims
     seeds: tuple[int, ...] = (0, 1, 2)
     steps: int = 1000
     lr: float = 1e-3
@@ -152,7 +152,7 @@ def run(config: Config, out_dir: Path, progress: bool) -> Results:
             sig(raw),
             math.isfinite(raw) and 0.5 <= raw / config.paper_std_raw <= 2.0,
             note="the raw spread grows with the range of T (the paper's caption lists T up to "
-            "64, SPEC scores {0.25..8}) and depends on how each model trains" + all_text,
+            "64, our claims score {0.25..8}) and depends on how each model trains" + all_text,
         ),
         Claim(
             "Std of log10 onset across T in r_T = tau / rho_a(T) (at most twice the paper's)",
