@@ -46,6 +46,7 @@ def test_qk_layernorm_bounds_attention_logits():
 
 
 @pytest.mark.slow
+@pytest.mark.slow
 def test_lmstability_quick_preset(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
