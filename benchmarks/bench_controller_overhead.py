@@ -47,8 +47,7 @@ from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from ghoststep.controller import RadiusController
-from ghoststep.directional import directional, full_float32
-from ghoststep.directions import trainable_parameters
+from ghoststep.evaluation import directional, full_float32, trainable_parameters
 from ghoststep.experiments.models import TinyLM, resnet18_cifar
 
 

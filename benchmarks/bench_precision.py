@@ -11,7 +11,7 @@ number below is measured in this one process.
 
 1. **Accuracy** (plain Adam run, no controller). At every step the update Adam just
    applied is the direction v; at the old parameters each method runs as
-   ``ghoststep.directional.directional`` in the precision's measurement context:
+   ``ghoststep.evaluation.directional`` in the precision's measurement context:
    ``"jvp"`` under the training forward's autocast (bf16 / fp16 tangents) or on the
    bf16 parameters, ``"fast"`` and ``"fd"`` with autocast off (``"fast"`` differences
    two float32 forwards, its own float32 baseline; ``"fd"`` is float64 by
@@ -62,10 +62,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ghoststep.controller import RadiusController
-from ghoststep.directional import directional
-from ghoststep.directions import trainable_parameters
+from ghoststep.evaluation import default_logits_fn, directional, trainable_parameters
 from ghoststep.experiments.models import MLP, CNNBatchNorm, TinyLM, resnet18_cifar
-from ghoststep.outputs import default_logits_fn
 from ghoststep.radius import logit_spread
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

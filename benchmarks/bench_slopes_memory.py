@@ -59,8 +59,8 @@ def _peak_bytes(device) -> int:
 def child(args) -> None:
     import torch
 
-    from ghoststep.directions import random_direction
-    from ghoststep.slopes import per_sample_spread
+    from ghoststep.evaluation import random_direction
+    from ghoststep.measurement import per_sample_spread
 
     torch.set_num_threads(args.threads)
     model, idx = _build(args)

@@ -1,9 +1,18 @@
-"""Shared test set-up."""
+"""Shared test set-up. The tests mirror the package (``tests/radius/``,
+``tests/evaluation/``, ...); ``tests/`` itself is put on ``sys.path`` so that every test
+module can ``from helpers import ...``."""
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import pytest
 import torch
+
+_TESTS = str(Path(__file__).resolve().parent)
+if _TESTS not in sys.path:
+    sys.path.insert(0, _TESTS)
 
 
 @pytest.fixture(autouse=True)

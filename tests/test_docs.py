@@ -27,7 +27,7 @@ def test_docs_build_strict(tmp_path):
         cwd=ROOT, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-4000:]
-    for page in ("radius", "slopes", "directional", "controller", "monitor", "sharding"):
+    for page in ("radius", "evaluation", "measurement", "controller", "monitor"):
         html = (tmp_path / "api" / page / "index.html").read_text()
         assert f"ghoststep.{page}" in html
     assert "RadiusController" in (tmp_path / "api" / "controller" / "index.html").read_text()

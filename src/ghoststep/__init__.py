@@ -2,14 +2,17 @@
 
 The softmax partition function F(t) = sum_k exp(z_k + a_k t) has complex zeros
 ("ghosts") that cap the radius in which the loss's Taylor series along an update
-direction converges. ghoststep measures that radius (``radius``, ``slopes``,
-``measurement``), monitors it (``monitor``) and keeps optimizer updates inside it
-(``controller``).
+direction converges. ghoststep computes that radius (``ghoststep.radius``, the pure
+math), evaluates a model along a direction (``ghoststep.evaluation``), measures the
+radius of a batch (``ghoststep.measurement``), monitors it (``ghoststep.monitor``) and
+keeps optimizer updates inside it (``ghoststep.controller``).
 
 Reference: P. Sao, "Ghosts of Softmax: Complex Singularities That Limit Safe Step
 Sizes in Cross-Entropy", arXiv:2603.13552 (2026).
 
-Public names are imported lazily so that ``import ghoststep`` stays light.
+The top level holds the names most code needs (``__all__``); each subpackage exports
+the rest of its public names. They are imported lazily so that ``import ghoststep``
+stays light.
 """
 
 from __future__ import annotations
@@ -19,34 +22,24 @@ import importlib
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    # radius: pure tensor math
-    "logit_spread": "radius",
+    # the radius: pure tensor math (more in ghoststep.radius)
     "rho_bound": "radius",
-    "binary_radius": "radius",
-    "top2_radius": "radius",
     "exact_radius": "radius",
-    "nearest_ghost": "radius",
-    "aggregate": "radius",
-    "normalized_step": "radius",
-    # slopes: directional logit derivatives of modules
-    "logit_slopes": "slopes",
-    "per_sample_spread": "slopes",
-    "flatten_samples": "slopes",
-    # measurement: the radius measurement of a batch
+    # measuring a model along a direction (more in ghoststep.measurement)
     "measure": "measurement",
     "Measurement": "measurement",
-    # directions and the optimizer's update
-    "gradient_direction": "directions",
-    "random_direction": "directions",
-    "direction_norm": "directions",
-    "optimizer_update_direction": "updates",
-    # controller and monitoring
+    "logit_slopes": "measurement",
+    # directions in parameter space (more in ghoststep.evaluation)
+    "gradient_direction": "evaluation",
+    "random_direction": "evaluation",
+    "optimizer_update_direction": "evaluation",
+    # the controller and its monitoring
     "RadiusController": "controller",
+    "Sampling": "controller",
     "StepStats": "monitor",
     "CSVSink": "monitor",
     "JSONLSink": "monitor",
     "CallbackSink": "monitor",
-    "Sink": "monitor",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]

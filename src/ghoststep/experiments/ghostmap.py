@@ -25,14 +25,14 @@ from pathlib import Path
 
 import torch
 
+from ghoststep.evaluation import optimizer_update_direction
 from ghoststep.experiments.data import digits
 from ghoststep.experiments.figures import new_figure, save_figure
 from ghoststep.experiments.models import build_model
 from ghoststep.experiments.results import Claim, Results
 from ghoststep.experiments.training import set_seed, train
+from ghoststep.measurement import logit_slopes
 from ghoststep.radius import logit_spread, nearest_ghost
-from ghoststep.slopes import logit_slopes
-from ghoststep.updates import optimizer_update_direction
 
 
 @dataclass

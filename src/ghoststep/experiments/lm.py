@@ -54,8 +54,8 @@ from ghoststep.experiments.text import (
 )
 from ghoststep.experiments.training import finite_median, set_seed
 from ghoststep.experiments.transformer import AllRadiiController
-from ghoststep.ghosts import exact_radius
-from ghoststep.slopes import logit_slopes
+from ghoststep.measurement import logit_slopes
+from ghoststep.radius import exact_radius
 
 METHODS = ("adamw", "controller", "controller_q", "zloss", "softcap")
 METHOD_LABELS = {
@@ -419,7 +419,7 @@ def _notes(c: Config) -> list[str]:
         "mode, radius over all B*T positions of the training batch, measured at the old "
         "parameters). rho_q: the radius of the q-quantile spread (q = "
         f"{c.quantile:g}); q_over_max = rho_q / rho_a.",
-        "Exact radius at K up to 50257: the certified solver of ghoststep.ghosts seeds "
+        "Exact radius at K up to 50257: the certified solver of ghoststep.radius seeds "
         "Newton's method from the Newton polygon of a reduced set of 384 classes (those "
         "leading c_k + b_k x on a grid of x, then the largest logits); Newton's iterations "
         "and the argument-principle certificate run on all K classes, so the radius is "

@@ -4,7 +4,7 @@ The six digit classifiers take flat 64-feature inputs (8x8 sklearn digits scaled
 [0, 1]) and reshape inside when they need an image or a token sequence. All are
 forward-mode-AD friendly: attention is written out with an explicit softmax (no
 ``F.scaled_dot_product_attention``, whose CPU kernel has no forward AD), so
-``ghoststep.slopes.logit_slopes`` works on every model here.
+``ghoststep.measurement.logit_slopes`` works on every model here.
 
 Construction is deterministic given the global seed: call ``torch.manual_seed``
 before ``build_model``.

@@ -22,7 +22,7 @@ Conventions
 * **Nothing mutates the model.** Shifted parameters are substituted with
   ``torch.func.functional_call``; buffers are cloned inside each call.
 * Directions are dicts ``{name: tensor}`` over the trainable parameters (what
-  ``ghoststep.directions.gradient_direction`` / ``random_direction`` return). The loss
+  ``ghoststep.evaluation.gradient_direction`` / ``random_direction`` return). The loss
   is mean softmax cross-entropy of ``logits / T``.
 
 >>> import torch
@@ -47,13 +47,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ghoststep.directional import call_at
-from ghoststep.directions import gradient_direction, random_direction, resolve_direction
+from ghoststep.evaluation import call_at, gradient_direction, random_direction, resolve_direction
 from ghoststep.experiments.data import Split, digits
 from ghoststep.experiments.models import build_model
 from ghoststep.experiments.training import evaluate, set_seed, train
+from ghoststep.measurement import logit_slopes
 from ghoststep.radius import exact_radius, rho_bound, top2_radius
-from ghoststep.slopes import logit_slopes
 
 __all__ = [
     "Checkpoint",
@@ -220,7 +219,7 @@ def descent_direction(
     """Unit direction of steepest descent, ``-g / ||g||``, of the mean loss on ``(X, y)``.
 
     The model runs in its current mode; nothing is mutated (see
-    ``ghoststep.directions.gradient_direction``).
+    ``ghoststep.evaluation.gradient_direction``).
     """
     g, _ = gradient_direction(model, tempered_loss(temperature), X, y)
     return {n: -t for n, t in g.items()}
@@ -276,7 +275,7 @@ def sample_radii(
 
 
 def _shifted_call(model, direction, tau, X, dtype=None):
-    """Logits at theta + tau v (``ghoststep.directional.call_at``; the model is unchanged)."""
+    """Logits at theta + tau v (``ghoststep.evaluation.call_at``; the model is unchanged)."""
     return call_at(model, (X,), {}, resolve_direction(model, direction), tau, dtype=dtype)
 
 

@@ -38,8 +38,7 @@ import numpy as np
 import torch
 
 from ghoststep.controller import RadiusController
-from ghoststep.directional import directional
-from ghoststep.directions import trainable_parameters
+from ghoststep.evaluation import directional, trainable_parameters
 from ghoststep.experiments.figures import new_figure, plot_band, save_figure
 from ghoststep.experiments.results import Claim, Results, Table
 from ghoststep.experiments.runner import parallel_map

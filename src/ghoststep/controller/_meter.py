@@ -1,0 +1,360 @@
+"""The controller's measurement: the per-position logit spread of the captured batches
+along the proposed update, by method (``"jvp"`` / ``"fd"``: the tangent at the old
+parameters; ``"fast"``: one forward at old + f p against the training forward's logits),
+reduced on the device to one radius with one host sync.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from contextlib import nullcontext
+from typing import Any, NamedTuple
+
+import torch
+from torch import nn
+
+from ..evaluation._directional import (
+    FAST_MOVE,
+    directional,
+    fd_step,
+    forward,
+    full_float32,
+    refined_step,
+)
+from ..evaluation._inputs import check_chunking, chunks, split_inputs
+from ..evaluation._isolation import autocast_as
+from ..evaluation._sharding import local_shards, max_over_ranks, reshard
+from ..radius._bounds import radius_from_spread
+from ._sampling import Plan, Sampling
+
+__all__ = ["Measured", "SpreadMeter"]
+
+
+class Measured(NamedTuple):
+    """One step's measurement. ``spread``: the aggregated max spread per unit of v (-1
+    reduced to 0 when nothing was counted); ``rho``: the limiting radius (with the extra
+    radii); ``bottleneck``: the position index over the micro-batches in order;
+    ``samples``: per-position radii (CPU float32) when kept; ``radii``: the extra radii
+    dict or None; ``counted``: some position was not masked; ``pending``: (inputs,
+    spread, mask) of the last plan, for the bottleneck buffer."""
+
+    spread: float
+    rho: float
+    bottleneck: int
+    finite: bool
+    samples: torch.Tensor | None
+    radii: dict[str, float] | None
+    counted: bool
+    pending: tuple | None
+
+
+def spread_of_slopes(slopes: torch.Tensor) -> torch.Tensor:
+    """max_k a_k - min_k a_k over the last dimension."""
+    return slopes.amax(-1) - slopes.amin(-1)
+
+
+# On the CPU the difference and its two reductions run over blocks of rows this large,
+# so that each block is still in cache for the reductions (at V = 8192 the logits of a
+# batch are tens of MB: three passes through memory become one).
+_BLOCK_BYTES = 1 << 20
+
+
+def spread_of_difference(shifted: torch.Tensor, baseline: torch.Tensor) -> torch.Tensor:
+    """``spread_of_slopes(shifted - baseline)``, using ``shifted`` as scratch; shape
+    ``shifted.shape[:-1]``."""
+    classes = shifted.shape[-1]
+    rows = max(1, _BLOCK_BYTES // max(1, classes * shifted.element_size()))
+    if shifted.device.type != "cpu" or shifted.numel() <= rows * classes:
+        return spread_of_slopes(shifted.sub_(baseline))
+    flat, base = shifted.reshape(-1, classes), baseline.reshape(-1, classes)
+    out = flat.new_empty(flat.shape[0])
+    for start in range(0, flat.shape[0], rows):
+        block = flat[start : start + rows].sub_(base[start : start + rows])
+        torch.sub(block.amax(-1), block.amin(-1), out=out[start : start + rows])
+    return out.view(shifted.shape[:-1])
+
+
+class SpreadMeter:
+    """Evaluates the spread of a model's logits along an update (see the module doc)."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        method: str,
+        logits_fn: Callable[[Any], torch.Tensor],
+        temperature: float,
+        sampling: Sampling,
+        chunk_size: int | None,
+        slopes_kwargs: Mapping[str, Any],
+        extra_radii: Callable | None,
+        limit_by: Sequence[str] | None,
+        keep_samples: bool,
+        process_group: Any,
+    ) -> None:
+        self.model = model
+        self.method = method
+        self.logits_fn = logits_fn
+        self.temperature = temperature
+        self.sampling = sampling
+        self.chunk_size = chunk_size
+        self.slopes_kwargs = dict(slopes_kwargs)
+        self.extra_radii = extra_radii
+        self.limit_by = limit_by
+        self.keep_samples = keep_samples
+        self.process_group = process_group
+        self.devices: list[int] = []
+        self.spread_hint: float | None = None  # last max spread per unit v ("fast")
+
+    # -------------------------------------------------------------------- per step
+
+    def precision(self):
+        """The context of every measuring forward: full float32 for ``"fast"`` on CUDA
+        (a JVP has no cancellation: TF32 costs it 1e-3 relative, ``"fast"`` 10 %)."""
+        return full_float32() if self.devices and self.method == "fast" else nullcontext()
+
+    def measure(
+        self, params, proposed, tau: float, plans: list[Plan], proposal, recheck: float | None
+    ):
+        """Measure along v = p / tau over the plans (parameters at the old values on
+        entry; ``"fast"`` moves them through ``proposal``, a
+        :class:`~ghoststep.controller._proposal.ProposedUpdate`). ``recheck``: for ``"fast"``, the
+        max spread per unit v from which the difference is taken on both sides (near
+        the step rule's bound: see :meth:`_other_side`); None: never. Returns a
+        :class:`Measured`."""
+        radii = None
+        if self.method == "fast":
+            fraction = self.fd_fraction(tau, params, proposal)
+            self._fill_baselines(plans)
+            if self.extra_radii is not None:  # at the old values, before the shift
+                radii = self._radii(params, torch._foreach_sub(proposed, params), tau, plans)
+            proposal.move_to(params, proposed, fraction)
+            self._shifted_spreads(plans, fraction * tau)
+            better = refined_step(fraction * tau, fraction * tau * self.spread_hint)
+            if better is not None:  # the outputs moved too far or too little: redo
+                fraction = away_from_one(better / tau)
+                proposal.move_to(params, proposed, fraction)
+                self._shifted_spreads(plans, fraction * tau)
+            if recheck is not None and self.spread_hint >= recheck:
+                proposal.move_to(params, proposed, -fraction)
+                self._other_side(plans, fraction * tau)
+            for plan in plans:
+                plan.baseline = None
+        else:
+            # One transient copy: the tangent p (the JVP's primal is the old values).
+            update = torch._foreach_sub(proposed, params)
+            tangents = self.direction(params, update)
+            for plan in plans:
+                plan.spread = self._spread_of(plan, self._tangent(tangents)) / tau
+            del tangents
+            radii = self._radii(params, update, tau, plans)
+            del update
+        return self._reduce(plans, radii)
+
+    def _other_side(self, plans: list[Plan], step: float) -> None:
+        """Average each position's one-sided spread with the one from old - step v.
+
+        A one-sided secant is off by O(step |y''|): measured up to 7 % low on a tiny
+        GPT-2 in float32, enough to break r <= target_r. The two secants err in
+        opposite directions, and the spread (max - min) is a convex function of the
+        slopes, so the mean of the two spreads bounds the derivative's spread from
+        above up to O(step^2): one more forward, taken only near the bound."""
+        for plan in plans:
+            plan.spread = 0.5 * (plan.spread + self._spread_of(plan, self._shifted) / step)
+
+    def fd_fraction(self, tau: float, params: list[torch.Tensor], proposal) -> float:
+        """f = h / tau for the one-sided difference at old + f p (``"fast"``): h moves
+        the outputs by about ``FAST_MOVE`` at the previous step's spread (the first step
+        guesses from ||old||; the parameters hold the old values here)."""
+        hint = self.spread_hint
+        if hint is not None and math.isfinite(hint) and hint > 0:
+            return away_from_one(FAST_MOVE / hint / tau)
+        return away_from_one(fd_step(proposal.norm(params), 1.0, params[0].dtype) / tau)
+
+    def try_gradient(self, params, plan: Plan) -> None:
+        """The slopes along the gradient on one plan (before the first inner step: an
+        error, e.g. an op without forward AD, leaves the optimizer untouched)."""
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        self._spread_of(plan, self._tangent(self.direction(params, grads)))
+
+    def direction(self, params, updates) -> list[torch.Tensor | None]:
+        """Updates aligned with the model's trainable parameters (None: not optimized).
+        ``params`` may be the parameters or, for FSDP2, their local shards
+        (``local_shards``): a DTensor parameter's update is its local shard's."""
+        by_id = {id(p): u for p, u in zip(params, updates, strict=True)}
+        reshard(self.model)  # FSDP2: the registered parameters are the sharded ones
+        model_params = [q for q in self.model.parameters() if q.requires_grad]
+        shards = local_shards(model_params)
+        return [
+            by_id.get(id(q), by_id.get(id(s))) for q, s in zip(model_params, shards, strict=True)
+        ]
+
+    # ------------------------------------------------------------------- internals
+
+    def _tangent(self, tangents):
+        def spread(args, kwargs, rows: slice, plan: Plan) -> torch.Tensor:
+            _, slopes = directional(
+                self.model,
+                args,
+                kwargs,
+                tangents,
+                method=self.method,
+                output_fn=self.logits_fn,
+                rng=plan.rng,
+                **self.slopes_kwargs,
+            )
+            return spread_of_slopes(slopes)
+
+        return spread
+
+    def _shifted(self, args, kwargs, rows: slice, plan: Plan) -> torch.Tensor:
+        shifted = self._forward(args, kwargs, plan)
+        # a list: parts over consecutive rows, and the forward was not chunked
+        parts = plan.baseline if isinstance(plan.baseline, list) else [plan.baseline[rows]]
+        spreads, start = [], 0
+        for part in parts:
+            stop = start + part.shape[0]
+            spreads.append(spread_of_difference(shifted[start:stop], part))
+            start = stop
+        return spreads[0] if len(spreads) == 1 else torch.cat(spreads)
+
+    def _forward(self, args, kwargs, plan: Plan) -> torch.Tensor:
+        return forward(
+            self.model, args, kwargs, output_fn=self.logits_fn, rng=plan.rng, devices=self.devices
+        )
+
+    def _shifted_spreads(self, plans: list[Plan], step: float) -> None:
+        """Spreads per unit of v from forwards at the evaluation point old + step v."""
+        for plan in plans:
+            plan.spread = self._spread_of(plan, self._shifted) / step
+        # The next step's first guess (move the outputs by about FAST_MOVE), and the
+        # redo decision: the max over ranks, so that every rank evaluates at one point.
+        local = float(torch.stack([p.spread.max() for p in plans]).max()) if plans else 0.0
+        self.spread_hint = max_over_ranks(local, True, self.process_group)[0]
+
+    def evaluation_precision(self, plan: Plan):
+        """The autocast a plan's forwards run under, whatever surrounds ``step()``: the
+        training forward's for ``"jvp"`` (the tangent in the precision the model trains
+        in: exact to a few 1e-3 in bfloat16), none for the differences ``"fast"`` /
+        ``"fd"`` (in bfloat16 a secant at a 0.01-logit move is off by 100 % or more)."""
+        return autocast_as(plan.autocast if self.method == "jvp" else ())
+
+    def _spread_of(self, plan: Plan, spread_fn) -> torch.Tensor:
+        """Flat float64 per-position spread of one plan, in ``chunk_size`` row chunks."""
+        args, kwargs = plan.call
+        with self.evaluation_precision(plan):
+            if self.chunk_size is None:
+                return spread_fn(args, kwargs, slice(None), plan).reshape(-1).double()
+            check_chunking(self.model, args, kwargs, self.chunk_size)
+            parts = [
+                spread_fn(a, k, slice(start, stop), plan).reshape(-1)
+                for start, stop, a, k in chunks(args, kwargs, self.chunk_size)
+            ]
+        return torch.cat(parts).double()
+
+    def _fill_baselines(self, plans: list[Plan]) -> None:
+        """Logits at the old values for the plans the training forward cannot serve."""
+        for plan in plans:
+            if plan.baseline is None:
+                args, kwargs = plan.call if plan.head is None else split_inputs(plan.tail)
+                with self.evaluation_precision(plan):
+                    parts = [
+                        self._forward(a, k, plan)
+                        for _, _, a, k in chunks(args, kwargs, self.chunk_size)
+                    ]
+                if plan.head is not None:  # the subset's rows from the training forward
+                    parts.insert(0, plan.head)
+                if self.chunk_size is None and len(parts) > 1:
+                    plan.baseline = parts  # head and tail, left apart (see Plan)
+                else:
+                    plan.baseline = parts[0] if len(parts) == 1 else torch.cat(parts)
+                plan.head = plan.tail = None
+
+    def _radii(self, params, update, tau: float, plans) -> dict[str, float] | None:
+        """The ``extra_radii`` hook's radii (smallest over the micro-batches) as distances
+        along v = p / tau, at the old parameter values; None without the hook."""
+        if self.extra_radii is None:
+            return None
+        radii: dict[str, float] = {}
+        direction = self.direction(params, update)
+        for plan in plans:
+            with self.evaluation_precision(plan):
+                extra = self.extra_radii(self.model, plan.evaluated, direction)
+            for key, t in dict(extra).items():
+                radius, before = float(t) * tau, radii.get(str(key), math.inf)
+                # min() would drop a NaN; keep it so the step is treated as a fault
+                radii[str(key)] = math.nan if math.isnan(radius) else min(before, radius)
+        missing = [k for k in (self.limit_by or ()) if k not in radii and k != "out"]
+        if missing:
+            raise KeyError(f"limit_by names {missing}, but the radii are {sorted(radii)}")
+        return radii
+
+    def _summaries(self, plans: list[Plan]):
+        """Per plan on the device: (aggregate, finite, argmax + offset, count), and the
+        unmasked spreads; the last plan's (inputs, spread, mask) for the buffer."""
+        rows, kept, pending, offset = [], [], None, 0
+        for plan in plans:
+            spread = plan.spread
+            keep = self.sampling.mask(plan.evaluated, spread.numel(), spread.device)
+            valid = spread if keep is None else spread[keep]
+            masked = spread if keep is None else spread.masked_fill(~keep, -math.inf)
+            rows.append(
+                torch.stack(
+                    [
+                        self.sampling.aggregate(valid),
+                        torch.isfinite(valid).all().double(),
+                        masked.argmax().double() + offset,
+                        spread.new_full((), float(valid.numel())),  # no host copy
+                    ]
+                )
+            )
+            kept.append(valid)
+            pending = (plan.evaluated, spread, keep)
+            offset += spread.numel()
+        return rows, kept, pending
+
+    def _reduce(self, plans: list[Plan], radii) -> Measured:
+        """Aggregate the plans' spreads on the device, then one host sync."""
+        rows, kept, pending = self._summaries(plans)
+        summary = torch.stack([r.to(rows[0].device) for r in rows]).tolist()
+        finite = all(row[1] == 1.0 for row in summary)
+        # -1: no position to measure here (every one masked); a MAX over ranks keeps
+        # every rank's decision the same
+        spread, bottleneck = -1.0, -1
+        for agg, _, index, count in summary:
+            if count and (bottleneck < 0 or agg > spread):
+                spread, bottleneck = agg, int(index)
+        if not finite:
+            pending = None  # a non-finite spread never enters the buffer
+        spread, finite = max_over_ranks(spread, finite, self.process_group)
+        counted = spread >= 0.0
+        spread = max(spread, 0.0)
+        rho = radius_from_spread(spread, self.temperature)
+        if finite and radii is not None:
+            rho, finite, radii = self._limit(rho, radii)
+        samples = None
+        if finite and self.keep_samples:
+            valid = [v for v in kept if v.numel()]
+            if valid:
+                samples = radius_from_spread(torch.cat(valid), self.temperature).float().cpu()
+        return Measured(spread, rho, bottleneck, finite, samples, radii, counted, pending)
+
+    def _limit(self, rho: float, radii: dict[str, float]):
+        """The smallest of the radii named by ``limit_by``, the same on every rank
+        (reduced as the equivalent spread pi T / rho, like the output spread)."""
+        radii = dict(radii, out=rho)
+        rho = min(radii[k] for k in (self.limit_by or radii))
+        finite = not any(math.isnan(v) for v in radii.values())
+        limit, finite = max_over_ranks(
+            radius_from_spread(rho, self.temperature) if finite else 0.0,
+            finite,
+            self.process_group,
+        )
+        return radius_from_spread(limit, self.temperature), finite, radii
+
+
+def away_from_one(fraction: float) -> float:
+    """The final step is recovered from the evaluation point and the proposal as a
+    lerp with weight (s - f) / (1 - f): keep f away from 1."""
+    return 0.5 if abs(1.0 - fraction) < 0.5 else fraction

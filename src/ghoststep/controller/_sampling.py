@@ -1,0 +1,261 @@
+"""Which positions set the controller's radius: subset, bottleneck buffer, window,
+quantile and masks (``RadiusController``'s sampling options), and the row operations on
+nested input structures (a tensor, a tuple of arguments, a dict of keyword arguments)
+they need. Pure functions and one options record; the controller holds the state (the
+buffer, the generator, the recent radii).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch.utils import _pytree as pytree
+
+from ..evaluation._inputs import split_inputs
+from ._checks import check_real, is_int
+
+__all__ = ["Sampling"]
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """The controller's sampling options: which samples set the radius (each option
+    gives something up; all can be combined).
+
+    * default: the whole batch -- the exact guarantee ``r <= target_r`` for every sample
+      of the batch (every logit position for sequence models) at the old parameters.
+    * ``subset=k``: k rows drawn from the batch without replacement (seeded
+      ``torch.Generator``, its state is checkpointed). Gives up the guarantee for the
+      rows not drawn; cost scales with k (with ``"fast"`` one forward of k rows: the
+      subset's baseline is sliced from the training forward's logits when the rows are
+      independent, i.e. that forward drew no random numbers and no BatchNorm used batch
+      statistics). For BatchNorm in train mode the batch statistics of the subset differ
+      from the training batch's.
+    * ``buffer_size=m``: keep the inputs of the m rows with the largest spread seen so
+      far (bottleneck samples) and evaluate them together with the current batch every
+      step; the guarantee then covers batch and buffer. Gives up nothing for the batch
+      in models whose rows are independent -- but with BatchNorm in train mode the
+      buffer rows change the batch statistics, so the measured function is no longer
+      exactly the training function of the batch. Inputs must have identical per-row
+      shapes across steps (the buffer is dropped when they do not). Costs m extra rows.
+    * ``window=W``: use ``min(rho now, the previous W - 1 radii)``. Only ever smaller
+      than the current radius, so the batch guarantee holds; what it gives up is
+      responsiveness: one bottleneck batch throttles the next W - 1 steps, and the
+      older radii were measured along other directions at other parameters.
+    * ``quantile=q``: use the q-quantile (upper order statistic) of the per-sample
+      spread instead of the max. Gives up the guarantee for the (1 - q) share of samples
+      with the largest spreads, in exchange for robustness to a few outliers. Under
+      ``torch.distributed`` the max of the per-rank quantiles is used.
+
+    Attributes:
+        subset: evaluate k rows drawn from the batch (None: all rows).
+        buffer_size: bottleneck rows kept and re-checked every step (0: off).
+        window: running minimum of rho over the last W steps (1: off).
+        quantile: the q-quantile of the per-position spread instead of the max.
+        mask_fn: ``mask_fn(inputs) -> bool`` tensor of the sample shape; False: ignored.
+        ignore_index: positions whose target equals it are ignored (alternative to
+            ``mask_fn``); targets from ``targets_fn(inputs)`` or ``inputs["labels"]``.
+        targets_fn: see ``ignore_index``.
+    """
+
+    subset: int | None = None
+    buffer_size: int = 0
+    window: int = 1
+    quantile: float | None = None
+    mask_fn: Callable[[Any], torch.Tensor] | None = None
+    ignore_index: int | None = None
+    targets_fn: Callable[[Any], torch.Tensor] | None = None
+
+    def __post_init__(self) -> None:
+        if self.subset is not None and not (is_int(self.subset) and self.subset >= 1):
+            raise ValueError(f"subset must be None or an int >= 1, got {self.subset!r}")
+        if not (is_int(self.buffer_size) and self.buffer_size >= 0):
+            raise ValueError(f"buffer_size must be an int >= 0, got {self.buffer_size!r}")
+        if not (is_int(self.window) and self.window >= 1):
+            raise ValueError(f"window must be an int >= 1, got {self.window!r}")
+        q = self.quantile
+        if q is not None:
+            check_real("quantile", q)
+            if not 0.0 < q <= 1.0:
+                raise ValueError(f"quantile must be None or a number in (0, 1], got {q!r}")
+        if self.ignore_index is not None and self.mask_fn is not None:
+            raise ValueError("give either mask_fn or ignore_index, not both")
+        if q is not None:
+            object.__setattr__(self, "quantile", float(q))
+
+    @property
+    def samples_rows(self) -> bool:
+        """Whether some rows of the training batch are re-used (subset or buffer)."""
+        return self.subset is not None or self.buffer_size > 0
+
+    @property
+    def masks(self) -> bool:
+        """Whether some positions may be ignored (``mask_fn`` or ``ignore_index``)."""
+        return self.mask_fn is not None or self.ignore_index is not None
+
+    def mask(self, inputs, n_samples: int, device: torch.device) -> torch.Tensor | None:
+        """Flat bool mask over the ``n_samples`` logit positions, or None (keep all)."""
+        mask = self.position_mask(inputs)
+        if mask is None:
+            return None
+        if mask.numel() != n_samples:
+            raise ValueError(
+                f"the mask has {mask.numel()} entries but the logits have {n_samples} "
+                "sample positions (logits.shape[:-1])"
+            )
+        return mask.to(device)
+
+    def position_mask(self, inputs) -> torch.Tensor | None:
+        """The flat bool mask of ``inputs`` (True: counted), or None without a mask."""
+        if self.mask_fn is not None:
+            mask = self.mask_fn(inputs)
+        elif self.ignore_index is not None:
+            if self.targets_fn is not None:
+                targets = self.targets_fn(inputs)
+            elif isinstance(inputs, Mapping) and "labels" in inputs:
+                targets = inputs["labels"]
+            else:
+                raise ValueError("ignore_index needs targets_fn (or dict inputs with 'labels')")
+            mask = torch.as_tensor(targets) != self.ignore_index
+        else:
+            return None
+        return torch.as_tensor(mask, dtype=torch.bool).reshape(-1)
+
+    def aggregate(self, spread: torch.Tensor) -> torch.Tensor:
+        """The spread that sets the radius: the max, or the upper ``quantile`` order
+        statistic (the radius ``aggregate(rho, ("quantile", 1 - q))``), 0-d, no sync."""
+        if spread.numel() == 0:
+            return spread.new_zeros(())
+        if self.quantile is None:
+            return spread.max()
+        ordered = spread.sort(descending=True).values
+        return ordered[math.floor((1.0 - self.quantile) * (spread.numel() - 1))]
+
+
+def detached_copy(obj):
+    """The structure with every tensor detached and cloned (checkpoints, the buffer)."""
+    return pytree.tree_map_only(torch.Tensor, lambda t: t.detach().clone(), obj)
+
+
+def batch_rows(obj) -> int | None:
+    """Batch size: the leading size of the first tensor with at least one dimension."""
+    for t in pytree.tree_leaves(obj):
+        if isinstance(t, torch.Tensor) and t.dim() >= 1:
+            return int(t.shape[0])
+    return None
+
+
+def select_rows(obj, idx: torch.Tensor, rows: int):
+    """Rows ``idx`` of every tensor whose leading size is ``rows``; others unchanged."""
+
+    def pick(t: torch.Tensor) -> torch.Tensor:
+        if t.dim() >= 1 and t.shape[0] == rows:
+            return t.index_select(0, idx.to(t.device))
+        return t
+
+    return pytree.tree_map_only(torch.Tensor, pick, obj)
+
+
+def cat_rows(a, b, rows_a: int, rows_b: int | None):
+    """``a`` and ``b`` concatenated along rows (tensors with ``rows_a`` / ``rows_b``
+    leading rows; other leaves taken from ``a``); None if the structures, per-row
+    shapes or dtypes do not match."""
+    if rows_b is None:
+        return None
+    leaves_a, spec_a = pytree.tree_flatten(a)
+    leaves_b, spec_b = pytree.tree_flatten(b)
+    if spec_a != spec_b:
+        return None
+    out = []
+    for u, w in zip(leaves_a, leaves_b, strict=True):
+        if not (isinstance(u, torch.Tensor) and isinstance(w, torch.Tensor)):
+            out.append(u)
+        elif u.dim() >= 1 and w.dim() >= 1 and u.shape[0] == rows_a and w.shape[0] == rows_b:
+            if u.shape[1:] != w.shape[1:] or u.dtype != w.dtype:
+                return None
+            out.append(torch.cat([u, w.to(u.device)], 0))
+        else:
+            out.append(u)
+    return pytree.tree_unflatten(out, spec_a)
+
+
+def bottleneck_rows(evaluated, spread: torch.Tensor, keep, size: int):
+    """The inputs of the ``size`` rows of ``evaluated`` with the largest spread (masked
+    positions excluded), in batch order, detached; None if rows cannot be told apart."""
+    rows = batch_rows(evaluated)
+    if rows is None or spread.numel() % rows:
+        return None
+    scores = spread if keep is None else spread.masked_fill(~keep, -math.inf)
+    per_row = scores.reshape(rows, -1).amax(1)
+    top = per_row.topk(min(size, rows)).indices.sort().values
+    return detached_copy(select_rows(evaluated, top, rows))
+
+
+class Plan:
+    """What one micro-batch's measurement evaluates: the inputs (``evaluated``, split
+    into ``call`` = (args, kwargs)), the RNG state of its training forward, and the
+    logits at the old parameters when known (``baseline``; or only for the first rows,
+    ``head``, with the inputs of the rest in ``tail``). The baseline may be a list of
+    parts over consecutive rows (head, then tail), left unconcatenated: on the CPU a
+    fresh tensor of tens of MB costs its page faults, as much as a small forward."""
+
+    __slots__ = ("evaluated", "call", "rng", "autocast", "baseline", "spread", "head", "tail")
+
+    def __init__(self, evaluated, call: tuple[tuple, dict], rng, baseline, autocast=()) -> None:
+        self.evaluated, self.call, self.rng, self.baseline = evaluated, call, rng, baseline
+        self.autocast = autocast  # the training forward's (``isolation.autocast_state``)
+        self.spread: torch.Tensor | None = None
+        self.head: torch.Tensor | None = None
+        self.tail: Any = None
+
+
+def make_plan(entry, sampling: Sampling, generator: torch.Generator, buffer):
+    """The rows to evaluate for one captured micro-batch (subset and buffer applied).
+
+    Returns ``(plan, buffer)``: the buffer is None when its rows no longer match the
+    batch's per-row shapes (dropped). The training forward's logits serve as the
+    baseline for exactly its rows (same precision and RNG state: dropout masks are drawn
+    per row), and for a subset of them only if each row's logits depend on that row
+    alone (``entry.rows_independent``).
+    """
+    current = entry.inputs
+    rows = batch_rows(current)
+    logits = entry.logits
+    if (
+        entry.coarse
+        or logits is None
+        or logits.dtype not in (torch.float32, torch.float64)
+        or logits.ndim < 2
+        or logits.shape[0] != rows
+    ):
+        logits = None
+    known = logits
+    if sampling.subset is not None and rows is not None and sampling.subset < rows:
+        idx = torch.randperm(rows, generator=generator)[: sampling.subset]
+        current = select_rows(current, idx, rows)
+        known = logits[idx.to(logits.device)] if logits is not None else None
+        if not entry.rows_independent:
+            known = None
+    evaluated, tail = current, None
+    if buffer is not None:
+        joined = cat_rows(current, buffer, batch_rows(current), batch_rows(buffer))
+        if joined is None:
+            buffer = None  # shapes changed: drop the stale buffer
+        else:
+            evaluated, tail = joined, buffer  # the buffer's rows need a baseline forward
+            if not entry.rows_independent:
+                known = None
+    plan = Plan(
+        evaluated,
+        split_inputs(evaluated),
+        entry.rng,
+        None if tail is not None else known,
+        entry.autocast,
+    )
+    if tail is not None and known is not None:
+        plan.head, plan.tail = known, tail
+    return plan, buffer

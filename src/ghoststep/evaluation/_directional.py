@@ -1,0 +1,422 @@
+"""Model outputs and their directional derivatives along a parameter direction.
+
+The one evaluation path of ghoststep: ``slopes`` (logit slopes), ``measurement`` (the
+radius measurement), the controller, the internal (attention / FFN) radii and the line
+probes all evaluate a model here. For a direction v over the trainable parameters
+and any output ``y = output_fn(model(*args, **kwargs))`` (the logits, or a tuple of
+internal activations) it returns ``(y, y_dot)`` with ``y_dot = d/dt y(theta + t v)``
+at t = 0, by one of three methods:
+
+* ``"jvp"``: forward-mode AD (``torch.autograd.forward_ad`` dual parameters through
+  ``torch.func.functional_call``; for FSDP2 models through the ordinary forward, with
+  the duals put on each unit's all-gathered parameters: ``dual_unsharded``
+  in ``_sharding``), exact. One primal + tangent pass, which costs about as much as a
+  training step (forward and backward) on matmul / conv networks.
+  ``F.scaled_dot_product_attention`` runs with its math kernel inside this pass only
+  (the fused flash / memory-efficient kernels have no forward AD), so models with the
+  default attention (``nn.TransformerEncoderLayer``, Hugging Face ``"sdpa"``) need no
+  change and train with their fast kernel.
+* ``"fd"``: central difference ``(y(theta + h v) - y(theta - h v)) / 2h`` in float64
+  (parameters, floating buffers and inputs cast; the module is not modified), with
+  ``h = eps64^(1/3) / ||v||``. Three float64 forwards: a slow reference.
+* ``"fast"``: one-sided difference ``(y(theta + h v) - y(theta)) / h`` in the
+  parameters' own float32 / float64, through the model's **ordinary forward** (the
+  trainable parameters are shifted in place and restored bitwise), so it needs no
+  ``functional_call`` and no forward-mode AD. ``y(theta)`` can be supplied
+  (``baseline=``: the controller passes the logits its training forward already
+  computed), so the slopes cost one extra forward. The step h is chosen so that the
+  outputs move by about 0.01 (``FAST_MOVE``; in logit units, i.e. 0.3 % of the
+  radius): the O(h) truncation error and the O(eps / h) round-off of two float32
+  forwards are both about 1e-3 or less there. The controller takes h from the
+  previous step's spread; without one, ``fd_step`` guesses from the parameter norm
+  and a move outside [0.001, 0.1] is redone once with the corrected step.
+
+  Error and where it is unsafe: the relative slope error is O(h |y''| / |y'|) +
+  O(eps |y| / (h |y'|)), about 1e-4 to 1e-3 on smooth networks (the radius agrees
+  with ``"jvp"`` to well under 1 %; ``benchmarks/bench_controller_overhead.py``
+  measures it along training). It is a secant, not a derivative: where the network
+  is not smooth within h of theta (a ReLU or max-pool switching, a top-k selection
+  changing, a quantizer), the slope of the affected samples is the average over the
+  kink, not the one-sided derivative the JVP gives. It needs float32 or float64
+  parameters (in bfloat16 / float16 eps^(1/2) is 1e-2 to 1e-1: a ValueError names
+  ``"jvp"``), and the baseline must come from a forward of the same precision. On
+  CUDA both forwards run with TF32 off (:func:`full_float32`): TF32 rounding (about
+  1e-3 relative, PyTorch's default for cuDNN convolutions) would put 10 % or more
+  into the difference. The controller therefore does its own full-float32 baseline
+  forward (two extra forwards, not one) when the training forward ran under autocast
+  or with TF32 allowed on a CUDA model; turn TF32 off for training
+  (``torch.backends.cudnn.allow_tf32 = False``) to keep the one-forward cost.
+
+Semantics shared by all methods (what exactly is differentiated):
+
+* The model runs **in its current mode** (``model.training`` is never changed): in
+  train mode BatchNorm normalizes with the batch statistics and dropout draws masks.
+* **No side effects.** Parameters end bitwise as they were; buffers (BatchNorm running
+  statistics, ``num_batches_tracked``) are bitwise unchanged (cloned for
+  ``functional_call``, saved and restored around ordinary forwards); the CPU and the
+  model's CUDA RNG states are restored afterwards (``torch.random.fork_rng``), so the
+  training RNG stream is as if nothing happened. ``rng=`` (from
+  ``ghoststep.evaluation.capture_rng``) replays a given state first: every evaluation
+  then draws the same dropout masks as the forward that state was captured before.
+* Everything runs under ``torch.no_grad`` (no autograd graph), except
+  :func:`call_at`, which is differentiable in ``t``.
+
+Directions are one tangent per trainable parameter
+(``ghoststep.evaluation.resolve_direction`` accepts a dict, an aligned sequence or a
+flat tensor); inputs and outputs are read by the private ``_inputs`` and ``_outputs``
+modules of ``ghoststep.evaluation``, the RNG and buffers kept by ``_isolation``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import re
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+import torch.autograd.forward_ad as fwAD
+from torch import nn
+from torch.func import functional_call
+from torch.utils import _pytree as pytree
+
+from ._directions import trainable_parameters
+from ._isolation import RNGState, cuda_devices, preserved_buffers, replay_rng
+from ._outputs import logits_reader
+from ._sharding import dual_unsharded, fsdp_units, reshard
+
+__all__ = [
+    "METHODS",
+    "full_float32",
+    "tf32_allowed",
+    "fd_step",
+    "refined_step",
+    "FAST_MOVE",
+    "forward",
+    "call_at",
+    "directional",
+]
+
+METHODS = ("jvp", "fd", "fast")
+
+
+def fd_step(param_norm: float, direction_norm: float, dtype: torch.dtype) -> float:
+    """First guess of the step t of the one-sided difference along a direction of norm
+    ||v||: a parameter displacement ``h ||v|| = sqrt(eps(dtype)) * max(||theta||, 1)``
+    (3.5e-4 of the parameter norm in float32). :func:`refined_step` corrects it."""
+    if not direction_norm > 0:
+        return 0.0
+    return math.sqrt(torch.finfo(dtype).eps) * max(float(param_norm), 1.0) / direction_norm
+
+
+# The one-sided difference is most accurate when the outputs move by about a hundredth
+# of a logit unit between its two forwards (measured on the benchmark models: the slope
+# error is about 1e-3 or less from 0.002 to 0.3, grows as O(h) above -- faster in ReLU
+# networks, whose kinks the secant crosses -- and as O(eps / h) below).
+FAST_MOVE = 0.01
+_FAST_WINDOW = (0.001, 0.1)
+
+
+def refined_step(step: float, moved: float) -> float | None:
+    """A better step when the outputs moved by ``moved`` (max over entries) at ``step``
+    and that lies outside [0.001, 0.1]; None when ``step`` is fine (or nothing moved)."""
+    if not (math.isfinite(moved) and moved > 0) or _FAST_WINDOW[0] <= moved <= _FAST_WINDOW[1]:
+        return None
+    return step * FAST_MOVE / moved
+
+
+# ------------------------------------------------------------------------ evaluation
+
+
+_FWD_AD = re.compile(r"forward AD with ([\w.:]+)")
+
+
+def _forward_ad_error(err: BaseException) -> NotImplementedError | None:
+    match = _FWD_AD.search(str(err))
+    if match is None:
+        return None
+    op = match.group(1)
+    hint = ""
+    if "rnn" in op or "lstm" in op.lower():
+        hint = " For CPU LSTMs wrap the call in `torch.backends.mkldnn.flags(enabled=False)`."
+    return NotImplementedError(
+        f"forward-mode AD is not implemented for the op {op!r} used by this model, so "
+        f'method="jvp" cannot run. Use method="fast" (one-sided float32 difference) or '
+        f'"fd" (central float64 difference).{hint}'
+    )
+
+
+def _tensors_of(output, output_fn, what: str = "output_fn"):
+    out = output_fn(output)
+    for leaf in pytree.tree_leaves(out):
+        if not isinstance(leaf, torch.Tensor):
+            raise TypeError(
+                f"{what} must return a tensor (or a tuple of them), got {type(leaf).__name__}"
+            )
+    return out
+
+
+def forward(
+    model: nn.Module,
+    args: tuple,
+    kwargs: Mapping[str, Any],
+    *,
+    output_fn: Callable[[Any], Any] | None = None,
+    rng: RNGState | None = None,
+    devices: Sequence[int] | None = None,
+):
+    """``output_fn(model(*args, **kwargs))`` through the ordinary forward, without side
+    effects (no_grad; buffers restored; RNG replayed from ``rng`` and restored)."""
+    output_fn = output_fn or logits_reader()
+    devices = cuda_devices(model) if devices is None else devices
+    with torch.no_grad(), replay_rng(devices, rng), preserved_buffers(model):
+        out = _tensors_of(model(*args, **kwargs), output_fn)
+    reshard(model)  # FSDP2: no stale all-gathered parameters after a no_grad forward
+    return pytree.tree_map(lambda t: t.detach(), out)
+
+
+def call_at(
+    model: nn.Module,
+    args: tuple,
+    kwargs: Mapping[str, Any],
+    tangents: Sequence[torch.Tensor],
+    t,
+    *,
+    primals: Sequence[torch.Tensor] | None = None,
+    dtype: torch.dtype | None = None,
+    output_fn: Callable[[Any], Any] | None = None,
+):
+    """``output_fn(model(...))`` at ``theta + t v`` through ``functional_call``.
+
+    The module is not modified (buffers are cloned per call; the RNG is not touched);
+    ``t`` may be a tensor that requires grad (line probes differentiate through it).
+    ``dtype`` casts parameters, floating buffers and floating inputs first (e.g.
+    float64). ``primals`` replaces the trainable parameters' values (default: theirs).
+    """
+    output_fn = output_fn or logits_reader()
+    named = trainable_parameters(model)
+    base = [p.detach() for _, p in named] if primals is None else list(primals)
+
+    def cast(x):
+        return x.to(dtype) if dtype is not None and x.is_floating_point() else x
+
+    state = {n: cast(b).clone() for n, b in model.named_buffers()}
+    for (name, _), p, v in zip(named, base, tangents, strict=True):
+        state[name] = cast(p) + t * cast(v) if v is not None else cast(p)
+    args = tuple(cast(a) if isinstance(a, torch.Tensor) else a for a in args)
+    kwargs = {k: cast(v) if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
+    out = functional_call(model, state, args, kwargs, tie_weights=True, strict=False)
+    return _tensors_of(out, output_fn)
+
+
+def tf32_allowed() -> bool:
+    """Whether float32 convolutions or matrix products on CUDA may round their inputs to
+    TF32 (10-bit mantissa; PyTorch's default for cuDNN convolutions)."""
+    return bool(torch.backends.cudnn.allow_tf32 or torch.backends.cuda.matmul.allow_tf32)
+
+
+@contextlib.contextmanager
+def full_float32():
+    """TF32 off for CUDA convolutions and matrix products inside the block. A one-sided
+    difference of two TF32 forwards has a relative error of about 1e-3 |y| / move,
+    i.e. 10 % or more at the move ``"fast"`` uses; in full float32 it is 1e-5."""
+    conv, matmul = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = conv, matmul
+
+
+def math_attention():
+    """A context selecting the math kernel of ``F.scaled_dot_product_attention`` (the
+    one with forward AD), on CPU and CUDA."""
+    try:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+    except ImportError:  # pragma: no cover - torch < 2.3 has no sdpa_kernel
+        return contextlib.nullcontext()
+    return sdpa_kernel([SDPBackend.MATH])
+
+
+def _jvp(model, args, kwargs, tangents, primals, output_fn, rng, devices):
+    sharded = bool(fsdp_units(model))
+    if sharded:
+        if primals is not None:
+            raise ValueError("primals= is not supported for FSDP2 (fully_shard) models")
+        reshard(model)  # the sharded parameters are the trainable ones (see reshard)
+    named = trainable_parameters(model)
+    base = [p.detach() for _, p in named] if primals is None else primals
+    with (
+        torch.no_grad(),
+        replay_rng(devices, rng),
+        preserved_buffers(model),
+        fwAD.dual_level(),
+        math_attention(),
+    ):
+        try:
+            if sharded:  # duals on the unsharded parameters, the model's own forward
+                with dual_unsharded(model, dict(zip((n for n, _ in named), tangents))):
+                    out = model(*args, **kwargs)
+            else:
+                state = {}  # the trainable parameters; buffers are the module's own
+                for (name, _), p, v in zip(named, base, tangents, strict=True):
+                    state[name] = p if v is None else fwAD.make_dual(p, v)
+                out = functional_call(model, state, args, kwargs, tie_weights=True, strict=False)
+        except (NotImplementedError, RuntimeError) as err:
+            better = _forward_ad_error(err)
+            if better is None:
+                raise
+            raise better from err
+        out = _tensors_of(out, output_fn)
+        leaves, spec = pytree.tree_flatten(out)
+        primal_out, tangent_out = [], []
+        for leaf in leaves:
+            primal, tangent = fwAD.unpack_dual(leaf)
+            primal_out.append(primal)
+            tangent_out.append(torch.zeros_like(primal) if tangent is None else tangent)
+    return pytree.tree_unflatten(primal_out, spec), pytree.tree_unflatten(tangent_out, spec)
+
+
+def _central(model, args, kwargs, tangents, output_fn, step, rng, devices):
+    params = [p for _, p in trainable_parameters(model)]
+    device = params[0].device
+    wide = torch.float32 if device.type == "mps" else torch.float64
+    vnorm = math.sqrt(sum(float(v.double().pow(2).sum()) for v in tangents if v is not None))
+    if step is None:
+        step = torch.finfo(wide).eps ** (1.0 / 3.0) / vnorm if vnorm > 0 else 0.0
+    outs = []
+    # Every evaluation in the wide dtype from the same RNG state (one dropout mask).
+    for sign in (0.0,) if step == 0.0 else (0.0, 1.0, -1.0):
+        with torch.no_grad(), replay_rng(devices, rng):
+            outs.append(
+                call_at(model, args, kwargs, tangents, sign * step, dtype=wide, output_fn=output_fn)
+            )
+    dtype = params[0].dtype
+    values = pytree.tree_map(lambda y: y.to(dtype), outs[0])
+    if step == 0.0:
+        return values, pytree.tree_map(torch.zeros_like, values)
+    slopes = pytree.tree_map(lambda a, b: ((a - b) / (2.0 * step)).to(dtype), outs[1], outs[2])
+    return values, slopes
+
+
+def check_fast_dtype(params: Sequence[torch.Tensor]) -> None:
+    """``"fast"`` differences two forwards: float32 or float64 parameters only."""
+    for p in params:
+        if p.dtype not in (torch.float32, torch.float64):
+            raise ValueError(
+                f'method="fast" needs float32 or float64 parameters (a one-sided difference '
+                f'in {p.dtype} has a relative error of 1e-2 or worse); use method="jvp"'
+            )
+
+
+def difference_quotient(shifted, baseline, step: float):
+    """``(shifted - baseline) / step`` leaf by leaf, in the baseline's dtype."""
+    return pytree.tree_map(lambda a, b: (a - b) / step, shifted, baseline)
+
+
+def _one_sided(model, args, kwargs, tangents, output_fn, step, rng, devices, baseline):
+    params = [p.detach() for _, p in trainable_parameters(model)]
+    check_fast_dtype(params)
+    moving = [(p, v) for p, v in zip(params, tangents, strict=True) if v is not None]
+    fixed_step = step is not None
+    if step is None:
+        with torch.no_grad():
+            pnorm = float(
+                torch.linalg.vector_norm(torch.stack(torch._foreach_norm(params)).double())
+            )
+            vnorm = (
+                float(
+                    torch.linalg.vector_norm(
+                        torch.stack(torch._foreach_norm([v for _, v in moving])).double()
+                    )
+                )
+                if moving
+                else 0.0
+            )
+        step = fd_step(pnorm, vnorm, params[0].dtype)
+    if baseline is None:
+        baseline = forward(model, args, kwargs, output_fn=output_fn, rng=rng, devices=devices)
+    if step == 0.0:
+        return baseline, pytree.tree_map(torch.zeros_like, baseline)
+    saved = [p.clone() for p, _ in moving]
+
+    def shifted_by(t: float):
+        try:
+            with torch.no_grad():
+                torch._foreach_add_([p for p, _ in moving], [v for _, v in moving], alpha=t)
+            return forward(model, args, kwargs, output_fn=output_fn, rng=rng, devices=devices)
+        finally:
+            with torch.no_grad():
+                torch._foreach_copy_([p for p, _ in moving], saved)
+
+    shifted = shifted_by(step)
+    if not fixed_step:  # a second forward when the outputs moved too much or too little
+        moved = max(
+            (
+                float((a - b).abs().max())
+                for a, b in zip(
+                    pytree.tree_leaves(shifted), pytree.tree_leaves(baseline), strict=True
+                )
+                if a.numel()
+            ),
+            default=0.0,
+        )
+        better = refined_step(step, moved)
+        if better is not None:
+            step, shifted = better, shifted_by(better)
+    return baseline, difference_quotient(shifted, baseline, step)
+
+
+def directional(
+    model: nn.Module,
+    args: tuple,
+    kwargs: Mapping[str, Any],
+    tangents: Sequence[torch.Tensor | None],
+    *,
+    method: str = "jvp",
+    output_fn: Callable[[Any], Any] | None = None,
+    step: float | None = None,
+    rng: RNGState | None = None,
+    primals: Sequence[torch.Tensor] | None = None,
+    baseline=None,
+):
+    """Outputs and their directional derivatives along ``tangents``: ``(y, y_dot)``.
+
+    Args:
+        model: any module, evaluated in its current mode without side effects.
+        args, kwargs: the forward's arguments (see :func:`split_inputs`).
+        tangents: one tensor (or None for zero) per trainable parameter, in
+            :func:`trainable_parameters` order (:func:`resolve_direction` builds them).
+        method: ``"jvp"`` | ``"fd"`` | ``"fast"`` (see the module docstring).
+        output_fn: maps the model output to a tensor or a tuple / dict of tensors
+            (default: the logits, :func:`logits_reader`).
+        step: the difference step t along the tangents (``"fd"``, ``"fast"``);
+            default eps^(1/3) / ||v|| (fd); for fast :func:`fd_step`, redone once
+            with :func:`refined_step` when the outputs moved by more than 0.1 or less
+            than 0.001 (then three forwards).
+        rng: an RNG state from :func:`capture_rng` to evaluate from (same dropout
+            masks as the forward it was captured before); default the current one.
+        primals: ``"jvp"`` only: evaluate at these parameter values instead of the
+            current ones (aligned with ``tangents``).
+        baseline: ``"fast"`` only: ``y`` at the current parameters, if already known
+            (computed with the same RNG state and precision); saves a forward.
+    Returns:
+        ``(y, y_dot)`` with the structure of ``output_fn``'s result; ``y_dot`` in
+        output units per unit of t along the tangents.
+    Raises:
+        ValueError: unknown method; ``"fast"`` on parameters that are not float32/64.
+        NotImplementedError: ``"jvp"`` met an op without forward-mode AD (names it).
+    """
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    output_fn = output_fn or logits_reader()
+    devices = cuda_devices(model)
+    if method == "jvp":
+        return _jvp(model, args, kwargs, tangents, primals, output_fn, rng, devices)
+    if primals is not None:
+        raise ValueError(f'primals= is only supported by method="jvp", not {method!r}')
+    if method == "fd":
+        return _central(model, args, kwargs, tangents, output_fn, step, rng, devices)
+    with full_float32() if devices else contextlib.nullcontext():
+        return _one_sided(model, args, kwargs, tangents, output_fn, step, rng, devices, baseline)

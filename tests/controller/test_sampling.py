@@ -1,0 +1,258 @@
+"""Unit tests for ghoststep.controller._sampling: the options record (validation, masks,
+the quantile convention), the row operations on nested inputs, and make_plan."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from ghoststep.controller._capture import Captured
+from ghoststep.controller._sampling import (
+    Sampling,
+    batch_rows,
+    bottleneck_rows,
+    cat_rows,
+    detached_copy,
+    make_plan,
+    select_rows,
+)
+from ghoststep.evaluation._inputs import split_inputs
+from ghoststep.radius import aggregate, radius_from_spread
+
+# ------------------------------------------------------------------ options record
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"subset": 0},
+        {"subset": 2.0},
+        {"subset": True},
+        {"buffer_size": -1},
+        {"buffer_size": 1.5},
+        {"window": 0},
+        {"quantile": 0.0},
+        {"quantile": 1.5},
+        {"quantile": -0.1},
+        {"quantile": float("nan")},
+        {"mask_fn": lambda x: x, "ignore_index": -100},
+    ],
+    ids=lambda kw: ",".join(f"{k}={v!r}" for k, v in kw.items() if k != "mask_fn"),
+)
+def test_invalid_options_are_refused(kwargs):
+    with pytest.raises((ValueError, TypeError)):
+        Sampling(**kwargs)
+
+
+def test_quantile_is_stored_as_float_and_flags_follow_the_options():
+    s = Sampling(quantile=1)
+    assert s.quantile == 1.0 and type(s.quantile) is float
+    assert not Sampling().samples_rows and not Sampling().masks
+    assert Sampling(subset=3).samples_rows and Sampling(buffer_size=2).samples_rows
+    assert not Sampling(window=4, quantile=0.5).samples_rows
+    assert Sampling(ignore_index=-100).masks
+    assert Sampling(mask_fn=lambda x: x > 0).masks
+
+
+def test_position_mask_from_mask_fn_flattened():
+    x = torch.tensor([[1.0, -1.0, 2.0], [0.0, 3.0, -4.0]])
+    mask = Sampling(mask_fn=lambda inp: inp > 0).position_mask(x)
+    assert mask.dtype == torch.bool
+    assert mask.tolist() == [True, False, True, False, True, False]
+
+
+def test_position_mask_from_ignore_index_labels_or_targets_fn():
+    labels = torch.tensor([[3, -100, 1], [-100, -100, 0]])
+    expected = [True, False, True, False, False, True]
+    inputs = {"input_ids": torch.zeros(2, 3, dtype=torch.long), "labels": labels}
+    assert Sampling(ignore_index=-100).position_mask(inputs).tolist() == expected
+    by_fn = Sampling(ignore_index=0, targets_fn=lambda inp: inp[1])
+    assert by_fn.position_mask((torch.zeros(2, 3), labels)).tolist() == [
+        True,
+        True,
+        True,
+        True,
+        True,
+        False,
+    ]
+    with pytest.raises(ValueError, match="targets_fn"):
+        Sampling(ignore_index=-100).position_mask(torch.zeros(2, 3))
+
+
+def test_mask_checks_the_number_of_positions():
+    s = Sampling(mask_fn=lambda inp: inp[:, 0] > 0)
+    x = torch.tensor([[1.0, 0.0], [-1.0, 0.0], [2.0, 0.0]])
+    assert s.mask(x, 3, torch.device("cpu")).tolist() == [True, False, True]
+    with pytest.raises(ValueError, match="3 entries but the logits have 6"):
+        s.mask(x, 6, torch.device("cpu"))
+    assert Sampling().mask(x, 123, torch.device("cpu")) is None
+    assert Sampling().position_mask(x) is None
+
+
+# ----------------------------------------------------------- the quantile convention
+
+
+def test_aggregate_max_and_empty():
+    spread = torch.tensor([0.5, 3.0, 1.0], dtype=torch.float64)
+    assert Sampling().aggregate(spread).item() == 3.0
+    empty = Sampling(quantile=0.5).aggregate(spread[:0])
+    assert empty.shape == () and empty.item() == 0.0
+
+
+@pytest.mark.parametrize("n", [1, 5, 9, 17])
+@pytest.mark.parametrize("q", [0.25, 0.5, 0.75, 1.0])
+def test_aggregate_is_the_upper_quantile_order_statistic(n, q):
+    # q (n - 1) is an exact integer here: no rounding question, the q-quantile with
+    # interpolation "higher" is the closed form of the upper order statistic.
+    g = torch.Generator().manual_seed(n)
+    spread = torch.randperm(n, generator=g).double()
+    got = Sampling(quantile=q).aggregate(spread)
+    assert got.item() == math.ceil(q * (n - 1))
+    assert got.item() == torch.quantile(spread, q, interpolation="higher").item()
+
+
+@pytest.mark.parametrize("q", [0.1, 0.3, 0.5, 0.9, 0.95, 0.99, 1.0])
+@pytest.mark.parametrize("n", [2, 7, 11, 64, 101])
+def test_aggregate_matches_the_radius_aggregate_of_one_minus_q(q, n):
+    """The documented relation: the spread quantile q sets the radius that
+    ``radius.aggregate(rho, ("quantile", 1 - q))`` picks (rho = pi / spread)."""
+    g = torch.Generator().manual_seed(1000 * n + int(100 * q))
+    spread = torch.rand(n, generator=g, dtype=torch.float64) + 0.1
+    from_spread = radius_from_spread(Sampling(quantile=q).aggregate(spread))
+    from_radii = aggregate(radius_from_spread(spread), ("quantile", 1.0 - q))
+    assert from_spread.item() == from_radii.item()
+
+
+# ------------------------------------------------------------------ row operations
+
+
+def test_batch_rows_and_detached_copy():
+    x = torch.randn(4, 3, requires_grad=True)
+    assert batch_rows((torch.tensor(2.0), {"x": x})) == 4
+    assert batch_rows((torch.tensor(2.0), 3, "s")) is None
+    copied = detached_copy({"x": x, "k": 3})
+    assert copied["k"] == 3 and not copied["x"].requires_grad
+    assert torch.equal(copied["x"], x.detach())
+    assert copied["x"].data_ptr() != x.data_ptr()
+
+
+def test_select_rows_picks_only_tensors_with_the_batch_size():
+    x = torch.arange(12.0).reshape(4, 3)
+    other = torch.arange(2.0)  # leading size 2: not a batch tensor
+    scalar = torch.tensor(7.0)
+    idx = torch.tensor([3, 1])
+    out = select_rows((x, {"m": x[:, 0] > 3, "o": other, "s": scalar}, 5, "t"), idx, 4)
+    assert torch.equal(out[0], x[[3, 1]])
+    assert torch.equal(out[1]["m"], torch.tensor([True, False]))
+    assert out[1]["o"] is other and out[1]["s"] is scalar
+    assert out[2:] == (5, "t")
+
+
+def test_cat_rows_concatenates_matching_structures_and_refuses_the_rest():
+    a = {"x": torch.randn(3, 2), "t": torch.tensor(1.0), "k": 1}
+    b = {"x": torch.randn(2, 2), "t": torch.tensor(9.0), "k": 2}
+    out = cat_rows(a, b, 3, 2)
+    assert torch.equal(out["x"], torch.cat([a["x"], b["x"]]))
+    assert out["t"] is a["t"] and out["k"] == 1  # other leaves from a
+    assert cat_rows(a, b, 3, None) is None
+    assert cat_rows(a, {"y": b["x"], "t": b["t"], "k": 2}, 3, 2) is None  # structure
+    assert cat_rows(a, dict(b, x=torch.randn(2, 5)), 3, 2) is None  # per-row shape
+    assert cat_rows(a, dict(b, x=torch.randn(2, 2).double()), 3, 2) is None  # dtype
+
+
+def test_bottleneck_rows_keeps_the_largest_spreads_in_batch_order():
+    x = torch.arange(4.0).reshape(4, 1).repeat(1, 3).requires_grad_()
+    # 4 rows x 3 positions; row maxima 1, 9, 5, 7 -- but row 1's 9 is masked out
+    spread = torch.tensor([1.0, 0, 0, 9, 2, 0, 5, 0, 0, 0, 7, 0], dtype=torch.float64)
+    keep = torch.ones(12, dtype=torch.bool)
+    keep[3] = False
+    top = bottleneck_rows((x, 3), spread, None, 2)
+    assert top[1] == 3 and torch.equal(top[0], x.detach()[[1, 3]])  # batch order
+    masked = bottleneck_rows((x, 3), spread, keep, 2)
+    assert torch.equal(masked[0], x.detach()[[2, 3]])
+    assert not masked[0].requires_grad
+    assert torch.equal(bottleneck_rows(x, spread, None, 10), x.detach())  # size > rows
+    assert bottleneck_rows(x, spread[:10], None, 2) is None  # 10 positions, 4 rows
+    assert bottleneck_rows((3, "s"), spread, None, 2) is None  # no batch tensor
+
+
+# ----------------------------------------------------------------------- make_plan
+
+
+def _entry(inputs, logits, *, independent=True, coarse=False):
+    entry = Captured((inputs,), {}, ("rng",), coarse, (("cpu", torch.bfloat16),))
+    entry.inputs, entry.logits, entry.rows_independent = inputs, logits, independent
+    return entry
+
+
+def test_make_plan_whole_batch_uses_the_training_logits():
+    x, logits = torch.randn(6, 4), torch.randn(6, 3)
+    g = torch.Generator().manual_seed(0)
+    state = g.get_state()
+    plan, buffer = make_plan(_entry(x, logits), Sampling(subset=6), g, None)
+    assert buffer is None and plan.evaluated is x and plan.baseline is logits
+    assert plan.call == split_inputs(x) and plan.rng == ("rng",)
+    assert plan.autocast == (("cpu", torch.bfloat16),)
+    assert plan.head is None and plan.tail is None and plan.spread is None
+    assert torch.equal(g.get_state(), state)  # subset >= rows: nothing drawn
+
+
+@pytest.mark.parametrize(
+    "logits, coarse",
+    [
+        (torch.randn(6, 3).bfloat16(), False),  # 16-bit logits
+        (torch.randn(6, 3), True),  # coarse forward (autocast / compiled)
+        (torch.randn(5, 3), False),  # not one row per input row
+        (torch.randn(6), False),  # no class axis
+        (None, False),
+    ],
+)
+def test_make_plan_baseline_only_from_usable_logits(logits, coarse):
+    plan, _ = make_plan(
+        _entry(torch.randn(6, 4), logits, coarse=coarse),
+        Sampling(),
+        torch.Generator(),
+        None,
+    )
+    assert plan.baseline is None
+
+
+@pytest.mark.parametrize("independent", [True, False])
+def test_make_plan_subset_draws_rows_from_the_generator(independent):
+    x, logits = torch.randn(10, 4), torch.randn(10, 3)
+    plan, _ = make_plan(
+        _entry(x, logits, independent=independent),
+        Sampling(subset=4),
+        torch.Generator().manual_seed(5),
+        None,
+    )
+    idx = torch.randperm(10, generator=torch.Generator().manual_seed(5))[:4]
+    assert torch.equal(plan.evaluated, x[idx])
+    if independent:
+        assert torch.equal(plan.baseline, logits[idx])
+    else:
+        assert plan.baseline is None
+
+
+@pytest.mark.parametrize("independent", [True, False])
+def test_make_plan_appends_the_buffer(independent):
+    x, logits, buf = torch.randn(5, 4), torch.randn(5, 3), torch.randn(2, 4)
+    plan, buffer = make_plan(
+        _entry(x, logits, independent=independent), Sampling(buffer_size=2), None, buf
+    )
+    assert buffer is buf
+    assert torch.equal(plan.evaluated, torch.cat([x, buf]))
+    assert plan.baseline is None  # the buffer rows need a forward
+    if independent:
+        assert plan.head is logits and plan.tail is buf
+    else:
+        assert plan.head is None and plan.tail is None
+
+
+def test_make_plan_drops_a_buffer_of_another_shape():
+    x, logits = torch.randn(5, 4), torch.randn(5, 3)
+    plan, buffer = make_plan(_entry(x, logits), Sampling(buffer_size=2), None, torch.randn(2, 7))
+    assert buffer is None
+    assert plan.evaluated is x and plan.baseline is logits
