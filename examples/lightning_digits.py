@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.loggers import CSVLogger
 
-from ghoststep.experiments.data import load_digits_split
+from ghoststep.experiments.common.data import load_digits_split
 from ghoststep.integrations.lightning import LightningRadiusCallback
 
 

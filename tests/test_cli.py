@@ -12,7 +12,7 @@ import pytest
 
 from ghoststep.cli import COMMANDS, main
 from ghoststep.experiments import EXPERIMENTS
-from ghoststep.experiments.results import validate_results
+from ghoststep.experiments.common.results import validate_results
 
 
 def test_help_lists_subcommands(capsys):

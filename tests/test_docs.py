@@ -53,7 +53,7 @@ def test_readme_snippet_runs(index, capsys):
         exec(compile(code, f"README.md snippet {index + 1}", "exec"), {"__name__": "__main__"})
     out = capsys.readouterr().out
     if index == 0:
-        assert "Measurement(" in out and "rho_batch=" in out
+        assert "Measurement(" in out and "rho_a=" in out
     else:
         accuracy, largest_r = re.search(
             r"accuracy ([\d.]+)%, largest applied r ([\d.]+)", out

@@ -65,7 +65,7 @@ def _add_run(p: argparse.ArgumentParser) -> None:
 
 def _cmd_run(args: argparse.Namespace) -> int:
     from ghoststep.experiments import ExperimentNotWritten
-    from ghoststep.experiments.runner import ConfigError, parse_override, run_experiment
+    from ghoststep.experiments.common.runner import ConfigError, parse_override, run_experiment
 
     overrides = {}
     try:
@@ -143,8 +143,8 @@ def _add_report(p: argparse.ArgumentParser) -> None:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from ghoststep.experiments.report import render_merged_report
-    from ghoststep.experiments.results import RESULTS_FILE
+    from ghoststep.experiments.common.report import render_merged_report
+    from ghoststep.experiments.common.results import RESULTS_FILE
 
     if args.runs:
         dirs = [Path(d) for d in args.runs]
@@ -180,9 +180,9 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     import torch
 
     from ghoststep import RadiusController
-    from ghoststep.experiments.data import load_digits_split
-    from ghoststep.experiments.models import build_model
-    from ghoststep.experiments.training import evaluate, set_seed, train
+    from ghoststep.experiments.common.data import load_digits_split
+    from ghoststep.experiments.common.models import build_model
+    from ghoststep.experiments.common.training import evaluate, set_seed, train
 
     t0 = time.perf_counter()
     data = load_digits_split(seed=args.seed)

@@ -170,8 +170,8 @@ def test_binary_logit_is_the_two_class_softmax(flat):
         (dict(zip(params, v, strict=True)),),
     )
     z, a = z.double(), a.double()
-    assert m.rho_batch == pytest.approx(math.pi / float(a.abs().max()), rel=1e-6)
-    torch.testing.assert_close(m.rho.double(), math.pi / a.abs(), rtol=1e-6, atol=0)
+    assert m.rho_a == pytest.approx(math.pi / float(a.abs().max()), rel=1e-6)
+    torch.testing.assert_close(m.rho_samples.double(), math.pi / a.abs(), rtol=1e-6, atol=0)
     exact = torch.sqrt(z**2 + math.pi**2) / a.abs()
     torch.testing.assert_close(m.exact.double(), exact, rtol=1e-5, atol=0)
 
@@ -185,7 +185,7 @@ def test_binary_logit_is_the_two_class_softmax(flat):
     ctrl.step()
     assert ctrl.last.scale < 1.0
     step = [(p - q).detach() for p, q in zip(model.parameters(), old.parameters(), strict=True)]
-    assert 0.99 < measure(old, x, step, step_norm=1.0).r <= 1.0
+    assert 0.99 < measure(old, x, step, tau=1.0).r <= 1.0
 
 
 # ------------------------------------------------------------- a measurement that fails
@@ -248,7 +248,7 @@ def test_clip_holds_after_float32_rounding():
         ctrl.step()
         assert ctrl.last.scale < 1.0
         step = [p.detach().double() - q for p, q in zip(model.parameters(), old.parameters())]
-        worst = max(worst, measure(old, x.double(), step, step_norm=1.0).r)
+        worst = max(worst, measure(old, x.double(), step, tau=1.0).r)
     assert 0.99 < worst <= 1.0
 
 

@@ -13,13 +13,13 @@ from torch import nn
 import ghoststep.controller._meter as meter
 from ghoststep.controller._capture import Captured
 from ghoststep.controller._meter import (
-    SpreadMeter,
     away_from_one,
+    make_meter,
     spread_of_difference,
-    spread_of_slopes,
 )
-from ghoststep.controller._proposal import ProposedUpdate
+from ghoststep.controller._proposal import Proposal
 from ghoststep.controller._sampling import Sampling, make_plan
+from ghoststep.radius._bounds import logit_spread_unchecked
 
 
 def _direct(shifted, baseline):
@@ -27,9 +27,9 @@ def _direct(shifted, baseline):
     return diff.amax(-1) - diff.amin(-1)
 
 
-def test_spread_of_slopes_closed_form():
+def test_logit_spread_unchecked_closed_form():
     slopes = torch.tensor([[1.0, -2.0, 0.5], [3.0, 3.0, 3.0]])
-    assert spread_of_slopes(slopes).tolist() == [3.0, 0.0]
+    assert logit_spread_unchecked(slopes).tolist() == [3.0, 0.0]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -80,9 +80,9 @@ def _linear_case(seed=0):
 
 
 def _meter(model, method, sampling: Sampling, temperature=1.0):
-    return SpreadMeter(
+    return make_meter(
+        method,
         model,
-        method=method,
         logits_fn=lambda out: out,
         temperature=temperature,
         sampling=sampling,
@@ -99,7 +99,7 @@ def _meter(model, method, sampling: Sampling, temperature=1.0):
 def _proposed(model, dw, db):
     """The controller's state after the inner step (W + dW, b + db) and the swap."""
     params = list(model.parameters())
-    proposal = ProposedUpdate()
+    proposal = Proposal()
     spare = proposal.begin(params, None)
     model.weight.add_(dw)
     model.bias.add_(db)
@@ -122,17 +122,17 @@ def test_linear_model_spread_and_radius_in_closed_form(method, quantile):
     plan, _ = make_plan(entry, sampling, torch.Generator(), None)
     m = _meter(model, method, sampling, temperature=2.0)
     with torch.no_grad():
-        measured = m.measure(params, spare, tau, [plan], proposal, None)
+        measured = m.measure(params, spare, [plan], proposal, None)
 
     per_sample = _direct(x @ dw.T + db, torch.zeros(5, dtype=torch.float64)) / tau
     expected = per_sample.max() if quantile is None else per_sample.sort().values[3]
     rel = 1e-12 if method == "jvp" else 1e-6
     assert measured.spread == pytest.approx(float(expected), rel=rel)
-    assert measured.rho == pytest.approx(2.0 * math.pi / float(expected), rel=rel)
+    assert measured.rho_a == pytest.approx(2.0 * math.pi / float(expected), rel=rel)
     assert measured.bottleneck == int(per_sample.argmax())
     assert measured.finite and measured.counted
     torch.testing.assert_close(
-        measured.samples, (2.0 * math.pi / per_sample).float(), rtol=rel, atol=0.0
+        measured.rho_samples, (2.0 * math.pi / per_sample).float(), rtol=rel, atol=0.0
     )
     if method == "fast":  # the evaluation point: old + f p, f away from 1
         assert proposal.at != 0.0 and abs(1.0 - proposal.at) >= 0.5
@@ -149,12 +149,24 @@ def test_masked_positions_are_not_counted():
     sampling = Sampling(mask_fn=lambda inputs: keep)
     plan, _ = make_plan(Captured.explicit(x), sampling, torch.Generator(), None)
     with torch.no_grad():
-        measured = _meter(model, "jvp", sampling).measure(params, spare, tau, [plan], None, None)
+        measured = _meter(model, "jvp", sampling).measure(params, spare, [plan], proposal, None)
     assert measured.spread == pytest.approx(float(per_sample[keep].max()), rel=1e-12)
     assert measured.bottleneck != worst
 
     nothing = Sampling(mask_fn=lambda inputs: torch.zeros(6, dtype=torch.bool))
     plan, _ = make_plan(Captured.explicit(x), nothing, torch.Generator(), None)
     with torch.no_grad():
-        measured = _meter(model, "jvp", nothing).measure(params, spare, tau, [plan], None, None)
-    assert not measured.counted and measured.spread == 0.0 and measured.rho == math.inf
+        measured = _meter(model, "jvp", nothing).measure(params, spare, [plan], proposal, None)
+    assert not measured.counted and measured.spread == 0.0 and measured.rho_a == math.inf
+
+
+def test_one_meter_per_method_sharing_settings_and_state():
+    model = nn.Linear(4, 5)
+    secant = _meter(model, "fast", Sampling(quantile=0.5))
+    assert isinstance(secant, meter.SecantMeter) and secant.method == "fast"
+    secant.spread_hint, secant.devices = 2.5, [0]
+    tangent = secant.with_method("jvp")
+    assert isinstance(tangent, meter.TangentMeter) and tangent.method == "jvp"
+    assert tangent.spread_hint == 2.5 and tangent.devices == [0]
+    assert tangent.sampling is secant.sampling and tangent.temperature == secant.temperature
+    assert isinstance(_meter(model, "auto", Sampling()), meter.TangentMeter)  # until resolved

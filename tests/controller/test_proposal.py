@@ -12,13 +12,14 @@ import torch
 from torch import nn
 
 from ghoststep.controller._proposal import (
-    OptimizerSnapshot,
-    ProposedUpdate,
+    Proposal,
     all_finite,
     check_dense,
     check_supported,
     holds_iterate,
+    rerun_scaled,
 )
+from ghoststep.evaluation._updates import OptimizerSnapshot
 
 
 @pytest.fixture(autouse=True)
@@ -44,7 +45,7 @@ def _step(params, seed=1, scale=0.1):
 def _swapped(dtype=torch.float32, scale=0.1):
     """(proposal, params at old, spare at new, old clones, new clones, tau)."""
     params = _params(dtype)
-    proposal = ProposedUpdate()
+    proposal = Proposal()
     spare = proposal.begin(params, None)
     old = [p.detach().clone() for p in params]
     _step(params, scale=scale)
@@ -66,7 +67,7 @@ def _bitwise(a, b) -> bool:
 
 def test_begin_copies_into_a_reused_spare():
     params = _params()
-    proposal = ProposedUpdate()
+    proposal = Proposal()
     spare = proposal.begin(params, None)
     assert _bitwise(spare, [p.detach() for p in params])
     assert all(s.data_ptr() != p.data_ptr() for s, p in zip(spare, params))
@@ -87,7 +88,7 @@ def test_swap_exchanges_bitwise_and_returns_tau(dtype):
 
 def test_swap_tau_survives_a_float32_norm_overflow():
     params = [nn.Parameter(torch.zeros(4)), nn.Parameter(torch.zeros(3))]
-    proposal = ProposedUpdate()
+    proposal = Proposal()
     spare = proposal.begin(params, None)
     params[0].fill_(3e38)  # ||p|| = 6e38 overflows float32, every entry finite
     params[1].fill_(-1e38)
@@ -100,7 +101,7 @@ def test_swap_tau_survives_a_float32_norm_overflow():
 def test_norm_is_the_global_two_norm():
     params = _params()
     expected = math.sqrt(sum(float((p.double() ** 2).sum()) for p in params))
-    assert ProposedUpdate().norm(params) == pytest.approx(expected, rel=1e-6)
+    assert Proposal().norm(params) == pytest.approx(expected, rel=1e-6)
 
 
 # ------------------------------------------------------------------ move_to / apply
@@ -161,7 +162,7 @@ ULP = 2.0**-7  # bfloat16 spacing in [1, 2)
 )
 def test_apply_rounds_16_bit_steps_toward_old(old, new, scale, expected):
     params = [nn.Parameter(torch.tensor([old], dtype=torch.bfloat16))]
-    proposal = ProposedUpdate()
+    proposal = Proposal()
     spare = proposal.begin(params, None)
     params[0].fill_(new)
     proposal.swap(params, spare)
@@ -172,7 +173,7 @@ def test_apply_rounds_16_bit_steps_toward_old(old, new, scale, expected):
 
 def test_apply_16_bit_never_lengthens_an_entry_and_leaves_float32_to_lerp():
     params = _params(torch.bfloat16) + [nn.Parameter(torch.randn(6))]
-    proposal = ProposedUpdate()
+    proposal = Proposal()
     spare = proposal.begin(params, None)
     old = [p.detach().clone() for p in params]
     _step(params, scale=0.05)
@@ -224,7 +225,7 @@ def test_snapshot_rerun_scales_the_learning_rate():
     old = [p.detach().clone() for p in params]
     snap = OptimizerSnapshot(opt, params)
     opt.step()
-    length = snap.rerun(opt, params, 0.2)
+    length = rerun_scaled(snap, opt, params, 0.2)
     assert opt.param_groups[0]["lr"] == 0.5  # restored after the rerun
     grads = [p.grad.detach() for p in params]
     for p, o, g in zip(params, old, grads):  # plain SGD: old - lr s g

@@ -115,13 +115,13 @@ def test_aggregate_is_the_upper_quantile_order_statistic(n, q):
 
 @pytest.mark.parametrize("q", [0.1, 0.3, 0.5, 0.9, 0.95, 0.99, 1.0])
 @pytest.mark.parametrize("n", [2, 7, 11, 64, 101])
-def test_aggregate_matches_the_radius_aggregate_of_one_minus_q(q, n):
-    """The documented relation: the spread quantile q sets the radius that
-    ``radius.aggregate(rho, ("quantile", 1 - q))`` picks (rho = pi / spread)."""
+def test_aggregate_matches_the_radius_aggregate_of_the_same_q(q, n):
+    """One quantile convention: the controller's spread quantile q sets the radius that
+    ``radius.aggregate(rho, ("quantile", q))`` picks (rho = pi / spread)."""
     g = torch.Generator().manual_seed(1000 * n + int(100 * q))
     spread = torch.rand(n, generator=g, dtype=torch.float64) + 0.1
     from_spread = radius_from_spread(Sampling(quantile=q).aggregate(spread))
-    from_radii = aggregate(radius_from_spread(spread), ("quantile", 1.0 - q))
+    from_radii = aggregate(radius_from_spread(spread), ("quantile", q))
     assert from_spread.item() == from_radii.item()
 
 
@@ -195,7 +195,7 @@ def test_make_plan_whole_batch_uses_the_training_logits():
     assert buffer is None and plan.evaluated is x and plan.baseline is logits
     assert plan.call == split_inputs(x) and plan.rng == ("rng",)
     assert plan.autocast == (("cpu", torch.bfloat16),)
-    assert plan.head is None and plan.tail is None and plan.spread is None
+    assert plan.head is None and plan.tail is None
     assert torch.equal(g.get_state(), state)  # subset >= rows: nothing drawn
 
 

@@ -146,7 +146,7 @@ def test_hf_default_attention_controller_plain_loop_keeps_r(name):
         wide = {
             k: v.double() if v.is_floating_point() else v for k, v in _inputs_only(batch).items()
         }
-        check = measure(reference, wide, step, step_norm=1.0)
+        check = measure(reference, wide, step, tau=1.0)
         assert check.r <= target, (name, check.r)
         assert check.r > 0.9 * target
 
@@ -179,5 +179,5 @@ def test_transformer_encoder_default_kernel():
     controller.step()
     assert controller.last.scale < 1.0
     step = [(p - q).detach().double() for p, q in zip(model.parameters(), old.parameters())]
-    check = measure(copy.deepcopy(old).double(), x.double(), step, step_norm=1.0, method="fd")
+    check = measure(copy.deepcopy(old).double(), x.double(), step, tau=1.0, method="fd")
     assert 0.9 < check.r <= 1.0

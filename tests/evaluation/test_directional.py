@@ -16,7 +16,7 @@ from ghoststep.controller import RadiusController
 from ghoststep.evaluation import (
     call_at,
     directional,
-    fd_step,
+    fast_step,
     forward,
     full_float32,
     refined_step,
@@ -202,9 +202,11 @@ def test_fast_refuses_low_precision_and_refines_its_step():
     assert refined_step(1.0, 10.0) == pytest.approx(0.001)  # too far: 1000x smaller
     assert refined_step(2.0, 1e-4) == pytest.approx(200.0)  # too little
     assert refined_step(1.0, 0.0) is None and refined_step(1.0, math.nan) is None
-    assert fd_step(100.0, 2.0, torch.float32) == pytest.approx(
+    assert fast_step(100.0, 2.0, torch.float32) == pytest.approx(
         math.sqrt(torch.finfo(torch.float32).eps) * 50.0
     )
+    # a known move per unit step sets it, and the parameter norm is never computed
+    assert fast_step(lambda: 1 / 0, 1.0, torch.float32, moved_per_step=0.5) == 0.02
 
 
 def test_call_at_is_differentiable_in_t():

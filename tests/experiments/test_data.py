@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from ghoststep.experiments.data import (
+from ghoststep.experiments.common.data import (
     CIFAR10_MEAN,
     CIFAR10_STD,
     fake_cifar10,

@@ -11,18 +11,17 @@ import math
 import pytest
 import torch
 
-from ghoststep.experiments.data import markov_language
-from ghoststep.experiments.lrsweep import parse_method, stable_range
-from ghoststep.experiments.results import validate_results
-from ghoststep.experiments.runner import run_experiment
-from ghoststep.experiments.stabilizers import (
+from ghoststep.experiments.common.data import markov_language
+from ghoststep.experiments.common.results import validate_results
+from ghoststep.experiments.common.runner import run_experiment
+from ghoststep.experiments.common.stabilizers import (
     AGC,
     ZClipTransform,
     applicable,
     method_settings,
     stabilizer_run,
 )
-from ghoststep.experiments.training import (
+from ghoststep.experiments.common.training import (
     RunRecord,
     controlled_run,
     make_optimizer,
@@ -30,6 +29,7 @@ from ghoststep.experiments.training import (
     spike_run,
     spike_schedule,
 )
+from ghoststep.experiments.lrsweep import parse_method, stable_range
 
 pytest.importorskip("zclip")
 pytest.importorskip("pytorch_optimizer")

@@ -15,8 +15,8 @@ import pytest
 import torch
 
 from ghoststep.cli import main
-from ghoststep.experiments.results import RESULTS_FILE, read_json, validate_results
-from ghoststep.experiments.runner import build_config, run_experiment
+from ghoststep.experiments.common.results import RESULTS_FILE, read_json, validate_results
+from ghoststep.experiments.common.runner import build_config, run_experiment
 
 
 def _run(name, tmp_path):

@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-from ghoststep.experiments import lm, text
-from ghoststep.experiments.runner import run_experiment
+from ghoststep.experiments import lm
+from ghoststep.experiments.common import text
+from ghoststep.experiments.common.runner import run_experiment
 from ghoststep.radius import exact_radius, rho_bound
 
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from ghoststep.experiments import lmstability as ls
-from ghoststep.experiments.runner import run_experiment
+from ghoststep.experiments.common.runner import run_experiment
 
 
 def test_lr_sensitivity_and_stable_range():

@@ -10,8 +10,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ghoststep.experiments.data import digits
-from ghoststep.experiments.probes import (
+from ghoststep.experiments.common.data import digits
+from ghoststep.experiments.common.probes import (
     batch_radius,
     curvature_along,
     descent_direction,
@@ -29,7 +29,7 @@ from ghoststep.experiments.probes import (
     train_checkpoints,
     value_at,
 )
-from ghoststep.experiments.runner import torch_threads
+from ghoststep.experiments.common.runner import torch_threads
 from ghoststep.measurement import logit_slopes
 
 

@@ -12,17 +12,17 @@ import pytest
 import torch
 
 from ghoststep.experiments import EXPERIMENTS, Experiment, load_experiment, names
-from ghoststep.experiments.figures import new_figure, save_figure
-from ghoststep.experiments.report import render_merged_report, render_report
-from ghoststep.experiments.results import (
+from ghoststep.experiments.common.figures import new_figure, save_figure
+from ghoststep.experiments.common.report import render_merged_report, render_report
+from ghoststep.experiments.common.results import (
     Claim,
     ResultsError,
     results_problems,
     validate_results,
     write_json,
 )
-from ghoststep.experiments.runner import build_config, run_experiment
-from ghoststep.experiments.training import evaluate, median_iqr, train
+from ghoststep.experiments.common.runner import build_config, run_experiment
+from ghoststep.experiments.common.training import evaluate, median_iqr, train
 
 
 @dataclass

@@ -13,13 +13,13 @@ import math
 import pytest
 import torch
 
-from ghoststep.experiments.data import digits, fake_cifar10
-from ghoststep.experiments.models import build_model
+from ghoststep.controller import AllRadiiController, internal_radii
+from ghoststep.experiments.common.data import digits, fake_cifar10
+from ghoststep.experiments.common.models import build_model
+from ghoststep.experiments.common.results import ClaimRule, evaluate_claims, validate_results
+from ghoststep.experiments.common.runner import parallel_map, run_experiment
+from ghoststep.experiments.common.training import loop, set_seed, spike_run, train
 from ghoststep.experiments.resnet import augment_cifar, resnet_run
-from ghoststep.experiments.results import validate_results
-from ghoststep.experiments.runner import parallel_map, run_experiment
-from ghoststep.experiments.training import set_seed, spike_run, train
-from ghoststep.experiments.transformer import AllRadiiController, internal_radii
 
 
 def _run_quick(name, tmp_path):
@@ -271,3 +271,56 @@ def test_spike_run_passes_slope_method_to_the_controller():
     assert fast.rho_a[0] != exact.rho_a[0]
     with pytest.raises(ValueError, match="method must be"):
         spike_run("mlp", "controller", 1e-3, 10.0, seed=0, steps=2, slope_method="exact")
+
+
+def test_loop_runs_hooks_in_order_and_stops_before_backward():
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    batches = iter([(torch.randn(4, 3), torch.tensor([0, 1, 0, 1]))] * 3)
+    calls = []
+
+    def after_loss(info):
+        calls.append(("after_loss", info.step, model.weight.grad is None))
+        return "stop" if info.step == 2 else None
+
+    loop(
+        model, opt, batches, 3, start_step=0,
+        lr_schedule=lambda step: 10.0 if step == 1 else 1.0,
+        after_loss=after_loss,
+        before_step=lambda info: calls.append(("before_step", info.step, info.lr)),
+        optimizer_step=lambda info: (calls.append(("step", info.step, None)), opt.step()),
+        on_step=lambda info: calls.append(("on_step", info.step, info.loss > 0)),
+    )  # fmt: skip
+    assert [c[:2] for c in calls] == [
+        ("after_loss", 0), ("before_step", 0), ("step", 0), ("on_step", 0),
+        ("after_loss", 1), ("before_step", 1), ("step", 1), ("on_step", 1),
+        ("after_loss", 2),
+    ]  # fmt: skip
+    assert all(c[2] for c in calls if c[0] == "after_loss")  # zero_grad before the forward
+    assert [c[2] for c in calls if c[0] == "before_step"] == [pytest.approx(0.1), 1.0]
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.1)  # step 2 reset the spike
+
+
+def test_claim_rules_are_evaluated_in_order_and_skipped_without_data():
+    rules = (
+        ClaimRule(
+            "acc >= {c:.0%}", "90%", lambda x: x.acc,
+            holds=lambda v, x: v >= x.c, ours=lambda v, x: f"{v:.1%}",
+            note=lambda v, x: "too low",
+        ),
+        ClaimRule("missing", "-", lambda x: None, holds=lambda v, x: True, ours=lambda v, x: "-"),
+        ClaimRule(
+            lambda x: f"always noted ({x.acc})", lambda x: "p", lambda x: 1.0,
+            holds=lambda v, x: True, ours=lambda v, x: v,
+            note=lambda v, x: "why", always_note=True,
+        ),
+    )  # fmt: skip
+    low = evaluate_claims(rules, acc=0.5, c=0.9)
+    assert [(c.claim, c.reproduced, c.note) for c in low] == [
+        ("acc >= 90%", False, "too low"),
+        ("always noted (0.5)", True, "why"),
+    ]
+    assert evaluate_claims(rules, acc=0.95, c=0.9)[0].note is None
+    untested = evaluate_claims(rules, untested="smoke test", acc=0.95, c=0.9)
+    assert [(c.reproduced, c.note) for c in untested] == [(False, "smoke test")] * 2

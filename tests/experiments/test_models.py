@@ -1,4 +1,4 @@
-"""Tests for ghoststep.experiments.models: shapes, registry, tying, internals."""
+"""Tests for ghoststep.experiments.common.models: shapes, registry, tying, internals."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch.func import functional_call, jvp
 
-from ghoststep.experiments.models import ARCHITECTURES, TinyLM, TinyTransformer, build_model
+from ghoststep.experiments.common.models import ARCHITECTURES, TinyLM, TinyTransformer, build_model
 
 
 @pytest.mark.parametrize("name", ARCHITECTURES)

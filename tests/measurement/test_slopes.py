@@ -167,7 +167,7 @@ def test_no_side_effects(name, mode, method):
     v = random_direction(model, seed=1)
     snap = snapshot(model)
     logit_slopes(model, x, v, method=method)
-    measure(model, x, v, step_norm=0.5, targets=y, method=method)
+    measure(model, x, v, tau=0.5, targets=y, method=method)
     per_sample_spread(model, x, v, method=method)
     assert_unchanged(model, snap)
     # The training RNG stream continues exactly as if nothing had happened.
@@ -252,7 +252,7 @@ def test_chunked_equals_unchunked():
     torch.testing.assert_close(m2.spread, m0.spread)
     torch.testing.assert_close(m1.exact, m0.exact, equal_nan=True)
     assert m0.bottleneck == m1.bottleneck == m2.bottleneck
-    assert math.isclose(m0.rho_batch, m2.rho_batch, rel_tol=1e-6)
+    assert math.isclose(m0.rho_a, m2.rho_a, rel_tol=1e-6)
 
 
 def test_chunking_refused_for_batchnorm_in_train_mode():
@@ -285,7 +285,7 @@ def test_masked_positions_do_not_change_statistics():
         torch.testing.assert_close(m.spread, base.spread, rtol=1e-6, atol=0)
         torch.testing.assert_close(m.top2, base.top2, rtol=1e-5, atol=0)
         assert m.bottleneck == base.bottleneck
-        assert math.isclose(m.rho_batch, base.rho_batch, rel_tol=1e-6)
+        assert math.isclose(m.rho_a, base.rho_a, rel_tol=1e-6)
     # ignore_index with targets gives the same selection.
     y_ign = torch.where(mask, y2, torch.full_like(y2, -100))
     m_ign = measure(model, x2, v, targets=y_ign, ignore_index=-100)
@@ -313,32 +313,32 @@ def test_measure_fields_and_serialization():
     v = random_direction(model, seed=0)
     _, a = logit_slopes(model, x, v)
     spread = a.amax(-1) - a.amin(-1)
-    m = measure(model, x, v, step_norm=0.3, targets=y, exact=True)
+    m = measure(model, x, v, tau=0.3, targets=y, exact=True)
     assert isinstance(m, Measurement)
     torch.testing.assert_close(m.spread, spread)
-    torch.testing.assert_close(m.rho, math.pi / spread)
-    assert math.isclose(m.rho_batch, math.pi / float(spread.max()), rel_tol=1e-6)
+    torch.testing.assert_close(m.rho_samples, math.pi / spread)
+    assert math.isclose(m.rho_a, math.pi / float(spread.max()), rel_tol=1e-6)
     assert m.bottleneck == int(spread.argmax())
-    assert math.isclose(m.r, 0.3 / m.rho_batch, rel_tol=1e-9)
-    assert bool((m.exact >= m.rho * (1 - 1e-5)).all())  # rho_a is a lower bound
+    assert math.isclose(m.r, 0.3 / m.rho_a, rel_tol=1e-9)
+    assert bool((m.exact >= m.rho_samples * (1 - 1e-5)).all())  # rho_a is a lower bound
     assert m.top2.shape == m.exact.shape == (12,)
     text = repr(m)
-    assert text.startswith("Measurement(") and "rho_batch=" in text and len(text) < 300
+    assert text.startswith("Measurement(") and "rho_a=" in text and len(text) < 300
     d = json.loads(json.dumps(m.to_dict()))
     assert d["bottleneck"] == m.bottleneck and len(d["spread"]) == 12
     # Temperature scales every radius by T; a quantile aggregate is >= the min.
     m_t = measure(model, x, v, temperature=2.0)
-    assert math.isclose(m_t.rho_batch, 2 * m.rho_batch, rel_tol=1e-6)
+    assert math.isclose(m_t.rho_a, 2 * m.rho_a, rel_tol=1e-6)
     m_q = measure(model, x, v, aggregate=("quantile", 0.5))
-    assert m_q.rho_batch >= m.rho_batch
+    assert m_q.rho_a >= m.rho_a
 
 
 def test_zero_direction_gives_infinite_radius():
     model = _model("linear")
     x, _ = _inputs("linear")
     v = {n: torch.zeros_like(p) for n, p in model.named_parameters()}
-    m = measure(model, x, v, step_norm=1.0)
-    assert math.isinf(m.rho_batch) and m.r == 0.0
+    m = measure(model, x, v, tau=1.0)
+    assert math.isinf(m.rho_a) and m.r == 0.0
 
 
 # ----------------------------------------------------------- direction formats
@@ -528,12 +528,12 @@ def test_optimizer_update_direction_on_fresh_optimizer_leaves_state_empty():
     # Adam's first step moves every entry by about lr (sign of the gradient).
     flat = torch.cat([u.flatten() for u in update.values()])
     assert torch.allclose(flat.abs().max(), torch.tensor(1e-3), rtol=1e-3)
-    m = measure(model, x, update, step_norm=1.0)  # unnormalized direction, t = 1
+    m = measure(model, x, update, tau=1.0)  # unnormalized direction, t = 1
     m_unit = measure(
         model,
         x,
         {k: u / direction_norm(update) for k, u in update.items()},
-        step_norm=float(direction_norm(update)),
+        tau=float(direction_norm(update)),
     )
     assert math.isclose(m.r, m_unit.r, rel_tol=1e-4)
 
@@ -612,7 +612,7 @@ def test_ambiguous_output_is_refused_not_guessed():
     right = measure(model, x, v, logits_fn=lambda out: out[1])
     plain = nn.Sequential(model.body, nn.Tanh(), model.head)
     _, ref = logit_slopes(plain, x, [v[n] for n, _ in model.named_parameters()])
-    assert right.rho_batch == pytest.approx(
+    assert right.rho_a == pytest.approx(
         math.pi / float((ref.amax(-1) - ref.amin(-1)).max()), rel=1e-6
     )
 

@@ -179,9 +179,10 @@ def test_top2_uses_runner_up_or_target():
 def test_aggregate_and_normalized_step():
     rho = torch.tensor([4.0, 1.0, float("inf"), 2.0])
     assert R.aggregate(rho).item() == 1.0
-    assert R.aggregate(rho, ("quantile", 0.0)).item() == 1.0
+    # q is a quantile of the spread: q = 1 the max spread, i.e. the min radius
+    assert R.aggregate(rho, ("quantile", 1.0)).item() == 1.0
     assert R.aggregate(rho, ("quantile", 0.5)).item() == 2.0
-    assert R.aggregate(rho, ("quantile", 1.0)).item() == float("inf")
+    assert R.aggregate(rho, ("quantile", 0.0)).item() == float("inf")
     slopes = torch.randn(7, 5)
     assert R.aggregate(R.rho_bound(slopes)).item() == pytest.approx(
         math.pi / R.logit_spread(slopes).max().item()
@@ -336,7 +337,7 @@ def test_temperature_law(sample, temperature):
         (lambda: R.aggregate(torch.tensor([1.0, -1.0])), ">= 0"),
         (lambda: R.aggregate(torch.tensor([1.0]), "max"), "aggregate how"),
         (lambda: R.aggregate(torch.tensor([1.0]), ("quantile", 2)), "quantile q"),
-        (lambda: R.normalized_step(-1.0, 1.0), "step_norm must be >= 0"),
+        (lambda: R.normalized_step(-1.0, 1.0), "tau must be >= 0"),
     ],
 )
 def test_bad_input_raises(call, message):

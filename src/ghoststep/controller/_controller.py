@@ -14,11 +14,14 @@ Algorithm (one ``step``; paper Prop. 5.2 and section 5)::
     s    <- min(1, r* rho / tau)  ("clip")  |  r* rho / tau  ("set")  |  1  ("monitor")
     theta <- new (s = 1, bitwise)  |  old + s p
 
-The pieces live in their own modules: ``capture`` (the forward hooks that remember the
-training batch), ``sampling`` (subset, buffer, window, quantile, masks), ``proposal``
-(the spare copy, the swap, ``old + s p``), ``meter`` (the spread by method, reduced to
-one radius), ``radius`` (the pure step rule), ``sharding`` (FSDP2 shards, rank
-reductions) and ``controller_state`` (what ``state_dict`` holds). This module is the
+The pieces live in their own modules: ``_capture`` (the forward hooks that remember
+the training batch), ``_sampling`` (subset, buffer, window, quantile, masks; the
+immutable ``Plan`` of one micro-batch), ``_proposal`` (``Proposal``: the spare copy,
+the swap, tau, ``old + s p``), ``_meter`` (``TangentMeter`` for ``"jvp"`` / ``"fd"``,
+``SecantMeter`` for ``"fast"``, reduced to one radius by
+``ghoststep.measurement._reduce.reduce_spreads``, as ``measure()`` is),
+``ghoststep.radius`` (the pure step rule), ``ghoststep.evaluation._sharding`` (FSDP2
+shards, rank reductions) and ``_state`` (what ``state_dict`` holds). This module is the
 ``torch.optim.Optimizer`` shell that sequences them.
 
 Reference: P. Sao, "Ghosts of Softmax: Complex Singularities That Limit Safe Step Sizes
@@ -29,6 +32,7 @@ from __future__ import annotations
 
 import collections
 import copy
+import dataclasses
 import math
 import sys
 import time
@@ -39,7 +43,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..evaluation._directional import METHODS, check_fast_dtype, tf32_allowed
+from ..evaluation._directional import SLOPE_METHODS, check_fast_dtype, tf32_allowed
 from ..evaluation._inputs import split_inputs
 from ..evaluation._isolation import autocast_as, cuda_devices
 from ..evaluation._outputs import logits_reader
@@ -53,18 +57,19 @@ from ..evaluation._sharding import (
     max_over_ranks,
     shard_group,
 )
+from ..evaluation._updates import OptimizerSnapshot
 from ..monitor import Sink, StepStats
 from ..radius._bounds import clip_radius, step_scale
 from ._capture import Captured, ForwardCapture
 from ._checks import check_controller_arguments, check_counts, check_limit_by, check_options
-from ._meter import Measured, SpreadMeter
+from ._meter import MeterReading, make_meter
 from ._proposal import (
-    OptimizerSnapshot,
-    ProposedUpdate,
+    Proposal,
     all_finite,
     check_dense,
     check_supported,
     holds_iterate,
+    rerun_scaled,
 )
 from ._sampling import Plan, Sampling, batch_rows, bottleneck_rows, make_plan
 from ._state import ControllerState
@@ -87,6 +92,16 @@ _MARGINS = {
     ("fd", "half"): 3e-2,
 }
 _HALF = (torch.bfloat16, torch.float16)
+
+
+@dataclasses.dataclass(frozen=True)
+class StepContext:
+    """What one step records besides the measurement: the first group's learning rate,
+    the closure's loss (None without one) and the seconds the radius took."""
+
+    lr: float | None
+    loss: float | None
+    seconds: float = 0.0
 
 
 class RadiusController(torch.optim.Optimizer):
@@ -282,7 +297,7 @@ class RadiusController(torch.optim.Optimizer):
         self._buffer: Any = None  # inputs of the bottleneck rows, or None
         self._generator = torch.Generator()
         self._generator.manual_seed(int(seed))
-        self._proposal = ProposedUpdate()
+        self._proposal = Proposal()
         self._build_parts(logits_fn, chunk_size, slopes_kwargs, limit_by, keep_samples,
                           process_group, micro_batches)  # fmt: skip
         self._capable = method == "fast"  # "jvp" / "fd" are tried before the first step
@@ -298,9 +313,9 @@ class RadiusController(torch.optim.Optimizer):
     ) -> None:  # fmt: skip
         """The measurement (``meter``) and the forward hooks (``capture``)."""
         logits = logits_reader(logits_fn)
-        self._meter = SpreadMeter(
+        self._meter = make_meter(
+            self._method,
             self._slope_model,
-            method=self._method,
             logits_fn=logits,
             temperature=self.temperature,
             sampling=self.sampling,
@@ -333,7 +348,8 @@ class RadiusController(torch.optim.Optimizer):
         _check_method(value)
         if value == "fast":
             check_fast_dtype(self._params())
-        self._method = self._meter.method = value
+        self._method = value
+        self._meter = self._meter.with_method(value)
         self._capture.keep_logits = value in ("fast", "auto")
 
     @property
@@ -483,11 +499,11 @@ class RadiusController(torch.optim.Optimizer):
     def _step(self, inputs, loss) -> None:
         batches = self._batches(inputs)
         model_params = self._params()
-        info = {"lr": _as_float(self.param_groups[0].get("lr", math.nan)), "loss": _as_float(loss)}
+        context = StepContext(_as_float(self.param_groups[0].get("lr", math.nan)), _as_float(loss))
         batches, empty = self._degenerate(model_params, batches)
         if empty is not None:
             self.step_count += 1
-            self._skip(empty, info)  # before the inner step: nothing has moved
+            self._skip(empty, context)  # before the inner step: nothing has moved
             return
         # FSDP2: the arithmetic runs on each rank's local shard; the few global
         # scalars are summed over the shard group (no-op for unsharded parameters)
@@ -504,7 +520,7 @@ class RadiusController(torch.optim.Optimizer):
         grads = local_shards([p.grad for p in model_params if p.grad is not None])
         # host sync 1 of 3: a non-finite gradient must stop us before inner.step().
         if not agree(all_finite(grads), shards):
-            self._fault("gradient", info)
+            self._fault("gradient", context)
             return
         rerun = self.scaled_update == "rerun" and self.mode != "monitor"
         snapshot = OptimizerSnapshot(self.optimizer, params) if rerun else None
@@ -515,45 +531,45 @@ class RadiusController(torch.optim.Optimizer):
         self.optimizer.step()
         tau = self._proposal.swap(params, proposed)  # host sync 2 of 3
         if not math.isfinite(tau):
-            self._fault("update", info)  # parameters hold the old values
+            self._fault("update", context)  # parameters hold the old values
             return
         if tau == 0.0:
             self._proposal.apply(params, proposed, 1.0)
-            self._record(self._stats(0.0, math.inf, 1.0, info, spread=0.0))
+            self._record(self._stats(0.0, math.inf, 1.0, context, spread=0.0))
             return
         try:
-            self._controlled(params, proposed, tau, batches, snapshot, info)
+            self._controlled(params, proposed, tau, batches, snapshot, context)
         except BaseException:
             if self._proposal.at != 1.0:
                 self._proposal.apply(params, proposed, 0.0)  # never leave old + f p
             raise
 
-    def _controlled(self, params, proposed, tau, batches, snapshot, info) -> None:
+    def _controlled(self, params, proposed, tau, batches, snapshot, context) -> None:
         """Measure the radius along the proposal and apply old + s p."""
         start = time.perf_counter()
         found = self._measure(params, proposed, tau, batches)
-        info["seconds"] = time.perf_counter() - start
+        context = dataclasses.replace(context, seconds=time.perf_counter() - start)
         if not found.finite:
             self._proposal.apply(params, proposed, 0.0)  # back to the old values
-            self._fault("slope", info, tau=tau)
+            self._fault("slope", context, tau=tau)
             return
         if not found.counted:
-            self._all_masked(params, proposed, tau, info)
+            self._all_masked(params, proposed, tau, context)
             if self.mode != "monitor":
                 return
-        rho = min([found.rho, *self._recent_rhos])
+        rho = min([found.rho_a, *self._recent_rhos])
         if self.sampling.window > 1:
-            self._recent_rhos.append(found.rho)
-        info["seconds"] = time.perf_counter() - start
-        limit = self._limit(rho, tau, params, batches)
+            self._recent_rhos.append(found.rho_a)
+        context = dataclasses.replace(context, seconds=time.perf_counter() - start)
+        limit = self._radius_with_margin(rho, tau, params, batches)
         scale = step_scale(tau, limit, self.mode, self.target_r)
         if snapshot is not None and scale != 1.0:
             scale = self._rerun(params, snapshot, scale, self.target_r * limit, tau)
         else:
             self._proposal.apply(params, proposed, scale)
-        self._record(self._stats(tau, rho, scale, info, measured=found))
+        self._record(self._stats(tau, rho, scale, context, measured=found))
 
-    def _measure(self, params, proposed, tau: float, batches: list[Captured]) -> Measured:
+    def _measure(self, params, proposed, tau: float, batches: list[Captured]) -> MeterReading:
         """The measurement over the micro-batches (see ``_meter``); updates the
         bottleneck buffer. "fast" leaves the parameters at old + f p (``proposal.at``)."""
         plans = [self._plan(entry) for entry in batches]
@@ -563,7 +579,7 @@ class RadiusController(torch.optim.Optimizer):
         bound = self.target_r * math.pi * self.temperature / tau  # the spread at r = target
         recheck = None if share is None else share * bound
         with self._capture.measuring(), self._meter.precision():
-            found = self._meter.measure(params, proposed, tau, plans, self._proposal, recheck)
+            found = self._meter.measure(params, proposed, plans, self._proposal, recheck)
         if found.pending is not None and self.sampling.buffer_size > 0:
             rows = bottleneck_rows(*found.pending, self.sampling.buffer_size)
             self._buffer = rows if rows is not None else self._buffer
@@ -579,7 +595,7 @@ class RadiusController(torch.optim.Optimizer):
             return "autocast"
         return "full"
 
-    def _limit(self, rho: float, tau: float, params, batches) -> float:
+    def _radius_with_margin(self, rho: float, tau: float, params, batches) -> float:
         """The radius the step rule uses: a margin below the measured radius for the
         method's error in the precision it ran in (clip and set). When clip binds (s < 1
         is computed, not copied) float32 / float64 parameters also get one ulp of each
@@ -597,7 +613,7 @@ class RadiusController(torch.optim.Optimizer):
             limit = clip_radius(rho, margin, 2.0 * torch.finfo(params[0].dtype).eps * old_norm)
         return limit
 
-    def _all_masked(self, params, proposed, tau, info) -> None:
+    def _all_masked(self, params, proposed, tau, context) -> None:
         """Every position masked: no radius bounds this update. Policy: clip / set skip
         it (the parameters keep their values), monitor applies it. (An all-masked batch
         is skipped before the inner step; this covers what only the measurement sees.)"""
@@ -613,7 +629,7 @@ class RadiusController(torch.optim.Optimizer):
         if not applied:
             self._proposal.apply(params, proposed, 0.0)
             self.skipped_steps += 1
-            self._record(self._stats(tau, math.inf, 0.0, info, spread=0.0, skipped=True))
+            self._record(self._stats(tau, math.inf, 0.0, context, spread=0.0, skipped=True))
 
     def _degenerate(self, params, batches: list[Captured]):
         """``(batches with rows, why the step must be skipped or None)``, decided before
@@ -633,7 +649,7 @@ class RadiusController(torch.optim.Optimizer):
             return batches, "the batch is empty (0 rows)"
         return batches, "the batch is empty or every position is masked (mask_fn / ignore_index)"
 
-    def _skip(self, why: str, info: dict) -> None:
+    def _skip(self, why: str, context: StepContext) -> None:
         """Skip a step before the inner optimizer ran: parameters and its state untouched."""
         warnings.warn(
             f"RadiusController: {why} at step {self.step_count}; the step was skipped, the "
@@ -642,7 +658,7 @@ class RadiusController(torch.optim.Optimizer):
             stacklevel=4,
         )
         self.skipped_steps += 1
-        self._record(self._stats(math.nan, math.nan, 0.0, info, spread=math.nan, skipped=True))
+        self._record(self._stats(math.nan, math.nan, 0.0, context, spread=math.nan, skipped=True))
 
     def _batches(self, inputs) -> list[Captured]:
         if inputs is not None:
@@ -705,7 +721,7 @@ class RadiusController(torch.optim.Optimizer):
         inner step again, from the restored state, with every learning rate times s.
         In clip mode the result is pulled back to length ``limit`` if it overshoots
         (its direction is not exactly p). Returns the realised s' = ||step|| / tau."""
-        length = snapshot.rerun(self.optimizer, params, scale)
+        length = rerun_scaled(snapshot, self.optimizer, params, scale)
         self._proposal.at = 1.0  # the parameters hold the rerun's result: settled
         self.param_groups = self.optimizer.param_groups
         if self.mode == "clip" and length > limit:
@@ -713,7 +729,7 @@ class RadiusController(torch.optim.Optimizer):
             length = limit
         return length / tau
 
-    def _fault(self, what: str, info: dict, *, tau: float = math.nan) -> None:
+    def _fault(self, what: str, context: StepContext, *, tau: float = math.nan) -> None:
         """Skip (parameters already equal the snapshot / untouched) or raise."""
         message = (
             f"RadiusController: non-finite {what} at step {self.step_count}; the step was "
@@ -725,9 +741,9 @@ class RadiusController(torch.optim.Optimizer):
         if not self._warned:
             warnings.warn(message + " (warning once per controller)", RuntimeWarning, stacklevel=4)
             self._warned = True
-        self._record(self._stats(tau, math.nan, 0.0, info, spread=math.nan, skipped=True))
+        self._record(self._stats(tau, math.nan, 0.0, context, spread=math.nan, skipped=True))
 
-    def _stats(self, tau, rho, scale, info, *, measured=None, spread=None, skipped=False):
+    def _stats(self, tau, rho, scale, context, *, measured=None, spread=None, skipped=False):
         r_before = tau / rho if rho > 0 else math.inf  # tau / inf = 0; nan propagates
         return StepStats(
             step=self.step_count,
@@ -737,12 +753,12 @@ class RadiusController(torch.optim.Optimizer):
             r_after=0.0 if skipped else scale * r_before,
             scale=scale,
             bottleneck=-1 if measured is None else measured.bottleneck,
-            radius_seconds=info.get("seconds", 0.0),
+            radius_seconds=context.seconds,
             skipped=skipped,
-            lr=info["lr"],
-            loss=info["loss"],
+            lr=context.lr,
+            loss=context.loss,
             spread=measured.spread if measured is not None else spread,
-            rho_samples=None if measured is None else measured.samples,
+            rho_samples=None if measured is None else measured.rho_samples,
             radii=None if measured is None else measured.radii,
         )
 
@@ -812,8 +828,8 @@ def _hooked(model: nn.Module) -> nn.Module:
 
 
 def _check_method(method) -> None:
-    if method != "auto" and method not in METHODS:
-        raise ValueError(f"method must be 'auto' or one of {METHODS}, got {method!r}")
+    if method != "auto" and method not in SLOPE_METHODS:
+        raise ValueError(f"method must be 'auto' or one of {SLOPE_METHODS}, got {method!r}")
 
 
 def _shifted_label_mask(model: nn.Module, ignore_index: int):

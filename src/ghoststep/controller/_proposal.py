@@ -9,29 +9,32 @@ the shard group (``ghoststep.evaluation._sharding``).
 
 from __future__ import annotations
 
-import copy
 import math
 from collections.abc import Sequence
 
 import torch
 
+from ..evaluation._directions import global_norm
 from ..evaluation._sharding import agree, sum_over_shards
+from ..evaluation._updates import OptimizerSnapshot
 
 __all__ = [
-    "OptimizerSnapshot",
-    "ProposedUpdate",
+    "Proposal",
     "all_finite",
     "check_dense",
     "check_supported",
     "holds_iterate",
+    "rerun_scaled",
 ]
 
 
-class ProposedUpdate:
-    """The spare copy and the arithmetic on it, for one controller.
+class Proposal:
+    """The inner optimizer's proposed update p = new - old, for one controller: the spare
+    copy that holds ``new`` after the swap, the step length ``tau`` = ||p|| and where the
+    parameters are (``at``: old + at p), with the arithmetic on them.
 
     Usage per step: :meth:`begin` (spare <- params) before the inner step, :meth:`swap`
-    after it (params <- old, spare <- new; returns ||new - old||), then :meth:`apply`.
+    after it (params <- old, spare <- new; sets and returns tau), then :meth:`apply`.
     """
 
     def __init__(self) -> None:
@@ -40,6 +43,7 @@ class ProposedUpdate:
         self.spare: list[torch.Tensor] | None = None
         self.shards = None  # the FSDP2 shard group (None: unsharded)
         self.at = 0.0  # where the parameters are: old + at p (after swap)
+        self.tau = math.nan  # ||new - old|| (after swap)
 
     def begin(self, params: list[torch.Tensor], shards) -> list[torch.Tensor]:
         """Copy the parameters into the spare; returns it (the proposal after swap)."""
@@ -61,7 +65,7 @@ class ProposedUpdate:
 
     def swap(self, params: list[torch.Tensor], proposed: list[torch.Tensor]) -> float:
         """Exchange the contents (parameters <- old, ``proposed`` <- new, both bitwise);
-        return ||new - old|| (summed over the shards of sharded parameters).
+        set and return tau = ||new - old|| (summed over the shards of sharded parameters).
 
         Plain tensors exchange their storage (``.data``, no copy); shards and tensor
         subclasses are copied in place. The difference is taken in groups no larger
@@ -95,6 +99,7 @@ class ProposedUpdate:
                 [(q.double() - p.double()).pow(2).sum().to(device) for p, q in pairs]
             )
             tau = math.sqrt(float(sum_over_shards(wide.sum().reshape(1), self.shards)))
+        self.tau = tau
         return tau
 
     def norm(self, params: list[torch.Tensor]) -> float:
@@ -126,34 +131,22 @@ class ProposedUpdate:
             self.move_to(params, proposed, scale)
 
 
-class OptimizerSnapshot:
-    """The inner optimizer's state (a deep copy of its ``state_dict``) and the
-    parameters, before its step (``scaled_update="rerun"``)."""
-
-    def __init__(self, optimizer: torch.optim.Optimizer, params: list[torch.Tensor]) -> None:
-        self.state = copy.deepcopy(optimizer.state_dict())
-        self.params = [p.detach().clone() for p in params]
-
-    def restore(self, optimizer: torch.optim.Optimizer, params: list[torch.Tensor]) -> None:
-        optimizer.load_state_dict(self.state)
-        torch._foreach_copy_(params, self.params)
-
-    def rerun(self, optimizer, params, scale: float) -> float:
-        """Restore, then the inner step again with every learning rate times ``scale``;
-        returns the length of the resulting step."""
-        self.restore(optimizer, params)
-        rates = [group.get("lr") for group in optimizer.param_groups]
+def rerun_scaled(snapshot: OptimizerSnapshot, optimizer, params, scale: float) -> float:
+    """Restore the optimizer and the parameters from ``snapshot``, then its step again
+    with every learning rate times ``scale`` (``scaled_update="rerun"``); returns the
+    length of the resulting step."""
+    snapshot.restore(optimizer, params)
+    rates = [group.get("lr") for group in optimizer.param_groups]
+    for group, lr in zip(optimizer.param_groups, rates, strict=True):
+        if lr is not None:
+            group["lr"] = lr * scale
+    try:
+        optimizer.step()
+    finally:
         for group, lr in zip(optimizer.param_groups, rates, strict=True):
             if lr is not None:
-                group["lr"] = lr * scale
-        try:
-            optimizer.step()
-        finally:
-            for group, lr in zip(optimizer.param_groups, rates, strict=True):
-                if lr is not None:
-                    group["lr"] = lr
-        step = torch._foreach_sub(params, self.params)
-        return float(torch.linalg.vector_norm(torch.stack(torch._foreach_norm(step)).double()))
+                group["lr"] = lr
+    return float(global_norm(torch._foreach_sub(params, snapshot.params)))
 
 
 def all_finite(tensors: Sequence[torch.Tensor]) -> bool:
@@ -236,7 +229,7 @@ def check_supported(optimizer: torch.optim.Optimizer) -> None:
             "RadiusController cannot wrap LBFGS: its step re-evaluates the loss through "
             "a closure along a line search, so there is no single proposed update to "
             "measure. Use a first-order optimizer, or measure LBFGS steps with "
-            "ghoststep.measure(model, inputs, update, step_norm=1.0)"
+            "ghoststep.measure(model, inputs, update, tau=1.0)"
         )
     if all(hasattr(optimizer, a) for a in ("first_step", "second_step", "base_optimizer")):
         name = type(optimizer).__name__

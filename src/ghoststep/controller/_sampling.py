@@ -16,6 +16,8 @@ import torch
 from torch.utils import _pytree as pytree
 
 from ..evaluation._inputs import split_inputs
+from ..measurement._reduce import aggregate_spread
+from ..measurement._slopes import keep_mask
 from ._checks import check_real, is_int
 
 __all__ = ["Sampling"]
@@ -46,16 +48,19 @@ class Sampling:
       than the current radius, so the batch guarantee holds; what it gives up is
       responsiveness: one bottleneck batch throttles the next W - 1 steps, and the
       older radii were measured along other directions at other parameters.
-    * ``quantile=q``: use the q-quantile (upper order statistic) of the per-sample
-      spread instead of the max. Gives up the guarantee for the (1 - q) share of samples
-      with the largest spreads, in exchange for robustness to a few outliers. Under
-      ``torch.distributed`` the max of the per-rank quantiles is used.
+    * ``quantile=q``: use the q-quantile spread (upper order statistic; the radius
+      ``ghoststep.radius.aggregate(rho, ("quantile", q))`` and
+      ``measure(aggregate=("quantile", q))`` use, one convention:
+      ``ghoststep.radius.quantile_position``) instead of the max. Gives up the
+      guarantee for the (1 - q) share of samples with the largest spreads, in exchange
+      for robustness to a few outliers. Under ``torch.distributed`` the max of the
+      per-rank quantiles is used.
 
     Attributes:
         subset: evaluate k rows drawn from the batch (None: all rows).
         buffer_size: bottleneck rows kept and re-checked every step (0: off).
         window: running minimum of rho over the last W steps (1: off).
-        quantile: the q-quantile of the per-position spread instead of the max.
+        quantile: the q-quantile spread (q = 1: the max) instead of the max.
         mask_fn: ``mask_fn(inputs) -> bool`` tensor of the sample shape; False: ignored.
         ignore_index: positions whose target equals it are ignored (alternative to
             ``mask_fn``); targets from ``targets_fn(inputs)`` or ``inputs["labels"]``.
@@ -112,7 +117,7 @@ class Sampling:
     def position_mask(self, inputs) -> torch.Tensor | None:
         """The flat bool mask of ``inputs`` (True: counted), or None without a mask."""
         if self.mask_fn is not None:
-            mask = self.mask_fn(inputs)
+            keep = keep_mask(self.mask_fn(inputs))
         elif self.ignore_index is not None:
             if self.targets_fn is not None:
                 targets = self.targets_fn(inputs)
@@ -120,20 +125,15 @@ class Sampling:
                 targets = inputs["labels"]
             else:
                 raise ValueError("ignore_index needs targets_fn (or dict inputs with 'labels')")
-            mask = torch.as_tensor(targets) != self.ignore_index
+            keep = keep_mask(targets=targets, ignore_index=self.ignore_index)
         else:
             return None
-        return torch.as_tensor(mask, dtype=torch.bool).reshape(-1)
+        return keep.reshape(-1)
 
     def aggregate(self, spread: torch.Tensor) -> torch.Tensor:
-        """The spread that sets the radius: the max, or the upper ``quantile`` order
-        statistic (the radius ``aggregate(rho, ("quantile", 1 - q))``), 0-d, no sync."""
-        if spread.numel() == 0:
-            return spread.new_zeros(())
-        if self.quantile is None:
-            return spread.max()
-        ordered = spread.sort(descending=True).values
-        return ordered[math.floor((1.0 - self.quantile) * (spread.numel() - 1))]
+        """The spread that sets the radius: the max, or the ``quantile`` spread
+        (:func:`~ghoststep.measurement._reduce.aggregate_spread`), 0-d, no sync."""
+        return aggregate_spread(spread, self.quantile)
 
 
 def detached_copy(obj):
@@ -195,22 +195,22 @@ def bottleneck_rows(evaluated, spread: torch.Tensor, keep, size: int):
     return detached_copy(select_rows(evaluated, top, rows))
 
 
+@dataclass(frozen=True)
 class Plan:
-    """What one micro-batch's measurement evaluates: the inputs (``evaluated``, split
-    into ``call`` = (args, kwargs)), the RNG state of its training forward, and the
-    logits at the old parameters when known (``baseline``; or only for the first rows,
-    ``head``, with the inputs of the rest in ``tail``). The baseline may be a list of
-    parts over consecutive rows (head, then tail), left unconcatenated: on the CPU a
-    fresh tensor of tens of MB costs its page faults, as much as a small forward."""
+    """What one micro-batch's measurement evaluates (immutable): the inputs
+    (``evaluated``, split into ``call`` = (args, kwargs)), the RNG state of its training
+    forward, its autocast state, and the logits at the old parameters when known
+    (``baseline``; or only for the first rows, ``head``, with the inputs of the rest in
+    ``tail``). The meter keeps what it computes from a plan (spreads, completed
+    baselines) in its own structures."""
 
-    __slots__ = ("evaluated", "call", "rng", "autocast", "baseline", "spread", "head", "tail")
-
-    def __init__(self, evaluated, call: tuple[tuple, dict], rng, baseline, autocast=()) -> None:
-        self.evaluated, self.call, self.rng, self.baseline = evaluated, call, rng, baseline
-        self.autocast = autocast  # the training forward's (``isolation.autocast_state``)
-        self.spread: torch.Tensor | None = None
-        self.head: torch.Tensor | None = None
-        self.tail: Any = None
+    evaluated: Any
+    call: tuple[tuple, dict]
+    rng: Any
+    baseline: torch.Tensor | None
+    autocast: Any = ()  # the training forward's (``isolation.autocast_state``)
+    head: torch.Tensor | None = None
+    tail: Any = None
 
 
 def make_plan(entry, sampling: Sampling, generator: torch.Generator, buffer):
@@ -249,13 +249,14 @@ def make_plan(entry, sampling: Sampling, generator: torch.Generator, buffer):
             evaluated, tail = joined, buffer  # the buffer's rows need a baseline forward
             if not entry.rows_independent:
                 known = None
+    head = known if tail is not None else None
     plan = Plan(
         evaluated,
         split_inputs(evaluated),
         entry.rng,
         None if tail is not None else known,
         entry.autocast,
+        head,
+        tail if head is not None else None,
     )
-    if tail is not None and known is not None:
-        plan.head, plan.tail = known, tail
     return plan, buffer

@@ -10,10 +10,10 @@ RNG / buffer isolation (``capture_rng``) live here too.
 
 from ._directional import (
     FAST_MOVE,
-    METHODS,
+    SLOPE_METHODS,
     call_at,
     directional,
-    fd_step,
+    fast_step,
     forward,
     full_float32,
     refined_step,
@@ -31,10 +31,10 @@ from ._outputs import class_logits, default_logits_fn, describe_output, logits_r
 from ._updates import optimizer_update_direction
 
 __all__ = [
-    "METHODS",
+    "SLOPE_METHODS",
     "full_float32",
     "tf32_allowed",
-    "fd_step",
+    "fast_step",
     "refined_step",
     "FAST_MOVE",
     "forward",

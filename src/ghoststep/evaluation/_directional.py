@@ -28,7 +28,7 @@ at t = 0, by one of three methods:
   outputs move by about 0.01 (``FAST_MOVE``; in logit units, i.e. 0.3 % of the
   radius): the O(h) truncation error and the O(eps / h) round-off of two float32
   forwards are both about 1e-3 or less there. The controller takes h from the
-  previous step's spread; without one, ``fd_step`` guesses from the parameter norm
+  previous step's spread; without one, ``fast_step`` guesses from the parameter norm
   and a move outside [0.001, 0.1] is redone once with the corrected step.
 
   Error and where it is unsafe: the relative slope error is O(h |y''| / |y'|) +
@@ -81,33 +81,41 @@ from torch import nn
 from torch.func import functional_call
 from torch.utils import _pytree as pytree
 
-from ._directions import trainable_parameters
+from ._directions import global_norm, trainable_parameters
 from ._isolation import RNGState, cuda_devices, preserved_buffers, replay_rng
 from ._outputs import logits_reader
 from ._sharding import dual_unsharded, fsdp_units, reshard
 
-__all__ = [
-    "METHODS",
-    "full_float32",
-    "tf32_allowed",
-    "fd_step",
-    "refined_step",
-    "FAST_MOVE",
-    "forward",
-    "call_at",
-    "directional",
-]
+# The public names are listed once, in the package's ``__init__``.
 
-METHODS = ("jvp", "fd", "fast")
+# How the slopes are evaluated (``method=``); the experiments' training methods are
+# another thing.
+SLOPE_METHODS = ("jvp", "fd", "fast")
 
 
-def fd_step(param_norm: float, direction_norm: float, dtype: torch.dtype) -> float:
-    """First guess of the step t of the one-sided difference along a direction of norm
-    ||v||: a parameter displacement ``h ||v|| = sqrt(eps(dtype)) * max(||theta||, 1)``
-    (3.5e-4 of the parameter norm in float32). :func:`refined_step` corrects it."""
+def fast_step(
+    param_norm: float | Callable[[], float],
+    direction_norm: float,
+    dtype: torch.dtype,
+    *,
+    moved_per_step: float | None = None,
+) -> float:
+    """The step h of the one-sided difference (``"fast"``) along a direction of norm
+    ||v|| -- the one place it is chosen (then :func:`refined_step` once):
+
+    * with ``moved_per_step``, how far the outputs move per unit step (the controller's
+      previous spread): ``FAST_MOVE / moved_per_step``, when finite and > 0;
+    * else the first guess, a parameter displacement
+      ``h ||v|| = sqrt(eps(dtype)) * max(||theta||, 1)`` (3.5e-4 of the parameter norm
+      in float32); ``param_norm`` may be a callable, then only called here.
+    """
+    hint = moved_per_step
+    if hint is not None and math.isfinite(hint) and hint > 0:
+        return FAST_MOVE / hint
     if not direction_norm > 0:
         return 0.0
-    return math.sqrt(torch.finfo(dtype).eps) * max(float(param_norm), 1.0) / direction_norm
+    norm = param_norm() if callable(param_norm) else param_norm
+    return math.sqrt(torch.finfo(dtype).eps) * max(float(norm), 1.0) / direction_norm
 
 
 # The one-sided difference is most accurate when the outputs move by about a hundredth
@@ -322,19 +330,9 @@ def _one_sided(model, args, kwargs, tangents, output_fn, step, rng, devices, bas
     fixed_step = step is not None
     if step is None:
         with torch.no_grad():
-            pnorm = float(
-                torch.linalg.vector_norm(torch.stack(torch._foreach_norm(params)).double())
-            )
-            vnorm = (
-                float(
-                    torch.linalg.vector_norm(
-                        torch.stack(torch._foreach_norm([v for _, v in moving])).double()
-                    )
-                )
-                if moving
-                else 0.0
-            )
-        step = fd_step(pnorm, vnorm, params[0].dtype)
+            pnorm = float(global_norm(params))
+            vnorm = float(global_norm([v for _, v in moving])) if moving else 0.0
+        step = fast_step(pnorm, vnorm, params[0].dtype)
     if baseline is None:
         baseline = forward(model, args, kwargs, output_fn=output_fn, rng=rng, devices=devices)
     if step == 0.0:
@@ -392,7 +390,7 @@ def directional(
         output_fn: maps the model output to a tensor or a tuple / dict of tensors
             (default: the logits, :func:`logits_reader`).
         step: the difference step t along the tangents (``"fd"``, ``"fast"``);
-            default eps^(1/3) / ||v|| (fd); for fast :func:`fd_step`, redone once
+            default eps^(1/3) / ||v|| (fd); for fast :func:`fast_step`, redone once
             with :func:`refined_step` when the outputs moved by more than 0.1 or less
             than 0.001 (then three forwards).
         rng: an RNG state from :func:`capture_rng` to evaluate from (same dropout
@@ -408,8 +406,8 @@ def directional(
         ValueError: unknown method; ``"fast"`` on parameters that are not float32/64.
         NotImplementedError: ``"jvp"`` met an op without forward-mode AD (names it).
     """
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if method not in SLOPE_METHODS:
+        raise ValueError(f"method must be one of {SLOPE_METHODS}, got {method!r}")
     output_fn = output_fn or logits_reader()
     devices = cuda_devices(model)
     if method == "jvp":

@@ -169,6 +169,12 @@ def _tangent(name: str, p: torch.Tensor, value) -> torch.Tensor:
     return value
 
 
+def global_norm(tensors) -> torch.Tensor:
+    """||(t_1, ..., t_n)||, the Euclidean norm over all entries of all the tensors, as a
+    0-d float64 tensor (per-tensor norms in one ``_foreach_norm``, then their norm)."""
+    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(tensors)).double())
+
+
 def direction_norm(direction, model: nn.Module | None = None) -> torch.Tensor:
     """Global L2 norm of a direction (dict, sequence or flat tensor), as a 0-d tensor.
 

@@ -17,7 +17,7 @@ from torch import nn
 
 from ._directions import trainable_parameters
 
-__all__ = ["optimizer_update_direction"]
+__all__ = ["OptimizerSnapshot", "optimizer_update_direction"]
 
 
 def _snapshot(value):
@@ -36,6 +36,59 @@ def _restore(pair):
     return saved
 
 
+_MISSING = object()
+
+
+class OptimizerSnapshot:
+    """What ``optimizer.step()`` changes, saved so that :meth:`restore` puts it back
+    exactly: the parameters' values (``params``, default the optimizer's, in
+    param-group order; the copies are ``self.params``), the optimizer state (every
+    tensor restored in place, object identity kept; entries the step created are
+    removed), the param-group settings (same dicts, same key order) and the LR
+    scheduler's step flag. ``.grad`` is not touched. The one snapshot/restore of the
+    package: :func:`optimizer_update_direction` and the controller's
+    ``scaled_update="rerun"`` use it.
+
+    Memory: one copy of every parameter plus one of the optimizer state."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, params=None) -> None:
+        if params is None:
+            params = [p for group in optimizer.param_groups for p in group["params"]]
+        self.params = [p.detach().clone() for p in params]
+        self.state = {
+            key: {k: _snapshot(v) for k, v in entries.items()}
+            for key, entries in optimizer.state.items()
+        }
+        self.groups = [
+            {k: (v, None) if k == "params" else _snapshot(v) for k, v in g.items()}
+            for g in optimizer.param_groups
+        ]
+        self.opt_called = getattr(optimizer, "_opt_called", _MISSING)
+
+    def restore(self, optimizer: torch.optim.Optimizer, params=None) -> None:
+        """Put the parameters and the optimizer back as they were at the snapshot."""
+        if params is None:
+            params = [p for group in optimizer.param_groups for p in group["params"]]
+        with torch.no_grad():
+            for p, b in zip(params, self.params, strict=True):
+                p.copy_(b)
+        for key in list(optimizer.state.keys()):
+            if key not in self.state:
+                del optimizer.state[key]
+        for key, entries in self.state.items():
+            current = optimizer.state[key]
+            current.clear()
+            current.update({k: _restore(pair) for k, pair in entries.items()})
+        for g, saved in zip(optimizer.param_groups, self.groups, strict=True):
+            g.clear()  # same dict object, same key order as before
+            g.update({k: pair[0] if k == "params" else _restore(pair) for k, pair in saved.items()})
+        if self.opt_called is _MISSING:
+            if hasattr(optimizer, "_opt_called"):
+                del optimizer._opt_called
+        else:
+            optimizer._opt_called = self.opt_called
+
+
 def optimizer_update_direction(
     optimizer: torch.optim.Optimizer,
     model: nn.Module | None = None,
@@ -47,9 +100,9 @@ def optimizer_update_direction(
     The step is actually taken, the parameter change recorded, and then the
     parameters, the optimizer state (every tensor restored in place, object identity
     kept), the param-group settings and the LR scheduler's step flag are put back
-    exactly; ``.grad`` is not touched. The update includes momentum, Adam's
-    preconditioning and weight decay. Pass the *inner* optimizer, not a wrapper
-    whose ``step`` itself measures or rescales.
+    exactly (:class:`OptimizerSnapshot`); ``.grad`` is not touched. The update includes
+    momentum, Adam's preconditioning and weight decay. Pass the *inner* optimizer, not
+    a wrapper whose ``step`` itself measures or rescales.
 
     Memory: transiently one copy of every parameter plus one copy of the optimizer
     state (Adam: two more parameter-sized tensors), plus the returned update.
@@ -66,40 +119,13 @@ def optimizer_update_direction(
         The update p (not normalized; ``direction_norm(p)`` is ||p||).
     """
     params = [p for group in optimizer.param_groups for p in group["params"]]
-    before = [p.detach().clone() for p in params]
-    state_keys = list(optimizer.state.keys())
-    saved_state = {
-        key: {k: _snapshot(v) for k, v in optimizer.state[key].items()} for key in state_keys
-    }
-    saved_groups = [
-        {k: (v, None) if k == "params" else _snapshot(v) for k, v in g.items()}
-        for g in optimizer.param_groups
-    ]
-    missing = object()
-    opt_called = getattr(optimizer, "_opt_called", missing)
+    snapshot = OptimizerSnapshot(optimizer, params)
     try:
         optimizer.step(closure) if closure is not None else optimizer.step()
         with torch.no_grad():
-            updates = [p.detach() - b for p, b in zip(params, before, strict=True)]
+            updates = [p.detach() - b for p, b in zip(params, snapshot.params, strict=True)]
     finally:
-        with torch.no_grad():
-            for p, b in zip(params, before, strict=True):
-                p.copy_(b)
-        for key in list(optimizer.state.keys()):
-            if key not in saved_state:
-                del optimizer.state[key]
-        for key, entries in saved_state.items():
-            current = optimizer.state[key]
-            current.clear()
-            current.update({k: _restore(pair) for k, pair in entries.items()})
-        for g, saved in zip(optimizer.param_groups, saved_groups, strict=True):
-            g.clear()  # same dict object, same key order as before
-            g.update({k: pair[0] if k == "params" else _restore(pair) for k, pair in saved.items()})
-        if opt_called is missing:
-            if hasattr(optimizer, "_opt_called"):
-                del optimizer._opt_called
-        else:
-            optimizer._opt_called = opt_called
+        snapshot.restore(optimizer, params)
     if model is None:
         return updates
     by_id = {id(p): u for p, u in zip(params, updates, strict=True)}

@@ -1,8 +1,12 @@
 """Reproductions of the paper's experiments, one module per experiment.
 
-The registry maps each name to its module ``ghoststep.experiments.<name>``, imported
+The helpers they share (runner, results, training loop, data, models, ...) are in
+:mod:`ghoststep.experiments.common`.
+
+The registry maps each name to its module (``ghoststep.experiments.<name>``; the
+``directions`` experiment is ``gradient_directions``, not to shadow the core), imported
 only when the experiment is run (``ghoststep list`` imports nothing). What a module
-must define is described in :mod:`ghoststep.experiments.runner` (the runner).
+must define is described in :mod:`ghoststep.experiments.common.runner` (the runner).
 
 Example:
     >>> from ghoststep.experiments import EXPERIMENTS
@@ -39,7 +43,7 @@ EXPERIMENTS: dict[str, Experiment] = {
         "Fig. 1, Fig. 7",
     ),
     "directions": Experiment(
-        "ghoststep.experiments.directions",
+        "ghoststep.experiments.gradient_directions",
         "gradient vs 20 random directions at three training stages; Hessian step vs rho_a",
         "Fig. 8",
     ),

@@ -11,7 +11,7 @@ in a second set of runs, held for the remaining 150 steps (the Fig. 6 protocol; 
   ||g||, blind to the radius);
 * Adam wrapped in the rho_a-controller (``RadiusController(mode="clip", target_r=1)``).
 
-All runs use the shared spike protocol (:func:`~ghoststep.experiments.training.spike_run`),
+All runs use the shared spike protocol (:func:`~ghoststep.experiments.common.training.spike_run`),
 so every run also reports r = tau / rho_a. The paper's Table 1 gives the median final
 test accuracy at 10000x: the controller keeps 72-95%, plain Adam and clipping end at
 10-52%.
@@ -29,16 +29,21 @@ from pathlib import Path
 
 import numpy as np
 
-from ghoststep.experiments.figures import (
+from ghoststep.experiments.common.figures import (
     METHOD_COLORS,
     METHOD_LABELS,
     new_figure,
     plot_band,
     save_figure,
 )
-from ghoststep.experiments.results import Claim, Results, Table
-from ghoststep.experiments.runner import parallel_map
-from ghoststep.experiments.training import finite_median, post_spike_r, spike_run, summarize_finals
+from ghoststep.experiments.common.results import Claim, ClaimRule, Results, Table, evaluate_claims
+from ghoststep.experiments.common.runner import parallel_map
+from ghoststep.experiments.common.training import (
+    finite_median,
+    post_spike_r,
+    spike_run,
+    summarize_finals,
+)
 
 ARCH_LABELS = {"transformer": "Transformer", "mlp_ln": "MLP+LN", "cnn_bn": "CNN+BN"}
 # Paper Table 1: median final test accuracy at the 10 000x spike (plain, clip, controller).
@@ -239,137 +244,153 @@ def _metrics(groups: dict, summary: dict, held: int) -> dict:
     }
 
 
-def _claims(config: Config, summary: dict, top: float) -> list[dict]:
-    claims = []
+def _margin_rule(a: str) -> ClaimRule:
+    """At the largest spike the controller beats plain Adam and clipping on ``a``."""
 
+    def measure(x):
+        cells = tuple(x.med(a, x.top, m) for m in ("plain", "clip_grad", "controller"))
+        return None if None in cells else cells
+
+    def paper(x) -> str:
+        values = PAPER_TABLE1.get(a)
+        if not values:
+            return "n/a"
+        return "controller far above both: " + " / ".join(f"{v:.1%}" for v in values)
+
+    return ClaimRule(
+        f"{ARCH_LABELS.get(a, a)} at " + "{top:g}x: the controller beats plain Adam and "
+        "clipping by >= {c.margin:.0%} points (plain / clip / controller)",
+        paper,
+        measure,
+        holds=lambda pck, x: pck[2] >= max(pck[0], pck[1]) + x.c.margin,
+        ours=lambda pck, x: "{:.1%} / {:.1%} / {:.1%}".format(*pck),
+        note=lambda pck, x: _margin_note(*pck),
+    )
+
+
+def _controller_cells(x) -> list[tuple] | None:
+    cells = [(a, f, s["median"]) for (a, f, m), s in x.summary.items() if m == "controller"]
+    return cells or None
+
+
+def _worst_controller(x) -> tuple | None:
+    cells = _controller_cells(x)
+    return min(cells, key=lambda t: t[2]) if cells else None
+
+
+def _controller_r_max(x) -> float | None:
+    if not _controller_cells(x):
+        return None
+    return max(s["r_applied_max"] for (a, f, m), s in x.summary.items() if m == "controller")
+
+
+def _clip_cells(x) -> list[float] | None:
+    clips = [x.med(a, x.top, "clip_grad") for a in ("transformer", "cnn_bn")]
+    return [v for v in clips if v is not None] or None
+
+
+def _drops(x) -> list[tuple] | None:
+    """(arch, plain at the smallest spike, plain at the largest) where both ran."""
+    lo = min(float(f) for f in x.c.factors)
+    if not lo < x.top:
+        return None
+    drops = [(a, x.med(a, lo, "plain"), x.med(a, x.top, "plain")) for a in x.c.archs]
+    return [d for d in drops if None not in d] or None
+
+
+def _recovery_rule(a: str, good: float, bad: float, text: str, paper: str) -> ClaimRule:
+    """Plain Adam on ``a`` recovers from a ``good``x spike, not from a ``bad``x one."""
+
+    def measure(x):
+        cells = x.med(a, good, "plain"), x.med(a, bad, "plain")
+        return None if None in cells else cells
+
+    return ClaimRule(
+        text + " (>= {c.recover_acc:.0%} vs <= {c.collapse_acc:.0%})",
+        paper,
+        measure,
+        holds=lambda v, x: v[0] >= x.c.recover_acc and v[1] <= x.c.collapse_acc,
+        ours=lambda v, x: f"{good:g}x: {v[0]:.1%}; {bad:g}x: {v[1]:.1%}",
+    )
+
+
+# Claims after the per-architecture margin claims of :func:`_margin_rule`, in report order.
+CLAIMS = (
+    ClaimRule(
+        "The controller survives every architecture and spike (final median >= "
+        "{c.survive_acc:.0%} in every cell)",
+        "survives all conditions (lowest: CNN+BN 71.6% at 10000x)",
+        _worst_controller,
+        holds=lambda w, x: w[2] >= x.c.survive_acc,
+        ours=lambda w, x: f"lowest: {ARCH_LABELS.get(w[0], w[0])} {w[2]:.1%} at {w[1]:g}x",
+        note=lambda w, x: _survive_note(x.c, x.summary, w),
+    ),
+    ClaimRule(
+        "Every applied controller step has r <= 1",
+        "r <= 1",
+        _controller_r_max,
+        holds=lambda r_max, x: r_max <= x.c.target_r * (1 + 1e-6),
+        ours=lambda r_max, x: f"max r = {r_max:.6g}",
+    ),
+    ClaimRule(
+        "At {top:g}x clipping still fails for Transformer and CNN+BN (final median <= "
+        "{c.collapse_acc:.0%})",
+        "38.7% / 10.3%",
+        _clip_cells,
+        holds=lambda clips, x: all(v <= x.c.collapse_acc for v in clips),
+        ours=lambda clips, x: " / ".join(f"{v:.1%}" for v in clips),
+    ),
+    ClaimRule(
+        lambda x: (
+            f"Plain Adam fails progressively: final accuracy at {x.top:g}x below that "
+            f"at {min(float(f) for f in x.c.factors):g}x for every architecture"
+        ),
+        "fails progressively with spike size",
+        _drops,
+        holds=lambda drops, x: all(hi < lo for _, lo, hi in drops),
+        ours=lambda drops, x: "; ".join(
+            f"{ARCH_LABELS.get(a, a)} {lo:.0%} -> {hi:.0%}" for a, lo, hi in drops
+        ),
+    ),
+    _recovery_rule(
+        "transformer",
+        10.0,
+        1000.0,
+        "Plain Adam: the Transformer recovers from 10x but not 1000x",
+        "recovers at 10x, not at 1000x",
+    ),
+    _recovery_rule(
+        "mlp_ln",
+        100.0,
+        10000.0,
+        "Plain Adam: MLP+LN tolerates 100x but collapses at 10000x",
+        "tolerates 100x, 44.6% at 10000x",
+    ),
+    ClaimRule(
+        "Plain Adam: CNN+BN collapses permanently even at 10x (final median <= "
+        "{c.collapse_acc:.0%}; BatchNorm running statistics corrupted)",
+        "permanent collapse at 10x",
+        lambda x: x.med("cnn_bn", 10.0, "plain"),
+        holds=lambda acc, x: acc <= x.c.collapse_acc,
+        ours=lambda acc, x: f"{acc:.1%}",
+        note=lambda acc, x: (
+            "our CNN+BN survives a 10x spike: its spiked step has r = "
+            f"{x.summary.get(('cnn_bn', 10.0, 'plain'), {}).get('r_at_spike', math.nan):.3g} "
+            "at the spike, and r < 1 predicts survival. The paper's collapse suggests its "
+            "spiked steps left the radius (its base LR and batch size are not stated; "
+            "we did not tune ours)"
+        ),
+    ),
+)
+
+
+def _claims(config: Config, summary: dict, top: float) -> list[Claim]:
     def med(a, f, m):
         s = summary.get((a, float(f), m))
         return None if s is None else s["median"]
 
-    for a in config.archs:
-        p, c, k = med(a, top, "plain"), med(a, top, "clip_grad"), med(a, top, "controller")
-        if None in (p, c, k):
-            continue
-        paper = PAPER_TABLE1.get(a)
-        paper_txt = (
-            ("controller far above both: " + " / ".join(f"{v:.1%}" for v in paper))
-            if paper
-            else "n/a"
-        )
-        ok = k >= max(p, c) + config.margin
-        claims.append(
-            Claim(
-                f"{ARCH_LABELS.get(a, a)} at {top:g}x: the controller beats plain Adam and "
-                f"clipping by >= {config.margin:.0%} points (plain / clip / controller)",
-                paper_txt,
-                f"{p:.1%} / {c:.1%} / {k:.1%}",
-                ok,
-                note=None if ok else _margin_note(p, c, k),
-            )
-        )
-    ctrl = [(a, f, s["median"]) for (a, f, m), s in summary.items() if m == "controller"]
-    if ctrl:
-        worst = min(ctrl, key=lambda t: t[2])
-        claims.append(
-            Claim(
-                f"The controller survives every architecture and spike (final median >= "
-                f"{config.survive_acc:.0%} in every cell)",
-                "survives all conditions (lowest: CNN+BN 71.6% at 10000x)",
-                f"lowest: {ARCH_LABELS.get(worst[0], worst[0])} {worst[2]:.1%} at {worst[1]:g}x",
-                worst[2] >= config.survive_acc,
-                note=None
-                if worst[2] >= config.survive_acc
-                else _survive_note(config, summary, worst),
-            )
-        )
-        r_max = max(s["r_applied_max"] for (a, f, m), s in summary.items() if m == "controller")
-        claims.append(
-            Claim(
-                "Every applied controller step has r <= 1",
-                "r <= 1",
-                f"max r = {r_max:.6g}",
-                r_max <= config.target_r * (1 + 1e-6),
-            )
-        )
-    clips = [
-        (a, med(a, top, "clip_grad"))
-        for a in ("transformer", "cnn_bn")
-        if med(a, top, "clip_grad") is not None
-    ]
-    if clips:
-        ok = all(v <= config.collapse_acc for _, v in clips)
-        claims.append(
-            Claim(
-                f"At {top:g}x clipping still fails for Transformer and CNN+BN (final median <= "
-                f"{config.collapse_acc:.0%})",
-                "38.7% / 10.3%",
-                " / ".join(f"{v:.1%}" for _, v in clips),
-                ok,
-            )
-        )
-    lo = min(float(f) for f in config.factors)
-    if lo < top:
-        drops = [(a, med(a, lo, "plain"), med(a, top, "plain")) for a in config.archs]
-        drops = [d for d in drops if None not in d]
-        if drops:
-            claims.append(
-                Claim(
-                    f"Plain Adam fails progressively: final accuracy at {top:g}x below that at "
-                    f"{lo:g}x for every architecture",
-                    "fails progressively with spike size",
-                    "; ".join(f"{ARCH_LABELS.get(a, a)} {x:.0%} -> {y:.0%}" for a, x, y in drops),
-                    all(y < x for _, x, y in drops),
-                )
-            )
-    pairs = [
-        (
-            "transformer",
-            10.0,
-            1000.0,
-            "Plain Adam: the Transformer recovers from 10x but not 1000x",
-            "recovers at 10x, not at 1000x",
-        ),
-        (
-            "mlp_ln",
-            100.0,
-            10000.0,
-            "Plain Adam: MLP+LN tolerates 100x but collapses at 10000x",
-            "tolerates 100x, 44.6% at 10000x",
-        ),
-    ]
-    for a, good, bad, text, paper in pairs:
-        x, y = med(a, good, "plain"), med(a, bad, "plain")
-        if x is None or y is None:
-            continue
-        claims.append(
-            Claim(
-                f"{text} (>= {config.recover_acc:.0%} vs <= {config.collapse_acc:.0%})",
-                paper,
-                f"{good:g}x: {x:.1%}; {bad:g}x: {y:.1%}",
-                x >= config.recover_acc and y <= config.collapse_acc,
-            )
-        )
-    x = med("cnn_bn", 10.0, "plain")
-    r10 = summary.get(("cnn_bn", 10.0, "plain"), {}).get("r_at_spike", math.nan)
-    if x is not None:
-        claims.append(
-            Claim(
-                f"Plain Adam: CNN+BN collapses permanently even at 10x (final median <= "
-                f"{config.collapse_acc:.0%}; BatchNorm running statistics corrupted)",
-                "permanent collapse at 10x",
-                f"{x:.1%}",
-                x <= config.collapse_acc,
-                note=None
-                if x <= config.collapse_acc
-                else (
-                    f"our CNN+BN survives a 10x spike: its spiked step has r = {r10:.3g} at "
-                    "the spike, and r < 1 predicts survival. The paper's collapse suggests its "
-                    "spiked steps left the radius (its base LR and batch size are not stated; "
-                    "we did not tune ours)"
-                ),
-            )
-        )
-    return claims
+    rules = [*(_margin_rule(a) for a in config.archs), *CLAIMS]
+    return evaluate_claims(rules, c=config, summary=summary, top=top, med=med)
 
 
 def _survive_note(config: Config, summary: dict, worst: tuple) -> str:

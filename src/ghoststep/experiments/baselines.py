@@ -1,13 +1,13 @@
 """The controller against the stabilizers people use, under learning-rate spikes.
 
 Beyond the paper (which compares only plain Adam and ``clip_grad_norm_(1)``): nine
-methods (:mod:`~ghoststep.experiments.stabilizers`: plain, fixed-norm clipping, AGC,
+methods (:mod:`~ghoststep.experiments.common.stabilizers`: plain, fixed-norm clipping, AGC,
 ZClip, AdaGC, SPAM, StableSPAM, the controller in clip and in set mode) face a
 learning-rate spike at step 50 of a 200-step run: the LR is multiplied by ``factor``
 for one step (the paper's published code for Fig. 10) or held for 150 steps (Fig. 6).
 
 * Adam on MLP+LN, CNN+BN, TinyTransformer (digits) and a TinyLM (a synthetic bigram
-  language, :func:`~ghoststep.experiments.data.markov_language`);
+  language, :func:`~ghoststep.experiments.common.data.markov_language`);
 * SGD with momentum 0.9 and Lion on MLP+LN and the TinyLM (the Adam variants AdaGC,
   SPAM, StableSPAM do not apply there).
 
@@ -28,17 +28,17 @@ from pathlib import Path
 
 import numpy as np
 
-from ghoststep.experiments.figures import new_figure, save_figure
-from ghoststep.experiments.results import Claim, Results, Table
-from ghoststep.experiments.runner import parallel_map
-from ghoststep.experiments.stabilizers import (
+from ghoststep.experiments.common.figures import new_figure, save_figure
+from ghoststep.experiments.common.results import Claim, ClaimRule, Results, Table, evaluate_claims
+from ghoststep.experiments.common.runner import parallel_map
+from ghoststep.experiments.common.stabilizers import (
     ADAM_ONLY,
     METHODS,
     SOURCES,
     applicable,
     stabilizer_run,
 )
-from ghoststep.experiments.training import median_iqr, recovery_steps, summarize_finals
+from ghoststep.experiments.common.training import median_iqr, recovery_steps, summarize_finals
 
 ARCH_LABELS = {
     "transformer": "Transformer",
@@ -273,31 +273,6 @@ def _conditions(config: Config, summary: dict) -> list[tuple]:
     return seen
 
 
-def _claims(config: Config, summary: dict, costs: dict, held: int) -> list[Claim]:
-    claims = [_near_best_claim(config, summary), _best_at_held_claim(config, summary, held)]
-    r_max = [s["r_applied_max"] for k, s in summary.items() if k[-1] == "controller"]
-    if r_max:
-        claims.append(
-            Claim(
-                "Every applied controller (clip) step has r <= 1",
-                "r <= 1",
-                f"max r = {max(r_max):.6g}",
-                max(r_max) <= config.target_r * (1 + 1e-6),
-            )
-        )
-    claims += [
-        c
-        for c in (
-            _set_immune_claim(config, summary),
-            _clippers_claim(config, summary, held),
-            _one_step_claim(summary, held),
-            _cost_claim(config, costs),
-        )
-        if c is not None
-    ]
-    return claims
-
-
 def _gap(arch: str, cell: dict, best: float, config: Config) -> tuple[float, bool]:
     """How far the controller's score is below the best (points or nats), and if near."""
     gap = best - _score(arch, cell)
@@ -305,7 +280,10 @@ def _gap(arch: str, cell: dict, best: float, config: Config) -> tuple[float, boo
     return gap, gap <= tol + 1e-12
 
 
-def _near_best_claim(config: Config, summary: dict) -> Claim:
+def _near_best(x) -> tuple[int, int, tuple, int]:
+    """(cells near the best, cells, (condition, gap) of the largest gap, cells near the
+    best non-ghoststep method)."""
+    config, summary = x.c, x.summary
     worst, n_ok, n, n_ok_others = (None, -math.inf), 0, 0, 0
     for cond in _conditions(config, summary):
         arch = cond[1]
@@ -319,16 +297,7 @@ def _near_best_claim(config: Config, summary: dict) -> Claim:
         n, n_ok = n + 1, n_ok + ok
         if gap > worst[1]:
             worst = (cond, gap)
-    where = "-" if worst[0] is None else _cond_name(worst[0])
-    return Claim(
-        f"The controller is within {config.near_points * 100:g} points of the best method's "
-        f"median final accuracy (TinyLM: {config.near_nats:g} nats of the best test loss) in "
-        "every cell",
-        "not in the paper (our prediction)",
-        f"{n_ok}/{n} cells; largest gap {worst[1]:.3g} at {where}",
-        n > 0 and n_ok == n,
-        f"against the non-ghoststep methods only (set mode left out): {n_ok_others}/{n} cells",
-    )
+    return n_ok, n, worst, n_ok_others
 
 
 def _cond_name(cond: tuple) -> str:
@@ -336,10 +305,12 @@ def _cond_name(cond: tuple) -> str:
     return f"{OPT_LABELS.get(opt, opt)} {ARCH_LABELS.get(arch, arch)} {f:g}x/{length}"
 
 
-def _best_at_held_claim(config: Config, summary: dict, held: int) -> Claim:
+def _best_at_held(x) -> tuple[list[str], bool]:
+    """(margin of the controller over the best other method per cell, all positive)."""
+    config, summary = x.c, x.summary
     rows, ok = [], True
     for cond in _conditions(config, summary):
-        if cond[2] < config.best_from or cond[3] != held or (*cond, "controller") not in summary:
+        if cond[2] < config.best_from or cond[3] != x.held or (*cond, "controller") not in summary:
             continue
         arch = cond[1]
         ctrl = _score(arch, summary[(*cond, "controller")])
@@ -353,40 +324,28 @@ def _best_at_held_claim(config: Config, summary: dict, held: int) -> Claim:
         margin = ctrl - max(others)
         ok = ok and margin > 0
         rows.append(f"{_cond_name(cond)}: {margin:+.3g}")
-    return Claim(
-        f"At held spikes >= {config.best_from:g}x the controller is strictly best (median "
-        "above every non-ghoststep method; margin in accuracy, or nats for TinyLM)",
-        "not in the paper (our prediction)",
-        "; ".join(rows) or "no such cell",
-        bool(rows) and ok,
-    )
+    return rows, ok
 
 
-def _set_immune_claim(config: Config, summary: dict) -> Claim | None:
+def _controller_r_max(x) -> float | None:
+    r_max = [s["r_applied_max"] for k, s in x.summary.items() if k[-1] == "controller"]
+    return max(r_max) if r_max else None
+
+
+def _set_spread(x) -> dict | None:
+    """Spread over spikes of controller_set's median final score, per (optimizer, arch)."""
     scores: dict[tuple, list] = {}
-    for (opt, arch, _f, _n, m), s in summary.items():
+    for (opt, arch, _f, _n, m), s in x.summary.items():
         if m == "controller_set":
             scores.setdefault((opt, arch), []).append(_score(arch, s))
     if not scores:
         return None
-    spread = {k: max(v) - min(v) for k, v in scores.items()}
-    ok = all(
-        x <= (config.near_nats if a == "tinylm" else config.near_points)
-        for (_o, a), x in spread.items()
-    )
-    return Claim(
-        f"Set mode ignores the LR scale: controller_set's median final score varies by at "
-        f"most {config.near_points * 100:g} points ({config.near_nats:g} nats) across spikes",
-        "by construction (the step is r* rho_a; only float rounding of the proposal differs)",
-        "; ".join(
-            f"{OPT_LABELS.get(o, o)} {ARCH_LABELS.get(a, a)} {x:.3g}"
-            for (o, a), x in spread.items()
-        ),
-        ok,
-    )
+    return {k: max(v) - min(v) for k, v in scores.items()}
 
 
-def _clippers_claim(config: Config, summary: dict, held: int) -> Claim | None:
+def _clippers(x) -> tuple[list[str], bool] | None:
+    """(each clipper's gap to plain Adam at the held largest spike, all within tolerance)."""
+    config, summary, held = x.c, x.summary, x.held
     top = max(config.factors)
     clippers = [m for m in ("clip_grad", "agc", "zclip", "adagc") if m in config.methods]
     rows, ok = [], True
@@ -401,23 +360,15 @@ def _clippers_claim(config: Config, summary: dict, held: int) -> Claim | None:
                 rows.append(
                     f"{ARCH_LABELS.get(arch, arch)} {m} {s['median'] - plain['median']:+.2f}"
                 )
-    if not rows:
-        return None
-    return Claim(
-        f"Gradient clippers do not bound Adam's step: at a held {top:g}x spike, clip_grad, "
-        f"AGC, ZClip and AdaGC end within {config.same_as_plain * 100:g} points of plain Adam "
-        "(classifiers)",
-        "not in the paper (our prediction: Adam's step ~ lr, whatever ||g||)",
-        "; ".join(rows),
-        ok,
-    )
+    return (rows, ok) if rows else None
 
 
-def _one_step_claim(summary: dict, held: int) -> Claim | None:
+def _one_step(x) -> tuple[list[str], bool] | None:
+    """(one-step vs held spike per plain cell, one-step never worse)."""
     rows, ok = [], True
-    for (opt, arch, f, n, m), s in summary.items():
-        held_cell = summary.get((opt, arch, f, held, m))
-        if m != "plain" or n == held or held_cell is None:
+    for (opt, arch, f, n, m), s in x.summary.items():
+        held_cell = x.summary.get((opt, arch, f, x.held, m))
+        if m != "plain" or n == x.held or held_cell is None:
             continue
         better = _score(arch, s) >= _score(arch, held_cell)
         ok = ok and better
@@ -425,32 +376,103 @@ def _one_step_claim(summary: dict, held: int) -> Claim | None:
             f"{OPT_LABELS.get(opt, opt)} {ARCH_LABELS.get(arch, arch)} {f:g}x "
             f"{'ok' if better else 'NO'}"
         )
-    if not rows:
-        return None
-    return Claim(
+    return (rows, ok) if rows else None
+
+
+def _costs_rows(x) -> list[tuple] | None:
+    rows = [
+        (o, a, c["controller"])
+        for (o, a), c in x.costs.items()
+        if a in ("transformer", "tinylm") and "controller" in c
+    ]
+    return rows or None
+
+
+# The predictions of this experiment (none is in the paper), in report order.
+CLAIMS = (
+    ClaimRule(
+        lambda x: (
+            f"The controller is within {x.c.near_points * 100:g} points of the best "
+            f"method's median final accuracy (TinyLM: {x.c.near_nats:g} nats of the best test "
+            "loss) in every cell"
+        ),
+        "not in the paper (our prediction)",
+        _near_best,
+        holds=lambda v, x: v[1] > 0 and v[0] == v[1],
+        ours=lambda v, x: (
+            f"{v[0]}/{v[1]} cells; largest gap {v[2][1]:.3g} at "
+            + ("-" if v[2][0] is None else _cond_name(v[2][0]))
+        ),
+        note=lambda v, x: (
+            f"against the non-ghoststep methods only (set mode left out): {v[3]}/{v[1]} cells"
+        ),
+        always_note=True,
+    ),
+    ClaimRule(
+        "At held spikes >= {c.best_from:g}x the controller is strictly best (median "
+        "above every non-ghoststep method; margin in accuracy, or nats for TinyLM)",
+        "not in the paper (our prediction)",
+        _best_at_held,
+        holds=lambda v, x: bool(v[0]) and v[1],
+        ours=lambda v, x: "; ".join(v[0]) or "no such cell",
+    ),
+    ClaimRule(
+        "Every applied controller (clip) step has r <= 1",
+        "r <= 1",
+        _controller_r_max,
+        holds=lambda r_max, x: r_max <= x.c.target_r * (1 + 1e-6),
+        ours=lambda r_max, x: f"max r = {r_max:.6g}",
+    ),
+    ClaimRule(
+        lambda x: (
+            "Set mode ignores the LR scale: controller_set's median final score varies "
+            f"by at most {x.c.near_points * 100:g} points ({x.c.near_nats:g} nats) across spikes"
+        ),
+        "by construction (the step is r* rho_a; only float rounding of the proposal differs)",
+        _set_spread,
+        holds=lambda spread, x: all(
+            v <= (x.c.near_nats if a == "tinylm" else x.c.near_points)
+            for (_o, a), v in spread.items()
+        ),
+        ours=lambda spread, x: "; ".join(
+            f"{OPT_LABELS.get(o, o)} {ARCH_LABELS.get(a, a)} {v:.3g}"
+            for (o, a), v in spread.items()
+        ),
+    ),
+    ClaimRule(
+        lambda x: (
+            "Gradient clippers do not bound Adam's step: at a held "
+            f"{max(x.c.factors):g}x spike, clip_grad, AGC, ZClip and AdaGC end within "
+            f"{x.c.same_as_plain * 100:g} points of plain Adam (classifiers)"
+        ),
+        "not in the paper (our prediction: Adam's step ~ lr, whatever ||g||)",
+        _clippers,
+        holds=lambda v, x: v[1],
+        ours=lambda v, x: "; ".join(v[0]),
+    ),
+    ClaimRule(
         "For the plain optimizer a one-step spike does no more harm than a held "
         "one (final score one-step >= held, every optimizer/arch/factor)",
         "paper code: one step; paper Fig. 6: held",
-        "; ".join(rows),
-        ok,
-    )
-
-
-def _cost_claim(config: Config, costs: dict) -> Claim | None:
-    rows = [
-        (o, a, c["controller"])
-        for (o, a), c in costs.items()
-        if a in ("transformer", "tinylm") and "controller" in c
-    ]
-    if not rows:
-        return None
-    return Claim(
-        f"The controller's wall clock per step is <= {config.cost_ratio:g}x the plain "
+        _one_step,
+        holds=lambda v, x: v[1],
+        ours=lambda v, x: "; ".join(v[0]),
+    ),
+    ClaimRule(
+        "The controller's wall clock per step is <= {c.cost_ratio:g}x the plain "
         "optimizer's on Transformer and TinyLM",
         "README benchmark: ~2x (jvp)",
-        "; ".join(f"{OPT_LABELS.get(o, o)} {ARCH_LABELS.get(a, a)} {x:.2f}x" for o, a, x in rows),
-        all(x <= config.cost_ratio for _, _, x in rows),
-    )
+        _costs_rows,
+        holds=lambda rows, x: all(v <= x.c.cost_ratio for _, _, v in rows),
+        ours=lambda rows, x: "; ".join(
+            f"{OPT_LABELS.get(o, o)} {ARCH_LABELS.get(a, a)} {v:.2f}x" for o, a, v in rows
+        ),
+    ),
+)
+
+
+def _claims(config: Config, summary: dict, costs: dict, held: int) -> list[Claim]:
+    return evaluate_claims(CLAIMS, c=config, summary=summary, costs=costs, held=held)
 
 
 def _fmt_cell(arch: str, s: dict | None) -> str:

@@ -34,9 +34,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ghoststep.experiments.data import digits
-from ghoststep.experiments.figures import new_figure, save_figure
-from ghoststep.experiments.probes import (
+from ghoststep.experiments.common.data import digits
+from ghoststep.experiments.common.figures import new_figure, save_figure
+from ghoststep.experiments.common.probes import (
     descent_direction,
     distribution,
     first_crossing,
@@ -46,9 +46,9 @@ from ghoststep.experiments.probes import (
     sample_radii,
     train_checkpoints,
 )
-from ghoststep.experiments.results import Claim, Results
-from ghoststep.experiments.runner import progress_bar
-from ghoststep.experiments.training import sig
+from ghoststep.experiments.common.results import Claim, ClaimRule, Results, evaluate_claims
+from ghoststep.experiments.common.runner import progress_bar
+from ghoststep.experiments.common.training import sig
 
 DIRECTIONS = ("gradient", "random")
 
@@ -322,43 +322,32 @@ def run(config: Config, out_dir: Path, progress: bool) -> Results:
     )
 
 
-def _claims(config, results, pooled) -> list[dict]:
-    claims = []
-    mins = [e["min_exact_over_rho_a"] for e in results if math.isfinite(e["min_exact_over_rho_a"])]
-    lowest = min(mins) if mins else math.nan
-    claims.append(
-        Claim(
-            "rho_a is a lower bound on the exact linearized radius rho* (Theorem): smallest "
-            "rho*/rho_a over every certified sample",
-            ">= 1 (proven)",
-            sig(lowest, 6),
-            math.isfinite(lowest) and lowest >= 1 - 1e-6,
-        )
-    )
-    shares = {
-        k: float(np.mean([e["top2_above_exact_share"] for e in results if e["direction"] == k]))
-        for k in pooled
+def _lowest_ratio(x) -> float:
+    mins = [
+        e["min_exact_over_rho_a"] for e in x.results if math.isfinite(e["min_exact_over_rho_a"])
+    ]
+    return min(mins) if mins else math.nan
+
+
+def _proxy_shares(x) -> dict[str, float]:
+    """Mean share of samples where the top-2 proxy exceeds rho*, per direction kind."""
+    return {
+        k: float(np.mean([e["top2_above_exact_share"] for e in x.results if e["direction"] == k]))
+        for k in x.pooled
     }
-    any_above = any(e["top2_above_exact_share"] > 0 for e in results)
-    claims.append(
-        Claim(
-            "The top-2 proxy is not a bound for K > 2: it exceeds rho* for some samples "
-            "(mean share per checkpoint)",
-            "proxy, not a guaranteed bound",
-            ", ".join(f"{k} {v:.3f}" for k, v in shares.items()),
-            any_above,
-            note=None
-            if any_above
-            else "the proxy never exceeded rho* here: it behaved as a "
-            "lower bound on these samples (it is still not guaranteed)",
-        )
-    )
-    onsets = [e["batch_onset_over_rho_a"] for e in results]
-    low = [
+
+
+def _low_onsets(x) -> list[dict]:
+    """The sweeps whose batch loss doubles before rho_a."""
+    return [
         e
-        for e in results
+        for e in x.results
         if math.isfinite(e["batch_onset_over_rho_a"]) and e["batch_onset_over_rho_a"] < 1
     ]
+
+
+def _onset_note(low: list[dict], x) -> str | None:
+    onsets = [e["batch_onset_over_rho_a"] for e in x.results]
     finite = [o for o in onsets if math.isfinite(o)]
     notes = []
     if low:
@@ -369,7 +358,7 @@ def _claims(config, results, pooled) -> list[dict]:
             for e in low
         )
         notes.append(
-            f"the loss doubles before rho_a in {len(low)} of {len(results)} sweeps ({where}). "
+            f"the loss doubles before rho_a in {len(low)} of {len(x.results)} sweeps ({where}). "
             "rho_a bounds the radius of the loss with *linearized* logits; where it fails, "
             "rho_a is a parameter displacement comparable to or larger than the whole "
             "weight vector, over which the ReLU/max-pool logits are far from linear"
@@ -377,31 +366,72 @@ def _claims(config, results, pooled) -> list[dict]:
     if len(finite) != len(onsets):
         notes.append(
             f"{len(onsets) - len(finite)} of {len(onsets)} sweeps never doubled the "
-            f"loss up to r = {config.r_max:g}"
+            f"loss up to r = {x.c.r_max:g}"
         )
-    claims.append(
-        Claim(
-            "The real network's batch loss does not double before tau = rho_a (no failure "
-            "for r < 1) at any checkpoint or direction: smallest batch onset / rho_a",
-            "no failure for r < 1",
-            sig(min(finite)) if finite else "no onset on the grid",
-            not low,
-            note="; ".join(notes) or None,
-        )
+    return "; ".join(notes) or None
+
+
+def _smallest_onset(low: list[dict], x) -> str:
+    finite = [e["batch_onset_over_rho_a"] for e in x.results]
+    finite = [o for o in finite if math.isfinite(o)]
+    return sig(min(finite)) if finite else "no onset on the grid"
+
+
+def _transition_rule(kind: str) -> ClaimRule:
+    def ours(d: dict, x) -> str:
+        p5, p95 = d.get("p5", math.nan), d.get("p95", math.nan)
+        return f"{sig(d.get('median', math.nan))} ({sig(p5)}-{sig(p95)})"
+
+    return ClaimRule(
+        f"Transitions lie between r = 1 and r = 10 ({kind} direction; median batch "
+        "onset / rho_a over checkpoints, 5-95%)",
+        "1 <= r <= 10 (Fig. 7)",
+        lambda x: x.pooled[kind]["batch_onset_over_rho_a"],
+        holds=lambda d, x: (
+            math.isfinite(d.get("median", math.nan)) and 1 <= d.get("median", math.nan) <= 10
+        ),
+        ours=ours,
     )
-    for kind, p in pooled.items():
-        d = p["batch_onset_over_rho_a"]
-        med = d.get("median", math.nan)
-        claims.append(
-            Claim(
-                f"Transitions lie between r = 1 and r = 10 ({kind} direction; median batch "
-                "onset / rho_a over checkpoints, 5-95%)",
-                "1 <= r <= 10 (Fig. 7)",
-                f"{sig(med)} ({sig(d.get('p5', math.nan))}-{sig(d.get('p95', math.nan))})",
-                math.isfinite(med) and 1 <= med <= 10,
-            )
-        )
-    return claims
+
+
+# Claims before the per-direction transition claims of :func:`_transition_rule`.
+CLAIMS = (
+    ClaimRule(
+        "rho_a is a lower bound on the exact linearized radius rho* (Theorem): smallest "
+        "rho*/rho_a over every certified sample",
+        ">= 1 (proven)",
+        _lowest_ratio,
+        holds=lambda lowest, x: math.isfinite(lowest) and lowest >= 1 - 1e-6,
+        ours=lambda lowest, x: sig(lowest, 6),
+    ),
+    ClaimRule(
+        "The top-2 proxy is not a bound for K > 2: it exceeds rho* for some samples "
+        "(mean share per checkpoint)",
+        "proxy, not a guaranteed bound",
+        _proxy_shares,
+        holds=lambda shares, x: any(e["top2_above_exact_share"] > 0 for e in x.results),
+        ours=lambda shares, x: ", ".join(f"{k} {v:.3f}" for k, v in shares.items()),
+        note=lambda shares, x: (
+            "the proxy never exceeded rho* here: it behaved as a "
+            "lower bound on these samples (it is still not guaranteed)"
+        ),
+    ),
+    ClaimRule(
+        "The real network's batch loss does not double before tau = rho_a (no failure "
+        "for r < 1) at any checkpoint or direction: smallest batch onset / rho_a",
+        "no failure for r < 1",
+        _low_onsets,
+        holds=lambda low, x: not low,
+        ours=_smallest_onset,
+        note=_onset_note,
+        always_note=True,
+    ),
+)
+
+
+def _claims(config, results, pooled) -> list[Claim]:
+    rules = [*CLAIMS, *(_transition_rule(kind) for kind in pooled)]
+    return evaluate_claims(rules, c=config, results=results, pooled=pooled)
 
 
 def _colors(n):

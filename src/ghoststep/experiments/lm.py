@@ -5,9 +5,9 @@ over B*T positions, is rho_a = pi / max spread so small that a radius controller
 stalls a language model (r >> 1 at every update at a standard learning rate)? How
 does r scale with the vocabulary size V?
 
-Data: the Python standard library's own source (:mod:`ghoststep.experiments.text`),
+Data: the Python standard library's own source (:mod:`ghoststep.experiments.common.text`),
 split by file, byte-level BPE tokenizers trained on the training split at each V.
-Model: :class:`~ghoststep.experiments.models.TinyLM` (GPT-style decoder: pre-LN,
+Model: :class:`~ghoststep.experiments.common.models.TinyLM` (GPT-style decoder: pre-LN,
 learned positions, weight-tied output, ReLU FFN so the FFN kink radius is defined),
 AdamW (betas 0.9 / 0.95) with linear warmup and cosine decay.
 
@@ -17,7 +17,7 @@ Two parts:
   every step, r = ||p|| / rho_a of the actual AdamW update p, rho_a, the bottleneck
   position (its token, frequency rank, position in the window), the q-quantile
   radius next to the max one, and the attention / FFN radii of
-  :func:`~ghoststep.experiments.transformer.internal_radii` (which one binds). At a
+  :func:`~ghoststep.controller.internal_radii` (which one binds). At a
   few checkpoints the certified exact radius rho* (:func:`ghoststep.exact_radius`) of
   a few positions (the bottleneck and random ones) along p gives rho*/rho_a.
 * **stability** (one V, LR x ``lr_factors``): plain AdamW, the controller (clip,
@@ -31,8 +31,8 @@ Run: ``ghoststep run lm`` (paper preset) or ``ghoststep run lm --preset quick``.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
-import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,19 +41,18 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ghoststep.controller import RadiusController
-from ghoststep.experiments.figures import new_figure, save_figure
-from ghoststep.experiments.models import TinyLM
-from ghoststep.experiments.results import Claim, Results, Table
-from ghoststep.experiments.runner import parallel_map
-from ghoststep.experiments.text import (
+from ghoststep.controller import AllRadiiController, RadiusController
+from ghoststep.experiments.common.figures import new_figure, save_figure
+from ghoststep.experiments.common.models import TinyLM
+from ghoststep.experiments.common.results import Claim, ClaimRule, Results, Table, evaluate_claims
+from ghoststep.experiments.common.runner import parallel_map
+from ghoststep.experiments.common.text import (
     build_corpus,
     encode_split,
     token_frequency_rank,
     train_tokenizer,
 )
-from ghoststep.experiments.training import finite_median, set_seed
-from ghoststep.experiments.transformer import AllRadiiController
+from ghoststep.experiments.common.training import finite_median, loop, set_seed
 from ghoststep.measurement import logit_slopes
 from ghoststep.radius import exact_radius
 
@@ -279,32 +278,36 @@ def lm_run(method: str, vocab_size: int, lr_factor: float, config: dict, train_i
            "monitor": [], "exact": [], "eval_steps": [], "val_loss": [], "seconds": 0.0,
            "params": sum(p.numel() for p in model.parameters())}  # fmt: skip
     high = train_ids.numel() - c.seq_len - 1
-    for step in range(c.steps):
-        for group in opt.param_groups:
-            group["lr"] = peak * lr_factor_at(step, c.steps, c.warmup, c.min_lr_ratio)
-        x, y = _windows(train_ids, torch.randint(0, high, (c.batch_size,), generator=gen),
-                        c.seq_len)  # fmt: skip
-        t0 = time.perf_counter()
-        objective, ce = _loss(net, x, y, method, c)
-        rec["losses"].append(float(ce.detach()))
-        if not math.isfinite(float(objective.detach())):
-            break  # diverged: the remaining steps are missing
-        opt.zero_grad()
-        objective.backward()
-        exact = method == "monitor" and step in checkpoints
-        old = {n: p.detach().clone() for n, p in model.named_parameters()} if exact else None
-        opt.step()
-        rec["seconds"] += time.perf_counter() - t0
+    peak_factor = functools.partial(lr_factor_at, steps=c.steps, warmup=c.warmup,
+                                    min_ratio=c.min_lr_ratio)  # fmt: skip
+    batches = (_windows(train_ids, torch.randint(0, high, (c.batch_size,), generator=gen),
+                        c.seq_len) for _ in range(c.steps))  # fmt: skip
+    old: dict = {}
+
+    def after_loss(info) -> str | None:
+        rec["losses"].append(info.loss)
+        return None if math.isfinite(float(info.objective)) else "stop"  # diverged
+
+    def before_step(info) -> None:
+        if method == "monitor" and info.step in checkpoints:
+            old.update({n: p.detach().clone() for n, p in model.named_parameters()})
+
+    def on_step(info) -> None:
+        rec["seconds"] += info.seconds
         if method == "monitor":
-            rec["monitor"].append(_monitor_row(opt, x, y, ranks, c.quantile))
-        if exact:
+            rec["monitor"].append(_monitor_row(opt, info.inputs, info.targets, ranks, c.quantile))
+        if method == "monitor" and info.step in checkpoints:
             new = {n: p.detach().clone() for n, p in model.named_parameters()}
-            rec["exact"].append(
-                {"step": step, **exact_sample(model, x, old, new, c.exact_positions, gen)}
-            )
-        if step % c.eval_every == 0 or step == c.steps - 1:
-            rec["eval_steps"].append(step)
+            sample = exact_sample(model, info.inputs, old, new, c.exact_positions, gen)
+            rec["exact"].append({"step": info.step, **sample})
+        if info.step % c.eval_every == 0 or info.step == c.steps - 1:
+            rec["eval_steps"].append(info.step)
             rec["val_loss"].append(validation_loss(net, val_ids, c))
+
+    # the remaining steps of a diverged run are missing
+    loop(net, opt, batches, c.steps, lr_schedule=peak_factor,
+         forward=lambda x, y: _loss(net, x, y, method, c), after_loss=after_loss,
+         before_step=before_step, on_step=on_step)  # fmt: skip
     rec["tokens_per_s"] = len(rec["losses"]) * c.batch_size * c.seq_len / max(rec["seconds"], 1e-9)
     rec["final_val"] = rec["val_loss"][-1] if len(rec["losses"]) == c.steps else math.nan
     rec["spikes"] = count_spikes(rec["losses"], c.spike_window, c.spike_ratio)
@@ -437,103 +440,127 @@ def _notes(c: Config) -> list[str]:
     ]
 
 
-def _claims(c: Config, per_v: dict, stab: dict, slope: float) -> list[Claim]:
-    """The hypotheses of issue 12, stated with their thresholds before the paper run."""
-    v_max = max(per_v)
-    top = per_v[v_max]
-    claims = [
-        Claim(
-            f"No stall at V = {v_max}: the median r of AdamW updates at the standard LR "
-            "is below 10",
-            "< 10",
-            f"{top['r_median']:.3g}",
-            top["r_median"] < 10,
+def _top(key: str):
+    """``key`` of the largest vocabulary's summary."""
+    return lambda x: x.top[key]
+
+
+def _pair(lr: str):
+    """(plain AdamW, controller) records at the smallest (``"lo"``) or largest LR."""
+
+    def measure(x):
+        plain, ctrl = (
+            x.stab.get(("adamw", getattr(x, lr))),
+            x.stab.get(("controller", getattr(x, lr))),
+        )
+        return (plain, ctrl) if plain and ctrl else None
+
+    return measure
+
+
+# The hypotheses of issue 12, stated with their thresholds before the paper run.
+CLAIMS = (
+    ClaimRule(
+        "No stall at V = {v_max}: the median r of AdamW updates at the standard LR is below 10",
+        "< 10",
+        _top("r_median"),
+        holds=lambda r, x: r < 10,
+        ours=lambda r, x: f"{r:.3g}",
+    ),
+    ClaimRule(
+        "r grows slower than sqrt(V): log-log slope of median r vs V below 0.5",
+        "< 0.5",
+        lambda x: x.slope,
+        holds=lambda slope, x: slope < 0.5,
+        ours=lambda slope, x: f"{slope:.3g}",
+    ),
+    ClaimRule(
+        "rho_a is a lower bound: rho*/rho_a >= 1 at every certified sample",
+        ">= 1",
+        lambda x: list(x.per_v.values()),
+        holds=lambda vs, x: all(
+            s["exact_ratio_min"] >= 1 - 1e-6 for s in vs if s["exact_certified"]
         ),
-        Claim(
-            "r grows slower than sqrt(V): log-log slope of median r vs V below 0.5",
-            "< 0.5",
-            f"{slope:.3g}",
-            slope < 0.5,
+        ours=lambda vs, x: f"min {min(s['exact_ratio_min'] for s in vs):.4g}",
+    ),
+    ClaimRule(
+        "The exact radius certifies at >= 80% of the sampled positions at every V",
+        ">= 80%",
+        lambda x: x.per_v,
+        holds=lambda per_v, x: all(
+            s["exact_certified"] >= 0.8 * s["exact_sampled"] for s in per_v.values()
         ),
-        Claim(
-            "rho_a is a lower bound: rho*/rho_a >= 1 at every certified sample",
-            ">= 1",
-            f"min {min(s['exact_ratio_min'] for s in per_v.values()):.4g}",
-            all(s["exact_ratio_min"] >= 1 - 1e-6 for s in per_v.values() if s["exact_certified"]),
+        ours=lambda per_v, x: ", ".join(
+            f"V={v}: {s['exact_certified']}/{s['exact_sampled']}" for v, s in per_v.items()
         ),
-        Claim(
-            "The exact radius certifies at >= 80% of the sampled positions at every V",
-            ">= 80%",
-            ", ".join(
-                f"V={v}: {s['exact_certified']}/{s['exact_sampled']}" for v, s in per_v.items()
-            ),
-            all(s["exact_certified"] >= 0.8 * s["exact_sampled"] for s in per_v.values()),
-        ),
-        Claim(
-            f"The max over B*T positions is conservative at V = {v_max}: the {c.quantile:g}-"
-            "quantile radius is >= 1.5x rho_a (median over steps)",
-            ">= 1.5",
-            f"{top['q_over_max_median']:.3g}",
-            top["q_over_max_median"] >= 1.5,
-            f"a batch has {c.batch_size * c.seq_len} positions: the {c.quantile:g}-quantile "
+    ),
+    ClaimRule(
+        "The max over B*T positions is conservative at V = {v_max}: the {c.quantile:g}-"
+        "quantile radius is >= 1.5x rho_a (median over steps)",
+        ">= 1.5",
+        _top("q_over_max_median"),
+        holds=lambda q, x: q >= 1.5,
+        ours=lambda q, x: f"{q:.3g}",
+        note=lambda q, x: (
+            f"a batch has {x.c.batch_size * x.c.seq_len} positions: the {x.c.quantile:g}-quantile "
             "spread lies between the two largest spreads, so it can only be as loose as "
-            "the gap between the largest two",
+            "the gap between the largest two"
         ),
-        Claim(
-            f"Bottlenecks sit at rare tokens at V = {v_max}: median frequency rank of the "
-            "bottleneck's input token above that of a training token",
-            "above",
-            f"{top['bottleneck_rank_median']:.0f} vs {top['token_rank_median']:.0f}",
-            top["bottleneck_rank_median"] > top["token_rank_median"],
-        ),
-        Claim(
-            f"The output-logit radius binds in most steps at V = {v_max}",
-            "> 50%",
-            f"{top['binding']['out']}/{sum(top['binding'].values())}",
-            top["binding"]["out"] > 0.5 * sum(top["binding"].values()),
+        always_note=True,
+    ),
+    ClaimRule(
+        "Bottlenecks sit at rare tokens at V = {v_max}: median frequency rank of the "
+        "bottleneck's input token above that of a training token",
+        "above",
+        lambda x: x.top,
+        holds=lambda t, x: t["bottleneck_rank_median"] > t["token_rank_median"],
+        ours=lambda t, x: f"{t['bottleneck_rank_median']:.0f} vs {t['token_rank_median']:.0f}",
+    ),
+    ClaimRule(
+        "The output-logit radius binds in most steps at V = {v_max}",
+        "> 50%",
+        _top("binding"),
+        holds=lambda b, x: b["out"] > 0.5 * sum(b.values()),
+        ours=lambda b, x: f"{b['out']}/{sum(b.values())}",
+        note=lambda b, x: (
             "steps binding out / attn / ffn: "
-            + " / ".join(str(top["binding"].get(k, 0)) for k in ("out", "attn", "ffn"))
-            + " (the FFN term is a proxy: a low quantile of |h| / |h_dot| over ReLU inputs)",
+            + " / ".join(str(b.get(k, 0)) for k in ("out", "attn", "ffn"))
+            + " (the FFN term is a proxy: a low quantile of |h| / |h_dot| over ReLU inputs)"
         ),
-    ]
-    return claims + _stability_claims(c, stab)
+        always_note=True,
+    ),
+    ClaimRule(
+        "The controller does not stall at LR x{lo:g}: final validation loss within 5% "
+        "of plain AdamW",
+        "<= 1.05x",
+        _pair("lo"),
+        holds=lambda pc, x: pc[1]["final_val"] <= 1.05 * pc[0]["final_val"],
+        ours=lambda pc, x: f"{pc[1]['final_val']:.4g} vs {pc[0]['final_val']:.4g}",
+    ),
+    ClaimRule(
+        "At LR x{hi:g} the controller ends with a lower validation loss than plain AdamW",
+        "lower",
+        _pair("hi"),
+        # NaN (diverged) plain counts as higher
+        holds=lambda pc, x: not pc[0]["final_val"] <= pc[1]["final_val"],
+        ours=lambda pc, x: f"{pc[1]['final_val']:.4g} vs {pc[0]['final_val']:.4g}",
+    ),
+    ClaimRule(
+        "At LR x{hi:g} the controller has no more loss spikes than plain AdamW",
+        "<=",
+        _pair("hi"),
+        holds=lambda pc, x: pc[1]["spikes"] <= pc[0]["spikes"],
+        ours=lambda pc, x: f"{pc[1]['spikes']} vs {pc[0]['spikes']}",
+    ),
+)
 
 
-def _stability_claims(c: Config, stab: dict) -> list[Claim]:
-    claims = []
-    lo, hi = min(c.lr_factors), max(c.lr_factors)
-    plain, ctrl = stab.get(("adamw", lo)), stab.get(("controller", lo))
-    if plain and ctrl:
-        ok = ctrl["final_val"] <= 1.05 * plain["final_val"]
-        claims.append(
-            Claim(
-                f"The controller does not stall at LR x{lo:g}: final validation loss within 5% "
-                "of plain AdamW",
-                "<= 1.05x",
-                f"{ctrl['final_val']:.4g} vs {plain['final_val']:.4g}",
-                ok,
-            )
-        )
-    plain, ctrl = stab.get(("adamw", hi)), stab.get(("controller", hi))
-    if plain and ctrl:
-        better = not plain["final_val"] <= ctrl["final_val"]  # NaN (diverged) plain counts
-        claims.append(
-            Claim(
-                f"At LR x{hi:g} the controller ends with a lower validation loss than plain AdamW",
-                "lower",
-                f"{ctrl['final_val']:.4g} vs {plain['final_val']:.4g}",
-                better,
-            )
-        )
-        claims.append(
-            Claim(
-                f"At LR x{hi:g} the controller has no more loss spikes than plain AdamW",
-                "<=",
-                f"{ctrl['spikes']} vs {plain['spikes']}",
-                ctrl["spikes"] <= plain["spikes"],
-            )
-        )
-    return claims
+def _claims(c: Config, per_v: dict, stab: dict, slope: float) -> list[Claim]:
+    v_max = max(per_v)
+    return evaluate_claims(
+        CLAIMS, c=c, per_v=per_v, stab=stab, slope=slope, v_max=v_max, top=per_v[v_max],
+        lo=min(c.lr_factors), hi=max(c.lr_factors),
+    )  # fmt: skip
 
 
 def _vocab_table(per_v: dict) -> Table:

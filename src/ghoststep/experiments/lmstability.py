@@ -14,8 +14,8 @@ a log-spaced LR grid, the mean of ``min(final loss, initial loss)`` minus the be
 final loss on the grid.
 
 This experiment runs that proxy on the ``lm`` experiment's data (the Python standard
-library, byte-level BPE of :mod:`ghoststep.experiments.text`) with a pre-LN GPT-style
-decoder (:class:`~ghoststep.experiments.models.TinyLM`, optionally with qk-layernorm),
+library, byte-level BPE of :mod:`ghoststep.experiments.common.text`) with a pre-LN GPT-style
+decoder (:class:`~ghoststep.experiments.common.models.TinyLM`, optionally with qk-layernorm),
 the baseline recipe AdamW (0.9, 0.95), independent weight decay, linear warmup +
 cosine decay, gradient clipping at norm 1, and these methods, each over the same LR
 grid and seeds:
@@ -28,7 +28,7 @@ grid and seeds:
 ``ctrl_out``    + :class:`~ghoststep.RadiusController` (clip, r* = 1), output radius
 ``ctrl_attn``   + the controller (clip, r* = 1) limited by ``min(rho_out, rho_attn)``,
                 the attention radius through the ``extra_radii`` hook
-                (:class:`~ghoststep.experiments.transformer.AllRadiiController`)
+                (:class:`~ghoststep.controller.AllRadiiController`)
 ``ctrl_set``    + the controller in set mode (step length r* rho_out, r* = 1)
 ``zclip``       AdamW with ZClip (z-score clipping) in place of the fixed clip
 ``adagc``       AdaGC (per-tensor adaptive clipping Adam) in place of AdamW + clip
@@ -50,6 +50,7 @@ Run: ``ghoststep run lmstability`` (paper preset, one worker) or ``--preset quic
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import sys
 import time
@@ -61,16 +62,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ghoststep.controller import RadiusController
-from ghoststep.experiments.figures import new_figure, save_figure
+from ghoststep.controller import AllRadiiController, RadiusController
+from ghoststep.experiments.common.figures import new_figure, save_figure
+from ghoststep.experiments.common.models import SelfAttention, TinyLM
+from ghoststep.experiments.common.results import Claim, ClaimRule, Results, Table, evaluate_claims
+from ghoststep.experiments.common.runner import parallel_map
+from ghoststep.experiments.common.stabilizers import ZClipTransform
+from ghoststep.experiments.common.text import build_corpus, encode_split, train_tokenizer
+from ghoststep.experiments.common.training import finite_median, loop, set_seed
 from ghoststep.experiments.lm import _windows, lr_factor_at, validation_loss
-from ghoststep.experiments.models import SelfAttention, TinyLM
-from ghoststep.experiments.results import Claim, Results, Table
-from ghoststep.experiments.runner import parallel_map
-from ghoststep.experiments.stabilizers import ZClipTransform
-from ghoststep.experiments.text import build_corpus, encode_split, train_tokenizer
-from ghoststep.experiments.training import finite_median, set_seed
-from ghoststep.experiments.transformer import AllRadiiController
 
 METHODS = (
     "adamw",
@@ -205,7 +205,7 @@ PRESETS = {
 
 
 class QKNormAttention(SelfAttention):
-    """:class:`~ghoststep.experiments.models.SelfAttention` with qk-layernorm: LayerNorm
+    """:class:`~ghoststep.experiments.common.models.SelfAttention` with qk-layernorm: LayerNorm
     over each head's query and key vectors before the dot product (Dehghani et al. 2023,
     Wortsman et al. 2023). Returns the pre-softmax logits like its parent."""
 
@@ -302,6 +302,85 @@ def _controller_row(opt, step: int) -> dict:
     }
 
 
+def _grad_hook(model, c: Config, clip: bool, zclip):
+    """Gradient clipping (global norm ``clip_norm``) and / or ZClip, after backward."""
+
+    def before_step(info) -> None:
+        if clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), c.clip_norm)
+        if zclip is not None:
+            zclip(model)
+
+    return before_step
+
+
+def _synced_step(opt, c: Config, device):
+    """``opt.step()``, then wait for the device (the step timings are wall clock)."""
+
+    def optimizer_step(info) -> None:
+        opt.step()
+        if c.device != "cpu":
+            torch.cuda.synchronize(device)
+
+    return optimizer_step
+
+
+def _train_steps(c: Config, method: str, model, opt, rec: dict, gen, train_ids, val_ids, device,
+                 zl: float, clip: bool, zclip) -> None:  # fmt: skip
+    """The steps of :func:`stability_run` through the shared training loop; fills ``rec``."""
+    high = train_ids.numel() - c.seq_len - 1
+    batches = (
+        tuple(t.to(device) for t in _windows(
+            train_ids, torch.randint(0, high, (c.batch_size,), generator=gen), c.seq_len
+        ))
+        for _ in range(c.steps)
+    )  # fmt: skip
+    steps = iter(range(c.steps))  # the forward runs once per step, in order
+    seen: dict = {}
+
+    def logged(step: int) -> bool:
+        return step % c.log_every == 0 or step == c.steps - 1
+
+    def forward(x, y):
+        model.record = logged(next(steps))  # detached attention logits of this forward only
+        logits = model(x).flatten(0, 1)
+        model.record = False
+        ce = F.cross_entropy(logits, y.flatten())
+        log_z = torch.logsumexp(logits, -1)
+        seen.update(logits=logits, log_z=log_z)
+        return (ce + zl * log_z.pow(2).mean() if zl else ce), ce
+
+    def after_loss(info) -> str | None:
+        loss = info.loss
+        rec["losses"].append(loss)
+        if logged(info.step):
+            rec["log"].append(
+                {
+                    "step": info.step,
+                    "max_attn": max_attention_logit(model.last_attention_logits),
+                    "logit_mean": float(seen["logits"].detach().mean()),
+                    "log_z": float(seen["log_z"].detach().mean()),
+                }
+            )
+        return None if math.isfinite(loss) else "stop"  # diverged: the rest is missing
+
+    def on_step(info) -> None:
+        rec["seconds"] += info.seconds
+        if method in CONTROLLERS:
+            rec["controller"].append(_controller_row(opt, info.step))
+        if (info.step + 1) % c.eval_every == 0 or info.step == c.steps - 1:
+            rec["eval_steps"].append(info.step + 1)
+            rec["val_loss"].append(validation_loss(model, val_ids, c))
+
+    peak_factor = functools.partial(
+        lr_factor_at, steps=c.steps, warmup=c.warmup, min_ratio=c.min_lr_ratio
+    )
+    loop(model, opt, batches, c.steps, lr_schedule=peak_factor, forward=forward,
+         after_loss=after_loss, before_step=_grad_hook(model, c, clip, zclip),
+         optimizer_step=_synced_step(opt, c, device),
+         on_step=on_step)  # fmt: skip
+
+
 def stability_run(method: str, lr: float, seed: int, config: dict, train_ids, val_ids) -> dict:
     """One training run of ``method`` at peak LR ``lr`` (``config`` is ``asdict(Config)``)."""
     c = Config(**config)
@@ -328,50 +407,7 @@ def stability_run(method: str, lr: float, seed: int, config: dict, train_ids, va
         "seconds": 0.0,
         "params": sum(p.numel() for p in model.parameters()),
     }
-    high = train_ids.numel() - c.seq_len - 1
-    for step in range(c.steps):
-        for group in opt.param_groups:
-            group["lr"] = lr * lr_factor_at(step, c.steps, c.warmup, c.min_lr_ratio)
-        x, y = _windows(
-            train_ids, torch.randint(0, high, (c.batch_size,), generator=gen), c.seq_len
-        )
-        x, y = x.to(device), y.to(device)
-        logged = step % c.log_every == 0 or step == c.steps - 1
-        t0 = time.perf_counter()
-        model.record = logged  # detached attention logits of this forward only
-        logits = model(x).flatten(0, 1)
-        model.record = False
-        ce = F.cross_entropy(logits, y.flatten())
-        log_z = torch.logsumexp(logits, -1)
-        objective = ce + zl * log_z.pow(2).mean() if zl else ce
-        loss = float(ce.detach())
-        rec["losses"].append(loss)
-        if logged:
-            rec["log"].append(
-                {
-                    "step": step,
-                    "max_attn": max_attention_logit(model.last_attention_logits),
-                    "logit_mean": float(logits.detach().mean()),
-                    "log_z": float(log_z.detach().mean()),
-                }
-            )
-        if not math.isfinite(loss):
-            break  # diverged: the remaining steps are missing
-        opt.zero_grad()
-        objective.backward()
-        if clip:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), c.clip_norm)
-        if zclip is not None:
-            zclip(model)
-        opt.step()
-        if c.device != "cpu":
-            torch.cuda.synchronize(device)
-        rec["seconds"] += time.perf_counter() - t0
-        if method in CONTROLLERS:
-            rec["controller"].append(_controller_row(opt, step))
-        if (step + 1) % c.eval_every == 0 or step == c.steps - 1:
-            rec["eval_steps"].append(step + 1)
-            rec["val_loss"].append(validation_loss(model, val_ids, c))
+    _train_steps(c, method, model, opt, rec, gen, train_ids, val_ids, device, zl, clip, zclip)
     done = len(rec["losses"]) == c.steps and math.isfinite(rec["losses"][-1])
     rec["tokens_per_s"] = len(rec["losses"]) * c.batch_size * c.seq_len / max(rec["seconds"], 1e-9)
     rec["initial_val"] = rec["val_loss"][0]
@@ -564,13 +600,148 @@ def _jsonable_summary(s: dict) -> dict:
 # ----------------------------------------------------------------------------- claims
 
 
-def _claims(c: Config, s: dict) -> list[Claim]:
-    """The hypotheses of issue 23, with thresholds fixed before the first paper run.
+def _method(m: str):
+    """The summary of method ``m`` (None: not run)."""
+    return lambda x: x.s[m] if m in x.s else None
 
-    Growth is measured against one reference: the median max attention logit of plain
-    AdamW at its own best LR (``ref``); "grows" means ``>= growth x ref`` at the
-    highest grid LR.
-    """
+
+def _growth_of(m: str):
+    """Growth of method ``m``'s attention logits (None: not run)."""
+    return lambda x: x.growth(m) if m in x.s else None
+
+
+def _cost_rule(m: str) -> ClaimRule:
+    return ClaimRule(
+        f"{METHOD_LABELS[m]} costs at most " + "{c.cost:g}x in tokens per second",
+        lambda x: f"<= {x.c.cost:g}x",
+        lambda x: x.a["tokens_per_s"] / x.s[m]["tokens_per_s"] if m in x.s else None,
+        holds=lambda ratio, x: ratio <= x.c.cost,
+        ours=lambda ratio, x: (
+            f"{ratio:.3g}x ({x.s[m]['tokens_per_s']:.0f} vs {x.a['tokens_per_s']:.0f} tok/s)"
+        ),
+        note=lambda ratio, x: (
+            "one forward-mode JVP of the output logits per step"
+            + (", plus one through the attention logits" if m == "ctrl_attn" else "")
+        ),
+        always_note=True,
+    )
+
+
+def _best_rule(m: str) -> ClaimRule:
+    return ClaimRule(
+        f"{METHOD_LABELS[m]}: best loss within " + "{c.best_within:g} nats of plain "
+        "AdamW's best (no cost at the tuned LR)",
+        lambda x: f"<= +{x.c.best_within:g}",
+        _method(m),
+        holds=lambda t, x: t["best"] <= x.a["best"] + x.c.best_within,
+        ours=lambda t, x: f"{t['best']:.4g} vs {x.a['best']:.4g}",
+    )
+
+
+def _clippers(x) -> list[str] | None:
+    """The adaptive clippers run beside the attention-radius controller."""
+    others = [m for m in ("zclip", "adagc") if m in x.s]
+    return others if "ctrl_attn" in x.s and others else None
+
+
+# The hypotheses of issue 23, with thresholds fixed before the first paper run. Growth
+# is measured against one reference: the median max attention logit of plain AdamW at
+# its own best LR (``ref``); "grows" means ``>= growth x ref`` at the highest grid LR.
+CLAIMS = (
+    ClaimRule(
+        "Plain AdamW's attention logits grow at high LR: max attention logit at LR "
+        "{top:g} >= {c.growth:g}x that at its best LR",
+        "grows (Wortsman et al. Fig. 3)",
+        _growth_of("adamw"),
+        holds=lambda g, x: g >= x.c.growth,
+        ours=lambda g, x: f"{g:.3g}x ({x.a['max_attn'][x.top]:.3g} vs {x.ref:.3g})",
+        note=lambda g, x: (
+            "the pilot chose the model size by this criterion (plain AdamW, "
+            "seed 0); here it is checked on the medians over the seeds"
+        ),
+        always_note=True,
+    ),
+    ClaimRule(
+        "qk-layernorm + z-loss lowers the LR sensitivity below plain AdamW's",
+        "lower (Wortsman et al. Fig. 1)",
+        _method("qkln_zloss"),
+        holds=lambda b, x: b["sensitivity"] < x.a["sensitivity"],
+        ours=lambda b, x: f"{b['sensitivity']:.3g} vs {x.a['sensitivity']:.3g}",
+    ),
+    ClaimRule(
+        "qk-layernorm stops attention-logit growth: max attention logit at LR {top:g} "
+        "<= 1/{c.growth:g} of plain AdamW's",
+        "bounded (Wortsman et al. Fig. 3)",
+        lambda x: x.s["qkln"]["max_attn"][x.top] if "qkln" in x.s else None,
+        holds=lambda q, x: q <= x.a["max_attn"][x.top] / x.c.growth,
+        ours=lambda q, x: f"{q:.3g} vs {x.a['max_attn'][x.top]:.3g}",
+    ),
+    ClaimRule(
+        "z-loss keeps log Z near 0: max |mean log Z| through training at LR {top:g} <= "
+        "half of plain AdamW's",
+        "log Z held near 0 (Wortsman et al. Fig. 6)",
+        lambda x: (
+            (x.s["zloss"]["max_abs_log_z"][x.top], x.a["max_abs_log_z"][x.top])
+            if "zloss" in x.s
+            else None
+        ),
+        holds=lambda zp, x: zp[0] <= 0.5 * zp[1],
+        ours=lambda zp, x: f"{zp[0]:.3g} vs {zp[1]:.3g}",
+    ),
+    ClaimRule(
+        "The controller with the attention radius lowers the LR sensitivity at least as "
+        "much as qk-layernorm + z-loss, architecture unchanged",
+        "<= qk-LN + z-loss",
+        lambda x: (
+            (x.s["ctrl_attn"], x.s["qkln_zloss"])
+            if "ctrl_attn" in x.s and "qkln_zloss" in x.s
+            else None
+        ),
+        holds=lambda tb, x: tb[0]["sensitivity"] <= tb[1]["sensitivity"],
+        ours=lambda tb, x: (
+            f"{tb[0]['sensitivity']:.3g} vs {tb[1]['sensitivity']:.3g} "
+            f"(AdamW {x.a['sensitivity']:.3g})"
+        ),
+    ),
+    ClaimRule(
+        "The controller with the attention radius stops attention-logit growth: max "
+        "attention logit at LR {top:g} < {c.growth:g}x AdamW's at its best LR",
+        lambda x: f"< {x.c.growth:g}x",
+        _growth_of("ctrl_attn"),
+        holds=lambda g, x: g < x.c.growth,
+        ours=lambda g, x: f"{g:.3g}x",
+    ),
+    ClaimRule(
+        "The output-radius-only controller does not stop attention-logit growth: max "
+        "attention logit at LR {top:g} >= {c.growth:g}x AdamW's at its best LR",
+        lambda x: f">= {x.c.growth:g}x",
+        _growth_of("ctrl_out"),
+        holds=lambda g, x: g >= x.c.growth,
+        ours=lambda g, x: f"{g:.3g}x",
+    ),
+    _cost_rule("ctrl_out"),
+    _cost_rule("ctrl_attn"),
+    _best_rule("ctrl_attn"),
+    _best_rule("ctrl_set"),
+    ClaimRule(
+        lambda x: (
+            "The controller with the attention radius has a lower LR sensitivity than "
+            + " and ".join(METHOD_LABELS[m] for m in _clippers(x))
+        ),
+        "lower",
+        _clippers,
+        holds=lambda others, x: all(
+            x.s["ctrl_attn"]["sensitivity"] < x.s[m]["sensitivity"] for m in others
+        ),
+        ours=lambda others, x: (
+            f"{x.s['ctrl_attn']['sensitivity']:.3g} vs "
+            + ", ".join(f"{x.s[m]['sensitivity']:.3g}" for m in others)
+        ),
+    ),
+)
+
+
+def _claims(c: Config, s: dict) -> list[Claim]:
     top = max(c.lrs)
     a = s["adamw"]
     ref = a["max_attn"][a["best_lr"]]
@@ -578,128 +749,7 @@ def _claims(c: Config, s: dict) -> list[Claim]:
     def growth(m: str) -> float:
         return s[m]["max_attn"][top] / ref if ref > 0 else math.nan
 
-    def has(*ms: str) -> bool:
-        return all(m in s for m in ms)
-
-    claims = [
-        Claim(
-            f"Plain AdamW's attention logits grow at high LR: max attention logit at LR "
-            f"{top:g} >= {c.growth:g}x that at its best LR",
-            "grows (Wortsman et al. Fig. 3)",
-            f"{growth('adamw'):.3g}x ({a['max_attn'][top]:.3g} vs {ref:.3g})",
-            growth("adamw") >= c.growth,
-            "the pilot chose the model size by this criterion (plain AdamW, seed 0); here "
-            "it is checked on the medians over the seeds",
-        )
-    ]
-    if has("qkln_zloss"):
-        b = s["qkln_zloss"]
-        claims.append(
-            Claim(
-                "qk-layernorm + z-loss lowers the LR sensitivity below plain AdamW's",
-                "lower (Wortsman et al. Fig. 1)",
-                f"{b['sensitivity']:.3g} vs {a['sensitivity']:.3g}",
-                b["sensitivity"] < a["sensitivity"],
-            )
-        )
-    if has("qkln"):
-        q = s["qkln"]["max_attn"][top]
-        claims.append(
-            Claim(
-                f"qk-layernorm stops attention-logit growth: max attention logit at LR {top:g} "
-                f"<= 1/{c.growth:g} of plain AdamW's",
-                "bounded (Wortsman et al. Fig. 3)",
-                f"{q:.3g} vs {a['max_attn'][top]:.3g}",
-                q <= a["max_attn"][top] / c.growth,
-            )
-        )
-    if has("zloss"):
-        z, p = s["zloss"]["max_abs_log_z"][top], a["max_abs_log_z"][top]
-        claims.append(
-            Claim(
-                f"z-loss keeps log Z near 0: max |mean log Z| through training at LR {top:g} <= "
-                "half of plain AdamW's",
-                "log Z held near 0 (Wortsman et al. Fig. 6)",
-                f"{z:.3g} vs {p:.3g}",
-                z <= 0.5 * p,
-            )
-        )
-    claims += _controller_claims(c, s, growth)
-    return claims
-
-
-def _controller_claims(c: Config, s: dict, growth) -> list[Claim]:
-    top = max(c.lrs)
-    a = s["adamw"]
-    claims = []
-    if "ctrl_attn" in s and "qkln_zloss" in s:
-        t, b = s["ctrl_attn"], s["qkln_zloss"]
-        claims.append(
-            Claim(
-                "The controller with the attention radius lowers the LR sensitivity at least as "
-                "much as qk-layernorm + z-loss, architecture unchanged",
-                "<= qk-LN + z-loss",
-                f"{t['sensitivity']:.3g} vs {b['sensitivity']:.3g} (AdamW {a['sensitivity']:.3g})",
-                t["sensitivity"] <= b["sensitivity"],
-            )
-        )
-    if "ctrl_attn" in s:
-        claims.append(
-            Claim(
-                f"The controller with the attention radius stops attention-logit growth: max "
-                f"attention logit at LR {top:g} < {c.growth:g}x AdamW's at its best LR",
-                f"< {c.growth:g}x",
-                f"{growth('ctrl_attn'):.3g}x",
-                growth("ctrl_attn") < c.growth,
-            )
-        )
-    if "ctrl_out" in s:
-        claims.append(
-            Claim(
-                f"The output-radius-only controller does not stop attention-logit growth: max "
-                f"attention logit at LR {top:g} >= {c.growth:g}x AdamW's at its best LR",
-                f">= {c.growth:g}x",
-                f"{growth('ctrl_out'):.3g}x",
-                growth("ctrl_out") >= c.growth,
-            )
-        )
-    for m in ("ctrl_out", "ctrl_attn"):
-        if m in s:
-            ratio = a["tokens_per_s"] / s[m]["tokens_per_s"]
-            claims.append(
-                Claim(
-                    f"{METHOD_LABELS[m]} costs at most {c.cost:g}x in tokens per second",
-                    f"<= {c.cost:g}x",
-                    f"{ratio:.3g}x ({s[m]['tokens_per_s']:.0f} vs {a['tokens_per_s']:.0f} tok/s)",
-                    ratio <= c.cost,
-                    "one forward-mode JVP of the output logits per step"
-                    + (", plus one through the attention logits" if m == "ctrl_attn" else ""),
-                )
-            )
-    for m in ("ctrl_attn", "ctrl_set"):
-        if m in s:
-            claims.append(
-                Claim(
-                    f"{METHOD_LABELS[m]}: best loss within {c.best_within:g} nats of plain "
-                    "AdamW's best (no cost at the tuned LR)",
-                    f"<= +{c.best_within:g}",
-                    f"{s[m]['best']:.4g} vs {a['best']:.4g}",
-                    s[m]["best"] <= a["best"] + c.best_within,
-                )
-            )
-    others = [m for m in ("zclip", "adagc") if m in s]
-    if "ctrl_attn" in s and others:
-        t = s["ctrl_attn"]["sensitivity"]
-        claims.append(
-            Claim(
-                "The controller with the attention radius has a lower LR sensitivity than "
-                + " and ".join(METHOD_LABELS[m] for m in others),
-                "lower",
-                f"{t:.3g} vs " + ", ".join(f"{s[m]['sensitivity']:.3g}" for m in others),
-                all(t < s[m]["sensitivity"] for m in others),
-            )
-        )
-    return claims
+    return evaluate_claims(CLAIMS, c=c, s=s, a=a, top=top, ref=ref, growth=growth)
 
 
 # ----------------------------------------------------------------------------- tables

@@ -28,10 +28,10 @@ from pathlib import Path
 
 import numpy as np
 
-from ghoststep.experiments.figures import new_figure, save_figure
-from ghoststep.experiments.results import Claim, Results, Table
-from ghoststep.experiments.runner import parallel_map
-from ghoststep.experiments.training import controlled_run, median_iqr
+from ghoststep.experiments.common.figures import new_figure, save_figure
+from ghoststep.experiments.common.results import Claim, ClaimRule, Results, Table, evaluate_claims
+from ghoststep.experiments.common.runner import parallel_map
+from ghoststep.experiments.common.training import controlled_run, median_iqr
 
 ARCH_LABELS = {"transformer": "Transformer", "mlp_ln": "MLP+LN", "cnn_bn": "CNN+BN"}
 
@@ -186,56 +186,80 @@ def run(config: Config, out_dir: Path, progress: bool) -> Results:
     )
 
 
+def _range_rule(a: str, base: str) -> ClaimRule:
+    """The clip-controller widens ``base``'s stable range on architecture ``a``."""
+    wrapped = f"{base}+clip"
+    return ClaimRule(
+        f"{ARCH_LABELS.get(a, a)}: {wrapped}'s stable range is >= "
+        + "{c.wider:g}x "
+        + f"{base}'s, at a best accuracy within "
+        + "{best_within_points:g} point(s)",
+        "not in the paper (our hypothesis)",
+        lambda x: (x.ranges[(a, base)], x.ranges[(a, wrapped)]),
+        holds=lambda pc, x: (
+            pc[1]["ratio"] >= x.c.wider * pc[0]["ratio"]
+            and pc[1]["best"] >= pc[0]["best"] - x.c.best_within
+        ),
+        ours=lambda pc, x: (
+            f"range {pc[1]['ratio']:.3g}x vs {pc[0]['ratio']:.3g}x; best "
+            f"{pc[1]['best']:.1%} vs {pc[0]['best']:.1%}"
+        ),
+        note=lambda pc, x: (
+            f"at the largest LR ({max(x.c.lrs):g}) {wrapped} ends at "
+            f"{pc[1]['top']:.1%}, {base} at {pc[0]['top']:.1%}; the range counts only LRs within "
+            f"{x.c.within * 100:g} points of the best"
+        ),
+        always_note=True,
+    )
+
+
+def _clip_r(x) -> list[float] | None:
+    finite = [v for (a, m, lr), v in x.r_max.items() if m.endswith("+clip") and math.isfinite(v)]
+    return finite or None
+
+
+def _set_runs(x) -> list | None:
+    runs = [(a, m, x.ranges[(a, m)]) for a in x.c.archs for m in x.c.methods if "+set" in m]
+    return runs or None
+
+
+# Claims beside the per-architecture range claims of :func:`_range_rule`.
+CLAIMS = (
+    ClaimRule(
+        "Every applied clip-controller step has r <= 1",
+        "r <= 1",
+        _clip_r,
+        holds=lambda clip_r, x: max(clip_r) <= 1 + 1e-6,
+        ours=lambda clip_r, x: f"max r = {max(clip_r):.6g}",
+    ),
+    ClaimRule(
+        "Set mode's final accuracy does not depend on the base LR (stable over the whole grid)",
+        "by construction (Adam's direction does not depend on the LR)",
+        _set_runs,
+        holds=lambda sets, x: all(v["ratio"] >= max(x.c.lrs) / min(x.c.lrs) for _, _, v in sets),
+        ours=lambda sets, x: "; ".join(
+            f"{ARCH_LABELS.get(a, a)} {m} {v['ratio']:.3g}x" for a, m, v in sets
+        ),
+        note=lambda sets, x: (
+            "the step length does not depend on the LR, but float rounding "
+            "of the proposal does; runs that leave the radius (r* > 1) amplify it"
+        ),
+        always_note=True,
+    ),
+)
+
+
 def _claims(config: Config, ranges: dict, r_max: dict) -> list[Claim]:
-    claims = []
-    for base in ("adam", "sgdm"):
-        wrapped = f"{base}+clip"
-        if base not in config.methods or wrapped not in config.methods:
-            continue
-        for a in config.archs:
-            p, c = ranges[(a, base)], ranges[(a, wrapped)]
-            ok = (
-                c["ratio"] >= config.wider * p["ratio"]
-                and c["best"] >= p["best"] - config.best_within
-            )
-            claims.append(
-                Claim(
-                    f"{ARCH_LABELS.get(a, a)}: {wrapped}'s stable range is >= {config.wider:g}x "
-                    f"{base}'s, at a best accuracy within {config.best_within * 100:g} point(s)",
-                    "not in the paper (our hypothesis)",
-                    f"range {c['ratio']:.3g}x vs {p['ratio']:.3g}x; best {c['best']:.1%} vs "
-                    f"{p['best']:.1%}",
-                    ok,
-                    f"at the largest LR ({max(config.lrs):g}) {wrapped} ends at {c['top']:.1%}, "
-                    f"{base} at {p['top']:.1%}; the range counts only LRs within "
-                    f"{config.within * 100:g} points of the best",
-                )
-            )
-    clip_r = [v for (a, m, lr), v in r_max.items() if m.endswith("+clip") and math.isfinite(v)]
-    if clip_r:
-        claims.append(
-            Claim(
-                "Every applied clip-controller step has r <= 1",
-                "r <= 1",
-                f"max r = {max(clip_r):.6g}",
-                max(clip_r) <= 1 + 1e-6,
-            )
-        )
-    sets = [(a, m, ranges[(a, m)]) for a in config.archs for m in config.methods if "+set" in m]
-    if sets:
-        full = max(config.lrs) / min(config.lrs)
-        claims.append(
-            Claim(
-                "Set mode's final accuracy does not depend on the base LR (stable over the "
-                "whole grid)",
-                "by construction (Adam's direction does not depend on the LR)",
-                "; ".join(f"{ARCH_LABELS.get(a, a)} {m} {v['ratio']:.3g}x" for a, m, v in sets),
-                all(v["ratio"] >= full for _, _, v in sets),
-                "the step length does not depend on the LR, but float rounding of the "
-                "proposal does; runs that leave the radius (r* > 1) amplify it",
-            )
-        )
-    return claims
+    ranges_rules = [
+        _range_rule(a, base)
+        for base in ("adam", "sgdm")
+        if base in config.methods and f"{base}+clip" in config.methods
+        for a in config.archs
+    ]
+    return evaluate_claims(
+        [*ranges_rules, *CLAIMS], c=config, ranges=ranges, r_max=r_max,
+        best_within_points=config.best_within * 100,
+    )  # fmt: skip
 
 
 def _range_table(config: Config, ranges: dict) -> Table:

@@ -25,9 +25,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ghoststep.experiments.data import digits
-from ghoststep.experiments.figures import new_figure, save_figure
-from ghoststep.experiments.probes import (
+from ghoststep.experiments.common.data import digits
+from ghoststep.experiments.common.figures import new_figure, save_figure
+from ghoststep.experiments.common.probes import (
     batch_radius,
     descent_direction,
     first_crossing,
@@ -35,9 +35,9 @@ from ghoststep.experiments.probes import (
     log_grid,
     pretrain,
 )
-from ghoststep.experiments.results import Claim, Results
-from ghoststep.experiments.runner import progress_bar
-from ghoststep.experiments.training import sig
+from ghoststep.experiments.common.results import ClaimRule, Results, evaluate_claims
+from ghoststep.experiments.common.runner import progress_bar
+from ghoststep.experiments.common.training import sig
 
 LABELS = {
     "linear": "Linear",
@@ -129,6 +129,93 @@ def _combine(arch: str, runs: list[dict], r: np.ndarray, config: Config) -> dict
     return out
 
 
+def _linear_note(f_lin: float, x) -> str:
+    lin = x.per_arch["linear"]
+    return (
+        "'others later' is reported, not scored. "
+        f"Our Linear model loses half its accuracy only at r = {sig(f_lin)}, "
+        "but its loss starts to inflate right at r = 1 (ratio "
+        f"{sig(_at(x.r, lin['test_loss_ratio'], 1.0))} at r = 1, doubling at "
+        f"r = {sig(lin['loss_onset_r'])}; accuracy below 90% from "
+        f"r = {sig(lin['degrade_r'])}). A linear model's logits are exactly "
+        "linear in the step, so rho_a is the radius of the exact line loss and "
+        "accuracy needs the logit gaps to close, which takes a few radii; an "
+        "under-trained Linear model (train accuracy ~95%) never collapses at "
+        "all, because its gradient is itself a decent classifier."
+    )
+
+
+def _linear_ours(f_lin: float, x) -> str:
+    others = [f for a, f in x.fail_rs.items() if a != "linear"]
+    if others:
+        return f"Linear {sig(f_lin)}; others median {sig(float(np.nanmedian(others)))}"
+    return f"Linear {sig(f_lin)}"
+
+
+def _linear_transitions(f_lin: float) -> bool:
+    return math.isfinite(f_lin) and 0.5 <= f_lin <= 3.0
+
+
+# The paper's claims (Fig. 1, Fig. 7), on the per-architecture summaries of ``run``:
+# ``worst`` is the lowest share of accuracy retained at r < 1, ``fail_rs`` the first r
+# where accuracy falls below ``fail_below`` of its pre-step value.
+CLAIMS = (
+    ClaimRule(
+        "No architecture fails (test accuracy below {c.fail_below:.0%} of its "
+        "pre-step value) for any r < 1: lowest share retained at r < 1",
+        "no failure for r < 1",
+        lambda x: x.worst,
+        holds=lambda worst, x: worst >= x.c.fail_below,
+        ours=lambda worst, x: f"{worst:.3f} ({LABELS.get(x.worst_arch, x.worst_arch)})",
+    ),
+    ClaimRule(
+        "Every network keeps its accuracy for r < 1 (retained >= {c.keep_above:.0%})",
+        "keeps accuracy for r < 1 (Fig. 1)",
+        lambda x: x.worst,
+        holds=lambda worst, x: worst >= x.c.keep_above,
+        ours=lambda worst, x: f"lowest {worst:.3f}",
+    ),
+    ClaimRule(
+        "Collapse appears once r >= 1 in every architecture: first r where accuracy "
+        "falls below {c.fail_below:.0%} (r <= {c.r_max:g})",
+        "all collapse for r >= 1",
+        lambda x: x.fail_rs,
+        holds=lambda fail_rs, x: x.all_fail and all(f >= 1 for f in fail_rs.values()),
+        ours=lambda fail_rs, x: x.fail_text,
+        note=lambda fail_rs, x: (
+            None if x.all_fail else "NaN = never fell below half within the r grid"
+        ),
+        always_note=True,
+    ),
+    ClaimRule(
+        "Transitions cluster between r = 1 and r = 10 (scored on the first r where "
+        "accuracy falls below half)",
+        "1 <= r <= 10",
+        lambda x: (len(x.in_band), len(x.per_arch)),
+        holds=lambda v, x: v[0] == v[1],
+        ours=lambda v, x: f"{v[0]}/{v[1]} architectures fail within [1, 10]",
+        note=lambda v, x: (
+            f"the half-accuracy points lie at r = {x.span('fail_r')}, so some fall past 10; "
+            f"the transitions themselves begin inside [1, 10]: {x.onset_note}"
+        ),
+    ),
+    ClaimRule(
+        "The Linear model transitions at r ~ 1 (first r with accuracy below half "
+        "within [0.5, 3]); the others retain confidence-margin slack",
+        "Linear ~ 1, others later",
+        lambda x: x.fail_rs["linear"] if "linear" in x.per_arch else None,
+        holds=lambda f_lin, x: _linear_transitions(f_lin),
+        ours=_linear_ours,
+        note=lambda f_lin, x: (
+            "'others later' is reported, not scored. "
+            if _linear_transitions(f_lin)
+            else _linear_note(f_lin, x)
+        ),
+        always_note=True,
+    ),
+)
+
+
 def run(config: Config, out_dir: Path, progress: bool) -> Results:
     data = digits(config.data_seed)
     r = log_grid(config.r_min, config.r_max, config.n_r)
@@ -161,76 +248,11 @@ def run(config: Config, out_dir: Path, progress: bool) -> Results:
         f"{span('degrade_r')} and the test loss doubles at r = {span('loss_onset_r')}; "
         f"r grid spacing x{r[1] / r[0]:.2f}"
     )
-    claims = [
-        Claim(
-            f"No architecture fails (test accuracy below {config.fail_below:.0%} of its "
-            "pre-step value) for any r < 1: lowest share retained at r < 1",
-            "no failure for r < 1",
-            f"{worst:.3f} ({LABELS.get(worst_arch, worst_arch)})",
-            worst >= config.fail_below,
-        ),
-        Claim(
-            f"Every network keeps its accuracy for r < 1 (retained >= {config.keep_above:.0%})",
-            "keeps accuracy for r < 1 (Fig. 1)",
-            f"lowest {worst:.3f}",
-            worst >= config.keep_above,
-        ),
-        Claim(
-            "Collapse appears once r >= 1 in every architecture: first r where accuracy "
-            f"falls below {config.fail_below:.0%} (r <= {config.r_max:g})",
-            "all collapse for r >= 1",
-            fail_text,
-            all_fail and all(f >= 1 for f in fail_rs.values()),
-            note=None if all_fail else "NaN = never fell below half within the r grid",
-        ),
-        Claim(
-            "Transitions cluster between r = 1 and r = 10 (scored on the first r where "
-            "accuracy falls below half)",
-            "1 <= r <= 10",
-            f"{len(in_band)}/{len(archs)} architectures fail within [1, 10]",
-            len(in_band) == len(archs),
-            note=None
-            if len(in_band) == len(archs)
-            else (
-                f"the half-accuracy points lie at r = {span('fail_r')}, so some fall past 10; "
-                f"the transitions themselves begin inside [1, 10]: {onset_note}"
-            ),
-        ),
-    ]
-    if "linear" in per_arch:
-        f_lin = fail_rs["linear"]
-        others = [f for a, f in fail_rs.items() if a != "linear"]
-        lin_ok = math.isfinite(f_lin) and 0.5 <= f_lin <= 3.0
-        lin = per_arch["linear"]
-        claims.append(
-            Claim(
-                "The Linear model transitions at r ~ 1 (first r with accuracy below half "
-                "within [0.5, 3]); the others retain confidence-margin slack",
-                "Linear ~ 1, others later",
-                f"Linear {sig(f_lin)}; others median {sig(float(np.nanmedian(others)))}"
-                if others
-                else f"Linear {sig(f_lin)}",
-                lin_ok,
-                note=(
-                    "'others later' is reported, not scored. "
-                    + (
-                        ""
-                        if lin_ok
-                        else (
-                            f"Our Linear model loses half its accuracy only at r = {sig(f_lin)}, "
-                            "but its loss starts to inflate right at r = 1 (ratio "
-                            f"{sig(_at(r, lin['test_loss_ratio'], 1.0))} at r = 1, doubling at "
-                            f"r = {sig(lin['loss_onset_r'])}; accuracy below 90% from "
-                            f"r = {sig(lin['degrade_r'])}). A linear model's logits are exactly "
-                            "linear in the step, so rho_a is the radius of the exact line loss and "
-                            "accuracy needs the logit gaps to close, which takes a few radii; an "
-                            "under-trained Linear model (train accuracy ~95%) never collapses at "
-                            "all, because its gradient is itself a decent classifier."
-                        )
-                    )
-                ),
-            )
-        )
+    claims = evaluate_claims(
+        CLAIMS, c=config, r=r, per_arch=per_arch, worst=worst, worst_arch=worst_arch,
+        fail_rs=fail_rs, all_fail=all_fail, in_band=in_band, fail_text=fail_text, span=span,
+        onset_note=onset_note,
+    )  # fmt: skip
 
     rows = [
         [

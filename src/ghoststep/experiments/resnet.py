@@ -32,12 +32,12 @@ import torch
 import torch.nn.functional as F
 
 from ghoststep.controller import RadiusController
-from ghoststep.experiments.data import fake_cifar10, load_cifar10
-from ghoststep.experiments.figures import new_figure, save_figure
-from ghoststep.experiments.models import build_model
-from ghoststep.experiments.results import Claim, Results, Table
-from ghoststep.experiments.runner import parallel_map, progress_bar
-from ghoststep.experiments.training import median_iqr, set_seed
+from ghoststep.experiments.common.data import fake_cifar10, load_cifar10
+from ghoststep.experiments.common.figures import new_figure, save_figure
+from ghoststep.experiments.common.models import build_model
+from ghoststep.experiments.common.results import Claim, ClaimRule, Results, Table, evaluate_claims
+from ghoststep.experiments.common.runner import parallel_map, progress_bar
+from ghoststep.experiments.common.training import loop, median_iqr, set_seed
 from ghoststep.monitor import StepStats
 
 # Paper Table 3: max r, logged steps with r > 1, median final accuracy, IQR.
@@ -207,79 +207,110 @@ def run(config: Config, out_dir: Path, progress: bool) -> Results:
     )
 
 
-def _claims(config: Config, summary: dict) -> list[dict]:
-    claims = []
-    fake = config.fake_data
-    note_fake = "fake data: pipeline smoke test, the claim is not tested" if fake else None
+def _best(x) -> str | None:
+    """The config with the highest median accuracy, when r* = 1 ran beside others."""
+    if "set r*=1" in x.summary and len(x.summary) > 1:
+        return max(x.summary, key=lambda lab: x.summary[lab]["median"])
+    return None
 
-    def add(text, paper, ours, ok, note=None):
-        claims.append(Claim(text, paper, ours, bool(ok) and not fake, note_fake or note))
 
-    sets = {lab: s for lab, s in summary.items() if lab.startswith("set")}
+def _fixed_column(key: str):
+    """``key`` of every fixed-LR config, in increasing LR (None: no fixed LR ran)."""
+    return lambda x: [x.fixed[lab][key] for lab in x.labels] or None
+
+
+def _set_pair(other: str):
+    """(median at r* = 1, median at r* = ``other``) when both ran."""
+    keys = ("set r*=1", f"set r*={other}")
+
+    def pair(x) -> tuple[float, float] | None:
+        if all(k in x.sets for k in keys):
+            return x.sets[keys[0]]["median"], x.sets[keys[1]]["median"]
+        return None
+
+    return pair
+
+
+def _set_error(x) -> float | None:
+    """Largest relative gap between max r and r* over the set-controller runs."""
+    r_star = {lab: float(lab.split("=")[1]) for lab in x.sets}
+    errors = [abs(s["max_r"] - r_star[lab]) / r_star[lab] for lab, s in x.sets.items()]
+    return max(errors) if errors else None
+
+
+# The paper's claims (Fig. 12, Table 3), in report order.
+CLAIMS = (
+    ClaimRule(
+        "The set-controller at r* = 1 reaches the highest median accuracy of all configs",
+        "r* = 1: 85.3% (best)",
+        _best,
+        holds=lambda best, x: best == "set r*=1",
+        ours=lambda best, x: (
+            f"r* = 1: {x.summary['set r*=1']['median']:.1%}; best: {best} "
+            f"{x.summary[best]['median']:.1%}"
+        ),
+    ),
+    ClaimRule(
+        "No fixed LR keeps r below 1 throughout (max logged r > 1 for every fixed LR, "
+        "even 0.005, via momentum)",
+        "1.11 / 1.23 / 5.87 / 29.3",
+        lambda x: [s["max_r"] for s in x.fixed.values()] or None,
+        holds=lambda maxr, x: all(r > 1.0 for r in maxr),
+        ours=lambda maxr, x: " / ".join(f"{r:.3g}" for r in maxr),
+    ),
+    ClaimRule(
+        "Max r grows with the fixed learning rate",
+        "increasing",
+        _fixed_column("max_r"),
+        holds=lambda maxr, x: all(a < b for a, b in zip(maxr, maxr[1:])),
+        ours=lambda maxr, x: " < ".join(f"{v:.3g}" for v in maxr),
+    ),
+    ClaimRule(
+        "The most aggressive fixed LR (deepest in r > 1) degrades most",
+        "0.5: 57.5% (lowest fixed)",
+        _fixed_column("median"),
+        holds=lambda accs, x: x.labels[accs.index(min(accs))] == x.labels[-1],  # first lowest
+        ours=lambda accs, x: ", ".join(f"{lab[3:]}: {a:.1%}" for lab, a in zip(x.labels, accs)),
+    ),
+    ClaimRule(
+        "The set-controller holds r at r* exactly (max r = r*)",
+        "0.50 / 1.00 / 2.00 / 4.00",
+        _set_error,
+        holds=lambda err, x: err < 1e-6,
+        ours=lambda err, x: " / ".join(f"{s['max_r']:.6g}" for s in x.sets.values()),
+    ),
+    ClaimRule(
+        "r* = 4 degrades (>= {c.r4_drop:.0%} points below r* = 1)",
+        "72.1% vs 85.3%",
+        _set_pair("4"),
+        holds=lambda a, x: a[1] <= a[0] - x.c.r4_drop,
+        ours=lambda a, x: f"{a[1]:.1%} vs {a[0]:.1%}",
+    ),
+    ClaimRule(
+        "r* = 2 retains accuracy (within {c.r2_keep:.0%} points of r* = 1: "
+        "confidence-margin slack)",
+        "84.4% vs 85.3%",
+        _set_pair("2"),
+        holds=lambda a, x: a[1] >= a[0] - x.c.r2_keep,
+        ours=lambda a, x: f"{a[1]:.1%} vs {a[0]:.1%}",
+    ),
+)
+
+
+FAKE_NOTE = "fake data: pipeline smoke test, the claim is not tested"
+
+
+def _claims(config: Config, summary: dict) -> list[Claim]:
     fixed = {lab: s for lab, s in summary.items() if lab.startswith("lr=")}
-    if "set r*=1" in summary and len(summary) > 1:
-        best = max(summary, key=lambda lab: summary[lab]["median"])
-        add(
-            "The set-controller at r* = 1 reaches the highest median accuracy of all configs",
-            "r* = 1: 85.3% (best)",
-            f"r* = 1: {summary['set r*=1']['median']:.1%}; best: {best} "
-            f"{summary[best]['median']:.1%}",
-            best == "set r*=1",
-        )
-    if fixed:
-        ok = all(s["max_r"] > 1.0 for s in fixed.values())
-        add(
-            "No fixed LR keeps r below 1 throughout (max logged r > 1 for every fixed LR, "
-            "even 0.005, via momentum)",
-            "1.11 / 1.23 / 5.87 / 29.3",
-            " / ".join(f"{s['max_r']:.3g}" for s in fixed.values()),
-            ok,
-        )
-        labels = sorted(fixed, key=lambda lab: float(lab[3:]))
-        maxr = [fixed[lab]["max_r"] for lab in labels]
-        add(
-            "Max r grows with the fixed learning rate",
-            "increasing",
-            " < ".join(f"{v:.3g}" for v in maxr),
-            all(a < b for a, b in zip(maxr, maxr[1:])),
-        )
-        accs = {lab: fixed[lab]["median"] for lab in labels}
-        worst = min(accs, key=accs.get)
-        add(
-            "The most aggressive fixed LR (deepest in r > 1) degrades most",
-            "0.5: 57.5% (lowest fixed)",
-            ", ".join(f"{lab[3:]}: {a:.1%}" for lab, a in accs.items()),
-            worst == labels[-1],
-        )
-    if sets:
-        err = max(
-            abs(s["max_r"] - float(lab.split("=")[1])) / float(lab.split("=")[1])
-            for lab, s in sets.items()
-        )
-        add(
-            "The set-controller holds r at r* exactly (max r = r*)",
-            "0.50 / 1.00 / 2.00 / 4.00",
-            " / ".join(f"{s['max_r']:.6g}" for s in sets.values()),
-            err < 1e-6,
-        )
-    if "set r*=1" in sets and "set r*=4" in sets:
-        a1, a4 = sets["set r*=1"]["median"], sets["set r*=4"]["median"]
-        add(
-            f"r* = 4 degrades (>= {config.r4_drop:.0%} points below r* = 1)",
-            "72.1% vs 85.3%",
-            f"{a4:.1%} vs {a1:.1%}",
-            a4 <= a1 - config.r4_drop,
-        )
-    if "set r*=1" in sets and "set r*=2" in sets:
-        a1, a2 = sets["set r*=1"]["median"], sets["set r*=2"]["median"]
-        add(
-            f"r* = 2 retains accuracy (within {config.r2_keep:.0%} points of r* = 1: "
-            "confidence-margin slack)",
-            "84.4% vs 85.3%",
-            f"{a2:.1%} vs {a1:.1%}",
-            a2 >= a1 - config.r2_keep,
-        )
-    return claims
+    return evaluate_claims(
+        CLAIMS,
+        untested=FAKE_NOTE if config.fake_data else None,
+        c=config,
+        summary=summary,
+        sets={lab: s for lab, s in summary.items() if lab.startswith("set")},
+        fixed=fixed,
+        labels=sorted(fixed, key=lambda lab: float(lab[3:])),
+    )
 
 
 def _table3(summary: dict) -> Table:
@@ -437,31 +468,44 @@ def _evaluate_batched(model, X, y, batch_size: int = 1000):
     return total_loss / n, correct / n
 
 
+def _epoch_batches(X, y, batches, aug_gen):
+    """The minibatches of one epoch (``batches``: index tensors), augmented with
+    ``aug_gen`` (None: not augmented), drawn lazily in step order."""
+    for idx in batches:
+        xb, yb = X[idx], y[idx]
+        yield (xb if aug_gen is None else augment_cifar(xb, aug_gen)), yb
+
+
 def _train_epoch(
     model, opt, inner, X, y, batches, aug_gen, log_every, rec, epoch, step, bar
 ) -> list[torch.Tensor]:
-    """One epoch over ``batches`` (index tensors); returns the minibatch losses (0-d,
-    on the device). In set mode (``rec.target_r``) every step goes through the
-    controller ``opt``; otherwise only the logged steps (every ``log_every``-th) do, and
-    the others call the shared ``inner`` optimizer (the same update, no radius cost).
-    ``aug_gen`` None: no augmentation."""
+    """One epoch of :func:`~ghoststep.experiments.common.training.loop` over ``batches``
+    (index tensors); returns the minibatch losses (0-d, on the device). In set mode
+    (``rec.target_r``) every step goes through the controller ``opt``; otherwise only
+    the logged steps (every ``log_every``-th of the epoch) do, and the others call the
+    shared ``inner`` optimizer (the same update, no radius cost). ``aug_gen`` None: no
+    augmentation."""
     losses = []
-    for i, idx in enumerate(batches):
-        xb, yb = X[idx], y[idx]
-        if aug_gen is not None:
-            xb = augment_cifar(xb, aug_gen)
-        opt.zero_grad(set_to_none=True)
-        loss = F.cross_entropy(model(xb), yb)
-        loss.backward()
-        logged = i % log_every == 0
-        if rec.target_r is not None or logged:
+
+    def logged(info) -> bool:
+        return (info.step - step) % log_every == 0
+
+    def optimizer_step(info) -> None:
+        if rec.target_r is not None or logged(info):
             opt.step()
-            if logged:
-                rec.log(opt.last, step + i, epoch)
         else:
             inner.step()
-        losses.append(loss.detach())
+
+    def on_step(info) -> None:
+        if logged(info):
+            rec.log(opt.last, info.step, epoch)
+        losses.append(info.loss_tensor)
         bar.update(1)
+
+    loop(
+        model, opt, _epoch_batches(X, y, batches, aug_gen), len(batches),
+        optimizer_step=optimizer_step, on_step=on_step, start_step=step,
+    )  # fmt: skip
     return losses
 
 

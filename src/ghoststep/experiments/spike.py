@@ -26,16 +26,16 @@ from pathlib import Path
 
 import numpy as np
 
-from ghoststep.experiments.figures import (
+from ghoststep.experiments.common.figures import (
     METHOD_COLORS,
     METHOD_LABELS,
     new_figure,
     plot_band,
     save_figure,
 )
-from ghoststep.experiments.results import Claim, Results, Table
-from ghoststep.experiments.runner import parallel_map
-from ghoststep.experiments.training import (
+from ghoststep.experiments.common.results import Claim, ClaimRule, Results, Table, evaluate_claims
+from ghoststep.experiments.common.runner import parallel_map
+from ghoststep.experiments.common.training import (
     finite_median,
     median_iqr,
     post_spike_r,
@@ -224,109 +224,89 @@ def _within(value: float, target: float, factor: float) -> bool:
     return bool(np.isfinite(value)) and target / factor <= value <= target * factor
 
 
-def _claims(config: Config, summary: dict) -> list[dict]:
-    claims = []
-    lo, hi = config.half_band
-    f = config.r_factor
+def _plain(lr: float):
+    return lambda x: x.summary.get((lr, "plain"))
 
-    def get(lr, m):
-        return summary.get((float(lr), m))
 
-    p = get(1e-4, "plain")
-    if p:
-        claims.append(
-            Claim(
-                f"eta0 = 1e-4: plain Adam is unharmed by the spike (final median test accuracy "
-                f">= {config.unharmed_acc:.0%})",
-                PAPER[1e-4]["plain"],
-                f"{p['median']:.1%}",
-                p["median"] >= config.unharmed_acc,
-            )
-        )
-        claims.append(
-            Claim(
-                "eta0 = 1e-4: the spiked step stays inside the radius (r < 1 at the spiked step)",
-                PAPER[1e-4]["r"],
-                f"r = {p['r_at_spike']:.3g}",
-                p["r_at_spike"] < 1.0,
-                note=None
-                if p["r_at_spike"] < 1.0
-                else (
-                    "r exceeds 1 yet the run survives: confidence-margin slack, the exact "
-                    "radius rho* exceeds the bound rho_a for confident samples"
-                ),
-            )
-        )
-    p = get(1e-3, "plain")
-    if p:
-        ok = lo <= p["median"] <= hi
-        claims.append(
-            Claim(
-                f"eta0 = 1e-3: plain Adam drops to ~50% and does not recover (final median in "
-                f"[{lo:.0%}, {hi:.0%}])",
-                PAPER[1e-3]["plain"],
-                f"{p['median']:.1%} (IQR {p['q25']:.1%}-{p['q75']:.1%})",
-                ok,
-                note=None if ok else _collapse_note(p),
-            )
-        )
-        claims.append(
-            Claim(
-                f"eta0 = 1e-3: the spike takes r to ~10 (r at the spiked step within {f:g}x of 10)",
-                PAPER[1e-3]["r"],
-                f"{p['r_at_spike']:.3g} at the spiked step" + _ctrl_r(get(1e-3, "controller")),
-                _within(p["r_at_spike"], 10.0, f),
-                note=None if _within(p["r_at_spike"], 10.0, f) else _r_note(p["r_at_spike"], 10.0),
-            )
-        )
-    p = get(1e-2, "plain")
-    if p:
-        ok = p["median"] <= config.chance_acc
-        claims.append(
-            Claim(
-                f"eta0 = 1e-2: plain Adam falls to chance (final median <= "
-                f"{config.chance_acc:.0%})",
-                PAPER[1e-2]["plain"],
-                f"{p['median']:.1%}",
-                ok,
-            )
-        )
-        claims.append(
-            Claim(
-                f"eta0 = 1e-2: the spike takes r to ~100 (r at the spiked step within {f:g}x "
-                "of 100)",
-                PAPER[1e-2]["r"],
-                f"{p['r_at_spike']:.3g} at the spiked step" + _ctrl_r(get(1e-2, "controller")),
-                _within(p["r_at_spike"], 100.0, f),
-                note=None
-                if _within(p["r_at_spike"], 100.0, f)
-                else _r_note(p["r_at_spike"], 100.0),
-            )
-        )
-    ctrl = [(lr, get(lr, "controller")) for lr in config.base_lrs if get(lr, "controller")]
-    if ctrl:
-        worst = min(c["median"] for _, c in ctrl)
-        ours = ", ".join(f"{lr:g}: {c['median']:.1%}" for lr, c in ctrl)
-        claims.append(
-            Claim(
-                f"The controller survives every spike (final median test accuracy >= "
-                f"{config.unharmed_acc:.0%} at every eta0)",
-                "survives all three",
-                ours,
-                worst >= config.unharmed_acc,
-            )
-        )
-        r_max = max(c["r_applied_max"] for _, c in ctrl)
-        claims.append(
-            Claim(
-                "The controller keeps every applied step inside the radius (max applied r <= 1, "
-                "Prop. 5.2)",
-                "r <= 1",
-                f"max r = {r_max:.6g}",
-                r_max <= config.target_r * (1 + 1e-6),
-            )
-        )
-    return claims
+def _controller_runs(x) -> list | None:
+    runs = [(lr, x.summary.get((float(lr), "controller"))) for lr in x.c.base_lrs]
+    return [(lr, c) for lr, c in runs if c] or None
+
+
+def _r_spike_rule(lr: float, label: str, target: float) -> ClaimRule:
+    """The spike takes r to ~``target`` at base LR ``lr`` (written ``label``)."""
+    return ClaimRule(
+        f"eta0 = {label}: the spike takes r to ~{target:g} (r at the spiked step within "
+        "{c.r_factor:g}x of " + f"{target:g})",
+        PAPER[lr]["r"],
+        _plain(lr),
+        holds=lambda p, x: _within(p["r_at_spike"], target, x.c.r_factor),
+        ours=lambda p, x: (
+            f"{p['r_at_spike']:.3g} at the spiked step" + _ctrl_r(x.summary.get((lr, "controller")))
+        ),
+        note=lambda p, x: _r_note(p["r_at_spike"], target),
+    )
+
+
+# The paper's claims (Fig. 6, Section 6.1), in report order.
+CLAIMS = (
+    ClaimRule(
+        "eta0 = 1e-4: plain Adam is unharmed by the spike (final median test accuracy "
+        ">= {c.unharmed_acc:.0%})",
+        PAPER[1e-4]["plain"],
+        _plain(1e-4),
+        holds=lambda p, x: p["median"] >= x.c.unharmed_acc,
+        ours=lambda p, x: f"{p['median']:.1%}",
+    ),
+    ClaimRule(
+        "eta0 = 1e-4: the spiked step stays inside the radius (r < 1 at the spiked step)",
+        PAPER[1e-4]["r"],
+        _plain(1e-4),
+        holds=lambda p, x: p["r_at_spike"] < 1.0,
+        ours=lambda p, x: f"r = {p['r_at_spike']:.3g}",
+        note=lambda p, x: (
+            "r exceeds 1 yet the run survives: confidence-margin slack, the exact "
+            "radius rho* exceeds the bound rho_a for confident samples"
+        ),
+    ),
+    ClaimRule(
+        "eta0 = 1e-3: plain Adam drops to ~50% and does not recover (final median in "
+        "[{c.half_band[0]:.0%}, {c.half_band[1]:.0%}])",
+        PAPER[1e-3]["plain"],
+        _plain(1e-3),
+        holds=lambda p, x: x.c.half_band[0] <= p["median"] <= x.c.half_band[1],
+        ours=lambda p, x: f"{p['median']:.1%} (IQR {p['q25']:.1%}-{p['q75']:.1%})",
+        note=lambda p, x: _collapse_note(p),
+    ),
+    _r_spike_rule(1e-3, "1e-3", 10.0),
+    ClaimRule(
+        "eta0 = 1e-2: plain Adam falls to chance (final median <= {c.chance_acc:.0%})",
+        PAPER[1e-2]["plain"],
+        _plain(1e-2),
+        holds=lambda p, x: p["median"] <= x.c.chance_acc,
+        ours=lambda p, x: f"{p['median']:.1%}",
+    ),
+    _r_spike_rule(1e-2, "1e-2", 100.0),
+    ClaimRule(
+        "The controller survives every spike (final median test accuracy >= "
+        "{c.unharmed_acc:.0%} at every eta0)",
+        "survives all three",
+        _controller_runs,
+        holds=lambda runs, x: min(c["median"] for _, c in runs) >= x.c.unharmed_acc,
+        ours=lambda runs, x: ", ".join(f"{lr:g}: {c['median']:.1%}" for lr, c in runs),
+    ),
+    ClaimRule(
+        "The controller keeps every applied step inside the radius (max applied r <= 1, Prop. 5.2)",
+        "r <= 1",
+        lambda x: _controller_runs(x) and max(c["r_applied_max"] for _, c in _controller_runs(x)),
+        holds=lambda r_max, x: r_max <= x.c.target_r * (1 + 1e-6),
+        ours=lambda r_max, x: f"max r = {r_max:.6g}",
+    ),
+)
+
+
+def _claims(config: Config, summary: dict) -> list[Claim]:
+    return evaluate_claims(CLAIMS, c=config, summary=summary)
 
 
 def _ctrl_r(c: dict | None) -> str:

@@ -24,9 +24,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ghoststep.experiments.data import digits
-from ghoststep.experiments.figures import new_figure, save_figure
-from ghoststep.experiments.probes import (
+from ghoststep.experiments.common.data import digits
+from ghoststep.experiments.common.figures import new_figure, save_figure
+from ghoststep.experiments.common.probes import (
     batch_radius,
     descent_direction,
     line_sweep,
@@ -35,9 +35,9 @@ from ghoststep.experiments.probes import (
     pretrain,
     std_log10,
 )
-from ghoststep.experiments.results import Claim, Results
-from ghoststep.experiments.runner import progress_bar
-from ghoststep.experiments.training import median_iqr, sig
+from ghoststep.experiments.common.results import ClaimRule, Results, evaluate_claims
+from ghoststep.experiments.common.runner import progress_bar
+from ghoststep.experiments.common.training import median_iqr, sig
 from ghoststep.radius import radius_from_spread
 
 
@@ -73,6 +73,48 @@ PRESETS = {
     },
     "paper": {},
 }
+
+
+# The paper's claims (Fig. 9): the spread (std of log10) of the onsets across T in raw
+# tau (``raw``) and in r_T = tau / rho_a(T) (``norm``), and their ratio.
+CLAIMS = (
+    ClaimRule(
+        "Std of log10 onset across T in raw tau, T in {t_text} (within a factor 2)",
+        lambda x: x.c.paper_std_raw,
+        lambda x: x.raw,
+        holds=lambda raw, x: math.isfinite(raw) and 0.5 <= raw / x.c.paper_std_raw <= 2.0,
+        ours=lambda raw, x: sig(raw),
+        note=lambda raw, x: (
+            "the raw spread grows with the range of T (the paper's caption "
+            "lists T up to 64, our claims score {0.25..8}) and depends on how each model trains"
+            + x.all_text
+        ),
+        always_note=True,
+    ),
+    ClaimRule(
+        "Std of log10 onset across T in r_T = tau / rho_a(T) (at most twice the paper's)",
+        lambda x: x.c.paper_std_normalized,
+        lambda x: x.norm,
+        holds=lambda norm, x: math.isfinite(norm) and norm <= 2 * x.c.paper_std_normalized,
+        ours=lambda norm, x: sig(norm),
+    ),
+    ClaimRule(
+        "Normalizing by rho_a(T) shrinks the onset spread (reduction >= {c.min_reduction:g}x)",
+        "6x (0.992 / 0.164)",
+        lambda x: x.reduction,
+        holds=lambda red, x: math.isfinite(x.raw) and red >= x.c.min_reduction,
+        ours=lambda red, x: f"{red:.2f}x",
+        note=lambda red, x: (
+            None
+            if x.no_onset == 0
+            else (
+                f"{x.no_onset} (T, seed) runs never reached loss ratio {x.c.threshold:g} "
+                "on the tau grid and are left out of the medians"
+            )
+        ),
+        always_note=True,
+    ),
+)
 
 
 def run(config: Config, out_dir: Path, progress: bool) -> Results:
@@ -145,35 +187,10 @@ def run(config: Config, out_dir: Path, progress: bool) -> Results:
         if len(all_t) > len(scored)
         else ""
     )
-    claims = [
-        Claim(
-            f"Std of log10 onset across T in raw tau, T in {t_text} (within a factor 2)",
-            config.paper_std_raw,
-            sig(raw),
-            math.isfinite(raw) and 0.5 <= raw / config.paper_std_raw <= 2.0,
-            note="the raw spread grows with the range of T (the paper's caption lists T up to "
-            "64, our claims score {0.25..8}) and depends on how each model trains" + all_text,
-        ),
-        Claim(
-            "Std of log10 onset across T in r_T = tau / rho_a(T) (at most twice the paper's)",
-            config.paper_std_normalized,
-            sig(norm),
-            math.isfinite(norm) and norm <= 2 * config.paper_std_normalized,
-        ),
-        Claim(
-            f"Normalizing by rho_a(T) shrinks the onset spread (reduction >= "
-            f"{config.min_reduction:g}x)",
-            "6x (0.992 / 0.164)",
-            f"{reduction:.2f}x",
-            math.isfinite(raw) and reduction >= config.min_reduction,
-            note=None
-            if no_onset == 0
-            else (
-                f"{no_onset} (T, seed) runs never reached loss ratio {config.threshold:g} "
-                "on the tau grid and are left out of the medians"
-            ),
-        ),
-    ]
+    claims = evaluate_claims(
+        CLAIMS, c=config, raw=raw, norm=norm, reduction=reduction, no_onset=no_onset,
+        t_text=t_text, all_text=all_text,
+    )  # fmt: skip
     rows = [
         [
             f"{T:g}",

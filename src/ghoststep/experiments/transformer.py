@@ -13,7 +13,7 @@ trains on sklearn digits with Adam under four step-size strategies:
     ReLU kink (a conservative proxy, paper Appendix 2);
 
   all along Adam's update direction from forward-mode JVPs
-  (:class:`~ghoststep.experiments.transformer.AllRadiiController`);
+  (:class:`~ghoststep.controller.AllRadiiController`);
 * ``output_only``: the same controller with ``rho_out`` alone;
 * ``fixed_1x`` / ``fixed_16x``: plain Adam at eta0 and 16 eta0 (radii monitored).
 
@@ -27,23 +27,18 @@ serial on one core, 2.5 min with ``--set workers=16`` on 16 cores) or ``--preset
 
 from __future__ import annotations
 
-import functools
 import math
 from collections import Counter
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import torch
 
-from ghoststep.controller import RadiusController
-from ghoststep.evaluation import directional, trainable_parameters
-from ghoststep.experiments.figures import new_figure, plot_band, save_figure
-from ghoststep.experiments.results import Claim, Results, Table
-from ghoststep.experiments.runner import parallel_map
-from ghoststep.experiments.training import controlled_run, finite_median
-from ghoststep.radius import logit_spread, radius_from_spread
+from ghoststep.controller import AllRadiiController
+from ghoststep.experiments.common.figures import new_figure, plot_band, save_figure
+from ghoststep.experiments.common.results import Claim, ClaimRule, Results, Table, evaluate_claims
+from ghoststep.experiments.common.runner import parallel_map
+from ghoststep.experiments.common.training import controlled_run, finite_median
 
 METHOD_LABELS = {
     "all_radii": "all-radii controller",
@@ -66,118 +61,7 @@ PAPER_TABLE2 = {
     "late": ((8, 97, 0), 105, (0.0131, 0.00793, 0.168)),
 }
 PHASES = ("early", "middle", "late")
-
-
-# ----------------------------------------------------------------------------- internal radii
-
-RADII = ("out", "attn", "ffn")
-
-
-def internal_radii(
-    model: torch.nn.Module,
-    inputs: torch.Tensor,
-    direction: Sequence[torch.Tensor | None],
-    *,
-    ffn_quantile: float = 0.01,
-) -> dict[str, float]:
-    """Attention and FFN radii of a transformer along ``direction``, in units of t.
-
-    One forward-mode JVP of ``model(inputs, return_internals=True)`` (the models in
-    :mod:`~ghoststep.experiments.models` return their pre-softmax attention logits
-    ``s`` (B, H, T, T) and FFN pre-activations ``h`` (B, T, d_ff) per layer) gives the
-    tangents ``s_dot``, ``h_dot`` along v. Then
-
-    * ``attn``: ``pi / max(max_keys s_dot - min_keys s_dot)`` over layers, heads,
-      queries and samples (the softmax-ghost bound of every attention row; causally
-      masked keys, at -inf, are left out);
-    * ``ffn``: the ``ffn_quantile`` quantile of ``|h| / |h_dot|`` over every
-      pre-activation entry with ``h_dot != 0`` (the distance to the ReLU kink,
-      paper Appendix 2; a conservative proxy, not a bound).
-
-    ``direction`` is aligned with the model's trainable parameters (None: zero); it
-    need not have unit norm: divide the radii by ``||direction||`` for unit units.
-    Parameters, buffers and the RNG are left untouched; no autograd graph is built.
-    """
-    named = trainable_parameters(model)
-    if len(direction) != len(named):
-        raise ValueError(f"direction has {len(direction)} parts for {len(named)} parameters")
-
-    def internals(out):
-        return out[1]["attention_logits"], out[1]["ffn_preacts"]
-
-    (scores, pre), (dscores, dpre) = directional(
-        model, (inputs,), {"return_internals": True}, list(direction), output_fn=internals
-    )
-    spread = max((_attention_spread(s, d) for s, d in zip(scores, dscores)), default=0.0)
-    rho_attn = radius_from_spread(spread)
-    h = torch.cat([p.reshape(-1) for p in pre]).double()
-    dh = torch.cat([d.reshape(-1) for d in dpre]).double().abs()
-    moving = dh > 0
-    if bool(moving.any()):
-        ratio = h[moving].abs() / dh[moving]
-        k = max(1, int(math.ceil(ffn_quantile * ratio.numel())))
-        rho_ffn = float(ratio.kthvalue(k).values)
-    else:
-        rho_ffn = math.inf
-    return {"attn": rho_attn, "ffn": rho_ffn}
-
-
-def _attention_spread(scores: torch.Tensor, dscores: torch.Tensor) -> float:
-    """Largest spread of the score tangents over the keys a query attends to: (...,
-    T_q, T_k) scores, masked (causal) keys at -inf are left out (their tangent is 0)."""
-    live = torch.isfinite(scores)
-    if bool(live.all()):
-        return float(logit_spread(dscores).max())
-    hi = dscores.masked_fill(~live, -math.inf).amax(-1)
-    lo = dscores.masked_fill(~live, math.inf).amin(-1)
-    return float(torch.where(live.any(-1), hi - lo, torch.zeros_like(hi)).max())
-
-
-def _internal_radii_hook(model, inputs, update, *, ffn_quantile: float) -> dict[str, float]:
-    """``RadiusController(extra_radii=...)`` hook: attention and FFN radii along p."""
-    return internal_radii(
-        model, inputs[0] if isinstance(inputs, tuple) else inputs, update, ffn_quantile=ffn_quantile
-    )
-
-
-class AllRadiiController(RadiusController):
-    """A :class:`~ghoststep.RadiusController` whose radius is ``min`` over several terms.
-
-    Every step it measures the output-logit radius ``rho_out`` exactly as the base
-    controller does, plus the attention and FFN radii of :func:`internal_radii` along
-    the same update (through the controller's ``extra_radii`` hook), and uses
-    ``rho_net = min(rho_x for x in use)`` (``limit_by``). All three radii and the
-    binding term are kept in ``last_radii`` / ``last_binding`` whatever ``use`` is, so
-    an output-only controller (``use=("out",)``) or a monitored run still reports
-    them. This is the paper's all-radii controller of Section 6.6
-    (``use=("out", "attn", "ffn")``, the default).
-
-    Args:
-        use: the radii that limit the step, a subset of ``("out", "attn", "ffn")``.
-        ffn_quantile: quantile q of ``Q_q(|h| / |h_dot|)``.
-        Everything else: as :class:`~ghoststep.RadiusController`.
-    """
-
-    def __init__(
-        self, optimizer, model, *, use: Sequence[str] = RADII, ffn_quantile: float = 0.01, **kwargs
-    ) -> None:
-        unknown = set(use) - set(RADII)
-        if unknown or not use:
-            raise ValueError(f"use must be a non-empty subset of {RADII}, got {use!r}")
-        if not 0.0 < ffn_quantile <= 1.0:
-            raise ValueError(f"ffn_quantile must be in (0, 1], got {ffn_quantile!r}")
-        hook = functools.partial(_internal_radii_hook, ffn_quantile=float(ffn_quantile))
-        super().__init__(optimizer, model, extra_radii=hook, limit_by=tuple(use), **kwargs)
-        self.use = tuple(use)
-        self.ffn_quantile = float(ffn_quantile)
-
-    @property
-    def last_radii(self) -> dict[str, float] | None:
-        return None if self.last is None else self.last.radii
-
-    @property
-    def last_binding(self) -> str | None:
-        return None if self.last is None else self.last.binding
+RADII = ("out", "attn", "ffn")  # the output, attention and FFN radii of AllRadiiController
 
 
 @dataclass
@@ -389,147 +273,176 @@ def _binding_note(binding) -> str:
     )
 
 
-def _claims(config, finals, binding, all_recs, logged) -> list[dict]:
-    claims = []
-    fa = finals.get("all_radii")
-    if fa and len(finals) > 1:
-        best = min(
-            finals,
-            key=lambda m: (
-                finals[m]["train_loss"] if math.isfinite(finals[m]["train_loss"]) else math.inf
-            ),
-        )
-        ours = ", ".join(f"{METHOD_LABELS[m]} {finals[m]['train_loss']:.3g}" for m in finals)
-        ok = best == "all_radii"
-        claims.append(
-            Claim(
-                "The all-radii controller reaches the lowest final training loss",
-                "all-radii lowest",
-                ours,
-                ok,
-                note=None
-                if ok
-                else (
-                    f"in our runs {METHOD_LABELS[best]} ends lowest. The all-radii steps are "
-                    f"short (median effective LR {fa['lr_median']:.2g}, the min of three radii) "
-                    f"so it is slower over {config.steps} steps; the paper's optimizer, base LR "
-                    "and step rule are not stated"
-                ),
-            )
-        )
-    f = finals.get("fixed_16x")
-    if f:
-        claims.append(
-            Claim(
-                f"Fixed LR {config.high_factor:g}x diverges (final training loss not below the "
-                "initial loss)",
-                "diverges",
-                f"final {f['train_loss']:.3g} vs initial {f['initial_loss']:.3g} "
-                f"(best along the run {f['best_loss']:.3g})",
-                _diverged(f),
-                note=None
-                if _diverged(f)
-                else (
-                    f"Adam at {config.base_lr * config.high_factor:g} does not diverge here (its "
-                    "loss is noisier and ends above its best); the paper's base LR and optimizer "
-                    "are not stated, a larger base LR would diverge sooner. Not tuned"
-                ),
-            )
-        )
-    f1 = finals.get("fixed_1x")
-    if f1 and fa:
-        ok = (not _diverged(f1)) and f1["train_loss"] > fa["train_loss"]
-        claims.append(
-            Claim(
-                "Fixed LR 1x converges, but more slowly than the all-radii controller (higher "
-                "final training loss, not diverged)",
-                "converges slowly",
-                f"1x {f1['train_loss']:.3g} vs all-radii {fa['train_loss']:.3g}",
-                ok,
-                note=None
-                if ok
-                else (
-                    f"Adam at {config.base_lr:g} converges faster than the all-radii controller "
-                    f"here; its steps are {config.base_lr / fa['lr_median']:.2g}x longer than "
-                    "the all-radii controller's median effective LR"
-                ),
-            )
-        )
-    if binding:
-        e, late, mid = binding["early"], binding["late"], binding["middle"]
-        full = _binding_note(binding)
-        said = []
+def _lowest_loss(x) -> str | None:
+    """The method with the lowest final training loss, when all-radii ran beside others."""
+    finals = x.finals
+    if not (finals.get("all_radii") and len(finals) > 1):
+        return None
+    loss = {
+        m: f["train_loss"] if math.isfinite(f["train_loss"]) else math.inf
+        for m, f in finals.items()
+    }
+    return min(finals, key=loss.get)
 
-        def why() -> str:  # the full explanation once, then a pointer to it
-            if said:
-                return "same cause as noted above for the binding pattern"
-            said.append(True)
-            return full
 
-        share_e = e["counts"]["ffn"] / e["n"]
-        share_l = late["counts"]["out"] / late["n"]
-        claims.append(
-            Claim(
-                "Early training is FFN-limited (rho_ffn binds in most early logged steps)",
-                "94/100",
-                f"{e['counts']['ffn']}/{e['n']}",
-                share_e > 0.5,
-                note=None if share_e > 0.5 else why(),
-            )
-        )
-        ok = min(mid["counts"]["ffn"], mid["counts"]["out"]) >= 0.2 * mid["n"]
-        claims.append(
-            Claim(
-                "The middle third mixes FFN and output bottlenecks (each binds at least 20%)",
-                "48/100 FFN, 52/100 Out",
-                f"{mid['counts']['ffn']}/{mid['n']} FFN, {mid['counts']['out']}/{mid['n']} Out",
-                ok,
-                note=None if ok else why(),
-            )
-        )
-        claims.append(
-            Claim(
-                "Late training is output-limited (rho_out binds in most late logged steps)",
-                "97/105",
-                f"{late['counts']['out']}/{late['n']}",
-                share_l > 0.5,
-                note=None if share_l > 0.5 else why(),
-            )
-        )
-        for k in ("ffn", "out", "attn"):
-            ours = [binding[ph]["median_radii"][k] for ph in PHASES]
-            paper = [PAPER_TABLE2[ph][2][("ffn", "out", "attn").index(k)] for ph in PHASES]
-            ok = all(0.5 <= o / p <= 2.0 for o, p in zip(ours, paper))
-            claims.append(
-                Claim(
-                    f"Median rho_{k} per phase (early / middle / late) within 2x of Table 2",
-                    " / ".join(f"{v:g}" for v in paper),
-                    " / ".join(f"{v:.3g}" for v in ours),
-                    ok,
-                    note=None
-                    if ok
-                    else "radii depend on model details and on the sample set "
-                    "they are measured on; see the binding claims",
-                )
-            )
-        attn = sum(binding[p]["counts"]["attn"] for p in PHASES)
-        total = sum(binding[p]["n"] for p in PHASES)
-        claims.append(
-            Claim("The attention radius never binds", "0/305", f"{attn}/{total}", attn == 0)
-        )
-        first = Counter(rec.binding[logged[0]] for rec in all_recs)
-        last = Counter(rec.binding[logged[-1]] for rec in all_recs)
-        ok = set(first) == {"ffn"} and set(last) == {"out"}
-        claims.append(
-            Claim(
-                "Every seed starts FFN-limited and ends output-limited",
-                "every seed",
-                f"first: {dict(first)}; last: {dict(last)}",
-                ok,
-                note=None if ok else why(),
-            )
-        )
-    return claims
+def _fixed_1x_vs_all(x) -> tuple[dict, dict] | None:
+    f1, fa = x.finals.get("fixed_1x"), x.finals.get("all_radii")
+    return (f1, fa) if f1 and fa else None
+
+
+def _binding_phase(phase: str):
+    return lambda x: x.binding[phase] if x.binding else None
+
+
+def _median_radii(k: str):
+    """(ours, paper) median rho_k per phase."""
+
+    def measure(x):
+        if not x.binding:
+            return None
+        ours = [x.binding[ph]["median_radii"][k] for ph in PHASES]
+        paper = [PAPER_TABLE2[ph][2][("ffn", "out", "attn").index(k)] for ph in PHASES]
+        return ours, paper
+
+    return measure
+
+
+def _median_radii_rule(k: str) -> ClaimRule:
+    return ClaimRule(
+        f"Median rho_{k} per phase (early / middle / late) within 2x of Table 2",
+        lambda x: " / ".join(f"{v:g}" for v in _median_radii(k)(x)[1]),
+        _median_radii(k),
+        holds=lambda v, x: all(0.5 <= o / p <= 2.0 for o, p in zip(*v)),
+        ours=lambda v, x: " / ".join(f"{o:.3g}" for o in v[0]),
+        note=lambda v, x: (
+            "radii depend on model details and on the sample set "
+            "they are measured on; see the binding claims"
+        ),
+    )
+
+
+def _attention_binds(x) -> tuple[int, int] | None:
+    if not x.binding:
+        return None
+    return (
+        sum(x.binding[p]["counts"]["attn"] for p in PHASES),
+        sum(x.binding[p]["n"] for p in PHASES),
+    )
+
+
+def _first_last(x) -> tuple[Counter, Counter] | None:
+    if not x.binding:
+        return None
+    first = Counter(rec.binding[x.logged[0]] for rec in x.all_recs)
+    last = Counter(rec.binding[x.logged[-1]] for rec in x.all_recs)
+    return first, last
+
+
+def _mixed(mid: dict) -> bool:
+    return min(mid["counts"]["ffn"], mid["counts"]["out"]) >= 0.2 * mid["n"]
+
+
+# The paper's claims (Fig. 11, Table 2), in report order. The binding claims share one
+# explanation: in full on the first that fails, then a pointer to it (``x.why``).
+CLAIMS = (
+    ClaimRule(
+        "The all-radii controller reaches the lowest final training loss",
+        "all-radii lowest",
+        _lowest_loss,
+        holds=lambda best, x: best == "all_radii",
+        ours=lambda best, x: ", ".join(
+            f"{METHOD_LABELS[m]} {f['train_loss']:.3g}" for m, f in x.finals.items()
+        ),
+        note=lambda best, x: (
+            f"in our runs {METHOD_LABELS[best]} ends lowest. The all-radii steps are "
+            f"short (median effective LR {x.finals['all_radii']['lr_median']:.2g}, the min of "
+            f"three radii) so it is slower over {x.c.steps} steps; the paper's optimizer, base "
+            "LR and step rule are not stated"
+        ),
+    ),
+    ClaimRule(
+        "Fixed LR {c.high_factor:g}x diverges (final training loss not below the initial loss)",
+        "diverges",
+        lambda x: x.finals.get("fixed_16x") or None,
+        holds=lambda f, x: _diverged(f),
+        ours=lambda f, x: (
+            f"final {f['train_loss']:.3g} vs initial {f['initial_loss']:.3g} "
+            f"(best along the run {f['best_loss']:.3g})"
+        ),
+        note=lambda f, x: (
+            f"Adam at {x.c.base_lr * x.c.high_factor:g} does not diverge here (its "
+            "loss is noisier and ends above its best); the paper's base LR and optimizer "
+            "are not stated, a larger base LR would diverge sooner. Not tuned"
+        ),
+    ),
+    ClaimRule(
+        "Fixed LR 1x converges, but more slowly than the all-radii controller (higher "
+        "final training loss, not diverged)",
+        "converges slowly",
+        _fixed_1x_vs_all,
+        holds=lambda v, x: (not _diverged(v[0])) and v[0]["train_loss"] > v[1]["train_loss"],
+        ours=lambda v, x: f"1x {v[0]['train_loss']:.3g} vs all-radii {v[1]['train_loss']:.3g}",
+        note=lambda v, x: (
+            f"Adam at {x.c.base_lr:g} converges faster than the all-radii controller "
+            f"here; its steps are {x.c.base_lr / v[1]['lr_median']:.2g}x longer than "
+            "the all-radii controller's median effective LR"
+        ),
+    ),
+    ClaimRule(
+        "Early training is FFN-limited (rho_ffn binds in most early logged steps)",
+        "94/100",
+        _binding_phase("early"),
+        holds=lambda e, x: e["counts"]["ffn"] / e["n"] > 0.5,
+        ours=lambda e, x: f"{e['counts']['ffn']}/{e['n']}",
+        note=lambda e, x: x.why(),
+    ),
+    ClaimRule(
+        "The middle third mixes FFN and output bottlenecks (each binds at least 20%)",
+        "48/100 FFN, 52/100 Out",
+        _binding_phase("middle"),
+        holds=lambda mid, x: _mixed(mid),
+        ours=lambda m, x: f"{m['counts']['ffn']}/{m['n']} FFN, {m['counts']['out']}/{m['n']} Out",
+        note=lambda mid, x: x.why(),
+    ),
+    ClaimRule(
+        "Late training is output-limited (rho_out binds in most late logged steps)",
+        "97/105",
+        _binding_phase("late"),
+        holds=lambda late, x: late["counts"]["out"] / late["n"] > 0.5,
+        ours=lambda late, x: f"{late['counts']['out']}/{late['n']}",
+        note=lambda late, x: x.why(),
+    ),
+    *(_median_radii_rule(k) for k in ("ffn", "out", "attn")),
+    ClaimRule(
+        "The attention radius never binds",
+        "0/305",
+        _attention_binds,
+        holds=lambda v, x: v[0] == 0,
+        ours=lambda v, x: f"{v[0]}/{v[1]}",
+    ),
+    ClaimRule(
+        "Every seed starts FFN-limited and ends output-limited",
+        "every seed",
+        _first_last,
+        holds=lambda v, x: set(v[0]) == {"ffn"} and set(v[1]) == {"out"},
+        ours=lambda v, x: f"first: {dict(v[0])}; last: {dict(v[1])}",
+        note=lambda v, x: x.why(),
+    ),
+)
+
+
+def _claims(config, finals, binding, all_recs, logged) -> list[Claim]:
+    said = []
+
+    def why() -> str:  # the full explanation once, then a pointer to it
+        if said:
+            return "same cause as noted above for the binding pattern"
+        said.append(True)
+        return _binding_note(binding)
+
+    return evaluate_claims(
+        CLAIMS, c=config, finals=finals, binding=binding, all_recs=all_recs, logged=logged, why=why
+    )
 
 
 def _final_table(config, finals) -> Table:

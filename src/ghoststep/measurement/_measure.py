@@ -15,7 +15,7 @@ Reference: P. Sao, "Ghosts of Softmax", arXiv:2603.13552 (2026), section 3.
 >>> _ = torch.manual_seed(0)
 >>> model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
 >>> x = torch.randn(5, 4)
->>> m = measure(model, x, random_direction(model, seed=1), step_norm=0.1)
+>>> m = measure(model, x, random_direction(model, seed=1), tau=0.1)
 >>> m.n_samples
 5
 """
@@ -30,8 +30,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..radius._bounds import aggregate as _aggregate
-from ..radius._bounds import exact_radius, normalized_step, radius_from_spread, top2_radius
+from ..radius._bounds import (
+    aggregate_quantile,
+    normalized_step,
+    radius_from_spread,
+    top2_radius,
+)
+from ..radius._checks import check_temperature
+from ..radius._ghosts import exact_radius
+from ._reduce import reduce_spreads
 from ._slopes import flatten_samples, sample_mask, spread_map
 
 __all__ = ["Measurement", "measure"]
@@ -58,24 +65,26 @@ class Measurement:
 
     Attributes:
         spread: (N,) Delta a = max_k a_k - min_k a_k (before dividing by T).
-        rho: (N,) rho_a = pi T / Delta a (+inf where Delta a = 0).
-        rho_batch: aggregate of ``rho`` (``aggregate``: "min" -> pi T / max Delta a).
+        rho_samples: (N,) per-sample rho_a = pi T / Delta a (+inf where Delta a = 0).
+        rho_a: the batch's radius bound, the aggregate of ``rho_samples``
+            (``aggregate``: "min" -> pi T / max Delta a).
         bottleneck: flattened-sample index (into all B*T positions) of the sample
             with the largest spread, i.e. the smallest rho_a.
-        r: ||p|| / rho_batch when ``step_norm`` was given, else None.
+        tau: ||p||, the step length along the direction, when given, else None.
+        r: tau / rho_a when ``tau`` was given, else None.
         top2, exact: (N,) top-2 proxy and certified exact radii (``exact=True``), in
-            the same units as rho (temperature applied), else None.
+            the same units as rho_a (temperature applied), else None.
     """
 
     spread: torch.Tensor
-    rho: torch.Tensor
-    rho_batch: float
+    rho_samples: torch.Tensor
+    rho_a: float
     bottleneck: int
     sample_index: torch.Tensor
     sample_shape: tuple[int, ...]
     temperature: float
     aggregate: Any = "min"
-    step_norm: float | None = None
+    tau: float | None = None
     r: float | None = None
     top2: torch.Tensor | None = None
     exact: torch.Tensor | None = None
@@ -92,7 +101,7 @@ class Measurement:
     def __repr__(self) -> str:
         parts = [
             f"n_samples={self.n_samples}",
-            f"rho_batch={self.rho_batch:.4g}",
+            f"rho_a={self.rho_a:.4g}",
             f"max_spread={self.max_spread:.4g}",
             f"bottleneck={self.bottleneck}",
         ]
@@ -101,7 +110,7 @@ class Measurement:
         if self.temperature != 1.0:
             parts.append(f"temperature={self.temperature:g}")
         if self.r is not None:
-            parts.append(f"step_norm={self.step_norm:.4g}, r={self.r:.4g}")
+            parts.append(f"tau={self.tau:.4g}, r={self.r:.4g}")
         if self.top2 is not None:
             parts.append(f"min_top2={float(self.top2.min()):.4g}")
         if self.exact is not None:
@@ -117,13 +126,13 @@ class Measurement:
             "temperature": self.temperature,
             "aggregate": agg,
             "method": self.method,
-            "rho_batch": self.rho_batch,
+            "rho_a": self.rho_a,
             "max_spread": self.max_spread,
             "bottleneck": self.bottleneck,
-            "step_norm": self.step_norm,
+            "tau": self.tau,
             "r": self.r,
             "spread": _as_list(self.spread),
-            "rho": _as_list(self.rho),
+            "rho_samples": _as_list(self.rho_samples),
             "sample_index": _as_list(self.sample_index),
             "top2": _as_list(self.top2),
             "exact": _as_list(self.exact),
@@ -135,7 +144,7 @@ def measure(
     inputs,
     direction,
     *,
-    step_norm: float | torch.Tensor | None = None,
+    tau: float | torch.Tensor | None = None,
     targets: torch.Tensor | None = None,
     temperature: float = 1.0,
     aggregate: str | Sequence = "min",
@@ -151,21 +160,23 @@ def measure(
 
     ``rho_a(x) = pi T / Delta a(x)`` per sample, the batch radius
     ``aggregate(rho_a)`` (``"min"`` = pi T / max_x Delta a(x), the guaranteed one;
-    or ``("quantile", q)``), the bottleneck sample, and ``r = step_norm / rho_batch``.
+    or ``("quantile", q)``: the radius of the q-quantile spread, q = 1 the min), the
+    bottleneck sample, and ``r = tau / rho_a``.
     Slopes are per unit of ``direction``, so radii are in units of t along it: for
     the normalized step of an optimizer update p pass ``direction=p`` together with
-    ``step_norm=1`` (the step is t = 1), or equivalently the unit direction p / ||p||
-    with ``step_norm=||p||``.
+    ``tau=1`` (the step is t = 1), or equivalently the unit direction p / ||p||
+    with ``tau=||p||``.
 
     Args:
         model, inputs, method, logits_fn, fd_step: as in ``logit_slopes``.
         direction: the step direction v; radii are in units of t along v, so use a
             unit-norm v for radii in parameter-space distance.
-        step_norm: ||p||, the step length along v, for r.
+        tau: ||p||, the step length along v, for r.
         targets: optional integer targets of the sample shape (for ``ignore_index``
             and the top-2 proxy's class y).
         temperature: softmax temperature T (logits z / T).
-        aggregate: "min" or ("quantile", q) (see ``ghoststep.radius.aggregate``).
+        aggregate: "min" or ("quantile", q) (see ``ghoststep.radius.aggregate``; q is
+            a quantile of the spread, as the controller's ``quantile=q``).
         exact: also compute per-sample top-2 and certified exact radii (needs the
             full logits and slopes; with ``chunk_size`` they are concatenated).
         mask: bool (sample shape); False positions (padding) are left out of every
@@ -176,7 +187,7 @@ def measure(
     Returns:
         ``Measurement``.
     """
-    _check_temperature(temperature)
+    check_temperature(temperature, tensor_ok=False)
     spreads, logits, slopes = spread_map(
         model,
         inputs,
@@ -188,21 +199,28 @@ def measure(
         fd_step=fd_step,
     )
     index, keep = _kept_samples(spreads, mask, targets, ignore_index)
-    spread = spreads.reshape(-1)[index]
-    rho = radius_from_spread(spread, temperature)  # +inf where spread == 0
-    rho_batch = _scalar(_aggregate(rho, aggregate))
-    r, step_norm = _normalized(step_norm, rho_batch)
+    found = reduce_spreads(
+        [spreads.reshape(-1)],
+        [None if keep is None else keep.reshape(-1)],
+        quantile=aggregate_quantile(aggregate),
+        temperature=temperature,
+    )
+    spread = found.kept[0]
+    rho_samples = radius_from_spread(spread, temperature)  # +inf where spread == 0
+    # in the spreads' dtype, as every per-sample rho (min rho = pi T / max spread)
+    rho_a = _scalar(radius_from_spread(spread.new_tensor(found.spread), temperature))
+    r, tau = _normalized(tau, rho_a)
     top2, ex = _exact_radii(logits, slopes, keep, targets, temperature) if exact else (None, None)
     return Measurement(
         spread=spread,
-        rho=rho,
-        rho_batch=rho_batch,
-        bottleneck=int(index[int(torch.argmax(spread))]),
+        rho_samples=rho_samples,
+        rho_a=rho_a,
+        bottleneck=found.bottleneck,
         sample_index=index,
         sample_shape=tuple(spreads.shape),
         temperature=float(temperature),
         aggregate=aggregate,
-        step_norm=step_norm,
+        tau=tau,
         r=r,
         top2=top2,
         exact=ex,
@@ -210,19 +228,12 @@ def measure(
     )
 
 
-def _normalized(step_norm, rho_batch: float) -> tuple[float | None, float | None]:
-    """``(r, ||p||)`` as floats, ``r = ||p|| / rho_batch``; ``(None, None)`` without a step."""
-    if step_norm is None:
+def _normalized(tau, rho_a: float) -> tuple[float | None, float | None]:
+    """``(r, tau)`` as floats, ``r = tau / rho_a``; ``(None, None)`` without a step."""
+    if tau is None:
         return None, None
-    r = normalized_step(step_norm, torch.tensor(rho_batch, dtype=torch.float64))
-    return _scalar(r), _scalar(step_norm)
-
-
-def _check_temperature(temperature) -> None:
-    if not (
-        isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0
-    ):
-        raise ValueError(f"temperature must be a positive finite number, got {temperature!r}")
+    r = normalized_step(tau, torch.tensor(rho_a, dtype=torch.float64))
+    return _scalar(r), _scalar(tau)
 
 
 def _kept_samples(spreads, mask, targets, ignore_index):

@@ -50,8 +50,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..evaluation._directional import METHODS, directional
-from ..evaluation._directional import fd_step as fd_step_default
+from ..evaluation._directional import SLOPE_METHODS, directional, fast_step
 from ..evaluation._directions import direction_norm, resolve_direction, trainable_parameters
 from ..evaluation._inputs import check_chunking, chunks, split_inputs
 from ..evaluation._outputs import logits_reader
@@ -64,8 +63,8 @@ class _Evaluator:
     """``(logits, slopes)`` of slices of the inputs along one resolved direction."""
 
     def __init__(self, model, direction, method, logits_fn, fd_step):
-        if method not in METHODS:
-            raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+        if method not in SLOPE_METHODS:
+            raise ValueError(f"method must be one of {SLOPE_METHODS}, got {method!r}")
         if fd_step is not None and not (isinstance(fd_step, (int, float)) and fd_step > 0):
             raise ValueError(f"fd_step must be a positive number, got {fd_step!r}")
         self.model = model
@@ -76,7 +75,7 @@ class _Evaluator:
         if method == "fast" and fd_step is None:  # one step for every chunk
             params = [p.detach() for _, p in trainable_parameters(model)]
             norm = float(direction_norm(self.tangents))
-            self.step = fd_step_default(float(direction_norm(params)), norm, params[0].dtype)
+            self.step = fast_step(float(direction_norm(params)), norm, params[0].dtype)
 
     def __call__(self, args, kwargs) -> tuple[torch.Tensor, torch.Tensor]:
         return directional(
@@ -133,7 +132,7 @@ def logit_slopes(
             concatenate. Not allowed when a BatchNorm uses batch statistics (the
             slopes would depend on the chunking).
         fd_step: step h for ``"fd"`` (theta +- h v; default eps^(1/3)/||v||) and
-            ``"fast"`` (theta + h v; default ``ghoststep.evaluation.fd_step``).
+            ``"fast"`` (theta + h v; default ``ghoststep.evaluation.fast_step``).
     Returns:
         ``(logits, slopes)``, both shaped like the model's logits (e.g. (B, K) or
         (B, T, V)); slopes in logit units per unit of t along v.
@@ -168,8 +167,8 @@ def sample_mask(
     sample_shape, device, mask=None, targets=None, ignore_index=None
 ) -> torch.Tensor | None:
     """Bool keep-mask of the sample shape from ``mask`` and ``targets != ignore_index``;
-    None when neither is given (every sample kept)."""
-    keep = None
+    None when neither is given (every sample kept). Checks the mask, then
+    :func:`keep_mask`."""
     if mask is not None:
         if not isinstance(mask, torch.Tensor):
             raise TypeError(f"mask must be a bool tensor, got {type(mask).__name__}")
@@ -178,11 +177,21 @@ def sample_mask(
                 f"mask must have the sample shape {tuple(sample_shape)} (logits without the "
                 f"class axis), got {tuple(mask.shape)}"
             )
-        keep = mask.to(device=device, dtype=torch.bool)
+    return keep_mask(mask, targets, ignore_index, device)
+
+
+def keep_mask(mask=None, targets=None, ignore_index=None, device=None) -> torch.Tensor | None:
+    """The one mask builder: True where a position counts -- ``mask`` (as bool) and
+    ``targets != ignore_index`` -- or None when neither is given (every one counts).
+    ``measure``'s ``mask`` / ``ignore_index`` and the controller's ``mask_fn`` /
+    ``ignore_index`` both come here."""
+    keep = None
+    if mask is not None:
+        keep = torch.as_tensor(mask).to(device=device, dtype=torch.bool)
     if ignore_index is not None:
         if targets is None:
             raise ValueError("ignore_index needs targets")
-        not_ignored = targets.to(device) != ignore_index
+        not_ignored = torch.as_tensor(targets).to(device) != ignore_index
         keep = not_ignored if keep is None else keep & not_ignored
     return keep
 

@@ -13,7 +13,7 @@ there, so the Taylor series of the loss in ``t`` converges exactly for
 * ``rho_bound``: rho_a = pi T / Delta a, a proven lower bound on rho*;
 * ``binary_radius``: the exact rho* for K = 2;
 * ``top2_radius``: the top-2 proxy (not a bound for K > 2);
-* ``exact_radius`` / ``nearest_ghost``: the certified nearest zero for any K;
+* ``exact_radius`` / ``nearest_ghost`` (in ``_ghosts``): the certified nearest zero for any K;
 * ``aggregate`` / ``normalized_step``: batch radii and r = ||p|| / rho;
 * theory helpers for the KL remainder and the binary-logistic Hessian comparison.
 
@@ -37,30 +37,11 @@ import torch
 
 from ._checks import check_float as _check_float
 from ._checks import check_pair as _check_pair
+from ._checks import check_temperature as _check_temperature
 from ._checks import nan_where_bad as _nan_where_bad
 from ._checks import row_finite as _row_finite
-from ._ghosts import exact_radius, nearest_ghost
 
-__all__ = [
-    "logit_spread",
-    "rho_bound",
-    "binary_radius",
-    "clip_radius",
-    "top2_radius",
-    "exact_radius",
-    "nearest_ghost",
-    "aggregate",
-    "normalized_step",
-    "radius_from_spread",
-    "step_scale",
-    "kl_quadratic_term",
-    "kl_remainder_bound",
-    "logistic_curvature",
-    "logistic_radius",
-    "hessian_step",
-    "hessian_radius_ratio",
-    "crossover_margin",
-]
+# The public names are listed once, in the package's ``__init__``.
 
 PI = math.pi
 _INDEX_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
@@ -79,20 +60,13 @@ def logit_spread(slopes: torch.Tensor) -> torch.Tensor:
         (...) spread, >= 0; NaN for samples with a non-finite slope.
     """
     _check_float("slopes", slopes)
-    spread = slopes.amax(-1) - slopes.amin(-1)
-    return _nan_where_bad(spread, _row_finite(slopes))
+    return _nan_where_bad(logit_spread_unchecked(slopes), _row_finite(slopes))
 
 
-def _check_temperature(temperature) -> None:
-    if isinstance(temperature, torch.Tensor):
-        if not temperature.is_floating_point() or not bool(
-            torch.all(torch.isfinite(temperature) & (temperature > 0))
-        ):
-            raise ValueError("temperature must be positive and finite")
-    elif not (
-        isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0
-    ):
-        raise ValueError(f"temperature must be a positive finite number, got {temperature!r}")
+def logit_spread_unchecked(slopes: torch.Tensor) -> torch.Tensor:
+    """:func:`logit_spread` without its checks (no NaN marking of non-finite rows): the
+    core the controller's meter runs on every step."""
+    return slopes.amax(-1) - slopes.amin(-1)
 
 
 def rho_bound(slopes: torch.Tensor, temperature: float | torch.Tensor = 1.0) -> torch.Tensor:
@@ -237,14 +211,26 @@ def top2_radius(
 # ----------------------------------------------------------------- batch quantities
 
 
+def quantile_position(n: int, q: float) -> int:
+    """The one quantile convention: ``q`` is a quantile of the *spread*. Of ``n`` values
+    the q-quantile spread is the one at this position in decreasing spread order,
+    which is increasing radius order (rho = pi T / Delta a): the upper order statistic
+    of the spreads, the lower (1 - q) order statistic of the radii, no interpolation.
+    q = 1 is the max spread (the min radius, the guaranteed one)."""
+    return math.floor((1.0 - q) * (n - 1))
+
+
 def aggregate(per_sample_rho: torch.Tensor, how: str | Sequence = "min") -> torch.Tensor:
     """Batch or dataset radius from per-sample radii.
 
     ``"min"`` gives the guaranteed batch radius: for rho_a it equals
-    pi / max_x Delta a(x). ``("quantile", q)`` gives the q-quantile of the per-sample
-    radii (q = 0 is the min; the lower order statistic, no interpolation). It
-    ignores the q share of samples with the smallest radii, so it gives up the
-    guarantee for them in exchange for robustness to a few outliers.
+    pi / max_x Delta a(x). ``("quantile", q)`` gives the radius of the q-quantile
+    spread (:func:`quantile_position`: q = 1 is the min radius, q = 0.99 the radius
+    that 99 % of the samples' spreads stay below; in radius terms the lower
+    (1 - q) order statistic, no interpolation). It ignores the (1 - q) share of
+    samples with the smallest radii, so it gives up the guarantee for them in
+    exchange for robustness to a few outliers. The controller's ``quantile=q`` is
+    the same q.
 
     Args:
         per_sample_rho: tensor of radii (any shape, all entries pooled), >= 0,
@@ -261,8 +247,18 @@ def aggregate(per_sample_rho: torch.Tensor, how: str | Sequence = "min") -> torc
     if bool((per_sample_rho < 0).any()):
         raise ValueError("per_sample_rho must be >= 0 (radii are distances)")
     flat = per_sample_rho.reshape(-1)
-    if how == "min":
+    q = aggregate_quantile(how)
+    if q is None:
         return flat.min()
+    # Increasing radii (no interpolation): conservative, and exact with +inf entries.
+    ordered = flat.sort().values
+    return ordered[quantile_position(ordered.numel(), q)]
+
+
+def aggregate_quantile(how: str | Sequence) -> float | None:
+    """The q of an aggregate ``how`` (None for ``"min"``); refuses anything else."""
+    if how == "min":
+        return None
     if (
         isinstance(how, Sequence)
         and not isinstance(how, str)
@@ -272,27 +268,25 @@ def aggregate(per_sample_rho: torch.Tensor, how: str | Sequence = "min") -> torc
         q = how[1]
         if not (isinstance(q, (int, float)) and 0.0 <= q <= 1.0):
             raise ValueError(f"aggregate quantile q must be a number in [0, 1], got {q!r}")
-        # Lower quantile (no interpolation): conservative, and exact with +inf entries.
-        ordered = flat.sort().values
-        return ordered[math.floor(q * (ordered.numel() - 1))]
+        return q
     raise ValueError(f'aggregate how must be "min" or ("quantile", q), got {how!r}')
 
 
-def normalized_step(step_norm, rho) -> torch.Tensor:
-    """Normalized step r = ||p|| / rho (r < 1: inside the guaranteed disk).
+def normalized_step(tau, rho) -> torch.Tensor:
+    """Normalized step r = tau / rho, tau = ||p|| (r < 1: inside the guaranteed disk).
 
     Args:
-        step_norm: step length(s) ||p|| >= 0 (number or tensor).
-        rho: radius/radii, broadcastable with step_norm; +inf gives r = 0.
+        tau: step length(s) ||p|| >= 0 (number or tensor).
+        rho: radius/radii, broadcastable with tau; +inf gives r = 0.
     Returns:
         r as a tensor.
     """
-    step = _as_float(step_norm)
+    step = _as_float(tau)
     radius = _as_float(rho)
-    _check_float("step_norm", step, class_axis=False)
+    _check_float("tau", step, class_axis=False)
     _check_float("rho", radius, class_axis=False)
     if bool((step < 0).any()):
-        raise ValueError("step_norm must be >= 0")
+        raise ValueError("tau must be >= 0")
     if bool((radius < 0).any()):
         raise ValueError("rho must be >= 0")
     return step / radius

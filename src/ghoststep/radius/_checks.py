@@ -3,6 +3,8 @@ the argument; non-finite values are per-sample data)."""
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 
@@ -45,3 +47,16 @@ def row_finite(*xs: torch.Tensor) -> torch.Tensor:
 
 def nan_where_bad(value: torch.Tensor, finite: torch.Tensor) -> torch.Tensor:
     return torch.where(finite, value, torch.full_like(value, float("nan")))
+
+
+def check_temperature(temperature, *, tensor_ok: bool = True) -> None:
+    """T > 0 and finite: a number, or (``tensor_ok``) a floating tensor of such values."""
+    if tensor_ok and isinstance(temperature, torch.Tensor):
+        if not temperature.is_floating_point() or not bool(
+            torch.all(torch.isfinite(temperature) & (temperature > 0))
+        ):
+            raise ValueError("temperature must be positive and finite")
+    elif not (
+        isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0
+    ):
+        raise ValueError(f"temperature must be a positive finite number, got {temperature!r}")

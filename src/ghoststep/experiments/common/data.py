@@ -7,7 +7,7 @@ already be on disk in its standard python-pickle format (``data_batch_1`` ..
 ``data_batch_5``, ``test_batch``), e.g. extracted from ``cifar-10-python.tar.gz``.
 
 Example:
-    >>> from ghoststep.experiments.data import load_digits_split, minibatches
+    >>> from ghoststep.experiments.common.data import load_digits_split, minibatches
     >>> X_train, y_train, X_test, y_test = load_digits_split(seed=0)
     >>> X_train.shape, X_test.shape
     (torch.Size([1437, 64]), torch.Size([360, 64]))

@@ -1,6 +1,6 @@
 """The training stabilizers people use, as methods of the shared spike protocol.
 
-Each method is a setting of :func:`~ghoststep.experiments.training.controlled_run`:
+Each method is a setting of :func:`~ghoststep.experiments.common.training.controlled_run`:
 a gradient transform applied after backward (the clippers), a replacement of the
 base optimizer (the Adam variants), or the radius controller's mode.
 
@@ -43,8 +43,8 @@ from typing import Any
 
 import torch
 
-from ghoststep.experiments.data import markov_language
-from ghoststep.experiments.training import RunRecord, controlled_run, token_cross_entropy
+from ghoststep.experiments.common.data import markov_language
+from ghoststep.experiments.common.training import RunRecord, controlled_run, token_cross_entropy
 
 __all__ = [
     "METHODS",
@@ -192,7 +192,7 @@ def arch_settings(arch: str, batch_size: int, lm: Mapping[str, int] | None = Non
     """Data, loss and model arguments of :func:`controlled_run` for ``arch``.
 
     The digits classifiers use the defaults. ``"tinylm"`` trains on
-    :func:`~ghoststep.experiments.data.markov_language` (``lm``: ``vocab``,
+    :func:`~ghoststep.experiments.common.data.markov_language` (``lm``: ``vocab``,
     ``seq_len``, ``order``, ``batch_size``) with GPT-2's embedding init (std 0.02).
     """
     if arch != "tinylm":

@@ -7,7 +7,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from ghoststep.experiments.results import RESULTS_FILE, Results, read_json, validate_results
+from ghoststep.experiments.common.results import RESULTS_FILE, Results, read_json, validate_results
 
 __all__ = ["render_report", "render_merged_report"]
 

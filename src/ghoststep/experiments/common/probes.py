@@ -26,7 +26,7 @@ Conventions
   is mean softmax cross-entropy of ``logits / T``.
 
 >>> import torch
->>> from ghoststep.experiments.probes import pretrain, descent_direction, line_sweep
+>>> from ghoststep.experiments.common.probes import pretrain, descent_direction, line_sweep
 >>> net = pretrain("linear", steps=20, seed=0)
 >>> X, y = net.data.X_train[:200], net.data.y_train[:200]
 >>> v = descent_direction(net.model, X, y)
@@ -48,9 +48,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ghoststep.evaluation import call_at, gradient_direction, random_direction, resolve_direction
-from ghoststep.experiments.data import Split, digits
-from ghoststep.experiments.models import build_model
-from ghoststep.experiments.training import evaluate, set_seed, train
+from ghoststep.experiments.common.data import Split, digits
+from ghoststep.experiments.common.models import build_model
+from ghoststep.experiments.common.training import evaluate, set_seed, train
 from ghoststep.measurement import logit_slopes
 from ghoststep.radius import exact_radius, rho_bound, top2_radius
 

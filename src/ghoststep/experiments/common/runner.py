@@ -2,7 +2,7 @@
 
 Runner contract
 ===============
-Every experiment is a module ``ghoststep.experiments.<name>`` registered in
+Every experiment is a module of ``ghoststep.experiments`` registered in
 ``ghoststep.experiments.EXPERIMENTS``. The module must define:
 
 ``Config``
@@ -22,10 +22,12 @@ Every experiment is a module ``ghoststep.experiments.<name>`` registered in
 
 ``run(config, out_dir, progress) -> Results``
     Does the work. ``out_dir`` (a ``Path``) exists already; write figures there with
-    :func:`~ghoststep.experiments.figures.save_figure`. ``progress`` (bool) says
+    :func:`~ghoststep.experiments.common.figures.save_figure`. ``progress`` (bool) says
     whether to show progress bars (:func:`progress_bar`). Returns a
-    :class:`~ghoststep.experiments.results.Results` (claims, and optionally title,
-    summary, figures, tables, metrics, notes).
+    :class:`~ghoststep.experiments.common.results.Results` (claims, and optionally title,
+    summary, figures, tables, metrics, notes). Claims are declared as data: a module-level
+    tuple of :class:`~ghoststep.experiments.common.results.ClaimRule` evaluated by
+    :func:`~ghoststep.experiments.common.results.evaluate_claims`.
 
 :func:`run_experiment` (used by ``ghoststep run``) builds the config (defaults ->
 preset -> CLI overrides), creates ``runs/<name>-<YYYYmmdd-HHMMSS>/`` (or ``--out``),
@@ -51,8 +53,8 @@ from typing import Any, NamedTuple
 
 import torch
 
-from ghoststep.experiments.report import render_report
-from ghoststep.experiments.results import (
+from ghoststep.experiments.common.report import render_report
+from ghoststep.experiments.common.results import (
     CONFIG_FILE,
     REPORT_FILE,
     RESULTS_FILE,

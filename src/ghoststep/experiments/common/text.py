@@ -12,7 +12,7 @@ and caches it as JSON; :func:`encode_split` caches the token ids as ``.npy``.
 Nothing here opens a network connection.
 
 Example:
-    >>> from ghoststep.experiments.text import build_corpus, train_tokenizer, encode_split
+    >>> from ghoststep.experiments.common.text import build_corpus, train_tokenizer, encode_split
     >>> corpus = build_corpus("/tmp/gs-cache", max_files=40)            # doctest: +SKIP
     >>> tok = train_tokenizer(corpus, 512)                              # doctest: +SKIP
     >>> ids = encode_split(corpus, tok, "train")  # (n_tokens,) uint16  # doctest: +SKIP

@@ -1,7 +1,10 @@
-"""Training loops and summaries shared by the digits experiments.
+"""The one training loop of the experiments, and the summaries of their runs.
 
-:func:`train` is the plain minibatch loop. :func:`controlled_run` is the one loop of
-the spike, archgrid and transformer experiments: the optimizer is always wrapped in
+:func:`loop` is the one training loop of the experiments, with hooks (before and
+after the backward, around the optimizer step); :func:`train` runs it over shuffled
+minibatches of a data set, and the ResNet-18 and language-model experiments run it
+over their own batches. :func:`controlled_run` is the digits run of the spike,
+archgrid and transformer experiments: the optimizer is always wrapped in
 a :class:`~ghoststep.RadiusController`, so every run -- plain ones included --
 records one :class:`~ghoststep.monitor.StepStats` per step (through a
 :class:`~ghoststep.monitor.CallbackSink`), and every per-step column of a
@@ -35,7 +38,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -44,9 +47,9 @@ import torch
 import torch.nn.functional as F
 
 from ghoststep.controller import RadiusController
-from ghoststep.experiments.data import digits
-from ghoststep.experiments.models import build_model
-from ghoststep.experiments.runner import progress_bar
+from ghoststep.experiments.common.data import digits
+from ghoststep.experiments.common.models import build_model
+from ghoststep.experiments.common.runner import progress_bar
 from ghoststep.monitor import CallbackSink, StepStats
 
 __all__ = [
@@ -55,6 +58,7 @@ __all__ = [
     "Evaluation",
     "RunRecord",
     "set_seed",
+    "loop",
     "train",
     "predict",
     "evaluate",
@@ -86,17 +90,30 @@ def set_seed(seed: int) -> torch.Generator:
 
 @dataclass
 class StepInfo:
-    """What :func:`train` passes to its hooks. ``loss`` is the pre-step minibatch loss;
-    ``lr`` the first param group's learning rate used for this step."""
+    """What :func:`loop` passes to its hooks.
+
+    ``loss_tensor`` is the reported minibatch loss of the step, detached (0-d, on the
+    model's device; reading ``loss`` syncs it to a float); ``objective`` the detached
+    objective that was backpropagated (the same tensor unless ``forward`` returns a
+    pair); ``lr`` the first param group's learning rate used for this step;
+    ``seconds`` the wall clock from the batch in hand to after the optimizer step
+    (set before ``on_step``).
+    """
 
     step: int
-    loss: float
+    loss_tensor: torch.Tensor
     lr: float
     inputs: torch.Tensor
     targets: torch.Tensor
     model: torch.nn.Module
     optimizer: Any
+    objective: torch.Tensor | None = None
+    seconds: float = 0.0
     extra: dict = field(default_factory=dict)
+
+    @property
+    def loss(self) -> float:
+        return float(self.loss_tensor)
 
 
 class Evaluation(NamedTuple):
@@ -133,6 +150,100 @@ def _set_lr(optimizer, base_lrs: Sequence[float], factor: float) -> None:
         group["lr"] = lr0 * factor
 
 
+Hook = Callable[[StepInfo], Any]
+
+
+def _lr_hooks(optimizer, lr_schedule):
+    """(multiplier, scheduler) of ``lr_schedule`` and the base learning rates."""
+    scheduler = lr_schedule if hasattr(lr_schedule, "step") else None
+    multiplier = lr_schedule if scheduler is None else None
+    return multiplier, scheduler, [g["lr"] for g in optimizer.param_groups]
+
+
+def _objective(model, xb, yb, forward, loss_fn) -> tuple[torch.Tensor, torch.Tensor]:
+    if forward is None:
+        loss = loss_fn(model(xb), yb)
+        return loss, loss
+    out = forward(xb, yb)
+    return out if isinstance(out, tuple) else (out, out)
+
+
+def loop(
+    model: torch.nn.Module,
+    optimizer,
+    batches: Iterator[tuple[torch.Tensor, torch.Tensor]],
+    steps: int,
+    *,
+    lr_schedule: Callable[[int], float] | Any | None = None,
+    forward: Callable[[torch.Tensor, torch.Tensor], Any] | None = None,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.cross_entropy,
+    after_loss: Hook | None = None,
+    before_step: Hook | None = None,
+    optimizer_step: Hook | None = None,
+    on_step: Hook | None = None,
+    start_step: int = 0,
+    progress: bool = False,
+    desc: str | None = None,
+) -> None:
+    """The one training loop of the experiments (digits runs, ResNet-18, the LMs).
+
+    Each step, in this order: set the learning rates from ``lr_schedule``, draw
+    ``(inputs, targets) = next(batches)``, ``zero_grad``, forward (``loss_fn(model(x),
+    y)``, or ``forward(x, y)`` returning the objective or ``(objective, reported
+    loss)``), ``after_loss(info)``, backward, ``before_step(info)``, the optimizer
+    step (``optimizer_step(info)``, default ``optimizer.step()``), the scheduler's
+    step, ``on_step(info)``. ``after_loss`` or ``on_step`` returning ``"stop"`` ends
+    training (``after_loss``: before that step's backward). The model is put in train
+    mode once, at the start.
+
+    Args:
+        model: the trained module (its forward gives logits unless ``forward`` is given).
+        optimizer: a ``torch.optim.Optimizer`` or wrapper (e.g. ``RadiusController``).
+        batches: an iterator of ``(inputs, targets)``; one item per step, drawn lazily
+            (an RNG it shares with the hooks is used in step order).
+        steps: number of steps.
+        lr_schedule: a callable ``step -> multiplier`` of every param group's
+            learning rate as it was when the loop started (e.g. a spike ``lambda s:
+            1000.0 if s >= 50 else 1.0``), or an object with ``.step()`` (a torch LR
+            scheduler) stepped after every optimizer step.
+        forward: ``(inputs, targets) -> objective | (objective, reported)``.
+        loss_fn: ``(logits, targets) -> scalar loss`` when ``forward`` is None.
+        after_loss: called after the forward, before backward.
+        before_step: called after backward, before the optimizer step (gradients are
+            final; snapshot parameters or clip gradients here).
+        optimizer_step: replaces ``optimizer.step()`` (e.g. measure only some steps).
+        on_step: called after the optimizer step.
+        start_step: index of the first step (for continuing a run).
+        progress: show a progress bar (:func:`~ghoststep.experiments.common.runner.progress_bar`).
+        desc: the progress bar's label.
+    """
+    multiplier, scheduler, base_lrs = _lr_hooks(optimizer, lr_schedule)
+    model.train()
+    for step in progress_bar(range(start_step, start_step + steps), desc=desc, enabled=progress):
+        if multiplier is not None:
+            _set_lr(optimizer, base_lrs, float(multiplier(step)))
+        xb, yb = next(batches)
+        t0 = time.perf_counter()
+        optimizer.zero_grad(set_to_none=True)
+        objective, reported = _objective(model, xb, yb, forward, loss_fn)
+        lr = optimizer.param_groups[0]["lr"]
+        info = StepInfo(step, reported.detach(), lr, xb, yb, model, optimizer, objective.detach())
+        if after_loss is not None and after_loss(info) == "stop":
+            break
+        objective.backward()
+        if before_step is not None:
+            before_step(info)
+        if optimizer_step is None:
+            optimizer.step()
+        else:
+            optimizer_step(info)
+        if scheduler is not None:
+            scheduler.step()
+        info.seconds = time.perf_counter() - t0
+        if on_step is not None and on_step(info) == "stop":
+            break
+
+
 def train(
     model: torch.nn.Module,
     data,
@@ -140,41 +251,22 @@ def train(
     steps: int,
     batch_size: int,
     lr_schedule: Callable[[int], float] | Any | None = None,
-    on_step: Callable[[StepInfo], Any] | None = None,
+    on_step: Hook | None = None,
     generator: torch.Generator | None = None,
     *,
-    before_step: Callable[[StepInfo], Any] | None = None,
+    before_step: Hook | None = None,
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.cross_entropy,
     start_step: int = 0,
     progress: bool = False,
     desc: str | None = None,
 ) -> list[float]:
-    """Minibatch training loop shared by the digits experiments.
+    """:func:`loop` over shuffled minibatches of a data set (the digits experiments).
 
-    Each step: draw a minibatch (shuffled epochs from ``generator``, full batch when
-    ``batch_size >= N``, last partial batch dropped), ``zero_grad``, forward,
-    ``loss_fn(logits, y)``, backward, ``before_step(info)``, ``optimizer.step()``,
-    ``on_step(info)``. The model is put in train mode.
-
-    Args:
-        model: maps a batch of inputs to logits.
-        data: ``Split`` / ``(X_train, y_train, ...)`` tuple / anything with
-            ``X_train`` and ``y_train``.
-        optimizer: a ``torch.optim.Optimizer`` or wrapper (e.g. ``RadiusController``).
-        steps: number of optimizer steps.
-        batch_size: minibatch size.
-        lr_schedule: either a callable ``step -> multiplier`` applied to every param
-            group's learning rate at the start of the loop (e.g. a spike
-            ``lambda s: 1000.0 if s >= 50 else 1.0``), or an object with ``.step()``
-            (a torch LR scheduler), stepped after every optimizer step.
-        on_step: called after ``optimizer.step()`` with a :class:`StepInfo`; returning
-            ``"stop"`` ends training early.
-        generator: data-order RNG (default: ``torch.Generator().manual_seed(0)``).
-        before_step: called after backward, before ``optimizer.step()`` (gradients
-            are final; snapshot parameters or hand the batch to a controller here).
-        loss_fn: ``(logits, targets) -> scalar loss``; default cross-entropy.
-        start_step: index of the first step (for continuing a run).
-        progress: show a progress bar (see :func:`~ghoststep.experiments.runner.progress_bar`).
+    Minibatches are shuffled epochs from ``generator`` (default
+    ``torch.Generator().manual_seed(0)``), the full batch when ``batch_size >= N``,
+    the last partial batch dropped. ``data``: a ``Split``, an ``(X_train, y_train,
+    ...)`` tuple or anything with ``X_train`` and ``y_train``. The other arguments
+    are :func:`loop`'s; ``on_step`` returning ``"stop"`` ends training early.
 
     Returns:
         The per-step minibatch losses (floats; NaN/inf kept as they are).
@@ -182,29 +274,25 @@ def train(
     X, y = _xy(data)
     if generator is None:
         generator = torch.Generator().manual_seed(0)
-    base_lrs = [g["lr"] for g in optimizer.param_groups]
-    scheduler = lr_schedule if hasattr(lr_schedule, "step") else None
-    multiplier = lr_schedule if scheduler is None else None
-    batches = _batches_forever(X, y, batch_size, generator)
     losses: list[float] = []
-    model.train()
-    for step in progress_bar(range(start_step, start_step + steps), desc=desc, enabled=progress):
-        if multiplier is not None:
-            _set_lr(optimizer, base_lrs, float(multiplier(step)))
-        xb, yb = next(batches)
-        optimizer.zero_grad(set_to_none=True)
-        loss = loss_fn(model(xb), yb)
-        loss.backward()
-        lr = optimizer.param_groups[0]["lr"]
-        info = StepInfo(step, float(loss.detach()), lr, xb, yb, model, optimizer)
-        if before_step is not None:
-            before_step(info)
-        optimizer.step()
-        if scheduler is not None:
-            scheduler.step()
+
+    def record(info: StepInfo) -> Any:
         losses.append(info.loss)
-        if on_step is not None and on_step(info) == "stop":
-            break
+        return None if on_step is None else on_step(info)
+
+    loop(
+        model,
+        optimizer,
+        _batches_forever(X, y, batch_size, generator),
+        steps,
+        lr_schedule=lr_schedule,
+        loss_fn=loss_fn,
+        before_step=before_step,
+        on_step=record,
+        start_step=start_step,
+        progress=progress,
+        desc=desc,
+    )
     return losses
 
 
@@ -404,7 +492,7 @@ def controlled_run(
     """Train ``build_model(arch)`` on digits with a wrapped optimizer; record everything.
 
     Args:
-        arch: a name for :func:`~ghoststep.experiments.models.build_model`.
+        arch: a name for :func:`~ghoststep.experiments.common.models.build_model`.
         seed: seeds model initialization and data order (the split is fixed by ``data``).
         lr: base learning rate eta0 of the inner optimizer.
         steps: optimizer steps.
@@ -425,7 +513,7 @@ def controlled_run(
         model_kwargs: passed to ``build_model``.
         loss_fn: ``(logits, targets) -> loss`` for training and evaluation.
         method: label stored in the record (default: the mode).
-        data: a ``Split`` (default: :func:`~ghoststep.experiments.data.digits`).
+        data: a ``Split`` (default: :func:`~ghoststep.experiments.common.data.digits`).
         progress: show a progress bar.
 
     Returns:

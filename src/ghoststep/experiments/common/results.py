@@ -8,6 +8,10 @@ read back from ``results.json``); :func:`validate_results` turns either into a
     {"title": str, "summary": str, "claims": [{"claim", "paper", "ours", "reproduced",
      "note"?}], "figures": [{"file", "caption"?}], "tables": [{"title", "columns",
      "rows"}], "metrics": {...}, "notes": [str], "meta": {...}, "config": {...}}
+
+Claims are declared as data: a tuple of :class:`ClaimRule` (the claim's text, the
+paper's value, what we measure, when it counts as reproduced, how ours is shown, the
+note when it is not) evaluated by :func:`evaluate_claims`.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ import dataclasses
 import json
 import math
 import typing
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,6 +35,8 @@ __all__ = [
     "REPORT_FILE",
     "ResultsError",
     "Claim",
+    "ClaimRule",
+    "evaluate_claims",
     "Figure",
     "Table",
     "Results",
@@ -89,6 +95,73 @@ class Claim:
         if not isinstance(self.note, (str, type(None))):
             out.append("note must be a string")
         return out
+
+
+@dataclass(frozen=True)
+class ClaimRule:
+    """One claim declared as data; :func:`evaluate_claims` turns it into a :class:`Claim`.
+
+    The callables take the measured value ``v`` (what ``measure`` returned) and the
+    context ``x`` (a namespace of the keywords given to :func:`evaluate_claims`):
+
+    Attributes:
+        text: the claim, a ``str.format`` template over the context's names
+            (``"... >= {c.unharmed_acc:.0%}"``), or ``x -> str``.
+        paper: the paper's value (a string or a number), or ``x -> value``.
+        measure: ``x -> v``; ``None`` means the runs the claim needs are missing and
+            the claim is left out.
+        holds: ``(v, x) -> bool``: reproduced.
+        ours: ``(v, x) -> str | float``: our value as shown.
+        note: ``(v, x) -> str | None``, the note of a claim that is not reproduced
+            (or of every claim with ``always_note``).
+        always_note: attach ``note`` whatever the outcome.
+
+    Example:
+        >>> rule = ClaimRule(
+        ...     "accuracy >= {target:.0%}", "90%", lambda x: x.acc,
+        ...     holds=lambda v, x: v >= x.target, ours=lambda v, x: f"{v:.1%}",
+        ... )
+        >>> evaluate_claims([rule], acc=0.95, target=0.9)[0].reproduced
+        True
+    """
+
+    text: str | Callable[[Any], str]
+    paper: Scalar | Callable[[Any], Scalar]
+    measure: Callable[[Any], Any]
+    holds: Callable[[Any, Any], bool]
+    ours: Callable[[Any, Any], Scalar]
+    note: Callable[[Any, Any], str | None] | None = None
+    always_note: bool = False
+
+
+def evaluate_claims(
+    rules: Iterable[ClaimRule], *, untested: str | None = None, **context: Any
+) -> list[Claim]:
+    """The :class:`Claim` of every rule whose measurement is there, in the rules' order.
+
+    ``context``: the names the rules read (``x.name``) and their texts format.
+    ``untested``: a reason the claims are not tested (e.g. a smoke test on fake data):
+    every claim is then not reproduced, with this note.
+    """
+    x = _Context(**context)
+    claims = []
+    for rule in rules:
+        v = rule.measure(x)
+        if v is None:
+            continue
+        ok = rule.holds(v, x)
+        note = rule.note(v, x) if rule.note is not None and (rule.always_note or not ok) else None
+        paper = rule.paper(x) if callable(rule.paper) else rule.paper
+        if untested:
+            ok, note = False, untested
+        text = rule.text(x) if callable(rule.text) else rule.text.format(**context)
+        claims.append(Claim(text, paper, rule.ours(v, x), ok, note))
+    return claims
+
+
+class _Context:
+    def __init__(self, **names: Any) -> None:
+        self.__dict__.update(names)
 
 
 @dataclass

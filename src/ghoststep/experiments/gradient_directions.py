@@ -28,9 +28,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ghoststep.experiments.data import digits
-from ghoststep.experiments.figures import new_figure, save_figure
-from ghoststep.experiments.probes import (
+from ghoststep.experiments.common.data import digits
+from ghoststep.experiments.common.figures import new_figure, save_figure
+from ghoststep.experiments.common.probes import (
     batch_radius,
     curvature_along,
     descent_direction,
@@ -42,9 +42,9 @@ from ghoststep.experiments.probes import (
     train_checkpoints,
     value_at,
 )
-from ghoststep.experiments.results import Claim, Results
-from ghoststep.experiments.runner import progress_bar
-from ghoststep.experiments.training import sig
+from ghoststep.experiments.common.results import Claim, ClaimRule, Results, evaluate_claims
+from ghoststep.experiments.common.runner import progress_bar
+from ghoststep.experiments.common.training import sig
 
 STAGE_NAMES = ("early", "mid", "late")
 
@@ -285,148 +285,155 @@ def run(config: Config, out_dir: Path, progress: bool) -> Results:
     )
 
 
-def _claims(config: Config, stages: list[dict]) -> list[dict]:
-    if not stages:
-        return [Claim("Training reached the stage accuracies", "73%, 91%, 94%", "none", False)]
-    by_index = {s["index"]: s for s in stages}
-    claims = []
-    # 1. Hessian step exceeds rho_a everywhere.
-    all_ratios = [
-        d["hessian_over_rho"] for s in stages for d in [*s["gradient_runs"], *s["random"]]
-    ]
-    lowest = min(all_ratios)
-    claims.append(
-        Claim(
-            "The Hessian-implied step 2/(v^T H v) exceeds rho_a in every case (all stages, "
-            "gradient and random directions): smallest ratio",
-            "> 1 in every case",
-            f"{lowest:.3g}x",
-            lowest > 1,
-        )
-    )
-    # 2. growth early -> late along the gradient (and the random median).
-    first, last = stages[0], stages[-1]
-    lo_p, hi_p = config.paper_hessian_ratio
-    f = config.hessian_factor
+def _hessian_ratios(x) -> list[float]:
+    """(2/kappa)/rho_a of every direction (gradient runs and random) at every stage."""
+    return [d["hessian_over_rho"] for s in x.stages for d in [*s["gradient_runs"], *s["random"]]]
 
-    def within(x, ref):
-        return math.isfinite(x) and ref / f <= x <= ref * f
 
-    for kind, key in (
-        ("gradient", None),
-        ("median random direction", "random_median_hessian_over_rho"),
-    ):
-        early = first["gradient"]["hessian_over_rho"] if key is None else first[key]
-        late = last["gradient"]["hessian_over_rho"] if key is None else last[key]
-        seq = [s["gradient"]["hessian_over_rho"] if key is None else s[key] for s in stages]
-        grows = all(b > a for a, b in zip(seq, seq[1:]))
-        ok = grows and within(early, lo_p) and within(late, hi_p) and len(stages) >= 2
-        claims.append(
-            Claim(
-                f"Hessian overestimation (2/kappa)/rho_a grows from ~10x early to ~460x late "
-                f"({kind}; each end within {f:g}x of the paper's, growing across stages)",
-                f"{lo_p:g}x -> {hi_p:g}x",
-                " -> ".join(f"{x:.3g}x" for x in seq),
-                ok,
-                note=None
-                if ok
-                else (
-                    "the paper does not say which loss or batch its curvature uses, nor "
-                    "exactly how its checkpoints were trained; the ratio scales like "
-                    "e^margin / |Delta|, so it is very sensitive to how confident the "
-                    "checkpoint is"
-                    + (
-                        "; inf = kappa <= 0 (negative curvature along the direction), where the "
-                        "quadratic model sets no step limit at all"
-                        if any(not math.isfinite(x) for x in seq)
-                        else ""
-                    )
-                ),
+def _growth_rule(kind: str, key: str | None) -> ClaimRule:
+    """(2/kappa)/rho_a grows from ~10x to ~460x along the gradient (``key`` None) or for
+    the stage summary ``key``."""
+
+    def seq(x) -> list[float]:
+        return [s["gradient"]["hessian_over_rho"] if key is None else s[key] for s in x.stages]
+
+    def within(v, ref, x):
+        return math.isfinite(v) and ref / x.c.hessian_factor <= v <= ref * x.c.hessian_factor
+
+    def holds(v, x):
+        lo_p, hi_p = x.c.paper_hessian_ratio
+        grows = all(b > a for a, b in zip(v, v[1:]))
+        return grows and within(v[0], lo_p, x) and within(v[-1], hi_p, x) and len(x.stages) >= 2
+
+    return ClaimRule(
+        "Hessian overestimation (2/kappa)/rho_a grows from ~10x early to ~460x late "
+        f"({kind}; " + "each end within {c.hessian_factor:g}x of the paper's, growing across "
+        "stages)",
+        lambda x: "{:g}x -> {:g}x".format(*x.c.paper_hessian_ratio),
+        seq,
+        holds=holds,
+        ours=lambda v, x: " -> ".join(f"{r:.3g}x" for r in v),
+        note=lambda v, x: (
+            "the paper does not say which loss or batch its curvature uses, nor "
+            "exactly how its checkpoints were trained; the ratio scales like "
+            "e^margin / |Delta|, so it is very sensitive to how confident the "
+            "checkpoint is"
+            + (
+                "; inf = kappa <= 0 (negative curvature along the direction), where the "
+                "quadratic model sets no step limit at all"
+                if any(not math.isfinite(r) for r in v)
+                else ""
             )
-        )
-    # 3. median random loss ratio at r = 1.
-    ours = [
-        by_index[i]["random_median_r1"] if i in by_index else math.nan
-        for i in range(len(config.paper_random_r1))
-    ]
-    ok = all(
-        math.isfinite(o) and abs(o - p) <= config.random_r1_tolerance
-        for o, p in zip(ours, config.paper_random_r1)
+        ),
     )
-    claims.append(
-        Claim(
-            "Median random-direction loss ratio at r = 1 (early, mid, late; each within "
-            f"+-{config.random_r1_tolerance:g})",
-            ", ".join(f"{p:.2f}" for p in config.paper_random_r1),
-            ", ".join(f"{o:.3f}" for o in ours),
-            ok,
-            note=None
-            if ok
-            else (
-                "our random directions inflate the loss somewhat more at r = 1. Possible "
-                "causes: which samples the paper's loss ratio and rho_a use (ours: the full "
-                "training set, which gives the smallest rho_a and so the shortest steps), and "
-                "how its random directions are drawn (ours: isotropic Gaussian over all "
-                "parameters, biases included, unit global norm)"
-            ),
-        )
-    )
-    # 4. gradient loss ratio at r = 1.
-    ours_g = [
-        by_index[i]["gradient"]["loss_ratio_r1"] if i in by_index else math.nan
-        for i in range(len(config.paper_gradient_r1))
-    ]
-    tol = config.gradient_r1_tolerance
-    ok = all(
-        math.isfinite(o) and abs(o / p - 1) <= tol for o, p in zip(ours_g, config.paper_gradient_r1)
-    )
-    ascent = ", ".join(f"{s['gradient_ascent']['loss_ratio_r1']:.3f}" for s in stages)
-    sign_note = (
+
+
+def _per_stage(paper_key: str, value):
+    """``value(stage)`` at each stage of the paper's list ``paper_key`` (NaN if not reached)."""
+
+    def measure(x):
+        by_index = {s["index"]: s for s in x.stages}
+        n = len(getattr(x.c, paper_key))
+        return [value(by_index[i]) if i in by_index else math.nan for i in range(n)]
+
+    return measure
+
+
+def _sign_note(x) -> str:
+    ascent = ", ".join(f"{s['gradient_ascent']['loss_ratio_r1']:.3f}" for s in x.stages)
+    return (
         "scored on the downhill step; the paper does not state its sign. Stepping uphill "
         f"(+g/||g||) gives {ascent} at r = 1"
     )
-    claims.append(
-        Claim(
-            f"Gradient-direction loss ratio at r = 1 (early, mid, late; each within {tol:.0%})",
-            ", ".join(f"{p:.2f}" for p in config.paper_gradient_r1),
-            ", ".join(f"{o:.3f}" for o in ours_g),
-            ok,
-            note=sign_note,
-        )
-    )
-    # 5. gradient is the extreme direction.
-    extreme = [s["gradient"]["loss_ratio_r1"] > s["random_p90_r1"] for s in stages]
-    claims.append(
-        Claim(
-            "The gradient is the extreme direction: its loss ratio at r = 1 exceeds the "
-            "90th percentile of the random directions at every stage",
-            "gradient degrades earliest",
-            f"{sum(extreme)}/{len(stages)} stages",
-            all(extreme),
-            note=(
-                sign_note + "; uphill exceeds the random 90th percentile at "
-                f"{sum(s['gradient_ascent']['loss_ratio_r1'] > s['random_p90_r1'] for s in stages)}"
-                f"/{len(stages)} stages"
-            ),
-        )
-    )
-    # 6. transition near r = 1 for every direction.
-    onsets = [d["onset_r"] for s in stages for d in [*s["gradient_runs"], *s["random"]]]
+
+
+def _onsets(x) -> tuple[int, int, float]:
+    """(directions doubling below r = 1, directions, median random onset)."""
+    onsets = [d["onset_r"] for s in x.stages for d in [*s["gradient_runs"], *s["random"]]]
     early_fail = sum(1 for o in onsets if math.isfinite(o) and o < 1)
-    rand_onsets = [d["onset_r"] for s in stages for d in s["random"]]
+    rand_onsets = [d["onset_r"] for s in x.stages for d in s["random"]]
     med = float(np.nanmedian(rand_onsets)) if np.isfinite(rand_onsets).any() else math.nan
-    ok = early_fail == 0 and math.isfinite(med) and med <= 10
-    claims.append(
-        Claim(
-            "Transition near r ~ 1 for every direction: no direction's loss doubles below "
-            "r = 1, and the random directions' median onset (loss ratio >= 2) is at r <= 10",
-            "transition near r ~ 1",
-            f"{early_fail} of {len(onsets)} directions double below r = 1; median random "
-            f"onset r = {sig(med)}",
-            ok,
-        )
-    )
-    return claims
+    return early_fail, len(onsets), med
+
+
+def _joined(paper_key: str):
+    return lambda x: ", ".join(f"{p:.2f}" for p in getattr(x.c, paper_key))
+
+
+# The paper's claims (Fig. 8), in report order.
+CLAIMS = (
+    ClaimRule(
+        "The Hessian-implied step 2/(v^T H v) exceeds rho_a in every case (all stages, "
+        "gradient and random directions): smallest ratio",
+        "> 1 in every case",
+        lambda x: min(_hessian_ratios(x)),
+        holds=lambda lowest, x: lowest > 1,
+        ours=lambda lowest, x: f"{lowest:.3g}x",
+    ),
+    _growth_rule("gradient", None),
+    _growth_rule("median random direction", "random_median_hessian_over_rho"),
+    ClaimRule(
+        "Median random-direction loss ratio at r = 1 (early, mid, late; each within "
+        "+-{c.random_r1_tolerance:g})",
+        _joined("paper_random_r1"),
+        _per_stage("paper_random_r1", lambda s: s["random_median_r1"]),
+        holds=lambda v, x: all(
+            math.isfinite(o) and abs(o - p) <= x.c.random_r1_tolerance
+            for o, p in zip(v, x.c.paper_random_r1)
+        ),
+        ours=lambda v, x: ", ".join(f"{o:.3f}" for o in v),
+        note=lambda v, x: (
+            "our random directions inflate the loss somewhat more at r = 1. Possible "
+            "causes: which samples the paper's loss ratio and rho_a use (ours: the full "
+            "training set, which gives the smallest rho_a and so the shortest steps), and "
+            "how its random directions are drawn (ours: isotropic Gaussian over all "
+            "parameters, biases included, unit global norm)"
+        ),
+    ),
+    ClaimRule(
+        "Gradient-direction loss ratio at r = 1 (early, mid, late; each within "
+        "{c.gradient_r1_tolerance:.0%})",
+        _joined("paper_gradient_r1"),
+        _per_stage("paper_gradient_r1", lambda s: s["gradient"]["loss_ratio_r1"]),
+        holds=lambda v, x: all(
+            math.isfinite(o) and abs(o / p - 1) <= x.c.gradient_r1_tolerance
+            for o, p in zip(v, x.c.paper_gradient_r1)
+        ),
+        ours=lambda v, x: ", ".join(f"{o:.3f}" for o in v),
+        note=lambda v, x: _sign_note(x),
+        always_note=True,
+    ),
+    ClaimRule(
+        "The gradient is the extreme direction: its loss ratio at r = 1 exceeds the "
+        "90th percentile of the random directions at every stage",
+        "gradient degrades earliest",
+        lambda x: [s["gradient"]["loss_ratio_r1"] > s["random_p90_r1"] for s in x.stages],
+        holds=lambda extreme, x: all(extreme),
+        ours=lambda extreme, x: f"{sum(extreme)}/{len(x.stages)} stages",
+        note=lambda extreme, x: (
+            _sign_note(x) + "; uphill exceeds the random 90th percentile at "
+            f"{sum(s['gradient_ascent']['loss_ratio_r1'] > s['random_p90_r1'] for s in x.stages)}"
+            f"/{len(x.stages)} stages"
+        ),
+        always_note=True,
+    ),
+    ClaimRule(
+        "Transition near r ~ 1 for every direction: no direction's loss doubles below "
+        "r = 1, and the random directions' median onset (loss ratio >= 2) is at r <= 10",
+        "transition near r ~ 1",
+        _onsets,
+        holds=lambda v, x: v[0] == 0 and math.isfinite(v[2]) and v[2] <= 10,
+        ours=lambda v, x: (
+            f"{v[0]} of {v[1]} directions double below r = 1; median random onset r = {sig(v[2])}"
+        ),
+    ),
+)
+
+
+def _claims(config: Config, stages: list[dict]) -> list[Claim]:
+    if not stages:
+        return [Claim("Training reached the stage accuracies", "73%, 91%, 94%", "none", False)]
+    return evaluate_claims(CLAIMS, c=config, stages=stages)
 
 
 def _plot_sweeps(r, stages, out_dir) -> dict:

@@ -10,7 +10,7 @@ Construction is deterministic given the global seed: call ``torch.manual_seed``
 before ``build_model``.
 
 >>> import torch
->>> from ghoststep.experiments.models import build_model
+>>> from ghoststep.experiments.common.models import build_model
 >>> _ = torch.manual_seed(0)
 >>> build_model("cnn_bn")(torch.rand(4, 64)).shape
 torch.Size([4, 10])

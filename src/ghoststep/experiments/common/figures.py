@@ -10,8 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ghoststep.experiments.results import Figure
-from ghoststep.experiments.training import median_iqr
+from ghoststep.experiments.common.results import Figure
+from ghoststep.experiments.common.training import median_iqr
 
 __all__ = ["METHOD_LABELS", "METHOD_COLORS", "new_figure", "save_figure", "plot_band"]
 
