@@ -713,8 +713,8 @@ def test_scaled_16_bit_update_never_lengthens_an_entry(dtype):
     new = (old.float() + torch.randn(4096, generator=g) * 1e-3).to(dtype)
     params, proposed = [old.clone()], [new.clone()]
     proposal = Proposal()
-    proposal.at = 0.0
-    proposal.apply(params, proposed, 0.37)
+    proposal.params, proposal.spare, proposal.at = params, proposed, 0.0
+    proposal.apply(0.37)
     step = (new.float() - old.float()) * 0.37
     moved = params[0].float() - old.float()
     assert bool((moved.abs() <= step.abs()).all())

@@ -103,7 +103,7 @@ def _proposed(model, dw, db):
     spare = proposal.begin(params, None)
     model.weight.add_(dw)
     model.bias.add_(db)
-    return proposal, spare, proposal.swap(params, spare)
+    return proposal, spare, proposal.swap()
 
 
 @pytest.mark.parametrize("method", ["jvp", "fast"])
@@ -112,7 +112,6 @@ def test_linear_model_spread_and_radius_in_closed_form(method, quantile):
     """z = W x + b moves along (dW, db) with slopes dW x + db: the spread per unit of
     v = p / tau is (max - min of dW x + db) / tau, the radius pi T / that."""
     model, x, dw, db = _linear_case()
-    params = list(model.parameters())
     proposal, spare, tau = _proposed(model, dw, db)
     with torch.no_grad():
         logits = model(x)
@@ -122,7 +121,7 @@ def test_linear_model_spread_and_radius_in_closed_form(method, quantile):
     plan, _ = make_plan(entry, sampling, torch.Generator(), None)
     m = _meter(model, method, sampling, temperature=2.0)
     with torch.no_grad():
-        measured = m.measure(params, spare, [plan], proposal, None)
+        measured = m.measure([plan], proposal, None)
 
     per_sample = _direct(x @ dw.T + db, torch.zeros(5, dtype=torch.float64)) / tau
     expected = per_sample.max() if quantile is None else per_sample.sort().values[3]
@@ -140,7 +139,6 @@ def test_linear_model_spread_and_radius_in_closed_form(method, quantile):
 
 def test_masked_positions_are_not_counted():
     model, x, dw, db = _linear_case(1)
-    params = list(model.parameters())
     proposal, spare, tau = _proposed(model, dw, db)
     per_sample = _direct(x @ dw.T + db, torch.zeros(5, dtype=torch.float64)) / tau
     worst = int(per_sample.argmax())
@@ -149,14 +147,14 @@ def test_masked_positions_are_not_counted():
     sampling = Sampling(mask_fn=lambda inputs: keep)
     plan, _ = make_plan(Captured.explicit(x), sampling, torch.Generator(), None)
     with torch.no_grad():
-        measured = _meter(model, "jvp", sampling).measure(params, spare, [plan], proposal, None)
+        measured = _meter(model, "jvp", sampling).measure([plan], proposal, None)
     assert measured.spread == pytest.approx(float(per_sample[keep].max()), rel=1e-12)
     assert measured.bottleneck != worst
 
     nothing = Sampling(mask_fn=lambda inputs: torch.zeros(6, dtype=torch.bool))
     plan, _ = make_plan(Captured.explicit(x), nothing, torch.Generator(), None)
     with torch.no_grad():
-        measured = _meter(model, "jvp", nothing).measure(params, spare, [plan], proposal, None)
+        measured = _meter(model, "jvp", nothing).measure([plan], proposal, None)
     assert not measured.counted and measured.spread == 0.0 and measured.rho_a == math.inf
 
 

@@ -50,7 +50,7 @@ def _swapped(dtype=torch.float32, scale=0.1):
     old = [p.detach().clone() for p in params]
     _step(params, scale=scale)
     new = [p.detach().clone() for p in params]
-    tau = proposal.swap(params, spare)
+    tau = proposal.swap()
     return proposal, params, spare, old, new, tau
 
 
@@ -89,11 +89,11 @@ def test_swap_exchanges_bitwise_and_returns_tau(dtype):
 def test_swap_tau_survives_a_float32_norm_overflow():
     params = [nn.Parameter(torch.zeros(4)), nn.Parameter(torch.zeros(3))]
     proposal = Proposal()
-    spare = proposal.begin(params, None)
+    proposal.begin(params, None)
     params[0].fill_(3e38)  # ||p|| = 6e38 overflows float32, every entry finite
     params[1].fill_(-1e38)
     new = [p.detach().clone() for p in params]
-    tau = proposal.swap(params, spare)
+    tau = proposal.swap()
     assert math.isfinite(tau)
     assert tau == pytest.approx(_reference_tau([torch.zeros(4), torch.zeros(3)], new), rel=1e-12)
 
@@ -101,7 +101,9 @@ def test_swap_tau_survives_a_float32_norm_overflow():
 def test_norm_is_the_global_two_norm():
     params = _params()
     expected = math.sqrt(sum(float((p.double() ** 2).sum()) for p in params))
-    assert Proposal().norm(params) == pytest.approx(expected, rel=1e-6)
+    proposal = Proposal()
+    proposal.begin(params, None)
+    assert proposal.norm() == pytest.approx(expected, rel=1e-6)
 
 
 # ------------------------------------------------------------------ move_to / apply
@@ -115,15 +117,15 @@ def _close_to(params, old, new, f, rtol=1e-6):
 
 def test_move_to_and_apply_follow_old_plus_s_p():
     proposal, params, spare, old, new, _ = _swapped()
-    proposal.move_to(params, spare, 0.25)
+    proposal.move_to(0.25)
     assert proposal.at == 0.25
     _close_to(params, old, new, 0.25)
     before = [p.detach().clone() for p in params]
-    proposal.move_to(params, spare, 0.25)  # already there: untouched
+    proposal.move_to(0.25)  # already there: untouched
     assert _bitwise([p.detach() for p in params], before)
-    proposal.move_to(params, spare, -0.25)  # the other side of old
+    proposal.move_to(-0.25)  # the other side of old
     _close_to(params, old, new, -0.25)
-    proposal.apply(params, spare, 0.6)
+    proposal.apply(0.6)
     assert proposal.at == 0.6
     _close_to(params, old, new, 0.6)
     assert _bitwise(spare, new)  # the proposal itself never moves
@@ -133,15 +135,15 @@ def test_move_to_and_apply_follow_old_plus_s_p():
 def test_apply_one_gives_the_proposal_bitwise(start):
     proposal, params, spare, old, new, _ = _swapped()
     if start:
-        proposal.move_to(params, spare, start)
-    proposal.apply(params, spare, 1.0)
+        proposal.move_to(start)
+    proposal.apply(1.0)
     assert proposal.at == 1.0
     assert _bitwise([p.detach() for p in params], new)
 
 
 def test_apply_zero_from_old_leaves_the_parameters_bitwise():
     proposal, params, spare, old, _, _ = _swapped()
-    proposal.apply(params, spare, 0.0)
+    proposal.apply(0.0)
     assert _bitwise([p.detach() for p in params], old)
 
 
@@ -163,10 +165,10 @@ ULP = 2.0**-7  # bfloat16 spacing in [1, 2)
 def test_apply_rounds_16_bit_steps_toward_old(old, new, scale, expected):
     params = [nn.Parameter(torch.tensor([old], dtype=torch.bfloat16))]
     proposal = Proposal()
-    spare = proposal.begin(params, None)
+    proposal.begin(params, None)
     params[0].fill_(new)
-    proposal.swap(params, spare)
-    proposal.apply(params, spare, scale)
+    proposal.swap()
+    proposal.apply(scale)
     assert params[0].item() == expected
     assert proposal.at == scale
 
@@ -174,13 +176,13 @@ def test_apply_rounds_16_bit_steps_toward_old(old, new, scale, expected):
 def test_apply_16_bit_never_lengthens_an_entry_and_leaves_float32_to_lerp():
     params = _params(torch.bfloat16) + [nn.Parameter(torch.randn(6))]
     proposal = Proposal()
-    spare = proposal.begin(params, None)
+    proposal.begin(params, None)
     old = [p.detach().clone() for p in params]
     _step(params, scale=0.05)
     new = [p.detach().clone() for p in params]
-    proposal.swap(params, spare)
+    proposal.swap()
     scale = 0.37
-    proposal.apply(params, spare, scale)
+    proposal.apply(scale)
     for p, o, n in zip(params[:-1], old[:-1], new[:-1]):
         got, o, n = p.detach().double(), o.double(), n.double()
         step, target = scale * (n - o), o + scale * (n - o)

@@ -452,7 +452,7 @@ class RadiusController(torch.optim.Optimizer):
             del state[key]
         state["sinks"] = []
         proposal = state["_proposal"] = copy.copy(self._proposal)
-        proposal.spare = None
+        proposal.spare, proposal.params = None, []
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -525,36 +525,37 @@ class RadiusController(torch.optim.Optimizer):
         rerun = self.scaled_update == "rerun" and self.mode != "monitor"
         snapshot = OptimizerSnapshot(self.optimizer, params) if rerun else None
         # The one extra parameter copy. After the swap the parameters hold the old
-        # values and `proposed` the inner optimizer's result, bitwise (s = 1 copies it
-        # back), and the update p = proposed - params is never stored.
-        proposed = self._proposal.begin(params, shards)
+        # values and the proposal's spare the inner optimizer's result, bitwise (s = 1
+        # copies it back), and the update p = new - params is never stored.
+        self._proposal.begin(params, shards)
         self.optimizer.step()
-        tau = self._proposal.swap(params, proposed)  # host sync 2 of 3
+        tau = self._proposal.swap()  # host sync 2 of 3
         if not math.isfinite(tau):
             self._fault("update", context)  # parameters hold the old values
             return
         if tau == 0.0:
-            self._proposal.apply(params, proposed, 1.0)
+            self._proposal.apply(1.0)
             self._record(self._stats(0.0, math.inf, 1.0, context, spread=0.0))
             return
         try:
-            self._controlled(params, proposed, tau, batches, snapshot, context)
+            self._controlled(tau, batches, snapshot, context)
         except BaseException:
             if self._proposal.at != 1.0:
-                self._proposal.apply(params, proposed, 0.0)  # never leave old + f p
+                self._proposal.apply(0.0)  # never leave old + f p
             raise
 
-    def _controlled(self, params, proposed, tau, batches, snapshot, context) -> None:
+    def _controlled(self, tau, batches, snapshot, context) -> None:
         """Measure the radius along the proposal and apply old + s p."""
+        params = self._proposal.params
         start = time.perf_counter()
-        found = self._measure(params, proposed, tau, batches)
+        found = self._measure(tau, batches)
         context = dataclasses.replace(context, seconds=time.perf_counter() - start)
         if not found.finite:
-            self._proposal.apply(params, proposed, 0.0)  # back to the old values
+            self._proposal.apply(0.0)  # back to the old values
             self._fault("slope", context, tau=tau)
             return
         if not found.counted:
-            self._all_masked(params, proposed, tau, context)
+            self._all_masked(tau, context)
             if self.mode != "monitor":
                 return
         rho = min([found.rho_a, *self._recent_rhos])
@@ -566,10 +567,10 @@ class RadiusController(torch.optim.Optimizer):
         if snapshot is not None and scale != 1.0:
             scale = self._rerun(params, snapshot, scale, self.target_r * limit, tau)
         else:
-            self._proposal.apply(params, proposed, scale)
+            self._proposal.apply(scale)
         self._record(self._stats(tau, rho, scale, context, measured=found))
 
-    def _measure(self, params, proposed, tau: float, batches: list[Captured]) -> MeterReading:
+    def _measure(self, tau: float, batches: list[Captured]) -> MeterReading:
         """The measurement over the micro-batches (see ``_meter``); updates the
         bottleneck buffer. "fast" leaves the parameters at old + f p (``proposal.at``)."""
         plans = [self._plan(entry) for entry in batches]
@@ -579,7 +580,7 @@ class RadiusController(torch.optim.Optimizer):
         bound = self.target_r * math.pi * self.temperature / tau  # the spread at r = target
         recheck = None if share is None else share * bound
         with self._capture.measuring(), self._meter.precision():
-            found = self._meter.measure(params, proposed, plans, self._proposal, recheck)
+            found = self._meter.measure(plans, self._proposal, recheck)
         if found.pending is not None and self.sampling.buffer_size > 0:
             rows = bottleneck_rows(*found.pending, self.sampling.buffer_size)
             self._buffer = rows if rows is not None else self._buffer
@@ -609,11 +610,11 @@ class RadiusController(torch.optim.Optimizer):
         limit = clip_radius(rho, margin)
         binds = step_scale(tau, limit, self.mode, self.target_r) < 1.0
         if self.mode == "clip" and binds and precision != "half":
-            old_norm = self._proposal.norm(params) + self._proposal.at * tau
+            old_norm = self._proposal.norm() + self._proposal.at * tau
             limit = clip_radius(rho, margin, 2.0 * torch.finfo(params[0].dtype).eps * old_norm)
         return limit
 
-    def _all_masked(self, params, proposed, tau, context) -> None:
+    def _all_masked(self, tau, context) -> None:
         """Every position masked: no radius bounds this update. Policy: clip / set skip
         it (the parameters keep their values), monitor applies it. (An all-masked batch
         is skipped before the inner step; this covers what only the measurement sees.)"""
@@ -627,7 +628,7 @@ class RadiusController(torch.optim.Optimizer):
             stacklevel=5,
         )  # fmt: skip
         if not applied:
-            self._proposal.apply(params, proposed, 0.0)
+            self._proposal.apply(0.0)
             self.skipped_steps += 1
             self._record(self._stats(tau, math.inf, 0.0, context, spread=0.0, skipped=True))
 

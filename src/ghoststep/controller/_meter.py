@@ -120,12 +120,12 @@ class SpreadMeter:
         """The context of every measuring forward (see :class:`SecantMeter`)."""
         return nullcontext()
 
-    def measure(self, params, proposed, plans: list[Plan], proposal, recheck: float | None):
+    def measure(self, plans: list[Plan], proposal, recheck: float | None):
         """Measure along v = p / tau over the plans (parameters at the old values on
         entry; ``proposal``, a :class:`~ghoststep.controller._proposal.Proposal`, holds
-        tau and where the parameters are). ``recheck``: for ``"fast"``, the max spread
-        per unit v from which the difference is taken on both sides; None: never.
-        Returns a :class:`MeterReading`."""
+        the parameters, the proposed values, tau and where the parameters are).
+        ``recheck``: for ``"fast"``, the max spread per unit v from which the difference
+        is taken on both sides; None: never. Returns a :class:`MeterReading`."""
         raise NotImplementedError
 
     def try_gradient(self, params, plan: Plan) -> None:
@@ -254,10 +254,10 @@ class SpreadMeter:
 class TangentMeter(SpreadMeter):
     """``"jvp"`` / ``"fd"``: the slopes of the tangent at the old parameters."""
 
-    def measure(self, params, proposed, plans: list[Plan], proposal, recheck: float | None):
-        tau = proposal.tau
+    def measure(self, plans: list[Plan], proposal, recheck: float | None):
+        params, tau = proposal.params, proposal.tau
         # One transient copy: the tangent p (the JVP's primal is the old values).
-        update = torch._foreach_sub(proposed, params)
+        update = proposal.update()
         tangents = self.direction(params, update)
         spreads = [self._spread_of(plan, self._tangent(tangents)) / tau for plan in plans]
         del tangents
@@ -275,34 +275,33 @@ class SecantMeter(SpreadMeter):
         TF32 costs it 1e-3 relative, ``"fast"`` 10 %)."""
         return full_float32() if self.devices else nullcontext()
 
-    def measure(self, params, proposed, plans: list[Plan], proposal, recheck: float | None):
+    def measure(self, plans: list[Plan], proposal, recheck: float | None):
         """Moves the parameters through ``proposal`` (they end at old +/- f p)."""
         tau = proposal.tau
         radii = None
-        fraction = self.fd_fraction(tau, params, proposal)
+        fraction = self.fd_fraction(tau, proposal)
         baselines = [self._baseline(plan) for plan in plans]
         if self.extra_radii is not None:  # at the old values, before the shift
-            radii = self._radii(params, torch._foreach_sub(proposed, params), tau, plans)
-        proposal.move_to(params, proposed, fraction)
+            radii = self._radii(proposal.params, proposal.update(), tau, plans)
+        proposal.move_to(fraction)
         spreads = self._shifted_spreads(plans, baselines, fraction * tau)
         better = refined_step(fraction * tau, fraction * tau * self.spread_hint)
         if better is not None:  # the outputs moved too far or too little: redo
             fraction = away_from_one(better / tau)
-            proposal.move_to(params, proposed, fraction)
+            proposal.move_to(fraction)
             spreads = self._shifted_spreads(plans, baselines, fraction * tau)
         if recheck is not None and self.spread_hint >= recheck:
-            proposal.move_to(params, proposed, -fraction)
+            proposal.move_to(-fraction)
             spreads = self._other_side(plans, baselines, spreads, fraction * tau)
         del baselines
         return self._reduce(plans, spreads, radii)
 
-    def fd_fraction(self, tau: float, params: list[torch.Tensor], proposal) -> float:
+    def fd_fraction(self, tau: float, proposal) -> float:
         """f = h / tau for the one-sided difference at old + f p: h moves the outputs by
         about ``FAST_MOVE`` at the previous step's spread (the first step guesses from
         ||old||; the parameters hold the old values here)."""
-        step = fast_step(
-            lambda: proposal.norm(params), 1.0, params[0].dtype, moved_per_step=self.spread_hint
-        )
+        dtype = proposal.params[0].dtype
+        step = fast_step(proposal.norm, 1.0, dtype, moved_per_step=self.spread_hint)
         return away_from_one(step / tau)
 
     def _other_side(self, plans, baselines, spreads, step: float) -> list[torch.Tensor]:

@@ -29,25 +29,29 @@ __all__ = [
 
 
 class Proposal:
-    """The inner optimizer's proposed update p = new - old, for one controller: the spare
-    copy that holds ``new`` after the swap, the step length ``tau`` = ||p|| and where the
-    parameters are (``at``: old + at p), with the arithmetic on them.
+    """The inner optimizer's proposed update p = new - old, for one controller: the
+    parameters it moves (``params``: the old values after the swap, then old + at p), the
+    spare copy that holds ``new`` after the swap, the step length ``tau`` = ||p|| and
+    where the parameters are (``at``), with the arithmetic on them.
 
     Usage per step: :meth:`begin` (spare <- params) before the inner step, :meth:`swap`
-    after it (params <- old, spare <- new; sets and returns tau), then :meth:`apply`.
+    after it (params <- old, spare <- new; sets and returns tau), :meth:`move_to`
+    evaluation points, then :meth:`apply`.
     """
 
     def __init__(self) -> None:
         # Kept between steps: a fresh allocation of every parameter's size each step
         # costs page faults on the CPU.
         self.spare: list[torch.Tensor] | None = None
+        self.params: list[torch.Tensor] = []  # the (local shards of the) parameters
         self.shards = None  # the FSDP2 shard group (None: unsharded)
         self.at = 0.0  # where the parameters are: old + at p (after swap)
         self.tau = math.nan  # ||new - old|| (after swap)
 
     def begin(self, params: list[torch.Tensor], shards) -> list[torch.Tensor]:
-        """Copy the parameters into the spare; returns it (the proposal after swap)."""
-        self.shards = shards
+        """Copy the parameters into the spare, before the inner step; returns the spare
+        (:attr:`new` after :meth:`swap`)."""
+        self.params, self.shards = params, shards
         spare = self.spare
         if spare is None or len(spare) != len(params) or any(
             s.shape != p.shape or s.dtype != p.dtype or s.device != p.device
@@ -59,18 +63,28 @@ class Proposal:
         self.spare = spare  # after the step it holds whatever the parameters do not
         return spare
 
-    def exchange_ok(self, params) -> bool:
-        # a shard's storage belongs to its DTensor: only plain parameters trade storage
-        return self.shards is None and all(type(p.data) is torch.Tensor for p in params)
+    @property
+    def new(self) -> list[torch.Tensor]:
+        """The inner optimizer's result (after :meth:`swap`), bitwise."""
+        return self.spare
 
-    def swap(self, params: list[torch.Tensor], proposed: list[torch.Tensor]) -> float:
-        """Exchange the contents (parameters <- old, ``proposed`` <- new, both bitwise);
-        set and return tau = ||new - old|| (summed over the shards of sharded parameters).
+    def update(self) -> list[torch.Tensor]:
+        """p = new - params, a transient copy (at the old values: the proposed update)."""
+        return torch._foreach_sub(self.spare, self.params)
+
+    def exchange_ok(self) -> bool:
+        # a shard's storage belongs to its DTensor: only plain parameters trade storage
+        return self.shards is None and all(type(p.data) is torch.Tensor for p in self.params)
+
+    def swap(self) -> float:
+        """Exchange the contents (parameters <- old, spare <- new, both bitwise); set and
+        return tau = ||new - old|| (summed over the shards of sharded parameters).
 
         Plain tensors exchange their storage (``.data``, no copy); shards and tensor
         subclasses are copied in place. The difference is taken in groups no larger
         than the largest parameter: the transient memory stays one parameter's size.
         """
+        params, proposed = self.params, self.spare
         norms = []
         for group in _groups(params):
             # 16-bit parameters: the difference in float32 (in bfloat16 it rounds by 0.4 %)
@@ -79,7 +93,7 @@ class Proposal:
             )
             norms += torch._foreach_norm(diff)
             del diff
-        if self.exchange_ok(params):
+        if self.exchange_ok():
             _exchange(params, proposed)
         else:
             for group in _groups(params):
@@ -102,24 +116,27 @@ class Proposal:
         self.tau = tau
         return tau
 
-    def norm(self, params: list[torch.Tensor]) -> float:
-        """||params|| (over all shards): one pass, one host sync."""
+    def norm(self) -> float:
+        """||params|| at their current point (over all shards): one pass, one host sync."""
+        params = self.params
         squares = _squares(torch._foreach_norm(params), params[0].device)
         return math.sqrt(float(sum_over_shards(squares, self.shards)))
 
-    def move_to(self, params, proposed, fraction: float) -> None:
+    def move_to(self, fraction: float) -> None:
         """Parameters (now at old + at p) <- old + f p (an evaluation point, f < 1)."""
         if fraction != self.at:
             # old + f p = e + (f - at) / (1 - at) (new - e), with e = old + at p
-            torch._foreach_lerp_(params, proposed, (fraction - self.at) / (1.0 - self.at))
+            weight = (fraction - self.at) / (1.0 - self.at)
+            torch._foreach_lerp_(self.params, self.spare, weight)
             self.at = fraction
 
-    def apply(self, params, proposed, scale: float) -> None:
+    def apply(self, scale: float) -> None:
         """Parameters (now at old + at p) <- old + s p. s = 1 copies the proposal bitwise;
         s = 0 from the old values leaves them bitwise. 16-bit parameters (measured at
         the old values) are rounded toward the old values (:func:`_round_toward_old`)."""
+        params, proposed = self.params, self.spare
         if scale == 1.0:
-            if self.exchange_ok(params):
+            if self.exchange_ok():
                 _exchange(params, proposed)  # the inner optimizer's tensors, bitwise
             else:
                 torch._foreach_copy_(params, proposed)
@@ -128,7 +145,7 @@ class Proposal:
             _round_toward_old(params, proposed, scale)
             self.at = scale
         else:
-            self.move_to(params, proposed, scale)
+            self.move_to(scale)
 
 
 def rerun_scaled(snapshot: OptimizerSnapshot, optimizer, params, scale: float) -> float:

@@ -853,6 +853,21 @@ def _notes(c: Config) -> list[str]:
 # ----------------------------------------------------------------------------- figures
 
 
+def _plot_vs_lr(ax, lrs: list[float], methods, values) -> None:
+    """One line per method: ``values(m, lr)`` over the peak LRs (log x)."""
+    for m in methods:
+        ax.plot(
+            lrs,
+            [values(m, lr) for lr in lrs],
+            marker="o",
+            ms=3,
+            color=METHOD_COLORS[m],
+            label=METHOD_LABELS[m],
+        )
+    ax.set_xscale("log")
+    ax.set_xlabel("peak learning rate")
+
+
 def _plot_lr_curves(c: Config, s: dict, out_dir: Path):
     panels = [(t, [m for m in ms if m in s]) for t, ms in PANELS]
     panels = [(t, ms) for t, ms in panels if len(ms) > 1] or [("all", list(s))]
@@ -860,17 +875,7 @@ def _plot_lr_curves(c: Config, s: dict, out_dir: Path):
     axes = np.atleast_1d(axes)
     lrs = sorted(c.lrs)
     for ax, (title, ms) in zip(axes, panels):
-        for m in ms:
-            ax.plot(
-                lrs,
-                [s[m]["curve"][lr] for lr in lrs],
-                marker="o",
-                ms=3,
-                color=METHOD_COLORS[m],
-                label=METHOD_LABELS[m],
-            )
-        ax.set_xscale("log")
-        ax.set_xlabel("peak learning rate")
+        _plot_vs_lr(ax, lrs, ms, lambda m, lr: s[m]["curve"][lr])
         ax.set_title(title)
         ax.legend(fontsize=7)
     axes[0].set_ylabel("final validation loss (capped at initial)")
@@ -906,18 +911,8 @@ def _plot_attention(c: Config, s: dict, records: list[dict], out_dir: Path):
         ax.set_title(title)
     ax = axes[-1]
     lrs = sorted(c.lrs)
-    for m in c.methods:
-        ax.plot(
-            lrs,
-            [s[m]["max_attn"][lr] for lr in lrs],
-            marker="o",
-            ms=3,
-            color=METHOD_COLORS[m],
-            label=METHOD_LABELS[m],
-        )
-    ax.set_xscale("log")
+    _plot_vs_lr(ax, lrs, c.methods, lambda m, lr: s[m]["max_attn"][lr])
     ax.set_yscale("log")
-    ax.set_xlabel("peak learning rate")
     ax.set_title("max attention logit through training")
     ax.legend(fontsize=6)
     return save_figure(
@@ -932,18 +927,8 @@ def _plot_attention(c: Config, s: dict, records: list[dict], out_dir: Path):
 def _plot_output_logits(c: Config, s: dict, out_dir: Path):
     fig, ax = new_figure(1, 1, figsize=(4.6, 3.6))
     lrs = sorted(c.lrs)
-    for m in c.methods:
-        ax.plot(
-            lrs,
-            [s[m]["max_abs_log_z"][lr] for lr in lrs],
-            marker="o",
-            ms=3,
-            color=METHOD_COLORS[m],
-            label=METHOD_LABELS[m],
-        )
-    ax.set_xscale("log")
+    _plot_vs_lr(ax, lrs, c.methods, lambda m, lr: s[m]["max_abs_log_z"][lr])
     ax.set_yscale("log")
-    ax.set_xlabel("peak learning rate")
     ax.set_ylabel("max |mean log Z| through training")
     ax.set_title("output-logit divergence")
     ax.legend(fontsize=6)
@@ -960,32 +945,21 @@ def _plot_binding(c: Config, s: dict, records: list[dict], out_dir: Path):
     fig, (ax_share, ax_s, ax_r) = new_figure(1, 3, figsize=(13.2, 3.6))
     lrs = sorted(c.lrs)
     ctrls = [m for m in CONTROLLERS if m in s]
-    for m in ctrls:
-        if m == "ctrl_attn":
-            ax_share.plot(
-                lrs,
-                [s[m]["attn_binds"][lr] for lr in lrs],
-                marker="o",
-                ms=3,
-                color=METHOD_COLORS[m],
-                label=METHOD_LABELS[m],
-            )
-        scales = [
-            finite_median(
-                row["scale"]
-                for r in records
-                if r["method"] == m and r["lr"] == lr
-                for row in r["controller"]
-            )
-            for lr in lrs
-        ]
-        ax_s.plot(lrs, scales, marker="o", ms=3, color=METHOD_COLORS[m], label=METHOD_LABELS[m])
+    _plot_vs_lr(
+        ax_share, lrs, [m for m in ctrls if m == "ctrl_attn"], lambda m, lr: s[m]["attn_binds"][lr]
+    )
+
+    def median_scale(m, lr):
+        rows = (
+            row for r in records if r["method"] == m and r["lr"] == lr for row in r["controller"]
+        )
+        return finite_median(row["scale"] for row in rows)
+
+    _plot_vs_lr(ax_s, lrs, ctrls, median_scale)
     ax_share.set_title("share of steps the attention radius binds")
     ax_s.set_title("median scale s of the AdamW update")
     ax_s.set_yscale("log")
     for ax in (ax_share, ax_s):
-        ax.set_xscale("log")
-        ax.set_xlabel("peak learning rate")
         ax.legend(fontsize=7)
     m = "ctrl_attn" if "ctrl_attn" in s else ctrls[0]
     rec = next(r for r in records if r["method"] == m and r["lr"] == max(c.lrs))
