@@ -33,6 +33,15 @@ def test_docs_build_strict(tmp_path):
     assert "RadiusController" in (tmp_path / "api" / "controller" / "index.html").read_text()
 
 
+def test_readme_quickstart_is_the_demo_then_the_tests():
+    readme = (ROOT / "README.md").read_text()
+    quickstart = readme.split("## Quickstart", 1)[1].split("\n## ", 1)[0]
+    (block,) = re.findall(r"```bash\n(.*?)```", quickstart, re.DOTALL)
+    assert block.split("\n")[:-1] == ["make demo", "make test"]
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert ci.rstrip().splitlines()[-1] == "make test"  # CI runs the README's test command
+
+
 def test_readme_has_two_self_contained_snippets():
     assert len(README_SNIPPETS) == 2
     for code in README_SNIPPETS:

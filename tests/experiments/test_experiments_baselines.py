@@ -12,8 +12,6 @@ import pytest
 import torch
 
 from ghoststep.experiments.common.data import markov_language
-from ghoststep.experiments.common.results import validate_results
-from ghoststep.experiments.common.runner import run_experiment
 from ghoststep.experiments.common.stabilizers import (
     AGC,
     ZClipTransform,
@@ -33,17 +31,6 @@ from ghoststep.experiments.lrsweep import parse_method, stable_range
 
 pytest.importorskip("zclip")
 pytest.importorskip("pytorch_optimizer")
-
-
-def _run_quick(name, tmp_path):
-    out = run_experiment(name, "quick", out=tmp_path / name, progress=False)
-    validate_results(out.results)
-    for fname in ("config.json", "results.json", "report.md"):
-        assert (out.out_dir / fname).is_file()
-    for fig in out.results["figures"]:
-        assert (out.out_dir / fig["file"]).is_file()
-    assert out.results["claims"]
-    return out.results
 
 
 # ----------------------------------------------------------------------------- spike length
@@ -277,8 +264,8 @@ def test_lrsweep_helpers():
 
 
 @pytest.mark.slow
-def test_baselines_quick(tmp_path):
-    res = _run_quick("baselines", tmp_path)
+def test_baselines_quick(run_quick):
+    res = run_quick("baselines")
     s = res["metrics"]["summary"]
     for length in (1, 25):
         ctrl = s[f"adam/mlp_ln/10000x/{length}/controller"]
@@ -290,8 +277,8 @@ def test_baselines_quick(tmp_path):
 
 
 @pytest.mark.slow
-def test_lrsweep_quick(tmp_path):
-    res = _run_quick("lrsweep", tmp_path)
+def test_lrsweep_quick(run_quick):
+    res = run_quick("lrsweep")
     rng = res["metrics"]["stable_range"]
     assert rng["mlp_ln/adam+set1"]["count"] == 3  # set mode ignores the base LR
     finals = res["metrics"]["finals"]

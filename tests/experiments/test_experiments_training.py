@@ -16,29 +16,17 @@ import torch
 from ghoststep.controller import AllRadiiController, internal_radii
 from ghoststep.experiments.common.data import digits, fake_cifar10
 from ghoststep.experiments.common.models import build_model
-from ghoststep.experiments.common.results import ClaimRule, evaluate_claims, validate_results
+from ghoststep.experiments.common.results import ClaimRule, evaluate_claims
 from ghoststep.experiments.common.runner import parallel_map, run_experiment
 from ghoststep.experiments.common.training import loop, set_seed, spike_run, train
 from ghoststep.experiments.resnet import augment_cifar, resnet_run
-
-
-def _run_quick(name, tmp_path):
-    out = run_experiment(name, "quick", out=tmp_path / name, progress=False)
-    validate_results(out.results)
-    for fname in ("config.json", "results.json", "report.md"):
-        assert (out.out_dir / fname).is_file()
-    for fig in out.results["figures"]:
-        assert (out.out_dir / fig["file"]).is_file()
-    assert out.results["claims"]
-    return out.results
-
 
 # ----------------------------------------------------------------------------- quick presets
 
 
 @pytest.mark.slow
-def test_spike_quick(tmp_path):
-    res = _run_quick("spike", tmp_path)
+def test_spike_quick(tmp_path, run_quick):
+    res = run_quick("spike")
     s = res["metrics"]["summary"]
     # the controller never applies r > 1, plain Adam does at the big spikes
     for lr in ("0.0001", "0.001", "0.01"):
@@ -53,8 +41,8 @@ def test_spike_quick(tmp_path):
 
 
 @pytest.mark.slow
-def test_archgrid_quick(tmp_path):
-    res = _run_quick("archgrid", tmp_path)
+def test_archgrid_quick(run_quick):
+    res = run_quick("archgrid")
     s = res["metrics"]["summary"]
     for arch in ("transformer", "mlp_ln", "cnn_bn"):
         ctrl, plain = s[f"{arch}/10000x/controller"], s[f"{arch}/10000x/plain"]
@@ -74,8 +62,8 @@ def test_archgrid_quick(tmp_path):
 
 
 @pytest.mark.slow
-def test_transformer_quick(tmp_path):
-    res = _run_quick("transformer", tmp_path)
+def test_transformer_quick(run_quick):
+    res = run_quick("transformer")
     binding = res["metrics"]["binding"]
     assert sum(b["n"] for b in binding.values()) == len(res["metrics"]["logged_steps"])
     for b in binding.values():
@@ -93,8 +81,8 @@ def test_transformer_quick(tmp_path):
 
 
 @pytest.mark.slow
-def test_resnet_quick(tmp_path):
-    res = _run_quick("resnet", tmp_path)
+def test_resnet_quick(run_quick):
+    res = run_quick("resnet")
     s = res["metrics"]["summary"]
     assert abs(s["set r*=1"]["max_r"] - 1.0) <= 1e-5 + 1e-9  # the jvp margin, 1e-5
     assert s["lr=0.5"]["max_r"] > 5 * s["lr=0.01"]["max_r"]
