@@ -194,11 +194,23 @@ def applied_update(
     return {n: new[n].double() - old[n].double() for n in old}
 
 
+class Exact:
+    """A forward call re-measured exactly as made: ``model(*args, **kwargs)`` (inputs for
+    :func:`position_spreads` / :func:`realised_r` that are never re-split)."""
+
+    def __init__(self, args: tuple = (), kwargs: dict | None = None):
+        self.args, self.kwargs = tuple(args), dict(kwargs or {})
+
+
 def _to_float64(obj):
+    """Floating tensors cast to float64 at any depth (dicts, lists, tuples, named tuples
+    such as ``PackedSequence``: their index tensors stay integer)."""
     if isinstance(obj, torch.Tensor):
         return obj.double() if obj.is_floating_point() else obj
     if isinstance(obj, dict):
         return {k: _to_float64(v) for k, v in obj.items()}
+    if isinstance(obj, tuple) and hasattr(obj, "_fields"):
+        return type(obj)(*(_to_float64(v) for v in obj))
     if isinstance(obj, (tuple, list)):
         return type(obj)(_to_float64(v) for v in obj)
     return obj
@@ -224,9 +236,10 @@ def position_spreads(
     method: str = "jvp",
 ) -> torch.Tensor:
     """Flat float64 spread ``max_k t_k - min_k t_k`` of the logit tangent
-    ``t = J_z(old; inputs) applied`` at every position (the model in its own
-    train/eval mode; its buffers and the global RNG are left untouched; every forward
-    draws from the same RNG state, so use models without active dropout).
+    ``t = J_z(old; inputs) applied`` at every position (``inputs``: a tensor, a tuple
+    of positional arguments, a dict of keyword arguments or an :class:`Exact` call; the
+    model in its own train/eval mode; its buffers and the global RNG are left untouched;
+    every forward draws from the same RNG state, so use models without active dropout).
 
     ``method="jvp"``: ``torch.func.jvp``, exact. ``method="central"``: a float64
     central difference at old +- 1e-6 applied, for models with an op that has no
@@ -241,7 +254,9 @@ def position_spreads(
     buffers = {n: b.detach() for n, b in twin.named_buffers()}
     primals = {n: old_params[n].detach().double() for n in old_params}
     tangents = {n: applied[n].detach().double().reshape(primals[n].shape) for n in old_params}
-    if isinstance(inputs, dict):
+    if isinstance(inputs, Exact):
+        args, kwargs = _to_float64(inputs.args), _to_float64(inputs.kwargs)
+    elif isinstance(inputs, dict):
         args, kwargs = (), _to_float64(inputs)
     elif isinstance(inputs, tuple):
         args, kwargs = _to_float64(inputs), {}

@@ -33,6 +33,7 @@ _EXPORTS = {
     "gradient_direction": "evaluation",
     "random_direction": "evaluation",
     "optimizer_update_direction": "evaluation",
+    "Call": "evaluation",
     # the controller and its monitoring
     "RadiusController": "controller",
     "Sampling": "controller",

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from ghoststep.controller._capture import Captured, ForwardCapture, replay
+from ghoststep.evaluation import Call
 
 
 def _capture(model, micro_batches="last", **kwargs) -> ForwardCapture:
@@ -135,17 +136,41 @@ def test_replay_of_mixed_positional_and_keyword_calls():
     assert mixed["x"] is x and mixed["scale"] == 2.0 and mixed["other"] is t
 
 
-def test_replay_refuses_calls_it_cannot_name():
+def test_replay_keeps_calls_keywords_cannot_name_exactly():
     class Star(nn.Module):
         def forward(self, *xs, scale=1.0):
             return xs[0] * scale
 
-    call = Captured((torch.ones(1), torch.ones(1)), {"scale": 2.0}, None, False)
-    with pytest.raises(RuntimeError, match=r"\*args"):
-        replay(Star(), call)
-    wrong = Captured((torch.ones(1),), {"nope": 1}, None, False)
-    with pytest.raises(RuntimeError, match="cannot replay"):
-        replay(nn.Linear(1, 1), wrong)
+    a, b = torch.ones(1), torch.ones(1)
+    star = replay(Star(), Captured((a, b), {"scale": 2.0}, None, False))
+    assert isinstance(star, Call) and star.args[0] is a and star.args[1] is b
+    assert star.kwargs == {"scale": 2.0}
+    unbound = replay(nn.Linear(1, 1), Captured((a,), {"nope": 1}, None, False))
+    assert isinstance(unbound, Call) and unbound.kwargs == {"nope": 1}
+
+
+def test_replay_of_non_tensor_arguments_is_the_exact_call():
+    x, m = torch.randn(2, 3), torch.ones(2)
+    one_dict = replay(nn.Linear(3, 2), Captured(({"x": x, "mask": m},), {}, None, False))
+    assert isinstance(one_dict, Call) and one_dict.args[0]["x"] is x and one_dict.kwargs == {}
+    lengths = replay(nn.Linear(3, 2), Captured((x, [3, 1]), {}, None, False))
+    assert isinstance(lengths, Call) and lengths.args[1] == [3, 1]
+    entry = Captured((), {"input_ids": x}, None, False)
+    entry.targets = m  # labels the loss used without passing them to the model
+    carried = replay(nn.Linear(3, 2), entry)
+    assert isinstance(carried, Call) and carried.targets is m and carried.kwargs["input_ids"] is x
+
+
+def test_forwards_inside_targets_carry_them():
+    model = nn.Linear(3, 2)
+    cap = _capture(model, "all")
+    labels = torch.tensor([1, 0])
+    with cap.targets(labels):
+        model(torch.randn(2, 3))
+    model(torch.randn(2, 3))
+    inside, outside = (e.inputs for e in cap.take())
+    assert isinstance(inside, Call) and inside.targets is labels
+    assert isinstance(outside, torch.Tensor)
 
 
 def test_a_nested_call_of_the_model_is_the_one_captured():

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from ghoststep.evaluation._inputs import (
+    Call,
     batch_coupled,
     batch_size,
     check_chunking,
@@ -38,8 +39,7 @@ def test_split_inputs_refuses_other_kinds_naming_the_entry():
 
 def test_batch_size():
     assert batch_size((torch.ones(4, 2), torch.tensor(1.0), 3), {"m": torch.ones(4)}) == 4
-    with pytest.raises(ValueError, match=r"\[3, 4\]"):
-        batch_size((torch.ones(4, 2),), {"m": torch.ones(3)})
+    assert batch_size(((torch.tensor(2.0), [torch.ones(5, 1)]),), {"m": torch.ones(3)}) == 5
     with pytest.raises(ValueError, match="at least one tensor"):
         batch_size((torch.tensor(1.0), 2), {})
 
@@ -55,6 +55,28 @@ def test_chunks_cover_the_batch_and_pass_the_rest_through():
     ((s, e, args, kwargs),) = list(chunks((x,), {"m": m}, None))
     assert (s, e) == (0, None) and args[0] is x and kwargs["m"] is m
     assert len(list(chunks((x,), {}, 100))) == 1
+
+    # nested tensors of the batch size are sliced; other tensors and values pass whole
+    w, lengths = torch.randn(3), [1, 2, 3, 4, 5, 6, 7]
+    pieces = list(chunks(({"x": (x, [m])}, lengths), {"w": w}, 4))
+    assert [a[0]["x"][1][0].tolist() for _, _, a, _ in pieces] == [[0, 1, 2, 3], [4, 5, 6]]
+    assert all(a[1] == lengths and k["w"] is w for _, _, a, k in pieces)
+
+
+def test_packed_sequences_are_one_argument_and_refuse_chunking():
+    from torch.nn.utils.rnn import pack_sequence
+
+    packed = pack_sequence([torch.ones(3, 2), torch.ones(2, 2)])
+    assert split_inputs(packed) == ((packed,), {})
+    with pytest.raises(ValueError, match="PackedSequence cannot be row-sliced"):
+        list(chunks((packed,), {}, 1))
+
+
+def test_a_call_is_split_exactly():
+    x, m = torch.randn(3, 2), torch.ones(3)
+    args, kwargs = split_inputs(Call({"x": x}, [3, 1], mask=m))
+    assert args[0]["x"] is x and args[1] == [3, 1] and kwargs == {"mask": m}
+    assert "Call" in repr(Call(x, mask=m))
 
 
 @pytest.mark.parametrize("size", [0, -1, 2.0, True])

@@ -13,6 +13,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
 
+from helpers import Exact, applied_update, realised_r, trainable_state  # noqa: E402
+
 from ghoststep import RadiusController  # noqa: E402
 from ghoststep.integrations.transformers import (  # noqa: E402
     TrainerRadiusCallback,
@@ -242,3 +244,84 @@ def test_missing_extra_raises_helpful_import_error(monkeypatch):
     monkeypatch.delitem(sys.modules, "ghoststep.integrations.transformers", raising=False)
     with pytest.raises(ImportError, match=r"pip install 'ghoststep\[transformers\]'"):
         importlib.import_module("ghoststep.integrations.transformers")
+
+
+def _shifted_mask(labels: torch.Tensor) -> torch.Tensor:
+    """The positions a causal LM's loss scores: logits t against labels t + 1."""
+    mask = torch.zeros_like(labels, dtype=torch.bool)
+    mask[..., :-1] = labels[..., 1:] != -100
+    return mask
+
+
+def test_causal_lm_targets_fn_with_ignore_index_shifts_like_the_loss():
+    # every other label ignored: an unshifted mask would count exactly the positions
+    # the loss ignores (the realised r then reached 1.59)
+    model = _gpt2()
+    opt = RadiusController(
+        torch.optim.Adam(model.parameters(), lr=5e-2), model, mode="clip", target_r=1.0,
+        ignore_index=-100, targets_fn=lambda inputs: inputs["labels"],
+    )  # fmt: skip
+    start, worst, bound = trainable_state(model), 0.0, 0
+    for i in range(4):
+        ids = torch.randint(1, 100, (8, T), generator=torch.Generator().manual_seed(i))
+        labels = ids.clone()
+        labels[:, 1::2] = -100
+        old = trainable_state(model)
+        opt.zero_grad()
+        model(input_ids=ids, labels=labels).loss.backward()
+        opt.step()
+        applied = applied_update(old, trainable_state(model))
+        r = realised_r(model, old, {"input_ids": ids}, applied, mask=_shifted_mask(labels))
+        worst, bound = max(worst, r), bound + (opt.last.scale < 1.0)
+    print(f"causal LM targets_fn + ignore_index: max realised r {worst:.6f}, bound {bound}/4")
+    assert worst <= 1.001 and bound >= 1
+    assert max(float((trainable_state(model)[n] - p).abs().max()) for n, p in start.items()) > 0
+
+
+class _Remeasure(transformers.TrainerCallback):
+    """Re-measures every applied update in float64 at the old parameters on the call
+    that fed the gradient (kept by a forward pre-hook of the test's own)."""
+
+    def __init__(self, model):
+        self.model, self.calls, self.worst, self.old = model, [], 0.0, None
+        model.register_forward_pre_hook(self._keep, with_kwargs=True)
+
+    def _keep(self, module, args, kwargs):
+        if module.training and torch.is_grad_enabled():
+            self.calls.append((args, dict(kwargs)))
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        self.old = trainable_state(self.model)
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        applied = applied_update(self.old, trainable_state(self.model))
+        (call_args, call_kwargs), self.calls = self.calls[-1], []
+        assert "labels" not in call_kwargs  # the Trainer popped them
+        labels = torch.stack([TokenData()[0]["labels"]] * call_kwargs["input_ids"].shape[0])
+        call_kwargs = {k: v for k, v in call_kwargs.items() if k != "num_items_in_batch"}
+        r = realised_r(
+            self.model, self.old, Exact(call_args, call_kwargs), applied,
+            mask=_shifted_mask(labels),
+        )  # fmt: skip
+        self.worst = max(self.worst, r)
+
+
+def test_trainer_with_label_smoothing_trains_with_the_controller(tmp_path):
+    model = _gpt2()
+    args = _args(tmp_path, label_smoothing_factor=0.1, learning_rate=0.5, max_steps=3)
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=TokenData())
+    assert trainer.label_smoother is not None  # labels popped before model(**inputs)
+    callback = add_radius_control(trainer, mode="clip", target_r=1.0)
+    remeasure = _Remeasure(model)
+    trainer.add_callback(remeasure)
+    start = trainable_state(model)
+    trainer.train()
+    history = list(callback.controller.history)
+    print(f"Trainer label smoothing: max realised r {remeasure.worst:.6f}, "
+          f"scales {[round(s.scale, 4) for s in history]}")  # fmt: skip
+    assert len(history) == 3 and not any(s.skipped for s in history)
+    assert any(s.scale < 1.0 for s in history)
+    assert remeasure.worst <= 1.001
+    # the bottleneck is a scored position (logits t predict label t + 1)
+    assert all(0 <= s.bottleneck % T <= VALID - 2 for s in history)
+    assert max(float((trainable_state(model)[n] - p).abs().max()) for n, p in start.items()) > 0

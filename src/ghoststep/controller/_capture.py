@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from ..evaluation._directional import tf32_allowed
-from ..evaluation._inputs import batch_coupled
+from ..evaluation._inputs import Call, batch_coupled, plain_value
 from ..evaluation._isolation import AutocastState, autocast_state, capture_rng
 
 __all__ = ["Captured", "ForwardCapture"]
@@ -26,10 +26,13 @@ class Captured:
     """One training forward: its inputs, the RNG state before it, the autocast it ran
     under (``{device_type: dtype}``, empty without autocast), whether its logits are
     coarse (autocast, TF32 on CUDA, or a compiled forward: not the eager float32
-    function "fast" differences against), and (when kept) its detached logits."""
+    function "fast" differences against), (when kept) its detached logits, and the
+    targets its loss used without passing them to the model (``ForwardCapture.targets``;
+    None: none)."""
 
     __slots__ = (
         "args", "kwargs", "inputs", "rng", "autocast", "coarse", "logits", "rows_independent",
+        "targets",
     )  # fmt: skip
 
     def __init__(self, args, kwargs, rng, coarse: bool, autocast: AutocastState = ()) -> None:
@@ -38,6 +41,7 @@ class Captured:
         self.inputs: Any = None
         self.logits: torch.Tensor | None = None
         self.rows_independent = False  # no RNG drawn, no batch statistics
+        self.targets: Any = None
 
     @classmethod
     def explicit(cls, inputs) -> Captured:
@@ -88,6 +92,7 @@ class ForwardCapture:
         self.entries: list[Captured] = []  # training forwards since the last take()
         self._frames: list[Captured | None] = []  # forwards of the model in progress
         self._measuring = False
+        self._targets: Any = None
         self._hooks = [
             hooked.register_forward_pre_hook(_CaptureHook(self), with_kwargs=True),
             hooked.register_forward_hook(
@@ -127,6 +132,17 @@ class ForwardCapture:
         finally:
             self._measuring = False
 
+    @contextmanager
+    def targets(self, targets: Any):
+        """Training forwards inside this block were scored against ``targets``, which the
+        model does not receive (a Hugging Face Trainer pops the labels before the
+        forward under label smoothing); their inputs carry them (``Call.targets``)."""
+        self._targets = targets
+        try:
+            yield
+        finally:
+            self._targets = None
+
     def take(self) -> list[Captured]:
         """The captured forwards (their ``inputs`` set from the call), and forget them."""
         entries, self.entries = self.entries, []
@@ -143,6 +159,7 @@ class ForwardCapture:
             autocast = autocast_state()
             coarse = bool(autocast) or self.compiled or bool(self.devices and tf32_allowed())
             entry = Captured(args, kwargs, capture_rng(self.devices), coarse, autocast)
+            entry.targets = self._targets
             if self._frames and self.entries:
                 # A call inside a call of the same model is the one with the model's
                 # inputs (e.g. Lightning under DDP routes training_step(batch, i)
@@ -175,29 +192,45 @@ class ForwardCapture:
 
 
 def replay(model: nn.Module, captured: Captured) -> Any:
-    """A captured forward call as ``inputs`` for the slopes (tensor, tuple or dict)."""
+    """A captured forward call as ``inputs``: the tensor, the tuple of positional
+    arguments or the dict of keyword arguments it was called with (mixed ones named by
+    the forward's signature) when each argument is a tensor or a Python scalar / string /
+    None; else -- one dict, tuple or ``PackedSequence`` argument, lists, nested
+    containers, other objects, a call the signature cannot name, or targets the model
+    did not receive -- a :class:`~ghoststep.evaluation._inputs.Call` of exactly the
+    captured arguments."""
     args, kwargs = captured.args, captured.kwargs
+    exact = Call(*args, **kwargs)
+    if captured.targets is not None:
+        return exact.with_targets(captured.targets)
+    if not all(plain_value(v) for v in (*args, *kwargs.values())):
+        return exact
     if not kwargs:
-        return args[0] if len(args) == 1 else tuple(args)
+        if len(args) == 1:
+            return args[0] if isinstance(args[0], torch.Tensor) else exact
+        return tuple(args)
     if not args:
         return dict(kwargs)
-    # Mixed positional and keyword arguments: name the positional ones.
+    named = _named(model, args, kwargs)
+    return exact if named is None else named
+
+
+def _named(model: nn.Module, args: tuple, kwargs: dict) -> dict | None:
+    """Mixed positional and keyword arguments as one dict of keyword arguments, or None
+    where keywords cannot replay the call (it does not bind, or a positional-only or
+    ``*args`` parameter takes a positional one)."""
     signature = inspect.signature(model.forward)
     try:
         bound = signature.bind(*args, **kwargs)
-    except TypeError as err:
-        raise RuntimeError(
-            f"cannot replay the captured forward call ({err}); pass step(inputs=...)"
-        ) from err
+    except TypeError:
+        return None
     params = signature.parameters
-    if any(params[n].kind is inspect.Parameter.VAR_POSITIONAL for n in bound.arguments):
-        raise RuntimeError(
-            "the model's forward takes *args together with keyword arguments; the "
-            "captured call cannot be replayed as one dict, pass step(inputs=...)"
-        )
     out = {}
     for name, value in bound.arguments.items():
-        if params[name].kind is inspect.Parameter.VAR_KEYWORD:
+        kind = params[name].kind
+        if kind in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.VAR_POSITIONAL):
+            return None
+        if kind is inspect.Parameter.VAR_KEYWORD:
             out.update(value)
         else:
             out[name] = value

@@ -44,7 +44,7 @@ import torch
 from torch import nn
 
 from ..evaluation._directional import SLOPE_METHODS, check_fast_dtype, tf32_allowed
-from ..evaluation._inputs import split_inputs
+from ..evaluation._inputs import check_row_slicing, split_inputs
 from ..evaluation._isolation import autocast_as, cuda_devices
 from ..evaluation._outputs import logits_reader
 from ..evaluation._sharding import (
@@ -256,10 +256,11 @@ class RadiusController(torch.optim.Optimizer):
         check_supported(optimizer)
         limit_by = check_limit_by(limit_by, extra_radii)
         slope_model = _unwrap(model)
-        if ignore_index is not None and mask_fn is None and targets_fn is None:
+        if ignore_index is not None and mask_fn is None:
             # a causal LM scores logits at t against labels[t + 1]: shift the mask alike
-            mask_fn = _shifted_label_mask(slope_model, ignore_index)
-            ignore_index = None if mask_fn is not None else ignore_index
+            mask_fn = _shifted_label_mask(slope_model, ignore_index, targets_fn)
+            if mask_fn is not None:
+                ignore_index = targets_fn = None
         self.sampling = Sampling(
             subset, buffer_size, window, quantile, mask_fn, ignore_index, targets_fn
         )
@@ -480,9 +481,12 @@ class RadiusController(torch.optim.Optimizer):
         Args:
             closure: called first under ``torch.enable_grad()`` (Lightning runs forward and
                 backward inside it); afterwards the gradients must be final.
-            inputs: the batch to measure the radius on, as passed to the model (a tensor,
-                a tuple of positional arguments, or a dict of keyword arguments). Default:
-                the inputs of the training forwards since the last step.
+            inputs: the batch to measure the radius on, as passed to the model: a tensor
+                or ``PackedSequence`` (``model(x)``), a tuple of positional tensors
+                (``model(*inputs)``), a dict of keyword tensors (``model(**inputs)``), or
+                any call exactly as ``ghoststep.Call(*args, **kwargs)`` (one dict or tuple
+                argument, lists of lengths, nested containers). Default: the inputs of the
+                training forwards since the last step.
         Raises:
             RuntimeError: no batch (neither a training forward nor ``inputs=``), or a
                 sparse gradient.
@@ -662,16 +666,23 @@ class RadiusController(torch.optim.Optimizer):
         self._record(self._stats(math.nan, math.nan, 0.0, context, spread=math.nan, skipped=True))
 
     def _batches(self, inputs) -> list[Captured]:
+        """The micro-batches to measure, their rows checked for the row operations
+        (before the inner step: a refusal leaves the optimizer untouched)."""
         if inputs is not None:
             self._capture.entries = []  # the explicit batch replaces the captured ones
-            return [Captured.explicit(inputs)]
-        batches = self._capture.take()
+            batches = [Captured.explicit(inputs)]
+        else:
+            batches = self._capture.take()
         if not batches:
             raise RuntimeError(
                 "RadiusController.step() has no batch to measure the radius on: run a "
                 "training-mode forward of the model (with gradients enabled) before "
                 "step(), or pass step(inputs=batch)"
             )
+        for entry in batches:
+            self.sampling.check_rows(entry.inputs)
+            if self._meter.chunk_size is not None:
+                check_row_slicing(entry.inputs, "chunk_size")
         return batches
 
     def _plan(self, entry: Captured) -> Plan:
@@ -833,11 +844,14 @@ def _check_method(method) -> None:
         raise ValueError(f"method must be 'auto' or one of {SLOPE_METHODS}, got {method!r}")
 
 
-def _shifted_label_mask(model: nn.Module, ignore_index: int):
+def _shifted_label_mask(model: nn.Module, ignore_index: int, targets_fn):
     """The ``mask_fn`` of a Hugging Face causal LM's loss (its logits at t are scored
-    against ``labels[t + 1]``), or None for other models."""
+    against ``labels[t + 1]``, the labels from ``targets_fn`` when given), or None for
+    other models (``targets_fn``'s targets then align with the logits)."""
     if "transformers" not in sys.modules:
         return None  # no Hugging Face model can exist
     from ..integrations.transformers import is_causal_lm, label_mask_fn
 
-    return label_mask_fn(shift=True, ignore_index=ignore_index) if is_causal_lm(model) else None
+    if not is_causal_lm(model):
+        return None
+    return label_mask_fn(shift=True, ignore_index=ignore_index, targets_fn=targets_fn)

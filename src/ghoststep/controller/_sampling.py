@@ -1,8 +1,8 @@
 """Which positions set the controller's radius: subset, bottleneck buffer, window,
 quantile and masks (``RadiusController``'s sampling options), and the row operations on
-nested input structures (a tensor, a tuple of arguments, a dict of keyword arguments)
-they need. Pure functions and one options record; the controller holds the state (the
-buffer, the generator, the recent radii).
+nested input structures (a tensor, a tuple of arguments, a dict of keyword arguments, a
+``ghoststep.Call``) they need. Pure functions and one options record; the controller
+holds the state (the buffer, the generator, the recent radii).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch.utils import _pytree as pytree
 
-from ..evaluation._inputs import split_inputs
+from ..evaluation._inputs import Call, check_row_slicing, is_packed, split_inputs, tensor_leaves
 from ..measurement._reduce import aggregate_spread
 from ..measurement._slopes import keep_mask
 from ._checks import check_real, is_int
@@ -63,8 +63,11 @@ class Sampling:
         quantile: the q-quantile spread (q = 1: the max) instead of the max.
         mask_fn: ``mask_fn(inputs) -> bool`` tensor of the sample shape; False: ignored.
         ignore_index: positions whose target equals it are ignored (alternative to
-            ``mask_fn``); targets from ``targets_fn(inputs)`` or ``inputs["labels"]``.
-        targets_fn: see ``ignore_index``.
+            ``mask_fn``); targets from ``targets_fn(inputs)``, else ``inputs["labels"]``
+            (a ``Call``: its ``labels`` keyword argument, else its ``targets``).
+        targets_fn: see ``ignore_index``; its targets align with the logits' positions
+            (``RadiusController`` shifts them for a Hugging Face causal LM, as its loss
+            does).
     """
 
     subset: int | None = None
@@ -119,21 +122,39 @@ class Sampling:
         if self.mask_fn is not None:
             keep = keep_mask(self.mask_fn(inputs))
         elif self.ignore_index is not None:
-            if self.targets_fn is not None:
-                targets = self.targets_fn(inputs)
-            elif isinstance(inputs, Mapping) and "labels" in inputs:
-                targets = inputs["labels"]
-            else:
-                raise ValueError("ignore_index needs targets_fn (or dict inputs with 'labels')")
+            targets = self.targets_fn(inputs) if self.targets_fn is not None else labels_of(inputs)
+            if targets is None:
+                raise ValueError(
+                    "ignore_index needs targets_fn (or dict inputs with 'labels', or a "
+                    "ghoststep.Call with a 'labels' keyword argument or targets)"
+                )
             keep = keep_mask(targets=targets, ignore_index=self.ignore_index)
         else:
             return None
         return keep.reshape(-1)
 
+    def check_rows(self, inputs) -> None:
+        """Refuse ``subset`` / ``buffer_size`` for inputs whose rows cannot be selected."""
+        if self.subset is not None:
+            check_row_slicing(inputs, "subset")
+        if self.buffer_size > 0:
+            check_row_slicing(inputs, "buffer_size")
+
     def aggregate(self, spread: torch.Tensor) -> torch.Tensor:
         """The spread that sets the radius: the max, or the ``quantile`` spread
         (:func:`~ghoststep.measurement._reduce.aggregate_spread`), 0-d, no sync."""
         return aggregate_spread(spread, self.quantile)
+
+
+def labels_of(inputs):
+    """The labels of ``inputs`` (dict: ``"labels"``; ``Call``: its ``labels`` keyword
+    argument, else its ``targets``), or None."""
+    if isinstance(inputs, Call):
+        labels = inputs.kwargs.get("labels")
+        return inputs.targets if labels is None else labels
+    if isinstance(inputs, Mapping):
+        return inputs.get("labels")
+    return None
 
 
 def detached_copy(obj):
@@ -142,9 +163,12 @@ def detached_copy(obj):
 
 
 def batch_rows(obj) -> int | None:
-    """Batch size: the leading size of the first tensor with at least one dimension."""
-    for t in pytree.tree_leaves(obj):
-        if isinstance(t, torch.Tensor) and t.dim() >= 1:
+    """Batch size: the leading size of the first tensor with at least one dimension (a
+    ``PackedSequence``: its number of sequences)."""
+    for t in tensor_leaves(obj):
+        if is_packed(t):
+            return int(t.batch_sizes[0]) if t.batch_sizes.numel() else 0
+        if t.dim() >= 1:
             return int(t.shape[0])
     return None
 

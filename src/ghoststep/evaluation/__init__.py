@@ -26,11 +26,13 @@ from ._directions import (
     resolve_direction,
     trainable_parameters,
 )
+from ._inputs import Call
 from ._isolation import capture_rng
 from ._outputs import class_logits, default_logits_fn, describe_output, logits_reader
 from ._updates import optimizer_update_direction
 
 __all__ = [
+    "Call",
     "SLOPE_METHODS",
     "full_float32",
     "tf32_allowed",

@@ -199,8 +199,9 @@ def call_at(
 
     The module is not modified (buffers are cloned per call; the RNG is not touched);
     ``t`` may be a tensor that requires grad (line probes differentiate through it).
-    ``dtype`` casts parameters, floating buffers and floating inputs first (e.g.
-    float64). ``primals`` replaces the trainable parameters' values (default: theirs).
+    ``dtype`` casts parameters, floating buffers and floating inputs (at any depth of
+    nested arguments) first (e.g. float64). ``primals`` replaces the trainable
+    parameters' values (default: theirs).
     """
     output_fn = output_fn or logits_reader()
     named = trainable_parameters(model)
@@ -212,8 +213,7 @@ def call_at(
     state = {n: cast(b).clone() for n, b in model.named_buffers()}
     for (name, _), p, v in zip(named, base, tangents, strict=True):
         state[name] = cast(p) + t * cast(v) if v is not None else cast(p)
-    args = tuple(cast(a) if isinstance(a, torch.Tensor) else a for a in args)
-    kwargs = {k: cast(v) if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
+    args, kwargs = pytree.tree_map_only(torch.Tensor, cast, (tuple(args), dict(kwargs)))
     out = functional_call(model, state, args, kwargs, tie_weights=True, strict=False)
     return _tensors_of(out, output_fn)
 

@@ -23,7 +23,11 @@ What :func:`add_radius_control` does:
   ``model(**inputs)``; a forward pre-hook keeps the keyword arguments, ``labels``
   included). Positions whose label is -100 are ignored; for causal language models the
   logits at position t are scored against label t + 1 (the model shifts internally), so
-  the mask is shifted the same way, and the last position is never used.
+  the mask is shifted the same way, and the last position is never used. With
+  ``label_smoothing_factor`` (or a ``compute_loss_func``) the Trainer pops the labels
+  from the inputs before the forward; ``trainer.compute_loss`` is wrapped so that the
+  captured forward carries them as its targets (``ghoststep.Call.targets``), and the
+  mask is the same.
 * inserts a :class:`TrainerRadiusCallback` *first* in the Trainer's callback list, so the
   statistics it adds to the training logs reach ``state.log_history`` and every
   reporting callback (TensorBoard, wandb, ...) that runs after it.
@@ -49,6 +53,8 @@ from typing import Any
 import torch
 
 from ghoststep.controller import RadiusController
+from ghoststep.controller._sampling import labels_of
+from ghoststep.evaluation import Call
 from ghoststep.integrations import repoint_scheduler, require
 from ghoststep.monitor import DEFAULT_KEYS
 
@@ -75,14 +81,17 @@ def is_causal_lm(model: torch.nn.Module) -> bool:
 
 
 def label_mask_fn(
-    *, shift: bool, ignore_index: int = -100
-) -> Callable[[Mapping[str, Any]], torch.Tensor]:
+    *, shift: bool, ignore_index: int = -100, targets_fn: Callable[[Any], Any] | None = None
+) -> Callable[[Any], torch.Tensor]:
     """A ``mask_fn`` for ``RadiusController`` from the ``labels`` of Hugging Face inputs.
 
     Args:
         shift: the model scores logits position t against label t + 1 (causal LMs); the
             last position then has no label and is masked out.
         ignore_index: label value of positions the loss ignores.
+        targets_fn: ``targets_fn(inputs)`` gives the labels (as passed to the model,
+            unshifted); default: the ``labels`` keyword argument of a dict or a
+            ``ghoststep.Call``, else the ``Call``'s targets (labels a Trainer popped).
     Returns:
         ``mask_fn(inputs) -> bool tensor`` of the logits' sample shape: ``labels !=
         ignore_index`` (shifted), all True for floating-point labels (regression,
@@ -90,15 +99,22 @@ def label_mask_fn(
         labels.
     """
     # a partial of a module-level function: picklable (whole-object controller saves)
-    return functools.partial(_label_mask, shift, ignore_index)
+    return functools.partial(_label_mask, shift, ignore_index, targets_fn)
 
 
-def _label_mask(shift: bool, ignore_index: int, inputs: Mapping[str, Any]) -> torch.Tensor:
-    if not isinstance(inputs, Mapping):
-        raise TypeError("the Hugging Face label mask expects keyword inputs (a dict)")
-    labels = inputs.get("labels")
+def _label_mask(shift: bool, ignore_index: int, targets_fn, inputs: Any) -> torch.Tensor:
+    if targets_fn is not None:
+        labels = targets_fn(inputs)
+    elif isinstance(inputs, (Mapping, Call)):
+        labels = labels_of(inputs)
+    else:
+        raise TypeError(
+            "the Hugging Face label mask expects keyword inputs (a dict or a ghoststep.Call); "
+            "pass targets_fn=..."
+        )
     if labels is None:
-        attention = inputs.get("attention_mask")
+        kwargs = inputs.kwargs if isinstance(inputs, Call) else inputs
+        attention = kwargs.get("attention_mask") if isinstance(kwargs, Mapping) else None
         if shift and attention is not None:
             return _shift_left(torch.as_tensor(attention).bool(), False)
         raise ValueError(
@@ -253,6 +269,7 @@ def add_radius_control(
             inner, model, mode=mode, target_r=target_r, **controller_kwargs
         )
         trainer.optimizer = controller
+        _keep_popped_labels(trainer, controller)
         scheduler = getattr(trainer, "lr_scheduler", None)
         if scheduler is not None and getattr(scheduler, "optimizer", None) is inner:
             repoint_scheduler(scheduler, controller)
@@ -260,6 +277,25 @@ def add_radius_control(
     callback = TrainerRadiusCallback(controller, keys=keys, prefix=prefix)
     trainer.callback_handler.callbacks.insert(0, callback)
     return callback
+
+
+def _keep_popped_labels(trainer: Any, controller: RadiusController) -> None:
+    """Wrap ``trainer.compute_loss``: where the Trainer pops ``labels`` from the inputs
+    before ``model(**inputs)`` (a label smoother or a ``compute_loss_func``; transformers
+    5.x ``Trainer.compute_loss``), the forward it runs carries them as targets."""
+    compute_loss = trainer.compute_loss
+
+    @functools.wraps(compute_loss)
+    def with_targets(model, inputs, *args, **kwargs):
+        pops = (
+            getattr(trainer, "label_smoother", None) is not None
+            or getattr(trainer, "compute_loss_func", None) is not None
+        )
+        labels = inputs.get("labels") if pops and isinstance(inputs, Mapping) else None
+        with controller._capture.targets(labels):
+            return compute_loss(model, inputs, *args, **kwargs)
+
+    trainer.compute_loss = with_targets
 
 
 def _find_controller(optimizer: Any) -> RadiusController | None:
