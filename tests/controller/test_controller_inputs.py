@@ -7,6 +7,8 @@ bound, and that the parameters moved."""
 
 from __future__ import annotations
 
+import io
+
 import pytest
 import torch
 from helpers import Exact, applied_update, realised_r, trainable_state
@@ -198,6 +200,14 @@ def test_row_operations_select_rows_of_nested_tensors():
     x1, (x2,) = buffer.args[0]["feats"]
     assert x1.shape == x2.shape == (3, T, D) and buffer.args[0]["meta"] == {"scale": 0.5}
     assert buffer.kwargs["extra"][0].shape == (16,) and buffer.kwargs["extra"][1] == "mean"
+    blob = io.BytesIO()
+    torch.save(whole.state_dict(), blob)
+    blob.seek(0)
+    restored = monitor(buffer_size=3)
+    restored.load_state_dict(torch.load(blob, weights_only=True))
+    again = restored._buffer
+    assert isinstance(again, ghoststep.Call) and torch.equal(again.args[0]["feats"][0], x1)
+    assert again.kwargs["extra"][1] == "mean" and again.args[0]["meta"] == {"scale": 0.5}
 
 
 @pytest.mark.parametrize("option", [{"subset": 4}, {"buffer_size": 2}, {"chunk_size": 4}])

@@ -269,10 +269,10 @@ def add_radius_control(
             inner, model, mode=mode, target_r=target_r, **controller_kwargs
         )
         trainer.optimizer = controller
-        _keep_popped_labels(trainer, controller)
         scheduler = getattr(trainer, "lr_scheduler", None)
         if scheduler is not None and getattr(scheduler, "optimizer", None) is inner:
             repoint_scheduler(scheduler, controller)
+    _keep_popped_labels(trainer, controller)
 
     callback = TrainerRadiusCallback(controller, keys=keys, prefix=prefix)
     trainer.callback_handler.callbacks.insert(0, callback)
