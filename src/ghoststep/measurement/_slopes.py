@@ -116,8 +116,9 @@ def logit_slopes(
     Args:
         model: any ``nn.Module``; evaluated in its current mode, without side effects
             (see the module docstring).
-        inputs: a tensor, a tuple/list of tensors (positional arguments) or a dict
-            (keyword arguments, e.g. ``input_ids``, ``attention_mask``).
+        inputs: a tensor, a tuple/list of tensors (positional arguments), a dict
+            (keyword arguments, e.g. ``input_ids``, ``attention_mask``) or a
+            ``ghoststep.Call`` (any call, made exactly as given).
         direction: parameter-space direction v (dict, aligned sequence or flat
             tensor; see the module docstring). It need not be unit norm: the slopes
             are linear in v.
