@@ -222,3 +222,17 @@ def test_a_packed_sequence_refuses_row_operations_before_the_step(option):
         opt.step()
     assert not inner.state  # refused before the inner optimizer stepped
     assert all(torch.equal(p, before[n]) for n, p in trainable_state(model).items())
+
+
+def test_step_inputs_refuses_an_ambiguous_tuple_naming_call_before_the_step():
+    torch.manual_seed(0)
+    model = LengthsModel()
+    inner = torch.optim.Adam(model.parameters(), lr=1.0)
+    opt = RadiusController(inner, model)
+    x, lengths = _features(0), _lengths(0)
+    F.cross_entropy(model(x, lengths), _labels(0)).backward()
+    with pytest.raises(TypeError, match=r"inputs\[1\] is a list.*ghoststep.Call"):
+        opt.step(inputs=(x, lengths))
+    assert not inner.state  # refused before the inner optimizer stepped
+    opt.step(inputs=ghoststep.Call(x, lengths))
+    assert opt.last.scale < 1.0 and inner.state

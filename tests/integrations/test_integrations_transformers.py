@@ -15,6 +15,7 @@ pytest.importorskip("accelerate")
 
 from helpers import Exact, applied_update, realised_r, trainable_state  # noqa: E402
 
+import ghoststep  # noqa: E402
 from ghoststep import RadiusController  # noqa: E402
 from ghoststep.integrations.transformers import (  # noqa: E402
     TrainerRadiusCallback,
@@ -144,6 +145,11 @@ def test_label_mask_shift_semantics():
     assert label_mask_fn(shift=False)({"labels": torch.rand(3, 4)}).tolist() == [True] * 3
     with pytest.raises(ValueError, match="mask_fn"):
         label_mask_fn(shift=False)({"input_ids": labels})
+    # labels the model did not receive (popped by the Trainer), or from targets_fn
+    popped = ghoststep.Call(input_ids=labels).with_targets(labels)
+    assert label_mask_fn(shift=True)(popped).tolist() == shifted.tolist()
+    from_fn = label_mask_fn(shift=True, targets_fn=lambda inputs: inputs["y"])
+    assert from_fn({"input_ids": labels, "y": labels}).tolist() == shifted.tolist()
     assert is_causal_lm(_gpt2())
     bert = transformers.BertForSequenceClassification(
         transformers.BertConfig(

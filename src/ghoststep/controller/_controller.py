@@ -669,6 +669,7 @@ class RadiusController(torch.optim.Optimizer):
         """The micro-batches to measure, their rows checked for the row operations
         (before the inner step: a refusal leaves the optimizer untouched)."""
         if inputs is not None:
+            split_inputs(inputs)  # inputs it cannot call with raise before the inner step
             self._capture.entries = []  # the explicit batch replaces the captured ones
             batches = [Captured.explicit(inputs)]
         else:
