@@ -11,7 +11,10 @@ otherwise run the measuring forwards in bfloat16 (:func:`autocast_as`).
 from __future__ import annotations
 
 import contextlib
+import random
+import sys
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -27,8 +30,10 @@ __all__ = [
     "preserved_buffers",
 ]
 
-# (CPU generator state, {CUDA device index: generator state})
-RNGState = tuple[torch.Tensor, dict[int, torch.Tensor]]
+# (CPU generator state, {CUDA device index: generator state}[, host state]); the host
+# state (:func:`capture_host_rng`) is there when the evaluation replays Python's
+# ``random`` and NumPy's global generator too
+RNGState = tuple[torch.Tensor, dict[int, torch.Tensor]] | tuple[Any, ...]
 # ((device type, autocast dtype), ...) of the device types with autocast enabled
 AutocastState = tuple[tuple[str, torch.dtype], ...]
 _AUTOCAST_DEVICES = ("cpu", "cuda")
@@ -67,20 +72,51 @@ def cuda_devices(model: nn.Module) -> list[int]:
     return sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
 
 
-def capture_rng(devices: Sequence[int] = ()) -> RNGState:
-    """The CPU RNG state and those of the given CUDA devices (no device sync)."""
-    return torch.get_rng_state(), {d: torch.cuda.get_rng_state(d) for d in devices}
+def capture_rng(devices: Sequence[int] = (), *, host: bool = False) -> RNGState:
+    """The CPU RNG state and those of the given CUDA devices (no device sync); with
+    ``host``, also Python's ``random`` and NumPy's global generator (a forward that
+    draws from them, e.g. a LayerDrop, then replays its choices)."""
+    cpu, cuda = torch.get_rng_state(), {d: torch.cuda.get_rng_state(d) for d in devices}
+    return (cpu, cuda, capture_host_rng()) if host else (cpu, cuda)
+
+
+def capture_host_rng() -> tuple[Any, Any]:
+    """``(random.getstate(), numpy.random.get_state() or None)``: NumPy's only when it
+    is imported already (a few microseconds; 2.5 KB each)."""
+    numpy = sys.modules.get("numpy")
+    return random.getstate(), None if numpy is None else numpy.random.get_state()
 
 
 @contextlib.contextmanager
 def replay_rng(devices: Sequence[int], state: RNGState | None = None):
-    """Run from ``state`` (default: the current state); restore the RNG afterwards."""
-    with torch.random.fork_rng(devices=list(devices)):
+    """Run from ``state`` (default: the current state); restore the RNG afterwards
+    (Python's and NumPy's too when ``state`` carries them)."""
+    host = state[2] if state is not None and len(state) > 2 else None
+    with torch.random.fork_rng(devices=list(devices)), _replay_host(host):
         if state is not None:
             torch.set_rng_state(state[0])
             for device, s in state[1].items():
                 torch.cuda.set_rng_state(s, device)
         yield
+
+
+@contextlib.contextmanager
+def _replay_host(state):
+    """Run from a :func:`capture_host_rng` state and restore the current one after."""
+    if state is None:
+        yield
+        return
+    saved = capture_host_rng()
+    random.setstate(state[0])
+    numpy = sys.modules.get("numpy")
+    if numpy is not None and state[1] is not None:
+        numpy.random.set_state(state[1])
+    try:
+        yield
+    finally:
+        random.setstate(saved[0])
+        if numpy is not None and saved[1] is not None:
+            numpy.random.set_state(saved[1])
 
 
 @contextlib.contextmanager
