@@ -23,7 +23,7 @@ from ..evaluation._directional import (
     refined_step,
 )
 from ..evaluation._inputs import check_chunking, chunks, split_inputs
-from ..evaluation._isolation import autocast_as
+from ..evaluation._isolation import autocast_as, original_forward
 from ..evaluation._sharding import local_shards, max_over_ranks, reshard
 from ..measurement._reduce import reduce_spreads
 from ..radius._bounds import logit_spread_unchecked, radius_from_spread
@@ -293,10 +293,13 @@ class SecantMeter(SpreadMeter):
     """``"fast"``: one forward at old + f p against the training forward's logits (and
     one at old - f p near the bound)."""
 
+    @contextmanager
     def precision(self):
         """Full float32 on CUDA for every measuring forward (a JVP has no cancellation:
-        TF32 costs it 1e-3 relative, ``"fast"`` 10 %)."""
-        return full_float32() if self.devices else nullcontext()
+        TF32 costs it 1e-3 relative, ``"fast"`` 10 %), and the model's own forward where
+        Accelerate wrapped it in autocast (:func:`original_forward`)."""
+        with full_float32() if self.devices else nullcontext(), original_forward(self.model):
+            yield
 
     def measure(self, plans: list[Plan], proposal, recheck: float | None):
         """Moves the parameters through ``proposal`` (they end at old +/- f p)."""

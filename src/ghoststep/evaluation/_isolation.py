@@ -24,6 +24,7 @@ __all__ = [
     "RNGState",
     "autocast_as",
     "autocast_state",
+    "original_forward",
     "cuda_devices",
     "capture_rng",
     "replay_rng",
@@ -65,6 +66,24 @@ def autocast_as(state: AutocastState):
         for device, dtype in state:
             stack.enter_context(torch.autocast(device, dtype=dtype))
         yield
+
+
+@contextlib.contextmanager
+def original_forward(model: nn.Module):
+    """Run the block with the model's own forward where Accelerate's mixed precision
+    replaced ``model.forward`` by one that enters autocast itself (it keeps the
+    original as ``model._original_forward``); a forward that must run without autocast
+    (a float32 secant) could not turn that one off from outside."""
+    wrapped = model.__dict__.get("forward")
+    original = model.__dict__.get("_original_forward")
+    if wrapped is None or original is None:
+        yield
+        return
+    model.forward = original
+    try:
+        yield
+    finally:
+        model.forward = wrapped
 
 
 def cuda_devices(model: nn.Module) -> list[int]:
