@@ -125,11 +125,10 @@ def flags_as(model: nn.Module, flags: tuple[bool, ...] | None):
 
 def fingerprint(logits: torch.Tensor) -> torch.Tensor:
     """A compact per-position summary of logits ``(..., K)``: their max and mean,
-    shape ``(..., 2)``, float32 (non-finite classes left out of the mean)."""
+    shape ``(..., 2)``, float32 (two passes, no copy; a position with a masked -inf
+    class has mean -inf, which :func:`fingerprint_gap` leaves out)."""
     logits = logits.detach()
-    finite = logits.isfinite()
-    mean = torch.where(finite, logits, 0).sum(-1) / finite.sum(-1).clamp_min(1)
-    return torch.stack([logits.amax(-1), mean], -1).float()
+    return torch.stack([logits.amax(-1).float(), logits.mean(-1, dtype=torch.float32)], -1)
 
 
 def fingerprint_gap(replayed: torch.Tensor, recorded: torch.Tensor) -> float:

@@ -179,7 +179,8 @@ class SpreadMeter:
                 rng=plan.rng,
                 **self.slopes_kwargs,
             )
-            if plan.fingerprint is not None and isinstance(primal, torch.Tensor):
+            # "fd" runs in float64, where dropout may draw other masks: "jvp" only
+            if self.method == "jvp" and plan.fingerprint is not None:
                 self._check_replay(primal, plan.fingerprint[rows], plan)
             return logit_spread_unchecked(slopes)
 
