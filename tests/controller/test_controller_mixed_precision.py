@@ -177,3 +177,53 @@ def test_frozen_bf16_base_with_float32_adapters_picks_jvp(digits):
     assert ctrl.margin_for("half") == pytest.approx(3e-2)
     assert max(rs) <= LOW_BOUND, rs
     assert _bound(ctrl)
+
+
+# --------------------------------------------------------------------------- Lightning
+
+
+def test_lightning_bf16_mixed_picks_jvp_and_keeps_the_bound(tmp_path, digits):
+    L = pytest.importorskip("lightning")
+    from ghoststep.integrations.lightning import LightningRadiusCallback
+
+    class Digits(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.net = build_model("mlp")
+
+        def forward(self, x):
+            return self.net(x)
+
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            return F.cross_entropy(self(x).float(), y)
+
+        def configure_optimizers(self):
+            return torch.optim.Adam(self.parameters(), lr=1.0)
+
+    rs = []
+
+    class Measure(L.Callback):
+        def on_train_batch_start(self, trainer, module, batch, batch_idx):
+            self.old = trainable_state(module.net)
+
+        def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+            applied = applied_update(self.old, trainable_state(module.net))
+            rs.append(realised_r(module.net, self.old, batch[0], applied))
+
+    X, y = _batches(digits, 1, size=256)[0]
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(X, y), batch_size=64)
+    radius = LightningRadiusCallback(mode="clip", target_r=1.0)
+    trainer = L.Trainer(
+        accelerator="cpu", devices=1, max_steps=4, precision="bf16-mixed", logger=False,
+        callbacks=[radius, Measure()], enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, default_root_dir=tmp_path,
+    )  # fmt: skip
+    trainer.fit(Digits(), loader)
+    ctrl = radius.controller
+    print(f"Lightning bf16-mixed: method {ctrl.method}, realised r {max(rs):.5f}")
+    assert len(rs) == 4
+    assert ctrl.method == "jvp"
+    assert max(rs) <= LOW_BOUND, rs
+    assert _bound(ctrl)
