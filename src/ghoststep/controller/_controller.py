@@ -566,7 +566,7 @@ class RadiusController(torch.optim.Optimizer):
         context = dataclasses.replace(context, seconds=time.perf_counter() - start)
         limit = self._radius_with_margin(rho, tau, params, batches)
         scale = step_scale(tau, limit, self.mode, self.target_r)
-        if self.mode != "monitor":
+        if self.mode == "clip":  # in set mode a small scale is the learning rate's
             self._watch.scale(scale, tau / rho if rho > 0 else math.inf, rho, tau)
         if snapshot is not None and scale != 1.0:
             scale = self._rerun(params, snapshot, scale, self.target_r * limit, tau)

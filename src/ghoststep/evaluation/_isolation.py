@@ -2,7 +2,8 @@
 
 Every evaluation of ghoststep runs a model between training steps, so it must leave
 the training run as if it had not happened: the CPU and CUDA RNG streams restored
-(or replayed from a captured state, to draw the training forward's dropout masks)
+(or replayed from a captured state, to draw the training forward's dropout masks; with
+Python's ``random`` and NumPy's global generator when the state carries them)
 and every buffer (BatchNorm running statistics, counters) bitwise unchanged. It must
 also not inherit what surrounds it: an autocast block around ``opt.step()`` would
 otherwise run the measuring forwards in bfloat16 (:func:`autocast_as`).
