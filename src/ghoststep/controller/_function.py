@@ -167,12 +167,12 @@ class Watch:
 
     def changed(self, causes: list[str], method: str) -> None:
         """Inputs / buffers changed since the training forward (``changes``)."""
-        then = (
-            'method="fast" took a baseline forward at the old parameters instead of the '
-            "training forward's logits"
-            if method == "fast"
-            else "the radius is measured on the function as it is now"
-        )
+        then = "the radius is measured on the function as it is now"
+        if method in ("fast", "auto"):
+            then += (
+                ' (method="fast": against a baseline forward at the old parameters, not '
+                "the training forward's logits)"
+            )
         self.warn(
             "changed",
             "the function at step() is not the one that produced the gradient: "
