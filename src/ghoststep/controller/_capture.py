@@ -1,7 +1,8 @@
 """The controller's view of the training loop: forward hooks that remember each
 training-mode forward of the model between two optimizer steps (its inputs, the RNG
-state before it, and for ``method="fast"`` its logits), so that ``step()`` can measure
-the radius on the batch the gradient came from without the user passing it.
+state before it, the autocast it ran in, what else it depended on (``_function``), a
+fingerprint of its logits, and for ``method="fast"`` the logits), so that ``step()`` can
+measure the radius on the function the gradient came from without the user passing it.
 """
 
 from __future__ import annotations
@@ -18,29 +19,39 @@ from torch import nn
 from ..evaluation._directional import tf32_allowed
 from ..evaluation._inputs import Call, batch_coupled, plain_value
 from ..evaluation._isolation import AutocastState, autocast_state, capture_rng
+from ._function import Recorded, fingerprint, record
 
 __all__ = ["Captured", "ForwardCapture"]
 
 
 class Captured:
-    """One training forward: its inputs, the RNG state before it, the autocast it ran
-    under (``{device_type: dtype}``, empty without autocast), whether its logits are
-    coarse (autocast, TF32 on CUDA, or a compiled forward: not the eager float32
-    function "fast" differences against), (when kept) its detached logits, and the
+    """One training forward: its inputs, the RNG state before it (torch's, Python's and
+    NumPy's), the autocast it ran under (``((device_type, dtype), ...)``, empty without
+    autocast; the one in effect inside the model's forward, e.g. Accelerate's, when it
+    differs from the one around the call), whether its logits are coarse (autocast, TF32
+    on CUDA, or a compiled forward: not the eager float32 function "fast" differences
+    against), its flags and version counters (``recorded``), a per-position fingerprint
+    of its logits ((..., 2): max, mean), (when kept) its detached logits, and the
     targets its loss used without passing them to the model (``ForwardCapture.targets``;
     None: none)."""
 
     __slots__ = (
         "args", "kwargs", "inputs", "rng", "autocast", "coarse", "logits", "rows_independent",
-        "targets",
+        "recorded", "fingerprint", "inside", "targets",
     )  # fmt: skip
 
-    def __init__(self, args, kwargs, rng, coarse: bool, autocast: AutocastState = ()) -> None:
+    def __init__(
+        self, args, kwargs, rng, coarse: bool, autocast: AutocastState = (),
+        recorded: Recorded | None = None,
+    ) -> None:  # fmt: skip
         self.args, self.kwargs, self.rng, self.coarse = args, kwargs, rng, coarse
         self.autocast = autocast
+        self.recorded = recorded
         self.inputs: Any = None
         self.logits: torch.Tensor | None = None
+        self.fingerprint: torch.Tensor | None = None
         self.rows_independent = False  # no RNG drawn, no batch statistics
+        self.inside = False  # a submodule's pre-hook has read the autocast inside
         self.targets: Any = None
 
     @classmethod
@@ -99,6 +110,15 @@ class ForwardCapture:
                 _CaptureHook(self, post=True), with_kwargs=True, always_call=True
             ),
         ]
+        if not self.compiled:
+            # Hooks on the root run outside a forward that applies its own autocast
+            # (Accelerate and the HF Trainer wrap ``model.forward``); the modules that
+            # hold parameters or buffers run inside it and see the precision it used.
+            self._hooks += [
+                m.register_forward_pre_hook(_CaptureHook(self, inner=True))
+                for m in model.modules()
+                if m is not model and (m._parameters or m._buffers)
+            ]
 
     def remove(self) -> None:
         for hook in self._hooks:
@@ -158,7 +178,8 @@ class ForwardCapture:
             # CUDA or a compiled graph are too coarse for "fast"'s one-sided difference.
             autocast = autocast_state()
             coarse = bool(autocast) or self.compiled or bool(self.devices and tf32_allowed())
-            entry = Captured(args, kwargs, capture_rng(self.devices), coarse, autocast)
+            rng = capture_rng(self.devices, host=True)
+            entry = Captured(args, kwargs, rng, coarse, autocast, record(self.model, args, kwargs))
             entry.targets = self._targets
             if self._frames and self.entries:
                 # A call inside a call of the same model is the one with the model's
@@ -171,9 +192,20 @@ class ForwardCapture:
                 self.entries.append(entry)
         self._frames.append(entry)
 
+    def inner(self) -> None:
+        """A submodule's forward starts: the first one of a captured forward records the
+        autocast inside the model's forward (the precision the forward computed in)."""
+        entry = self._frames[-1] if self._frames else None
+        if entry is None or entry.inside:
+            return
+        entry.inside = True
+        autocast = autocast_state()
+        if autocast and autocast != entry.autocast:
+            entry.autocast, entry.coarse = autocast, True
+
     def post(self, output) -> None:
         entry = self._frames.pop() if self._frames else None
-        if entry is None or not self.keep_logits or output is None:
+        if entry is None or output is None:
             return
         if not any(entry is c for c in self.entries):
             return
@@ -181,7 +213,10 @@ class ForwardCapture:
             logits = self.logits_fn(output)
         except (TypeError, KeyError, AttributeError, IndexError):
             return  # not the logits (e.g. a loss): the measurement does its own baseline
-        if isinstance(logits, torch.Tensor):
+        if not isinstance(logits, torch.Tensor):
+            return
+        entry.fingerprint = fingerprint(logits)
+        if self.keep_logits:
             entry.logits = logits.detach()
             if self.rows_check:
                 # No random number drawn (no active dropout): each row's logits then
@@ -241,7 +276,7 @@ def _rng_unchanged(rng, devices) -> bool:
     """Whether the CPU and CUDA generators are still in the captured state ``rng``."""
     if rng is None:
         return False
-    cpu, cuda = rng
+    cpu, cuda = rng[0], rng[1]
     if not torch.equal(torch.get_rng_state(), cpu):
         return False
     return all(torch.equal(torch.cuda.get_rng_state(d), state) for d, state in cuda.items())
@@ -261,21 +296,25 @@ class _CaptureHook:
     copy's forwards never overwrite the original controller's batch.
     """
 
-    def __init__(self, capture: ForwardCapture | None, post: bool = False) -> None:
+    def __init__(
+        self, capture: ForwardCapture | None, post: bool = False, inner: bool = False
+    ) -> None:
         self._ref = None if capture is None else weakref.ref(capture)
-        self._post = post
+        self._post, self._inner = post, inner
 
-    def __call__(self, module: nn.Module, args: tuple, kwargs: dict, *output) -> None:
+    def __call__(self, module: nn.Module, args: tuple, *rest) -> None:
         capture = None if self._ref is None else self._ref()
         if capture is None:
             return
-        if self._post:
-            capture.post(output[0] if output else None)
+        if self._inner:
+            capture.inner()
+        elif self._post:
+            capture.post(rest[1] if len(rest) > 1 else None)
         else:
-            capture.pre(module, args, kwargs)
+            capture.pre(module, args, rest[0])
 
     def __deepcopy__(self, memo) -> _CaptureHook:
-        return _CaptureHook(None, self._post)
+        return _CaptureHook(None, self._post, self._inner)
 
     def __reduce__(self):
-        return (_CaptureHook, (None, self._post))
+        return (_CaptureHook, (None, self._post, self._inner))

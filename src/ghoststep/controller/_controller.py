@@ -62,6 +62,7 @@ from ..monitor import Sink, StepStats
 from ..radius._bounds import clip_radius, step_scale
 from ._capture import Captured, ForwardCapture
 from ._checks import check_controller_arguments, check_counts, check_limit_by, check_options
+from ._function import changes
 from ._meter import MeterReading, make_meter
 from ._proposal import (
     Proposal,
@@ -301,6 +302,7 @@ class RadiusController(torch.optim.Optimizer):
         self._proposal = Proposal()
         self._build_parts(logits_fn, chunk_size, slopes_kwargs, limit_by, keep_samples,
                           process_group, micro_batches)  # fmt: skip
+        self._watch = self._meter.watch  # shared: the meter warns through it too
         self._capable = method == "fast"  # "jvp" / "fd" are tried before the first step
         self._check_params_in_model()
         check_sharding(self.model, self._params(), method, extra_radii, self.scaled_update)
@@ -568,6 +570,8 @@ class RadiusController(torch.optim.Optimizer):
         context = dataclasses.replace(context, seconds=time.perf_counter() - start)
         limit = self._radius_with_margin(rho, tau, params, batches)
         scale = step_scale(tau, limit, self.mode, self.target_r)
+        if self.mode == "clip":  # in set mode a small scale is the learning rate's
+            self._watch.scale(scale, tau / rho if rho > 0 else math.inf, rho, tau)
         if snapshot is not None and scale != 1.0:
             scale = self._rerun(params, snapshot, scale, self.target_r * limit, tau)
         else:
@@ -590,11 +594,31 @@ class RadiusController(torch.optim.Optimizer):
             self._buffer = rows if rows is not None else self._buffer
         return found
 
+    def _check_function(self, batches: list[Captured]) -> None:
+        """Inputs or buffers the training forwards read that changed in place since
+        (``_function.changes``): warn once; "fast" then takes its own baseline forward
+        instead of the stale training logits, and no fingerprint is checked."""
+        for entry in batches:
+            if entry.recorded is None:
+                continue  # step(inputs=...)
+            causes = changes(self._slope_model, entry.recorded, entry.args, entry.kwargs)
+            if causes:
+                entry.logits = entry.fingerprint = None
+                self._watch.changed(causes, self._method)
+
+    def _half(self, params) -> bool:
+        """Whether the forward computes with 16-bit tensors: the trainable parameters,
+        any other parameter or floating buffer of the model (a frozen bfloat16 base
+        under float32 adapters), or FSDP2's ``param_dtype``."""
+        tensors = (*params, *self._slope_model.parameters(), *self._slope_model.buffers())
+        return any(t.dtype in _HALF for t in tensors) or half_compute(self._slope_model)
+
     def _precision(self, params, batches) -> str:
         """The precision the measurement ran in, for the margin: ``"half"`` (16-bit
-        parameters), ``"autocast"`` (the JVP under the training forward's autocast) or
+        tensors in the forward, :meth:`_half`), ``"autocast"`` (the JVP under the
+        training forward's autocast, also one applied inside the model's forward) or
         ``"full"``."""
-        if any(p.dtype in _HALF for p in params) or half_compute(self._slope_model):
+        if self._half(params):
             return "half"
         if self._method == "jvp" and any(entry.autocast for entry in batches):
             return "autocast"
@@ -684,6 +708,7 @@ class RadiusController(torch.optim.Optimizer):
             self.sampling.check_rows(entry.inputs)
             if self._meter.chunk_size is not None:
                 check_row_slicing(entry.inputs, "chunk_size")
+        self._check_function(batches)  # before any forward of the controller's own
         return batches
 
     def _plan(self, entry: Captured) -> Plan:
@@ -702,13 +727,15 @@ class RadiusController(torch.optim.Optimizer):
         """``method="auto"``, at the first step: the cheapest method that is exact enough
         here (see the table in ``docs/api/controller.md``), fixed for the run.
 
-        * "jvp" for bfloat16 / float16 parameters, a training forward under autocast or
-          TF32 on CUDA: there a secant is off by 10 % or more and a JVP by < 1 %;
+        * "jvp" for bfloat16 / float16 parameters or buffers (trainable or not), a
+          training forward under autocast (around the call or inside the model's
+          forward: Accelerate, the HF Trainer) or TF32 on CUDA: there a secant is off
+          by 10 % or more and a JVP by < 1 %;
         * "fast" otherwise (float32 / float64, one extra forward);
         * "fast" with a warning when "jvp" meets an op without forward-mode AD (16-bit
           parameters: the error is raised, no method is both possible and accurate).
         """
-        half = any(p.dtype in _HALF for p in params)
+        half = self._half(params)
         coarse = any(entry.autocast for entry in batches) or (
             bool(self._capture.devices) and tf32_allowed()
         )

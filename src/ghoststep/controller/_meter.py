@@ -9,7 +9,7 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Callable, Mapping, Sequence
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from typing import Any, NamedTuple
 
 import torch
@@ -23,10 +23,11 @@ from ..evaluation._directional import (
     refined_step,
 )
 from ..evaluation._inputs import check_chunking, chunks, split_inputs
-from ..evaluation._isolation import autocast_as
+from ..evaluation._isolation import autocast_as, original_forward
 from ..evaluation._sharding import local_shards, max_over_ranks, reshard
 from ..measurement._reduce import reduce_spreads
 from ..radius._bounds import logit_spread_unchecked, radius_from_spread
+from ._function import Watch, fingerprint_gap, flags_as
 from ._sampling import Plan, Sampling
 
 __all__ = ["MeterReading", "SecantMeter", "SpreadMeter", "TangentMeter", "make_meter"]
@@ -50,6 +51,11 @@ class MeterReading(NamedTuple):
     counted: bool
     pending: tuple | None
 
+
+# The largest relative gap between the replayed and the training forward's logits
+# fingerprints that is noise (float32 / float64; 16-bit or autocast): a replay of the
+# same function differs by rounding only, a changed input or buffer by far more.
+_REPLAY_GAP, _REPLAY_GAP_LOW = 1e-3, 5e-2
 
 # On the CPU the difference and its two reductions run over blocks of rows this large,
 # so that each block is still in cache for the reductions (at V = 8192 the logits of a
@@ -106,6 +112,8 @@ class SpreadMeter:
         self.process_group = process_group
         self.devices: list[int] = []
         self.spread_hint: float | None = None  # last max spread per unit v ("fast")
+        self.watch = Watch()  # the controller's (warnings about the measured function)
+        self.own_baseline = False  # "fast": the training logits did not match a replay
 
     def with_method(self, method: str) -> SpreadMeter:
         """A meter for ``method`` with these settings and this state (devices, hint)."""
@@ -146,18 +154,22 @@ class SpreadMeter:
             by_id.get(id(q), by_id.get(id(s))) for q, s in zip(model_params, shards, strict=True)
         ]
 
+    @contextmanager
     def evaluation_precision(self, plan: Plan):
-        """The autocast a plan's forwards run under, whatever surrounds ``step()``: the
-        training forward's for ``"jvp"`` (the tangent in the precision the model trains
-        in: exact to a few 1e-3 in bfloat16), none for the differences ``"fast"`` /
-        ``"fd"`` (in bfloat16 a secant at a 0.01-logit move is off by 100 % or more)."""
-        return autocast_as(plan.autocast if self.method == "jvp" else ())
+        """The conditions a plan's forwards run under, whatever surrounds ``step()``: the
+        modules' train / eval flags of the training forward (put back after), and its
+        autocast for ``"jvp"`` (the tangent in the precision the model trains in: exact
+        to a few 1e-3 in bfloat16), none for the differences ``"fast"`` / ``"fd"`` (in
+        bfloat16 a secant at a 0.01-logit move is off by 100 % or more)."""
+        with flags_as(self.model, plan.flags):
+            with autocast_as(plan.autocast if self.method == "jvp" else ()):
+                yield
 
     # ------------------------------------------------------------------- internals
 
     def _tangent(self, tangents):
         def spread(args, kwargs, rows: slice, plan: Plan) -> torch.Tensor:
-            _, slopes = directional(
+            primal, slopes = directional(
                 self.model,
                 args,
                 kwargs,
@@ -167,9 +179,21 @@ class SpreadMeter:
                 rng=plan.rng,
                 **self.slopes_kwargs,
             )
+            # "fd" runs in float64, where dropout may draw other masks: "jvp" only
+            if self.method == "jvp" and plan.fingerprint is not None:
+                self._check_replay(primal, plan.fingerprint[rows], plan)
             return logit_spread_unchecked(slopes)
 
         return spread
+
+    def _check_replay(self, primal: torch.Tensor, recorded: torch.Tensor, plan: Plan) -> None:
+        """The replay's logits at the old parameters against the training forward's
+        fingerprint, within the precision's noise (a kernel of another order, e.g. the
+        math attention the JVP runs with: 1e-6 relative in float32, 1e-2 in bfloat16)."""
+        low = bool(plan.autocast) or primal.dtype in (torch.bfloat16, torch.float16)
+        gap = fingerprint_gap(primal, recorded)
+        if gap > (_REPLAY_GAP_LOW if low else _REPLAY_GAP):
+            self.watch.mismatch(self.method, gap)
 
     def _forward(self, args, kwargs, plan: Plan) -> torch.Tensor:
         return forward(
@@ -270,10 +294,13 @@ class SecantMeter(SpreadMeter):
     """``"fast"``: one forward at old + f p against the training forward's logits (and
     one at old - f p near the bound)."""
 
+    @contextmanager
     def precision(self):
         """Full float32 on CUDA for every measuring forward (a JVP has no cancellation:
-        TF32 costs it 1e-3 relative, ``"fast"`` 10 %)."""
-        return full_float32() if self.devices else nullcontext()
+        TF32 costs it 1e-3 relative, ``"fast"`` 10 %), and the model's own forward where
+        Accelerate wrapped it in autocast (:func:`original_forward`)."""
+        with full_float32() if self.devices else nullcontext(), original_forward(self.model):
+            yield
 
     def measure(self, plans: list[Plan], proposal, recheck: float | None):
         """Moves the parameters through ``proposal`` (they end at old +/- f p)."""
@@ -283,18 +310,33 @@ class SecantMeter(SpreadMeter):
         baselines = [self._baseline(plan) for plan in plans]
         if self.extra_radii is not None:  # at the old values, before the shift
             radii = self._radii(proposal.params, proposal.update(), tau, plans)
+        # projections of the logits at old + f p, for the check on the other side
+        plus = None if recheck is None else [[] for _ in plans]
         proposal.move_to(fraction)
-        spreads = self._shifted_spreads(plans, baselines, fraction * tau)
+        spreads = self._shifted_spreads(plans, baselines, fraction * tau, plus)
         better = refined_step(fraction * tau, fraction * tau * self.spread_hint)
         if better is not None:  # the outputs moved too far or too little: redo
             fraction = away_from_one(better / tau)
             proposal.move_to(fraction)
-            spreads = self._shifted_spreads(plans, baselines, fraction * tau)
+            plus = None if plus is None else [[] for _ in plans]
+            spreads = self._shifted_spreads(plans, baselines, fraction * tau, plus)
         if recheck is not None and self.spread_hint >= recheck:
             proposal.move_to(-fraction)
-            spreads = self._other_side(plans, baselines, spreads, fraction * tau)
+            spreads, gap = self._other_side(plans, baselines, spreads, fraction * tau, plus)
+            if gap > 1.0:
+                self.watch.mismatch(self.method, gap)
+                if not self.own_baseline and any(self._trained(plan) for plan in plans):
+                    # the training forward's logits are not this function's: measure
+                    # again against a baseline forward at the old parameters
+                    self.own_baseline, self.spread_hint = True, None
+                    proposal.move_to(0.0)
+                    return self.measure(plans, proposal, recheck)
         del baselines
         return self._reduce(plans, spreads, radii)
+
+    def _trained(self, plan: Plan) -> bool:
+        """Whether the plan's baseline comes (partly) from the training forward."""
+        return not self.own_baseline and (plan.baseline is not None or plan.head is not None)
 
     def fd_fraction(self, tau: float, proposal) -> float:
         """f = h / tau for the one-sided difference at old + f p: h moves the outputs by
@@ -304,22 +346,41 @@ class SecantMeter(SpreadMeter):
         step = fast_step(proposal.norm, 1.0, dtype, moved_per_step=self.spread_hint)
         return away_from_one(step / tau)
 
-    def _other_side(self, plans, baselines, spreads, step: float) -> list[torch.Tensor]:
-        """Average each position's one-sided spread with the one from old - step v.
+    def _other_side(self, plans, baselines, spreads, step: float, plus):
+        """Average each position's one-sided spread with the one from old - step v, and
+        check the baseline: ``(spreads, gap)``.
 
         A one-sided secant is off by O(step |y''|): measured up to 7 % low on a tiny
         GPT-2 in float32, enough to break r <= target_r. The two secants err in
         opposite directions, and the spread (max - min) is a convex function of the
         slopes, so the mean of the two spreads bounds the derivative's spread from
-        above up to O(step^2): one more forward, taken only near the bound."""
-        return [
-            0.5 * (spread + self._spread_of(plan, self._difference(baseline)) / step)
-            for plan, baseline, spread in zip(plans, baselines, spreads, strict=True)
-        ]
+        above up to O(step^2): one more forward, taken only near the bound.
 
-    def _difference(self, baseline):
+        With both sides, (z(+h) - z0) + (z(-h) - z0) is O(h^2) for the baseline z0 of
+        this function and 2 (z0' - z0) for a stale one (inputs or buffers changed after
+        the training forward), while z(+h) - z(-h) = 2 h a either way. ``gap``: the
+        largest |first| over the largest |second|, both through a few zero-sum
+        projections of the classes (:func:`_projected`); above 1 the baseline is not
+        this function's (a kink crossed within h gives at most about 1)."""
+        minus = [[] for _ in plans]
+        spreads = [
+            0.5 * (spread + self._spread_of(plan, self._difference(baseline, sink)) / step)
+            for plan, baseline, spread, sink in zip(plans, baselines, spreads, minus, strict=True)
+        ]
+        residual = odd = 0.0
+        for baseline, above, below in zip(baselines, plus, minus, strict=True):
+            parts = baseline if isinstance(baseline, list) else [baseline]
+            middle = torch.cat([_projected(part) for part in parts])
+            above, below = torch.cat(above), torch.cat(below)
+            residual = max(residual, _finite_max(above + below - 2.0 * middle))
+            odd = max(odd, _finite_max(above - below))
+        return spreads, residual / odd if odd > 0 else 0.0
+
+    def _difference(self, baseline, sink: list | None = None):
         def spread(args, kwargs, rows: slice, plan: Plan) -> torch.Tensor:
             shifted = self._forward(args, kwargs, plan)
+            if sink is not None:
+                sink.append(_projected(shifted))
             # a list: parts over consecutive rows, and the forward was not chunked
             parts = baseline if isinstance(baseline, list) else [baseline[rows]]
             spreads, start = [], 0
@@ -331,11 +392,13 @@ class SecantMeter(SpreadMeter):
 
         return spread
 
-    def _shifted_spreads(self, plans, baselines, step: float) -> list[torch.Tensor]:
-        """Spreads per unit of v from forwards at the evaluation point old + step v."""
+    def _shifted_spreads(self, plans, baselines, step: float, sinks=None) -> list[torch.Tensor]:
+        """Spreads per unit of v from forwards at the evaluation point old + step v
+        (``sinks``: one list per plan collecting the logits' projections)."""
+        sinks = sinks or [None] * len(plans)
         spreads = [
-            self._spread_of(plan, self._difference(baseline)) / step
-            for plan, baseline in zip(plans, baselines, strict=True)
+            self._spread_of(plan, self._difference(baseline, sink)) / step
+            for plan, baseline, sink in zip(plans, baselines, sinks, strict=True)
         ]
         # The next step's first guess (move the outputs by about FAST_MOVE), and the
         # redo decision: the max over ranks, so that every rank evaluates at one point.
@@ -346,18 +409,42 @@ class SecantMeter(SpreadMeter):
     def _baseline(self, plan: Plan):
         """Logits at the old values: the training forward's when the plan has them,
         else a forward (after the training forward's ``head`` rows, if any)."""
-        if plan.baseline is not None:
+        if plan.baseline is not None and not self.own_baseline:
             return plan.baseline
-        args, kwargs = plan.call if plan.head is None else split_inputs(plan.tail)
+        head = None if self.own_baseline else plan.head
+        args, kwargs = plan.call if head is None else split_inputs(plan.tail)
         with self.evaluation_precision(plan):
             parts = [
                 self._forward(a, k, plan) for _, _, a, k in chunks(args, kwargs, self.chunk_size)
             ]
-        if plan.head is not None:  # the subset's rows from the training forward
-            parts.insert(0, plan.head)
+        if head is not None:  # the subset's rows from the training forward
+            parts.insert(0, head)
         if self.chunk_size is None and len(parts) > 1:
             return parts  # head and tail, left apart (see Plan)
         return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
+_PROJECTIONS = 4  # zero-sum class projections of the baseline check
+_projectors: dict[tuple, torch.Tensor] = {}
+
+
+def _projected(logits: torch.Tensor) -> torch.Tensor:
+    """``(positions, 4)``: the logits ``(..., K)`` times fixed random zero-sum sign
+    vectors over the classes (a shift common to all classes, which no spread sees,
+    drops out; 4 numbers per position instead of K)."""
+    classes = logits.shape[-1]
+    key = (classes, logits.device, logits.dtype)
+    if key not in _projectors:
+        fixed = torch.Generator().manual_seed(0)  # never the training RNG
+        signs = torch.randint(0, 2, (classes, _PROJECTIONS), generator=fixed) * 2.0
+        _projectors[key] = (signs - signs.mean(0)).to(logits.device, logits.dtype)
+    return logits.reshape(-1, classes) @ _projectors[key]
+
+
+def _finite_max(values: torch.Tensor) -> float:
+    """max |values| over the finite entries (masked classes give inf / nan), 0 if none."""
+    values = values.abs()
+    return float(values.nan_to_num(0.0, 0.0, 0.0).max()) if values.numel() else 0.0
 
 
 def make_meter(method: str, model: nn.Module, **settings) -> SpreadMeter:

@@ -225,8 +225,10 @@ class Plan:
     (``evaluated``, split into ``call`` = (args, kwargs)), the RNG state of its training
     forward, its autocast state, and the logits at the old parameters when known
     (``baseline``; or only for the first rows, ``head``, with the inputs of the rest in
-    ``tail``). The meter keeps what it computes from a plan (spreads, completed
-    baselines) in its own structures."""
+    ``tail``); the modules' train / eval flags of the training forward (``flags``,
+    replayed) and the fingerprint of its logits when the plan evaluates exactly its rows
+    (``fingerprint``, (..., 2), checked against the replay). The meter keeps what it
+    computes from a plan (spreads, completed baselines) in its own structures."""
 
     evaluated: Any
     call: tuple[tuple, dict]
@@ -235,6 +237,8 @@ class Plan:
     autocast: Any = ()  # the training forward's (``isolation.autocast_state``)
     head: torch.Tensor | None = None
     tail: Any = None
+    flags: tuple[bool, ...] | None = None
+    fingerprint: torch.Tensor | None = None
 
 
 def make_plan(entry, sampling: Sampling, generator: torch.Generator, buffer):
@@ -257,11 +261,12 @@ def make_plan(entry, sampling: Sampling, generator: torch.Generator, buffer):
         or logits.shape[0] != rows
     ):
         logits = None
-    known = logits
+    known, fingerprint = logits, entry.fingerprint
     if sampling.subset is not None and rows is not None and sampling.subset < rows:
         idx = torch.randperm(rows, generator=generator)[: sampling.subset]
         current = select_rows(current, idx, rows)
         known = logits[idx.to(logits.device)] if logits is not None else None
+        fingerprint = None
         if not entry.rows_independent:
             known = None
     evaluated, tail = current, None
@@ -271,6 +276,7 @@ def make_plan(entry, sampling: Sampling, generator: torch.Generator, buffer):
             buffer = None  # shapes changed: drop the stale buffer
         else:
             evaluated, tail = joined, buffer  # the buffer's rows need a baseline forward
+            fingerprint = None
             if not entry.rows_independent:
                 known = None
     head = known if tail is not None else None
@@ -282,5 +288,7 @@ def make_plan(entry, sampling: Sampling, generator: torch.Generator, buffer):
         entry.autocast,
         head,
         tail if head is not None else None,
+        None if entry.recorded is None else entry.recorded.flags,
+        fingerprint,
     )
     return plan, buffer

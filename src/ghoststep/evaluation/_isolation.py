@@ -2,7 +2,8 @@
 
 Every evaluation of ghoststep runs a model between training steps, so it must leave
 the training run as if it had not happened: the CPU and CUDA RNG streams restored
-(or replayed from a captured state, to draw the training forward's dropout masks)
+(or replayed from a captured state, to draw the training forward's dropout masks; with
+Python's ``random`` and NumPy's global generator when the state carries them)
 and every buffer (BatchNorm running statistics, counters) bitwise unchanged. It must
 also not inherit what surrounds it: an autocast block around ``opt.step()`` would
 otherwise run the measuring forwards in bfloat16 (:func:`autocast_as`).
@@ -11,7 +12,10 @@ otherwise run the measuring forwards in bfloat16 (:func:`autocast_as`).
 from __future__ import annotations
 
 import contextlib
+import random
+import sys
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -21,14 +25,17 @@ __all__ = [
     "RNGState",
     "autocast_as",
     "autocast_state",
+    "original_forward",
     "cuda_devices",
     "capture_rng",
     "replay_rng",
     "preserved_buffers",
 ]
 
-# (CPU generator state, {CUDA device index: generator state})
-RNGState = tuple[torch.Tensor, dict[int, torch.Tensor]]
+# (CPU generator state, {CUDA device index: generator state}[, host state]); the host
+# state (:func:`capture_host_rng`) is there when the evaluation replays Python's
+# ``random`` and NumPy's global generator too
+RNGState = tuple[torch.Tensor, dict[int, torch.Tensor]] | tuple[Any, ...]
 # ((device type, autocast dtype), ...) of the device types with autocast enabled
 AutocastState = tuple[tuple[str, torch.dtype], ...]
 _AUTOCAST_DEVICES = ("cpu", "cuda")
@@ -62,25 +69,74 @@ def autocast_as(state: AutocastState):
         yield
 
 
+@contextlib.contextmanager
+def original_forward(model: nn.Module):
+    """Run the block with the model's own forward where Accelerate's mixed precision
+    replaced ``model.forward`` by one that enters autocast itself (it keeps the
+    original as ``model._original_forward``); a forward that must run without autocast
+    (a float32 secant) could not turn that one off from outside."""
+    wrapped = model.__dict__.get("forward")
+    original = model.__dict__.get("_original_forward")
+    if wrapped is None or original is None:
+        yield
+        return
+    model.forward = original
+    try:
+        yield
+    finally:
+        model.forward = wrapped
+
+
 def cuda_devices(model: nn.Module) -> list[int]:
     """Indices of the CUDA devices holding the model's parameters (for the RNG)."""
     return sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
 
 
-def capture_rng(devices: Sequence[int] = ()) -> RNGState:
-    """The CPU RNG state and those of the given CUDA devices (no device sync)."""
-    return torch.get_rng_state(), {d: torch.cuda.get_rng_state(d) for d in devices}
+def capture_rng(devices: Sequence[int] = (), *, host: bool = False) -> RNGState:
+    """The CPU RNG state and those of the given CUDA devices (no device sync); with
+    ``host``, also Python's ``random`` and NumPy's global generator (a forward that
+    draws from them, e.g. a LayerDrop, then replays its choices)."""
+    cpu, cuda = torch.get_rng_state(), {d: torch.cuda.get_rng_state(d) for d in devices}
+    return (cpu, cuda, capture_host_rng()) if host else (cpu, cuda)
+
+
+def capture_host_rng() -> tuple[Any, Any]:
+    """``(random.getstate(), numpy.random.get_state() or None)``: NumPy's only when it
+    is imported already (a few microseconds; 2.5 KB each)."""
+    numpy = sys.modules.get("numpy")
+    return random.getstate(), None if numpy is None else numpy.random.get_state()
 
 
 @contextlib.contextmanager
 def replay_rng(devices: Sequence[int], state: RNGState | None = None):
-    """Run from ``state`` (default: the current state); restore the RNG afterwards."""
-    with torch.random.fork_rng(devices=list(devices)):
+    """Run from ``state`` (default: the current state); restore the RNG afterwards
+    (Python's and NumPy's too when ``state`` carries them)."""
+    host = state[2] if state is not None and len(state) > 2 else None
+    with torch.random.fork_rng(devices=list(devices)), _replay_host(host):
         if state is not None:
             torch.set_rng_state(state[0])
             for device, s in state[1].items():
                 torch.cuda.set_rng_state(s, device)
         yield
+
+
+@contextlib.contextmanager
+def _replay_host(state):
+    """Run from a :func:`capture_host_rng` state and restore the current one after."""
+    if state is None:
+        yield
+        return
+    saved = capture_host_rng()
+    random.setstate(state[0])
+    numpy = sys.modules.get("numpy")
+    if numpy is not None and state[1] is not None:
+        numpy.random.set_state(state[1])
+    try:
+        yield
+    finally:
+        random.setstate(saved[0])
+        if numpy is not None and saved[1] is not None:
+            numpy.random.set_state(saved[1])
 
 
 @contextlib.contextmanager
