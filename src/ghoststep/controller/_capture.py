@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import inspect
 import weakref
-from collections.abc import Callable
 from contextlib import contextmanager
 from typing import Any
 
@@ -18,6 +17,7 @@ from torch import nn
 from ..evaluation._directional import tf32_allowed
 from ..evaluation._inputs import batch_coupled
 from ..evaluation._isolation import AutocastState, autocast_state, capture_rng
+from ..evaluation._outputs import LayoutError, LogitsReader
 
 __all__ = ["Captured", "ForwardCapture"]
 
@@ -61,7 +61,8 @@ class ForwardCapture:
             ``OptimizedModule``, so that the hooks run eagerly outside the compiled
             graph; its forwards are marked coarse (compiled numerics).
         micro_batches: ``"last"`` keeps the latest forward, ``"all"`` every one.
-        logits_fn: reads the logits from an output (``keep_logits`` only).
+        logits_fn: the :class:`LogitsReader` of the measurement (the baseline logits
+            ``keep_logits`` keeps are read alike; it watches the loss's gradient).
         keep_logits: keep each forward's logits (``method="fast"``'s baseline).
         rows_check: also record whether rows are independent (sampling re-uses rows).
     """
@@ -71,7 +72,7 @@ class ForwardCapture:
         model: nn.Module,
         *,
         micro_batches: str,
-        logits_fn: Callable[[Any], torch.Tensor],
+        logits_fn: LogitsReader,
         keep_logits: bool,
         rows_check: bool,
         devices: list[int],
@@ -156,14 +157,17 @@ class ForwardCapture:
 
     def post(self, output) -> None:
         entry = self._frames.pop() if self._frames else None
-        if entry is None or not self.keep_logits or output is None:
+        if entry is None or output is None or not any(entry is c for c in self.entries):
             return
-        if not any(entry is c for c in self.entries):
+        self.logits_fn.watch(output)  # the loss's gradient tells a pending class axis
+        if not self.keep_logits:
             return
         try:
             logits = self.logits_fn(output)
-        except (TypeError, KeyError, AttributeError, IndexError):
-            return  # not the logits (e.g. a loss): the measurement does its own baseline
+        except (TypeError, KeyError, AttributeError, IndexError, LayoutError):
+            # not the logits (e.g. a loss), or their class axis is known only after the
+            # backward: the measurement does its own baseline
+            return
         if isinstance(logits, torch.Tensor):
             entry.logits = logits.detach()
             if self.rows_check:

@@ -27,7 +27,14 @@ from ._directions import (
     trainable_parameters,
 )
 from ._isolation import capture_rng
-from ._outputs import class_logits, default_logits_fn, describe_output, logits_reader
+from ._outputs import (
+    LayoutError,
+    LogitsReader,
+    class_logits,
+    default_logits_fn,
+    describe_output,
+    logits_reader,
+)
 from ._updates import optimizer_update_direction
 
 __all__ = [
@@ -50,5 +57,7 @@ __all__ = [
     "describe_output",
     "class_logits",
     "logits_reader",
+    "LogitsReader",
+    "LayoutError",
     "capture_rng",
 ]
