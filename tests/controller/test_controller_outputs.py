@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ghoststep import RadiusController
+from ghoststep import RadiusController, measure
 from tests.helpers import applied_update, realised_r, trainable_state
 
 BOUND = 1.001  # r re-measured in float64, float32 training
@@ -113,8 +113,30 @@ def test_segmentation_classes_on_dim_1(method):
         lambda x, g: (x[:, 0] > 0).long() + 2 * (x[:, 1] > 0).long(),
     )
     rs, _ = train(model, ctrl, data, F.cross_entropy, class_dim=1)
-    assert ctrl._meter.logits_fn.class_dim == 1
+    assert ctrl.reader.class_dim == 1
     assert min(rs) > 0.9  # clipped at the bound, not below it
+
+
+def test_measure_agrees_with_the_controller():
+    """measure() with class_dim=1, or with the controller's reader, measures the r the
+    controller bounded (the proposal, at the old parameters)."""
+    torch.manual_seed(0)
+    model = Segmenter()
+    ctrl = RadiusController(
+        torch.optim.Adam(model.parameters(), lr=0.5), model, method="jvp", mode="monitor"
+    )
+    x, y = torch.randn(4, 3, 6, 7), torch.randint(0, 5, (4, 6, 7))
+    old = trainable_state(model)
+    F.cross_entropy(model(x), y).backward()
+    ctrl.step()
+    update = applied_update(old, trainable_state(model))
+    for name, p in model.named_parameters():
+        p.data.copy_(old[name])
+    direction = {n: u.float() for n, u in update.items()}
+    for how in ({"class_dim": 1}, {"logits_fn": ctrl.reader}):
+        m = measure(model, x, direction, tau=1.0, **how)
+        assert m.r == pytest.approx(ctrl.last.r_before, rel=1e-4)
+        assert m.sample_shape == (4, 6, 7)
 
 
 def test_segmentation_explicit_class_dim_matches_detection():

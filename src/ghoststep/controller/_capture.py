@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import inspect
 import weakref
+from collections.abc import Callable
 from contextlib import contextmanager
 from typing import Any
 
@@ -17,7 +18,7 @@ from torch import nn
 from ..evaluation._directional import tf32_allowed
 from ..evaluation._inputs import batch_coupled
 from ..evaluation._isolation import AutocastState, autocast_state, capture_rng
-from ..evaluation._outputs import LayoutError, LogitsReader
+from ..evaluation._outputs import LayoutError, LogitsReader, logits_reader
 
 __all__ = ["Captured", "ForwardCapture"]
 
@@ -62,7 +63,8 @@ class ForwardCapture:
             graph; its forwards are marked coarse (compiled numerics).
         micro_batches: ``"last"`` keeps the latest forward, ``"all"`` every one.
         logits_fn: the :class:`LogitsReader` of the measurement (the baseline logits
-            ``keep_logits`` keeps are read alike; it watches the loss's gradient).
+            ``keep_logits`` keeps are read alike; it watches the loss's gradient), or
+            a function picking the logits (read with the class axis last).
         keep_logits: keep each forward's logits (``method="fast"``'s baseline).
         rows_check: also record whether rows are independent (sampling re-uses rows).
     """
@@ -72,7 +74,7 @@ class ForwardCapture:
         model: nn.Module,
         *,
         micro_batches: str,
-        logits_fn: LogitsReader,
+        logits_fn: LogitsReader | Callable[[Any], Any],
         keep_logits: bool,
         rows_check: bool,
         devices: list[int],
@@ -82,7 +84,7 @@ class ForwardCapture:
         hooked = model if hooked is None else hooked
         self.compiled = hooked is not model
         self.micro_batches = micro_batches
-        self.logits_fn = logits_fn
+        self.logits_fn = logits_reader(logits_fn)
         self.keep_logits = keep_logits
         self.rows_check = rows_check
         self.devices = devices  # whose RNG states are captured

@@ -375,6 +375,13 @@ class RadiusController(torch.optim.Optimizer):
         self._capture.keep_logits = value in ("fast", "auto")
 
     @property
+    def reader(self) -> LogitsReader:
+        """How the controller reads the logits (``logits_fn``, ``class_dim`` -- resolved
+        at the first step when detected --, ``activation``); ``measure(...,
+        logits_fn=ctrl.reader)`` measures what the controller bounds."""
+        return self._meter.logits_fn
+
+    @property
     def margin(self) -> float | None:
         """The relative margin below the measured radius in float32 / float64 (the
         ``margin`` argument, or the method's default; None while ``"auto"`` is
@@ -532,7 +539,7 @@ class RadiusController(torch.optim.Optimizer):
         shards = shard_group(model_params)
         params = local_shards(model_params)
         check_dense(model_params)
-        self._meter.logits_fn.resolve()  # the class axis, before anything moves
+        self.reader.resolve()  # the class axis, before anything moves
         if self._method == "auto":
             self._resolve_method(model_params, batches)
         elif not self._capable:
@@ -875,6 +882,8 @@ def _reader(model: nn.Module, logits_fn, class_dim, activation) -> LogitsReader:
     """How the loss reads the outputs: the arguments, else what a Hugging Face model's
     config says (:func:`~ghoststep.evaluation._outputs.detect_layout`), else softmax
     with the class axis of 3+-dim outputs read from the first step's gradient."""
+    if isinstance(logits_fn, LogitsReader):
+        return logits_fn
     detected_dim, detected_activation = detect_layout(model)
     if class_dim is None and activation is None:
         class_dim, activation = detected_dim, detected_activation

@@ -127,7 +127,10 @@ def unmasked(logits: torch.Tensor) -> torch.Tensor:
     its tangent is then the argmax class's slope, a member of the unmasked set, so the
     max and min of the slopes over classes are those of the unmasked classes, and a
     difference of two such logits is finite. A position with every class masked
-    reads 0 (it has no distribution to bound)."""
+    reads 0 (it has no distribution to bound). Logits without ``-inf`` are returned
+    as they are (one check: no copy of a language model's logits per forward)."""
+    if not bool(torch.isneginf(logits).any()):
+        return logits
     top = logits.gather(-1, logits.argmax(-1, keepdim=True))
     top = torch.where(torch.isneginf(top), torch.zeros_like(top), top)
     return torch.where(torch.isneginf(logits), top, logits)
