@@ -305,7 +305,7 @@ class LogitsReader:
 
 
 def _record_gradient(reader: LogitsReader, grad: torch.Tensor) -> None:
-    g = grad.detach().double()
+    g = grad.detach().float()  # the sums need no more (the threshold is 2e-2)
     total = float(g.abs().sum())
     if total > 0 and math.isfinite(total):
         reader.evidence = (
