@@ -286,8 +286,8 @@ class Unresolved(ArithmeticError):
     def __init__(self, moved: float, magnitude: float) -> None:
         super().__init__(
             f"the logits (max |z| = {magnitude:.3g}) moved by {moved:.3g} at the secant's "
-            f"step, not {RESOLUTION:g} of their rounding units: a float32 difference "
-            "cannot resolve their slopes"
+            f"step, not {RESOLUTION:g} of their rounding units: a difference of two "
+            "forwards in this precision cannot resolve their slopes"
         )
 
 
