@@ -234,6 +234,8 @@ def position_spreads(
     *,
     logits_fn=None,
     method: str = "jvp",
+    class_dim: int = -1,
+    activation: str = "softmax",
 ) -> torch.Tensor:
     """Flat float64 spread ``max_k t_k - min_k t_k`` of the logit tangent
     ``t = J_z(old; inputs) applied`` at every position (``inputs``: a tensor, a tuple
@@ -243,7 +245,12 @@ def position_spreads(
 
     ``method="jvp"``: ``torch.func.jvp``, exact. ``method="central"``: a float64
     central difference at old +- 1e-6 applied, for models with an op that has no
-    forward-mode AD (exact for functions quadratic in the parameters, else O(1e-12))."""
+    forward-mode AD (exact for functions quadratic in the parameters, else O(1e-12)).
+
+    How the loss reads the logits: ``class_dim`` (the softmax's axis), ``activation=
+    "sigmoid"`` (each element a binary logit: spread |t|); ``logits_fn`` may return a
+    tuple / list / dict of heads (their spreads concatenated, head by head); classes
+    whose logit is -inf at the old parameters (masked) are left out."""
     logits_fn = logits_fn or _default_logits
     twin = copy.deepcopy(model).double()  # parameters and floating buffers
     twin.train(model.training)
@@ -276,15 +283,43 @@ def position_spreads(
 
     with torch.random.fork_rng(devices=[]), torch.no_grad(), torch.autocast("cpu", enabled=False):
         if method == "jvp":
-            _, tangent = torch.func.jvp(logits, (primals,), (tangents,))
+            value, tangent = torch.func.jvp(logits, (primals,), (tangents,))
         elif method == "central":
             h = 1e-6
-            tangent = (at(h) - at(-h)) / (2 * h)
+            value, tangent = at(0.0), _heads_difference(at(h), at(-h), 2 * h)
         else:
             raise ValueError(f"method must be 'jvp' or 'central', got {method!r}")
-    if tangent.shape[-1] == 1:  # one logit (K = 1): the two-class softmax [0, z]
+    values, slopes = _as_heads(value), _as_heads(tangent)
+    return torch.cat(
+        [_head_spread(z, t, class_dim, activation) for z, t in zip(values, slopes, strict=True)]
+    )
+
+
+def _as_heads(out) -> list[torch.Tensor]:
+    if isinstance(out, dict):
+        return list(out.values())
+    return list(out) if isinstance(out, (tuple, list)) else [out]
+
+
+def _heads_difference(plus, minus, width: float):
+    if isinstance(plus, torch.Tensor):
+        return (plus - minus) / width
+    return [(a - b) / width for a, b in zip(_as_heads(plus), _as_heads(minus), strict=True)]
+
+
+def _head_spread(value, tangent, class_dim: int, activation: str) -> torch.Tensor:
+    """Flat spread of one head: |t| per element (sigmoid, or one logit per position:
+    the two-class softmax [0, z]); else max - min over the classes on ``class_dim``
+    whose old logit is not -inf."""
+    if activation == "sigmoid" or tangent.ndim == 1:
         return tangent.abs().reshape(-1)
-    return (tangent.amax(-1) - tangent.amin(-1)).reshape(-1)
+    value, tangent = value.movedim(class_dim, -1), tangent.movedim(class_dim, -1)
+    if tangent.shape[-1] == 1:
+        return tangent.abs().reshape(-1)
+    kept = value != -math.inf
+    high = tangent.masked_fill(~kept, -math.inf).amax(-1)
+    low = tangent.masked_fill(~kept, math.inf).amin(-1)
+    return torch.where(kept.any(-1), high - low, torch.zeros_like(high)).reshape(-1)
 
 
 def realised_r(
@@ -297,14 +332,23 @@ def realised_r(
     logits_fn=None,
     temperature: float = 1.0,
     method: str = "jvp",
+    class_dim: int = -1,
+    activation: str = "softmax",
 ) -> float:
     """The normalized step r = max_x spread(J_z(old; x) applied) / (pi T) of an applied
     update, re-measured in float64; ``mask`` (bool, the positions' shape) drops the
     False positions. ``old_params`` / ``applied`` are dicts by parameter name (see
-    :func:`trainable_state`, :func:`applied_update`); ``method``: see
-    :func:`position_spreads`."""
+    :func:`trainable_state`, :func:`applied_update`); ``method``, ``class_dim``,
+    ``activation``: see :func:`position_spreads`."""
     spread = position_spreads(
-        model, old_params, inputs, applied, logits_fn=logits_fn, method=method
+        model,
+        old_params,
+        inputs,
+        applied,
+        logits_fn=logits_fn,
+        method=method,
+        class_dim=class_dim,
+        activation=activation,
     )
     if mask is not None:
         spread = spread[torch.as_tensor(mask, dtype=torch.bool).reshape(-1)]

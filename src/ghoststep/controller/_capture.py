@@ -19,6 +19,7 @@ from torch import nn
 from ..evaluation._directional import tf32_allowed
 from ..evaluation._inputs import Call, batch_coupled, plain_value
 from ..evaluation._isolation import AutocastState, autocast_state, capture_rng
+from ..evaluation._outputs import LayoutError, LogitsReader, logits_reader
 from ._function import Recorded, fingerprint, record
 
 __all__ = ["Captured", "ForwardCapture"]
@@ -76,7 +77,9 @@ class ForwardCapture:
             ``OptimizedModule``, so that the hooks run eagerly outside the compiled
             graph; its forwards are marked coarse (compiled numerics).
         micro_batches: ``"last"`` keeps the latest forward, ``"all"`` every one.
-        logits_fn: reads the logits from an output (``keep_logits`` only).
+        logits_fn: the :class:`LogitsReader` of the measurement (the baseline logits
+            ``keep_logits`` keeps are read alike; it watches the loss's gradient), or
+            a function picking the logits (read with the class axis last).
         keep_logits: keep each forward's logits (``method="fast"``'s baseline).
         rows_check: also record whether rows are independent (sampling re-uses rows).
     """
@@ -86,7 +89,7 @@ class ForwardCapture:
         model: nn.Module,
         *,
         micro_batches: str,
-        logits_fn: Callable[[Any], torch.Tensor],
+        logits_fn: LogitsReader | Callable[[Any], Any],
         keep_logits: bool,
         rows_check: bool,
         devices: list[int],
@@ -96,7 +99,7 @@ class ForwardCapture:
         hooked = model if hooked is None else hooked
         self.compiled = hooked is not model
         self.micro_batches = micro_batches
-        self.logits_fn = logits_fn
+        self.logits_fn = logits_reader(logits_fn)
         self.keep_logits = keep_logits
         self.rows_check = rows_check
         self.devices = devices  # whose RNG states are captured
@@ -205,14 +208,15 @@ class ForwardCapture:
 
     def post(self, output) -> None:
         entry = self._frames.pop() if self._frames else None
-        if entry is None or output is None:
+        if entry is None or output is None or not any(entry is c for c in self.entries):
             return
-        if not any(entry is c for c in self.entries):
-            return
+        self.logits_fn.watch(output)  # the loss's gradient tells a pending class axis
         try:
             logits = self.logits_fn(output)
-        except (TypeError, KeyError, AttributeError, IndexError):
-            return  # not the logits (e.g. a loss): the measurement does its own baseline
+        except (TypeError, KeyError, AttributeError, IndexError, LayoutError):
+            # not the logits (e.g. a loss), or their class axis is known only after the
+            # backward: the measurement does its own baseline
+            return
         if not isinstance(logits, torch.Tensor):
             return
         entry.fingerprint = fingerprint(logits)

@@ -46,7 +46,7 @@ from torch import nn
 from ..evaluation._directional import SLOPE_METHODS, check_fast_dtype, tf32_allowed
 from ..evaluation._inputs import check_row_slicing, split_inputs
 from ..evaluation._isolation import autocast_as, cuda_devices
-from ..evaluation._outputs import logits_reader
+from ..evaluation._outputs import LogitsReader, detect_layout
 from ..evaluation._sharding import (
     agree,
     auto_method,
@@ -63,7 +63,7 @@ from ..radius._bounds import clip_radius, step_scale
 from ._capture import Captured, ForwardCapture
 from ._checks import check_controller_arguments, check_counts, check_limit_by, check_options
 from ._function import changes
-from ._meter import MeterReading, make_meter
+from ._meter import MeterReading, Unresolved, make_meter
 from ._proposal import (
     Proposal,
     all_finite,
@@ -152,10 +152,29 @@ class RadiusController(torch.optim.Optimizer):
         subset, buffer_size, window, quantile, mask_fn, ignore_index, targets_fn: the
             sampling options, see :class:`~ghoststep.controller.Sampling`.
         seed: seed of the subset generator.
-        logits_fn: maps the model output to logits ``(..., K)`` (e.g. ``lambda o: o[1]``);
-            default: a tensor, ``.logits``, ``["logits"]`` or a Hugging Face
-            ``(loss, logits)`` tuple, never a guess. One logit per sample ((B,) or
-            (B, 1), a binary classifier) is the two-class softmax [0, z].
+        logits_fn: maps the model output to the logits (e.g. ``lambda o: o[1]``), or to
+            several softmax heads (a tuple / list / dict of tensors, each (B, ...)):
+            the radius is then the smallest over the heads. Default: a tensor,
+            ``.logits``, a dict whose only non-scalar tensor is ``"logits"`` or a
+            Hugging Face ``(loss, logits)`` tuple, never a guess (a dict or tuple with
+            several candidate tensors is a ``TypeError`` naming ``logits_fn``). A
+            model whose output is not logits (e.g. an embedding for a contrastive
+            loss) needs a ``logits_fn`` that returns the logits the loss reads. One
+            logit per sample ((B,) or (B, 1), a binary classifier) is the two-class
+            softmax [0, z]. Masked classes (``-inf`` logits) drop out of the spread.
+        class_dim: the class axis of logits with 3 or more dims, as the loss reads
+            them: 1 for ``F.cross_entropy``'s (B, C, d1, ...) (segmentation), -1 for
+            (B, T, V) (language models). Default None: a Hugging Face model's from
+            its class (``*ForSemanticSegmentation``: 1, else -1); otherwise from the
+            first step's gradient of the loss on the logits (a softmax over dim d
+            makes it sum to 0 along d; dim 1 and the last are the candidates), and a
+            ``ValueError`` naming ``class_dim`` when it does not tell. Logits of 1 or
+            2 dims: the last.
+        activation: ``"softmax"`` (default) or ``"sigmoid"``: every logit its own
+            binary classifier (multi-label ``BCEWithLogitsLoss``), read as the
+            two-class softmax [0, z] per element (spread |a|). Default None: softmax,
+            or sigmoid for a Hugging Face model with ``config.problem_type ==
+            "multi_label_classification"``.
         chunk_size: rows per JVP chunk (``ghoststep.measurement.per_sample_spread``; each
             chunk's tangent is reduced to its spread at once). Not with train-mode
             BatchNorm.
@@ -232,7 +251,9 @@ class RadiusController(torch.optim.Optimizer):
         window: int = 1,
         quantile: float | None = None,
         seed: int = 0,
-        logits_fn: Callable[[Any], torch.Tensor] | None = None,
+        logits_fn: Callable[[Any], Any] | None = None,
+        class_dim: int | None = None,
+        activation: str | None = None,
         mask_fn: Callable[[Any], torch.Tensor] | None = None,
         ignore_index: int | None = None,
         targets_fn: Callable[[Any], torch.Tensor] | None = None,
@@ -300,7 +321,8 @@ class RadiusController(torch.optim.Optimizer):
         self._generator = torch.Generator()
         self._generator.manual_seed(int(seed))
         self._proposal = Proposal()
-        self._build_parts(logits_fn, chunk_size, slopes_kwargs, limit_by, keep_samples,
+        reader = _reader(slope_model, logits_fn, class_dim, activation)
+        self._build_parts(reader, chunk_size, slopes_kwargs, limit_by, keep_samples,
                           process_group, micro_batches)  # fmt: skip
         self._watch = self._meter.watch  # shared: the meter warns through it too
         self._capable = method == "fast"  # "jvp" / "fd" are tried before the first step
@@ -311,11 +333,11 @@ class RadiusController(torch.optim.Optimizer):
         self._set_devices()
 
     def _build_parts(
-        self, logits_fn, chunk_size, slopes_kwargs, limit_by, keep_samples, process_group,
+        self, logits, chunk_size, slopes_kwargs, limit_by, keep_samples, process_group,
         micro_batches,
     ) -> None:  # fmt: skip
-        """The measurement (``meter``) and the forward hooks (``capture``)."""
-        logits = logits_reader(logits_fn)
+        """The measurement (``meter``) and the forward hooks (``capture``), reading the
+        logits with the one reader ``logits``."""
         self._meter = make_meter(
             self._method,
             self._slope_model,
@@ -354,6 +376,13 @@ class RadiusController(torch.optim.Optimizer):
         self._method = value
         self._meter = self._meter.with_method(value)
         self._capture.keep_logits = value in ("fast", "auto")
+
+    @property
+    def reader(self) -> LogitsReader:
+        """How the controller reads the logits (``logits_fn``, ``class_dim`` -- resolved
+        at the first step when detected --, ``activation``); ``measure(...,
+        logits_fn=ctrl.reader)`` measures what the controller bounds."""
+        return self._meter.logits_fn
 
     @property
     def margin(self) -> float | None:
@@ -516,6 +545,7 @@ class RadiusController(torch.optim.Optimizer):
         shards = shard_group(model_params)
         params = local_shards(model_params)
         check_dense(model_params)
+        self.reader.resolve()  # the class axis, before anything moves
         if self._method == "auto":
             self._resolve_method(model_params, batches)
         elif not self._capable:
@@ -588,7 +618,10 @@ class RadiusController(torch.optim.Optimizer):
         bound = self.target_r * math.pi * self.temperature / tau  # the spread at r = target
         recheck = None if share is None else share * bound
         with self._capture.measuring(), self._meter.precision():
-            found = self._meter.measure(plans, self._proposal, recheck)
+            try:
+                found = self._meter.measure(plans, self._proposal, recheck)
+            except Unresolved as err:
+                found = self._measure_exactly(err, plans, recheck)
         if found.pending is not None and self.sampling.buffer_size > 0:
             rows = bottleneck_rows(*found.pending, self.sampling.buffer_size)
             self._buffer = rows if rows is not None else self._buffer
@@ -612,6 +645,23 @@ class RadiusController(torch.optim.Optimizer):
         under float32 adapters), or FSDP2's ``param_dtype``."""
         tensors = (*params, *self._slope_model.parameters(), *self._slope_model.buffers())
         return any(t.dtype in _HALF for t in tensors) or half_compute(self._slope_model)
+
+    def _measure_exactly(self, err: Unresolved, plans, recheck) -> MeterReading:
+        """``"fast"`` cannot resolve these logits: measure with ``"jvp"`` (``"fd"`` where
+        an op has no forward-mode AD), the method from this step on."""
+        self.method = "jvp"
+        try:
+            found = self._meter.measure(plans, self._proposal, recheck)
+        except NotImplementedError:
+            self.method = "fd"
+            found = self._meter.measure(plans, self._proposal, recheck)
+        warnings.warn(
+            f'RadiusController(method="fast"): {err}; using method="{self.method}" from '
+            "this step on",
+            RuntimeWarning,
+            stacklevel=6,
+        )
+        return found
 
     def _precision(self, params, batches) -> str:
         """The precision the measurement ran in, for the margin: ``"half"`` (16-bit
@@ -865,6 +915,18 @@ def _hooked(model: nn.Module) -> nn.Module:
     """The module whose forward hooks see the training calls: the DDP-unwrapped model,
     a compiled one included (its hooks run eagerly, outside the compiled graph)."""
     return model.module if isinstance(model, _PARALLEL) else model
+
+
+def _reader(model: nn.Module, logits_fn, class_dim, activation) -> LogitsReader:
+    """How the loss reads the outputs: the arguments, else what a Hugging Face model's
+    config says (:func:`~ghoststep.evaluation._outputs.detect_layout`), else softmax
+    with the class axis of 3+-dim outputs read from the first step's gradient."""
+    if isinstance(logits_fn, LogitsReader):
+        return logits_fn
+    detected_dim, detected_activation = detect_layout(model)
+    if class_dim is None and activation is None:
+        class_dim, activation = detected_dim, detected_activation
+    return LogitsReader(logits_fn, class_dim=class_dim, activation=activation or "softmax")
 
 
 def _check_method(method) -> None:

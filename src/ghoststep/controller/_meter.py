@@ -30,7 +30,14 @@ from ..radius._bounds import logit_spread_unchecked, radius_from_spread
 from ._function import Watch, fingerprint_gap, flags_as
 from ._sampling import Plan, Sampling
 
-__all__ = ["MeterReading", "SecantMeter", "SpreadMeter", "TangentMeter", "make_meter"]
+__all__ = [
+    "MeterReading",
+    "SecantMeter",
+    "SpreadMeter",
+    "TangentMeter",
+    "Unresolved",
+    "make_meter",
+]
 
 
 class MeterReading(NamedTuple):
@@ -290,6 +297,24 @@ class TangentMeter(SpreadMeter):
         return self._reduce(plans, spreads, radii)
 
 
+# "fast" trusts a difference whose move exceeds RESOLUTION rounding units of the largest
+# logit: the rounding then adds at most 2 / RESOLUTION = 0.8 % to the spread, under the
+# 2 % margin of "fast" (which also covers its O(h) error). At the usual 0.01 move this
+# holds for logits up to about 300 in float32.
+RESOLUTION = 250.0
+
+
+class Unresolved(ArithmeticError):
+    """``"fast"`` cannot resolve the logits' move at their magnitude."""
+
+    def __init__(self, moved: float, magnitude: float) -> None:
+        super().__init__(
+            f"the logits (max |z| = {magnitude:.3g}) moved by {moved:.3g} at the secant's "
+            f"step, not {RESOLUTION:g} of their rounding units: a difference of two "
+            "forwards in this precision cannot resolve their slopes"
+        )
+
+
 class SecantMeter(SpreadMeter):
     """``"fast"``: one forward at old + f p against the training forward's logits (and
     one at old - f p near the bound)."""
@@ -320,6 +345,7 @@ class SecantMeter(SpreadMeter):
             proposal.move_to(fraction)
             plus = None if plus is None else [[] for _ in plans]
             spreads = self._shifted_spreads(plans, baselines, fraction * tau, plus)
+        self._check_resolved(baselines, fraction * tau, proposal)
         if recheck is not None and self.spread_hint >= recheck:
             proposal.move_to(-fraction)
             spreads, gap = self._other_side(plans, baselines, spreads, fraction * tau, plus)
@@ -345,6 +371,26 @@ class SecantMeter(SpreadMeter):
         dtype = proposal.params[0].dtype
         step = fast_step(proposal.norm, 1.0, dtype, moved_per_step=self.spread_hint)
         return away_from_one(step / tau)
+
+    def _check_resolved(self, baselines, step: float, proposal) -> None:
+        """Raise :class:`Unresolved` (parameters back at the old values) when the
+        logits' move at the evaluation point, ``step * max spread``, is not above
+        ``RESOLUTION`` times their rounding unit ``eps * max |z|``: each logit of a
+        forward is rounded to eps |z| / 2, so the spread of a difference is off by up
+        to 2 eps max |z| / move (an offset of 1e6 on float32 logits reads a spread of
+        0 at the usual 0.01 move). The same decision on every rank."""
+        tensors = [t for b in baselines for t in (b if isinstance(b, list) else [b])]
+        tensors = [t for t in tensors if t.numel()]
+        if not tensors:
+            return
+        magnitude = float(torch.stack([t.abs().amax().float() for t in tensors]).max())
+        magnitude = max_over_ranks(magnitude, True, self.process_group)[0]
+        moved = step * self.spread_hint
+        eps = torch.finfo(tensors[0].dtype).eps
+        if math.isfinite(magnitude) and math.isfinite(moved):
+            if not moved > RESOLUTION * eps * magnitude:
+                proposal.move_to(0.0)
+                raise Unresolved(moved, magnitude)
 
     def _other_side(self, plans, baselines, spreads, step: float, plus):
         """Average each position's one-sided spread with the one from old - step v, and

@@ -28,7 +28,14 @@ from ._directions import (
 )
 from ._inputs import Call
 from ._isolation import capture_rng
-from ._outputs import class_logits, default_logits_fn, describe_output, logits_reader
+from ._outputs import (
+    LayoutError,
+    LogitsReader,
+    class_logits,
+    default_logits_fn,
+    describe_output,
+    logits_reader,
+)
 from ._updates import optimizer_update_direction
 
 __all__ = [
@@ -52,5 +59,7 @@ __all__ = [
     "describe_output",
     "class_logits",
     "logits_reader",
+    "LogitsReader",
+    "LayoutError",
     "capture_rng",
 ]

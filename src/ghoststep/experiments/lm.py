@@ -190,12 +190,15 @@ def validation_loss(net, val_ids: torch.Tensor, c: Config) -> float:
 def _optimizer(method: str, model: torch.nn.Module, c: Config, lr: float):
     inner = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95),
                               weight_decay=c.weight_decay)  # fmt: skip
+    # (B, T, V) logits, the loss's softmax over the vocabulary: the last dim
     if method == "monitor":
         return AllRadiiController(inner, model, mode="monitor", use=("out",), method="jvp",
-                                  ffn_quantile=c.ffn_quantile, keep_samples=True)  # fmt: skip
+                                  ffn_quantile=c.ffn_quantile, keep_samples=True,
+                                  class_dim=-1)  # fmt: skip
     if method in ("controller", "controller_q"):
         q = c.quantile if method == "controller_q" else None
-        return RadiusController(inner, model, mode="clip", target_r=1.0, quantile=q, method="jvp")
+        return RadiusController(inner, model, mode="clip", target_r=1.0, quantile=q,
+                                method="jvp", class_dim=-1)  # fmt: skip
     return inner
 
 

@@ -276,7 +276,7 @@ def _optimizer(method: str, model: torch.nn.Module, c: Config, peak: float):
             lambda_abs=c.clip_norm,
         )
     inner = torch.optim.AdamW(model.parameters(), lr=peak, betas=(0.9, 0.95), weight_decay=wd)
-    kw = dict(target_r=c.target_r, method="jvp")
+    kw = dict(target_r=c.target_r, method="jvp", class_dim=-1)  # (B, T, V): vocabulary last
     if method == "ctrl_out":
         return RadiusController(inner, model, mode="clip", **kw)
     if method == "ctrl_set":

@@ -153,8 +153,10 @@ def measure(
     ignore_index: int | None = None,
     chunk_size: int | None = None,
     method: str = "jvp",
-    logits_fn: Callable[[Any], torch.Tensor] | None = None,
+    logits_fn: Callable[[Any], Any] | None = None,
     fd_step: float | None = None,
+    class_dim: int | None = None,
+    activation: str | None = None,
 ) -> Measurement:
     """Measure the softmax radius of a batch along ``direction``.
 
@@ -168,7 +170,10 @@ def measure(
     with ``tau=||p||``.
 
     Args:
-        model, inputs, method, logits_fn, fd_step: as in ``logit_slopes``.
+        model, inputs, method, logits_fn, fd_step, class_dim, activation: as in
+            ``logit_slopes`` (``measure`` has no loss to read the class axis from: for
+            (B, C, d1, ...) logits pass ``class_dim=1``, or the controller's reader
+            as ``logits_fn``, to measure what a ``RadiusController`` bounds).
         direction: the step direction v; radii are in units of t along v, so use a
             unit-norm v for radii in parameter-space distance.
         tau: ||p||, the step length along v, for r.
@@ -197,6 +202,8 @@ def measure(
         method=method,
         logits_fn=logits_fn,
         fd_step=fd_step,
+        class_dim=class_dim,
+        activation=activation,
     )
     index, keep = _kept_samples(spreads, mask, targets, ignore_index)
     found = reduce_spreads(

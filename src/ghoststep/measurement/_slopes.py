@@ -53,7 +53,7 @@ from torch import nn
 from ..evaluation._directional import SLOPE_METHODS, directional, fast_step
 from ..evaluation._directions import direction_norm, resolve_direction, trainable_parameters
 from ..evaluation._inputs import check_chunking, chunks, split_inputs
-from ..evaluation._outputs import logits_reader
+from ..evaluation._outputs import detect_layout, logits_reader
 from ..radius._bounds import logit_spread
 
 __all__ = ["logit_slopes", "per_sample_spread", "flatten_samples"]
@@ -107,9 +107,11 @@ def logit_slopes(
     direction,
     *,
     method: str = "jvp",
-    logits_fn: Callable[[Any], torch.Tensor] | None = None,
+    logits_fn: Callable[[Any], Any] | None = None,
     chunk_size: int | None = None,
     fd_step: float | None = None,
+    class_dim: int | None = None,
+    activation: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Logits ``z`` and directional logit slopes ``a = J_z(x) v`` of every sample.
 
@@ -124,31 +126,54 @@ def logit_slopes(
             are linear in v.
         method: ``"jvp"`` (forward-mode AD, exact), ``"fd"`` (float64 central
             difference) or ``"fast"`` (one-sided float32 difference, two forwards).
-        logits_fn: maps the model output to the logits tensor; default
-            ``default_logits_fn`` (a tensor, ``.logits``, ``["logits"]``, or a Hugging
-            Face ``(loss, logits)`` tuple; never a guess). A single logit per sample
-            (shape (B,) or (..., 1), a binary classifier) is read as the two-class
-            softmax [0, z] (``ghoststep.evaluation.class_logits``).
+        logits_fn: maps the model output to the logits tensor, or to several softmax
+            heads (a tuple / list / dict of (B, ...) tensors, joined along the
+            positions: ``ghoststep.evaluation.LogitsReader``); default
+            ``default_logits_fn`` (a tensor, ``.logits``, a dict whose only non-scalar
+            tensor is ``"logits"``, or a Hugging Face ``(loss, logits)`` tuple; never a
+            guess). A single logit per sample (shape (B,) or (..., 1), a binary
+            classifier) is read as the two-class softmax [0, z]; ``-inf`` logits
+            (masked classes) drop out of the spread.
+        class_dim: the class axis of the logits (e.g. 1 for ``F.cross_entropy``'s
+            (B, C, d1, ...)); moved last in the result. Default: a Hugging Face
+            model's (``*ForSemanticSegmentation``: 1), else the last axis.
+        activation: ``"softmax"`` or ``"sigmoid"`` (every logit its own binary
+            classifier, read as [0, z]: result (..., L, 2)); default softmax, or
+            sigmoid for a Hugging Face ``multi_label_classification`` model.
         chunk_size: evaluate the input batch in slices of this many rows (dim 0) and
             concatenate. Not allowed when a BatchNorm uses batch statistics (the
             slopes would depend on the chunking).
         fd_step: step h for ``"fd"`` (theta +- h v; default eps^(1/3)/||v||) and
             ``"fast"`` (theta + h v; default ``ghoststep.evaluation.fast_step``).
     Returns:
-        ``(logits, slopes)``, both shaped like the model's logits (e.g. (B, K) or
-        (B, T, V)); slopes in logit units per unit of t along v.
+        ``(logits, slopes)``, both in the reader's layout (positions..., K) (e.g.
+        (B, K) or (B, T, V)); slopes in logit units per unit of t along v.
     Raises:
         ValueError: bad direction (names the parameter), bad method or chunk_size, no
             trainable parameters.
         TypeError: non-tensor inputs.
         NotImplementedError: an op without forward-mode AD (names it, suggests fixes).
     """
+    logits_fn = reader_for(model, logits_fn, class_dim, activation)
     parts = _per_chunk(
         model, inputs, direction, method, logits_fn, fd_step, chunk_size, lambda z, a: (z, a)
     )
     if len(parts) == 1:
         return parts[0]
     return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+
+
+def reader_for(model: nn.Module, logits_fn, class_dim, activation):
+    """The :class:`~ghoststep.evaluation.LogitsReader` of the measurement functions: the
+    arguments, else a Hugging Face model's layout, else the class axis last."""
+    detected_dim, detected_activation = detect_layout(model)
+    if class_dim is None and activation is None:
+        class_dim, activation = detected_dim, detected_activation
+    return logits_reader(
+        logits_fn,
+        class_dim=-1 if class_dim is None else class_dim,
+        activation=activation or "softmax",
+    )
 
 
 def _per_chunk(model, inputs, direction, method, logits_fn, fd_step, chunk_size, keep):
@@ -237,14 +262,16 @@ def spread_map(
     want_full: bool = False,
     chunk_size: int | None = None,
     method: str = "jvp",
-    logits_fn: Callable[[Any], torch.Tensor] | None = None,
+    logits_fn: Callable[[Any], Any] | None = None,
     fd_step: float | None = None,
+    class_dim: int | None = None,
+    activation: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """Spread of every sample position; with ``want_full`` also the logits and slopes.
 
     Args:
-        model, inputs, direction, chunk_size, method, logits_fn, fd_step: as in
-            ``logit_slopes``.
+        model, inputs, direction, chunk_size, method, logits_fn, fd_step, class_dim,
+            activation: as in ``logit_slopes``.
         want_full: keep (and concatenate) every chunk's logits and slopes too;
             otherwise each chunk's tangent is reduced to its spread at once.
     Returns:
@@ -257,6 +284,7 @@ def spread_map(
     def keep(logits, slopes):
         return (logit_spread(slopes), logits, slopes) if want_full else (logit_spread(slopes),)
 
+    logits_fn = reader_for(model, logits_fn, class_dim, activation)
     parts = _per_chunk(model, inputs, direction, method, logits_fn, fd_step, chunk_size, keep)
     spread = torch.cat([p[0] for p in parts])
     if not want_full:
@@ -272,8 +300,10 @@ def per_sample_spread(
     chunk_size: int | None = None,
     mask: torch.Tensor | None = None,
     method: str = "jvp",
-    logits_fn: Callable[[Any], torch.Tensor] | None = None,
+    logits_fn: Callable[[Any], Any] | None = None,
     fd_step: float | None = None,
+    class_dim: int | None = None,
+    activation: str | None = None,
 ) -> torch.Tensor:
     """Per-sample spread Delta a = max_k a_k - min_k a_k, memory-lean.
 
@@ -286,7 +316,8 @@ def per_sample_spread(
     batch-coupled layers (BatchNorm in train mode raises).
 
     Args:
-        model, inputs, direction, method, logits_fn, fd_step: as in ``logit_slopes``.
+        model, inputs, direction, method, logits_fn, fd_step, class_dim, activation:
+            as in ``logit_slopes``.
         chunk_size: rows of the input batch per evaluation (None: one pass).
         mask: optional bool tensor of the sample shape (logits without the class
             axis); False positions are dropped.
@@ -301,6 +332,8 @@ def per_sample_spread(
         method=method,
         logits_fn=logits_fn,
         fd_step=fd_step,
+        class_dim=class_dim,
+        activation=activation,
     )
     keep = sample_mask(spread.shape, spread.device, mask)
     flat = spread.reshape(-1)
