@@ -132,6 +132,16 @@ class RadiusController(torch.optim.Optimizer):
     optimizer produced (the controller keeps that result and only rewrites the
     parameters when s < 1).
 
+    What is measured and scaled is the applied update, over every parameter in the inner
+    optimizers' groups (one frozen with ``requires_grad_(False)`` that momentum or weight
+    decay still move included). Several optimizers over one model, e.g.
+    ``RadiusController([muon, adamw], model)``, are stepped in order and their combined
+    update measured and scaled: ``param_groups`` concatenates their group dicts,
+    ``state_dict()["inner"]`` lists their states; two controllers on one model raise at
+    the second one's step. Under ``torch.compile`` (``opt.step =
+    torch.compile(opt.step)``, or a compiled function calling it) ``step`` runs eagerly,
+    bitwise as uncompiled.
+
     Memory (one extra parameter copy), host syncs, devices, faults (``on_nonfinite``),
     distributed reduction, optimizers with their own iterate, the guarantee margin,
     copies (``copy.deepcopy`` / ``torch.save`` of model and controller together give a
@@ -142,8 +152,10 @@ class RadiusController(torch.optim.Optimizer):
     guarantee for cost or robustness, as :class:`ghoststep.controller.Sampling` states.
 
     Args:
-        optimizer: the inner ``torch.optim.Optimizer``; every parameter it optimizes must
-            belong to ``model``.
+        optimizer: the inner ``torch.optim.Optimizer``, or a list of them sharing no
+            parameter (stepped in order; ``.optimizers`` lists them, ``.optimizer`` is
+            the one of a single); every parameter they optimize must belong to
+            ``model``.
         model: the module whose logits the loss reads (or its DDP wrapper).
         mode: ``"clip"`` | ``"set"`` | ``"monitor"``.
         target_r: r*, the normalized step to cap at (clip) or set (set); > 0.
