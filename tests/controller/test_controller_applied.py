@@ -177,6 +177,14 @@ def test_muon_and_adamw_resume_is_bitwise(digits, method):
         assert torch.equal(p, expected[n]), n
 
 
+def test_scheduler_on_the_controller_drives_every_inner_optimizer(digits):
+    model, (muon, adamw), ctrl, _ = _muon_adamw("fast")
+    scheduler = torch.optim.lr_scheduler.LambdaLR(ctrl, lambda k: 0.5**k)
+    _train(digits, model, ctrl, [scheduler], 2)
+    assert muon.param_groups[0]["lr"] == pytest.approx(0.5 * 0.25)
+    assert adamw.param_groups[0]["lr"] == pytest.approx(0.2 * 0.25)
+
+
 def test_one_optimizer_state_dict_keeps_its_format(digits):
     torch.manual_seed(0)
     model = build_model("mlp")
