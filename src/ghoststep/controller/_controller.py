@@ -494,6 +494,8 @@ class RadiusController(torch.optim.Optimizer):
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
+        if "optimizers" not in state:  # saved before controllers took several
+            state["optimizers"] = [state.pop("optimizer")]
         super().__setstate__(state)  # restores the dict and fresh optimizer hook dicts
 
     def _load_inner(self, inner: Any) -> None:
@@ -787,7 +789,7 @@ class RadiusController(torch.optim.Optimizer):
         (its direction is not exactly p). Returns the realised s' = ||step|| / tau."""
         length = rerun_scaled(snapshot, self.optimizer, params, scale)
         self._proposal.at = 1.0  # the parameters hold the rerun's result: settled
-        self.param_groups = self.optimizer.param_groups
+        self._link_groups()
         if self.mode == "clip" and length > limit:
             torch._foreach_lerp_(params, snapshot.params, 1.0 - limit / length)
             length = limit
