@@ -187,6 +187,12 @@ def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
+def parameter_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Detached clones of every parameter by name, ``requires_grad`` or not (an
+    optimizer keeps moving a frozen parameter; tied weights listed once)."""
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
 def applied_update(
     old: dict[str, torch.Tensor], new: dict[str, torch.Tensor]
 ) -> dict[str, torch.Tensor]:

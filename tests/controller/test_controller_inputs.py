@@ -185,14 +185,18 @@ def test_row_operations_select_rows_of_nested_tensors():
         sgd = torch.optim.SGD(model.parameters(), lr=0.1)
         return RadiusController(sgd, model, mode="monitor", method="jvp", **option)
 
-    chunked, whole = monitor(chunk_size=5), monitor(buffer_size=3)  # both capture
     before = trainable_state(model)
     args, kwargs = make_call(0)
+    chunked = monitor(chunk_size=5)
     F.cross_entropy(model(*args, **kwargs), _labels(0)).backward()
     chunked.step()
+    chunked.close()
     with torch.no_grad():  # back to the old parameters: the same update measured again
         for n, p in model.named_parameters():
             p.copy_(before[n])
+    whole = monitor(buffer_size=3)
+    model.zero_grad()
+    F.cross_entropy(model(*args, **kwargs), _labels(0)).backward()
     whole.step()
     assert whole.last.rho_a == pytest.approx(chunked.last.rho_a, rel=1e-5)
     buffer = whole._buffer  # the 3 bottleneck rows, every nested batch tensor sliced

@@ -22,7 +22,7 @@ from ..evaluation._isolation import AutocastState, autocast_state, capture_rng
 from ..evaluation._outputs import LayoutError, LogitsReader, logits_reader
 from ._function import Recorded, fingerprint, record
 
-__all__ = ["Captured", "ForwardCapture"]
+__all__ = ["Captured", "ForwardCapture", "check_single_controller"]
 
 
 class Captured:
@@ -184,6 +184,7 @@ class ForwardCapture:
             rng = capture_rng(self.devices, host=True)
             entry = Captured(args, kwargs, rng, coarse, autocast, record(self.model, args, kwargs))
             entry.targets = self._targets
+            _ledger(self.model).forwards += 1
             if self._frames and self.entries:
                 # A call inside a call of the same model is the one with the model's
                 # inputs (e.g. Lightning under DDP routes training_step(batch, i)
@@ -228,6 +229,51 @@ class ForwardCapture:
                 entry.rows_independent = _rng_unchanged(
                     entry.rng, self.devices
                 ) and not batch_coupled(self.model)
+
+
+class _Ledger:
+    """Per model: a count of its training forwards (monotone; every controller's hook
+    adds to it, so one forward may count more than once) and the controller that
+    stepped last, held weakly, with the count at that step."""
+
+    __slots__ = ("forwards", "stepper", "at")
+
+    def __init__(self) -> None:
+        self.forwards = 0
+        self.stepper: weakref.ref | None = None
+        self.at = -1
+
+
+# Keyed weakly by the model (the one the controllers measure): a copied or pickled
+# model starts a ledger of its own, and a discarded model takes its ledger with it.
+_LEDGERS: weakref.WeakKeyDictionary[nn.Module, _Ledger] = weakref.WeakKeyDictionary()
+
+
+def _ledger(model: nn.Module) -> _Ledger:
+    return _LEDGERS.setdefault(model, _Ledger())
+
+
+def check_single_controller(controller: Any, model: nn.Module) -> None:
+    """Record that ``controller`` steps on ``model``'s training forwards so far; raise if
+    another live controller already stepped on them (no training forward since).
+
+    Two controllers on one model (one per optimizer) each measure only their own
+    part of the update, while the model moves by the sum of both: each part r <= 1,
+    the combined update measured r 2.17, and with "fast" the second controller's
+    secant sees the first one's move and scales its parameters to 0. One controller
+    over all the optimizers measures the combined update. Sequential use (a new
+    controller after new forwards) is fine."""
+    book = _ledger(model)
+    last = None if book.stepper is None else book.stepper()
+    if last is not None and last is not controller and book.at == book.forwards:
+        raise RuntimeError(
+            "two RadiusControllers stepped on the same training forward of one model: each "
+            "measures only its own optimizer's part of the update, but the model moves by "
+            "their sum. Wrap all the optimizers in one controller, "
+            "`RadiusController([opt_a, opt_b], model)`, which measures and scales their "
+            "combined update"
+        )
+    book.stepper, book.at = weakref.ref(controller), book.forwards
 
 
 def replay(model: nn.Module, captured: Captured) -> Any:

@@ -11,18 +11,36 @@ from torch import nn
 MODES = ("clip", "set", "monitor")
 
 
-def check_controller_arguments(optimizer, model, mode, target_r, temperature) -> None:
-    """``RadiusController``'s required arguments, with errors naming them."""
-    if not isinstance(optimizer, torch.optim.Optimizer):
-        raise TypeError(
-            f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}"
-        )
+def check_controller_arguments(optimizer, model, mode, target_r, temperature) -> list:
+    """``RadiusController``'s required arguments, with errors naming them. Returns the
+    inner optimizers as a list (``optimizer`` is one, or a list / tuple of several that
+    share no parameter)."""
+    several = isinstance(optimizer, (list, tuple))
+    optimizers = list(optimizer) if several else [optimizer]
+    if not optimizers:
+        raise ValueError("optimizer must be a torch.optim.Optimizer or a non-empty list of them")
+    for inner in optimizers:
+        if not isinstance(inner, torch.optim.Optimizer):
+            raise TypeError(
+                f"optimizer must be a torch.optim.Optimizer (or a list of them), got "
+                f"{type(inner).__name__}"
+            )
+    seen: set[int] = set()
+    for inner in optimizers:
+        ids = {id(p) for g in inner.param_groups for p in g["params"]}
+        if ids & seen:
+            raise ValueError(
+                "the optimizers in RadiusController([opt_a, opt_b], model) must not share a "
+                "parameter (each parameter is moved by one of them)"
+            )
+        seen |= ids
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     check_positive("target_r", target_r)
     check_positive("temperature", temperature)
+    return optimizers
 
 
 def check_options(on_nonfinite, history_size, margin, scaled_update, micro_batches) -> None:

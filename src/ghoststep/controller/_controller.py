@@ -60,7 +60,7 @@ from ..evaluation._sharding import (
 from ..evaluation._updates import OptimizerSnapshot
 from ..monitor import Sink, StepStats
 from ..radius._bounds import clip_radius, step_scale
-from ._capture import Captured, ForwardCapture
+from ._capture import Captured, ForwardCapture, check_single_controller
 from ._checks import check_controller_arguments, check_counts, check_limit_by, check_options
 from ._function import changes
 from ._meter import MeterReading, Unresolved, make_meter
@@ -133,6 +133,16 @@ class RadiusController(torch.optim.Optimizer):
     optimizer produced (the controller keeps that result and only rewrites the
     parameters when s < 1).
 
+    What is measured and scaled is the applied update, over every parameter in the inner
+    optimizers' groups (one frozen with ``requires_grad_(False)`` that momentum or weight
+    decay still move included). Several optimizers over one model, e.g.
+    ``RadiusController([muon, adamw], model)``, are stepped in order and their combined
+    update measured and scaled: ``param_groups`` concatenates their group dicts,
+    ``state_dict()["inner"]`` lists their states; two controllers on one model raise at
+    the second one's step. Under ``torch.compile`` (``opt.step =
+    torch.compile(opt.step)``, or a compiled function calling it) ``step`` runs eagerly,
+    bitwise as uncompiled.
+
     Memory (one extra parameter copy), host syncs, devices, faults (``on_nonfinite``),
     distributed reduction, optimizers with their own iterate, the guarantee margin,
     copies (``copy.deepcopy`` / ``torch.save`` of model and controller together give a
@@ -143,8 +153,10 @@ class RadiusController(torch.optim.Optimizer):
     guarantee for cost or robustness, as :class:`ghoststep.controller.Sampling` states.
 
     Args:
-        optimizer: the inner ``torch.optim.Optimizer``; every parameter it optimizes must
-            belong to ``model``.
+        optimizer: the inner ``torch.optim.Optimizer``, or a list of them sharing no
+            parameter (stepped in order; ``.optimizers`` lists them, ``.optimizer`` is
+            the one of a single); every parameter they optimize must belong to
+            ``model``.
         model: the module whose logits the loss reads (or its DDP wrapper).
         mode: ``"clip"`` | ``"set"`` | ``"monitor"``.
         target_r: r*, the normalized step to cap at (clip) or set (set); > 0.
@@ -240,7 +252,7 @@ class RadiusController(torch.optim.Optimizer):
 
     def __init__(
         self,
-        optimizer: torch.optim.Optimizer,
+        optimizer: torch.optim.Optimizer | Sequence[torch.optim.Optimizer],
         model: nn.Module,
         *,
         mode: str = "clip",
@@ -271,11 +283,13 @@ class RadiusController(torch.optim.Optimizer):
         margin: float | None = None,
         scaled_update: str = "auto",
     ) -> None:
-        check_controller_arguments(optimizer, model, mode, target_r, temperature)
+        optimizers = check_controller_arguments(optimizer, model, mode, target_r, temperature)
         _check_method(method)
         check_options(on_nonfinite, history_size, margin, scaled_update, micro_batches)
         check_counts(seed, chunk_size)
-        check_supported(optimizer)
+        for inner in optimizers:
+            check_supported(inner)
+        scaled_update = _scaled_update(scaled_update, optimizers)
         limit_by = check_limit_by(limit_by, extra_radii)
         slope_model = _unwrap(model)
         if ignore_index is not None and mask_fn is None:
@@ -288,11 +302,12 @@ class RadiusController(torch.optim.Optimizer):
         )
 
         # Optimizer.__init__ assigns self.state and calls add_param_group; both are
-        # routed to the base class until self.optimizer exists (see the overrides).
-        super().__init__([dict(g) for g in optimizer.param_groups], optimizer.defaults)
-        self.optimizer = optimizer
-        self.param_groups = optimizer.param_groups  # share the very same dicts
-        self.defaults = optimizer.defaults
+        # routed to the base class until self.optimizers exists (see the overrides).
+        groups = [dict(g) for inner in optimizers for g in inner.param_groups]
+        super().__init__(groups, optimizers[0].defaults)
+        self.optimizers: list[torch.optim.Optimizer] = optimizers
+        self._link_groups()  # share the very same dicts
+        self.defaults = optimizers[0].defaults
 
         self.model = model
         self._slope_model = slope_model
@@ -303,8 +318,6 @@ class RadiusController(torch.optim.Optimizer):
             method = auto_method(slope_model, self._params())  # FSDP2: fixed here
         self._method = method
         self._margin = None if margin is None else float(margin)
-        if scaled_update == "auto":
-            scaled_update = "rerun" if holds_iterate(optimizer) else "interpolate"
         self.scaled_update = scaled_update
         self.on_nonfinite = on_nonfinite
         self.extra_radii = extra_radii
@@ -403,42 +416,69 @@ class RadiusController(torch.optim.Optimizer):
     # ------------------------------------------------------------------ Optimizer API
 
     @property
+    def optimizer(self) -> torch.optim.Optimizer:
+        """The inner optimizer (a controller of several: :attr:`optimizers`)."""
+        if len(self.optimizers) != 1:
+            raise AttributeError(
+                f"this RadiusController wraps {len(self.optimizers)} optimizers: use "
+                "`.optimizers` (a list)"
+            )
+        return self.optimizers[0]
+
+    @property
     def state(self):  # type: ignore[override]
-        """The inner optimizer's per-parameter state (the wrapper keeps none of its own)."""
-        return self.optimizer.state
+        """The inner optimizer's per-parameter state (the wrapper keeps none of its own);
+        with several inner optimizers a dict over all of their parameters whose values
+        are their per-parameter state dicts."""
+        if len(self.optimizers) == 1:
+            return self.optimizers[0].state
+        return {p: s for inner in self.optimizers for p, s in inner.state.items()}
 
     @state.setter
     def state(self, value) -> None:
-        if "optimizer" in self.__dict__:
-            self.optimizer.state = value
-        # else: torch.optim.Optimizer.__init__ assigning its empty default; ignored.
+        if "optimizers" not in self.__dict__:
+            return  # torch.optim.Optimizer.__init__ assigning its empty default
+        if len(self.optimizers) != 1:
+            raise AttributeError("set the state of each of `.optimizers` instead")
+        self.optimizers[0].state = value
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        """Add a group to the inner optimizer (visible here: the groups are shared)."""
-        if "optimizer" not in self.__dict__:
+        """Add a group to the inner optimizer (visible here: the groups are shared).
+        With several inner optimizers add it to one of them (``ctrl.optimizers[i]``):
+        the controller's groups follow at its next step."""
+        if "optimizers" not in self.__dict__:
             super().add_param_group(param_group)
             return
-        self.optimizer.add_param_group(param_group)
-        self.param_groups = self.optimizer.param_groups
+        if len(self.optimizers) != 1:
+            raise ValueError(
+                "this RadiusController wraps several optimizers: add the group to the one "
+                "that should move it, `ctrl.optimizers[i].add_param_group(group)`"
+            )
+        self.optimizers[0].add_param_group(param_group)
+        self._link_groups()
         self._set_devices()
         self._check_params_in_model()
 
     def train(self) -> None:
-        """Forward ``train()`` to the inner optimizer if it has one (schedule-free)."""
-        if callable(getattr(self.optimizer, "train", None)):
-            self.optimizer.train()
+        """Forward ``train()`` to the inner optimizers that have one (schedule-free)."""
+        for inner in self.optimizers:
+            if callable(getattr(inner, "train", None)):
+                inner.train()
 
     def eval(self) -> None:
-        """Forward ``eval()`` to the inner optimizer if it has one (schedule-free)."""
-        if callable(getattr(self.optimizer, "eval", None)):
-            self.optimizer.eval()
+        """Forward ``eval()`` to the inner optimizers that have one (schedule-free)."""
+        for inner in self.optimizers:
+            if callable(getattr(inner, "eval", None)):
+                inner.eval()
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        self.optimizer.zero_grad(set_to_none=set_to_none)
+        for inner in self.optimizers:
+            inner.zero_grad(set_to_none=set_to_none)
 
     def state_dict(self) -> dict[str, Any]:  # type: ignore[override]
         """``{"inner": inner.state_dict(), "ghoststep": ControllerState.to_dict()}``
-        (counters, recent radii, bottleneck buffer, subset generator)."""
+        (counters, recent radii, bottleneck buffer, subset generator); with several
+        inner optimizers ``"inner"`` is the list of their state dicts, in order."""
         ours = ControllerState(
             step_count=self.step_count,
             skipped_steps=self.skipped_steps,
@@ -449,17 +489,15 @@ class RadiusController(torch.optim.Optimizer):
             spread_hint=self._meter.spread_hint,
             method=self._method,
         )
-        return {"inner": self.optimizer.state_dict(), "ghoststep": ours.to_dict()}
+        inner = [o.state_dict() for o in self.optimizers]
+        return {"inner": inner[0] if len(inner) == 1 else inner, "ghoststep": ours.to_dict()}
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:  # type: ignore[override]
         """Load a dict from :meth:`state_dict` (or a bare inner optimizer state dict)."""
         if "inner" not in state_dict:
-            self.optimizer.load_state_dict(state_dict)  # a plain optimizer checkpoint
-            self.param_groups = self.optimizer.param_groups
+            self._load_inner(state_dict)  # a plain optimizer checkpoint
             return
-        self.optimizer.load_state_dict(state_dict["inner"])
-        # re-link: the inner load replaced its group dicts; schedulers edit ours
-        self.param_groups = self.optimizer.param_groups
+        self._load_inner(state_dict["inner"])
         ours = ControllerState.from_dict(state_dict.get("ghoststep", {}))
         self.step_count, self.skipped_steps = ours.step_count, ours.skipped_steps
         self._recent_rhos = collections.deque(ours.recent_rhos, maxlen=self._recent_rhos.maxlen)
@@ -488,13 +526,29 @@ class RadiusController(torch.optim.Optimizer):
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
+        if "optimizers" not in state:  # saved before controllers took several
+            state["optimizers"] = [state.pop("optimizer")]
         super().__setstate__(state)  # restores the dict and fresh optimizer hook dicts
 
+    def _load_inner(self, inner: Any) -> None:
+        """Load the inner optimizers' state dicts (one dict, or a list of one per
+        optimizer) and re-link the groups: each load replaced its group dicts, and
+        schedulers edit the controller's."""
+        several = len(self.optimizers) != 1
+        saved = list(inner) if several and isinstance(inner, (list, tuple)) else [inner]
+        if len(saved) != len(self.optimizers):
+            raise ValueError(
+                f"the state dict holds the state of {len(saved)} inner optimizer(s) (a list "
+                f"of them for several), this RadiusController wraps {len(self.optimizers)}"
+            )
+        for optimizer, state in zip(self.optimizers, saved, strict=True):
+            optimizer.load_state_dict(state)
+        self._link_groups()
+
     def __repr__(self) -> str:
-        return (
-            f"RadiusController(mode={self.mode!r}, target_r={self.target_r}, "
-            f"optimizer={type(self.optimizer).__name__})"
-        )
+        names = [type(inner).__name__ for inner in self.optimizers]
+        inner = f"optimizer={names[0]}" if len(names) == 1 else f"optimizers=[{', '.join(names)}]"
+        return f"RadiusController(mode={self.mode!r}, target_r={self.target_r}, {inner})"
 
     def close(self) -> None:
         """Remove the forward hooks and close the sinks."""
@@ -502,12 +556,20 @@ class RadiusController(torch.optim.Optimizer):
         for sink in self.sinks:
             sink.close()
 
+    # Eager under torch.compile (``opt.step = torch.compile(opt.step)``, or a compiled
+    # function calling it): the step swaps storage (``.data``), writes attributes and
+    # reads host values, which a traced region replays wrongly (measured: the update
+    # applied one step late, never measured). Dynamo breaks the graph here instead; an
+    # inner optimizer's own compiled step still runs compiled.
+    @torch.compiler.disable
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None, *, inputs: Any = None):
         """One controlled step. Returns what ``closure`` returned (or None).
 
         What surrounds the call does not change it: inside ``torch.autocast``,
-        ``no_grad`` or ``inference_mode`` it measures and steps exactly as outside.
+        ``no_grad`` or ``inference_mode`` it measures and steps exactly as outside,
+        and under ``torch.compile`` (of ``step`` itself or of a function calling it)
+        it runs eagerly, with the same result bitwise.
 
         Args:
             closure: called first under ``torch.enable_grad()`` (Lightning runs forward and
@@ -533,6 +595,8 @@ class RadiusController(torch.optim.Optimizer):
 
     def _step(self, inputs, loss) -> None:
         batches = self._batches(inputs)
+        check_single_controller(self, self._slope_model)
+        self._link_groups()  # a group added to an inner optimizer since the last step
         model_params = self._params()
         context = StepContext(_as_float(self.param_groups[0].get("lr", math.nan)), _as_float(loss))
         batches, empty = self._degenerate(model_params, batches)
@@ -564,7 +628,8 @@ class RadiusController(torch.optim.Optimizer):
         # values and the proposal's spare the inner optimizer's result, bitwise (s = 1
         # copies it back), and the update p = new - params is never stored.
         self._proposal.begin(params, shards)
-        self.optimizer.step()
+        for inner in self.optimizers:
+            inner.step()
         tau = self._proposal.swap()  # host sync 2 of 3
         if not math.isfinite(tau):
             self._fault("update", context)  # parameters hold the old values
@@ -813,7 +878,7 @@ class RadiusController(torch.optim.Optimizer):
         (its direction is not exactly p). Returns the realised s' = ||step|| / tau."""
         length = rerun_scaled(snapshot, self.optimizer, params, scale)
         self._proposal.at = 1.0  # the parameters hold the rerun's result: settled
-        self.param_groups = self.optimizer.param_groups
+        self._link_groups()
         if self.mode == "clip" and length > limit:
             torch._foreach_lerp_(params, snapshot.params, 1.0 - limit / length)
             length = limit
@@ -861,7 +926,20 @@ class RadiusController(torch.optim.Optimizer):
     # ------------------------------------------------------------------ internals
 
     def _params(self) -> list[torch.Tensor]:
-        return [p for g in self.param_groups for p in g["params"] if p.requires_grad]
+        """Every parameter the inner optimizers can move, ``requires_grad`` or not (a
+        parameter frozen with ``requires_grad_(False)`` keeps its place in their groups,
+        and momentum or weight decay keep moving it): all of them are measured and
+        scaled."""
+        return [p for inner in self.optimizers for g in inner.param_groups for p in g["params"]]
+
+    def _link_groups(self) -> None:
+        """``param_groups``: the inner optimizers' group dicts themselves, in order (one
+        optimizer: its very list), so that a scheduler on the controller or on an inner
+        optimizer edits the same ``lr``."""
+        if len(self.optimizers) == 1:
+            self.param_groups = self.optimizers[0].param_groups
+        else:
+            self.param_groups = [g for inner in self.optimizers for g in inner.param_groups]
 
     def _set_devices(self) -> None:
         """The CUDA devices whose RNG the capture saves and the measurement replays."""
@@ -927,6 +1005,22 @@ def _reader(model: nn.Module, logits_fn, class_dim, activation) -> LogitsReader:
     if class_dim is None and activation is None:
         class_dim, activation = detected_dim, detected_activation
     return LogitsReader(logits_fn, class_dim=class_dim, activation=activation or "softmax")
+
+
+def _scaled_update(scaled_update: str, optimizers) -> str:
+    """``scaled_update`` resolved (``"auto"``: ``"rerun"`` for optimizers with an iterate
+    of their own); ``"rerun"`` restores and re-steps one optimizer, so it takes one."""
+    if scaled_update == "auto":
+        own = any(holds_iterate(inner) for inner in optimizers)
+        scaled_update = "rerun" if own else "interpolate"
+    if scaled_update == "rerun" and len(optimizers) != 1:
+        raise ValueError(
+            'scaled_update="rerun" (needed by schedule-free and Lookahead optimizers) '
+            "re-steps one inner optimizer with scaled learning rates; it is not supported "
+            "with several (RadiusController([opt_a, opt_b], model)): wrap such an optimizer "
+            "alone"
+        )
+    return scaled_update
 
 
 def _check_method(method) -> None:

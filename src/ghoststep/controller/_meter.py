@@ -149,13 +149,17 @@ class SpreadMeter:
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
         self._spread_of(plan, self._tangent(self.direction(params, grads)))
 
-    def direction(self, params, updates) -> list[torch.Tensor | None]:
-        """Updates aligned with the model's trainable parameters (None: not optimized).
-        ``params`` may be the parameters or, for FSDP2, their local shards
-        (``local_shards``): a DTensor parameter's update is its local shard's."""
+    def direction(self, params, updates, frozen: bool = True) -> list[torch.Tensor | None]:
+        """Updates aligned with every parameter of the model (None: not optimized), or
+        with ``frozen=False`` with its trainable ones (the ``extra_radii`` hook's
+        alignment). Every one: a parameter frozen with ``requires_grad_(False)`` stays
+        in the optimizer's groups and can still move (momentum, weight decay), and the
+        tangent must carry that move. ``params`` may be the parameters or, for FSDP2,
+        their local shards (``local_shards``): a DTensor parameter's update is its
+        local shard's."""
         by_id = {id(p): u for p, u in zip(params, updates, strict=True)}
         reshard(self.model)  # FSDP2: the registered parameters are the sharded ones
-        model_params = [q for q in self.model.parameters() if q.requires_grad]
+        model_params = [q for q in self.model.parameters() if frozen or q.requires_grad]
         shards = local_shards(model_params)
         return [
             by_id.get(id(q), by_id.get(id(s))) for q, s in zip(model_params, shards, strict=True)
@@ -184,6 +188,7 @@ class SpreadMeter:
                 method=self.method,
                 output_fn=self.logits_fn,
                 rng=plan.rng,
+                frozen=True,
                 **self.slopes_kwargs,
             )
             # "fd" runs in float64, where dropout may draw other masks: "jvp" only
@@ -226,7 +231,7 @@ class SpreadMeter:
         if self.extra_radii is None:
             return None
         radii: dict[str, float] = {}
-        direction = self.direction(params, update)
+        direction = self.direction(params, update, frozen=False)
         for plan in plans:
             with self.evaluation_precision(plan):
                 extra = self.extra_radii(self.model, plan.evaluated, direction)

@@ -194,6 +194,7 @@ def call_at(
     primals: Sequence[torch.Tensor] | None = None,
     dtype: torch.dtype | None = None,
     output_fn: Callable[[Any], Any] | None = None,
+    frozen: bool = False,
 ):
     """``output_fn(model(...))`` at ``theta + t v`` through ``functional_call``.
 
@@ -201,10 +202,11 @@ def call_at(
     ``t`` may be a tensor that requires grad (line probes differentiate through it).
     ``dtype`` casts parameters, floating buffers and floating inputs (at any depth of
     nested arguments) first (e.g. float64). ``primals`` replaces the trainable
-    parameters' values (default: theirs).
+    parameters' values (default: theirs). ``frozen``: the tangents are aligned with
+    every parameter (:func:`moving_parameters`).
     """
     output_fn = output_fn or logits_reader()
-    named = trainable_parameters(model)
+    named = moving_parameters(model, frozen)
     base = [p.detach() for _, p in named] if primals is None else list(primals)
 
     def cast(x):
@@ -247,13 +249,21 @@ def math_attention():
     return sdpa_kernel([SDPBackend.MATH])
 
 
-def _jvp(model, args, kwargs, tangents, primals, output_fn, rng, devices):
+def moving_parameters(model: nn.Module, frozen: bool = False) -> list[tuple[str, nn.Parameter]]:
+    """The ``(name, parameter)`` pairs a direction's tangents are aligned with: the
+    trainable ones (:func:`trainable_parameters`), or with ``frozen`` every parameter of
+    the model in ``named_parameters()`` order (an optimizer keeps moving a parameter
+    frozen with ``requires_grad_(False)``: momentum, weight decay)."""
+    return list(model.named_parameters()) if frozen else trainable_parameters(model)
+
+
+def _jvp(model, args, kwargs, tangents, primals, output_fn, rng, devices, frozen):
     sharded = bool(fsdp_units(model))
     if sharded:
         if primals is not None:
             raise ValueError("primals= is not supported for FSDP2 (fully_shard) models")
         reshard(model)  # the sharded parameters are the trainable ones (see reshard)
-    named = trainable_parameters(model)
+    named = moving_parameters(model, frozen)
     base = [p.detach() for _, p in named] if primals is None else primals
     with (
         torch.no_grad(),
@@ -286,8 +296,8 @@ def _jvp(model, args, kwargs, tangents, primals, output_fn, rng, devices):
     return pytree.tree_unflatten(primal_out, spec), pytree.tree_unflatten(tangent_out, spec)
 
 
-def _central(model, args, kwargs, tangents, output_fn, step, rng, devices):
-    params = [p for _, p in trainable_parameters(model)]
+def _central(model, args, kwargs, tangents, output_fn, step, rng, devices, frozen):
+    params = [p for _, p in moving_parameters(model, frozen)]
     device = params[0].device
     wide = torch.float32 if device.type == "mps" else torch.float64
     vnorm = math.sqrt(sum(float(v.double().pow(2).sum()) for v in tangents if v is not None))
@@ -298,7 +308,16 @@ def _central(model, args, kwargs, tangents, output_fn, step, rng, devices):
     for sign in (0.0,) if step == 0.0 else (0.0, 1.0, -1.0):
         with torch.no_grad(), replay_rng(devices, rng):
             outs.append(
-                call_at(model, args, kwargs, tangents, sign * step, dtype=wide, output_fn=output_fn)
+                call_at(
+                    model,
+                    args,
+                    kwargs,
+                    tangents,
+                    sign * step,
+                    dtype=wide,
+                    output_fn=output_fn,
+                    frozen=frozen,
+                )  # fmt: skip
             )
     dtype = params[0].dtype
     values = pytree.tree_map(lambda y: y.to(dtype), outs[0])
@@ -323,8 +342,8 @@ def difference_quotient(shifted, baseline, step: float):
     return pytree.tree_map(lambda a, b: (a - b) / step, shifted, baseline)
 
 
-def _one_sided(model, args, kwargs, tangents, output_fn, step, rng, devices, baseline):
-    params = [p.detach() for _, p in trainable_parameters(model)]
+def _one_sided(model, args, kwargs, tangents, output_fn, step, rng, devices, baseline, frozen):
+    params = [p.detach() for _, p in moving_parameters(model, frozen)]
     check_fast_dtype(params)
     moving = [(p, v) for p, v in zip(params, tangents, strict=True) if v is not None]
     fixed_step = step is not None
@@ -378,6 +397,7 @@ def directional(
     rng: RNGState | None = None,
     primals: Sequence[torch.Tensor] | None = None,
     baseline=None,
+    frozen: bool = False,
 ):
     """Outputs and their directional derivatives along ``tangents``: ``(y, y_dot)``.
 
@@ -411,10 +431,12 @@ def directional(
     output_fn = output_fn or logits_reader()
     devices = cuda_devices(model)
     if method == "jvp":
-        return _jvp(model, args, kwargs, tangents, primals, output_fn, rng, devices)
+        return _jvp(model, args, kwargs, tangents, primals, output_fn, rng, devices, frozen)
     if primals is not None:
         raise ValueError(f'primals= is only supported by method="jvp", not {method!r}')
     if method == "fd":
-        return _central(model, args, kwargs, tangents, output_fn, step, rng, devices)
+        return _central(model, args, kwargs, tangents, output_fn, step, rng, devices, frozen)
     with full_float32() if devices else contextlib.nullcontext():
-        return _one_sided(model, args, kwargs, tangents, output_fn, step, rng, devices, baseline)
+        return _one_sided(
+            model, args, kwargs, tangents, output_fn, step, rng, devices, baseline, frozen
+        )
