@@ -23,8 +23,8 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.loggers import CSVLogger
 
-from ghoststep.experiments.common.data import load_digits_split
 from ghoststep.integrations.lightning import LightningRadiusCallback
+from ghoststep_lab.common.data import load_digits_split
 
 
 class DigitsClassifier(L.LightningModule):

@@ -1,5 +1,5 @@
 """Tiny models and the digits data for the core tests, independent of
-``ghoststep.experiments`` (the library's core must be testable without it).
+``ghoststep_lab`` (the library's core must be testable without it).
 
 The models are built like the experiments' architectures of the same names (same
 layers created in the same order, so the same seed gives the same weights): the
