@@ -10,10 +10,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from ghoststep import random_direction
 from ghoststep.measurement import logit_slopes
 from ghoststep_lab.common.data import digits
 from ghoststep_lab.common.probes import (
-    batch_radius,
     curvature_along,
     descent_direction,
     distribution,
@@ -23,8 +23,6 @@ from ghoststep_lab.common.probes import (
     onset,
     pretrain,
     quadratic_step,
-    random_unit_direction,
-    sample_radii,
     std_log10,
     tempered_loss,
     train_checkpoints,
@@ -69,7 +67,7 @@ def test_line_sweep_matches_a_shifted_copy_and_leaves_the_model_alone():
     model = _tiny(norm=True).eval()
     X, y = _data()
     before = _state(model)
-    v = random_unit_direction(model, 3)
+    v = random_direction(model, seed=3)
     taus = [0.0, 0.3, 2.0]
     sweep = line_sweep(model, X, y, v, taus, per_sample=True)
     for k, t in enumerate(taus):
@@ -93,8 +91,8 @@ def test_line_sweep_in_train_mode_does_not_touch_batchnorm_buffers():
     model = _tiny(norm=True).train()
     X, y = _data()
     before = _state(model)
-    line_sweep(model, X, y, random_unit_direction(model, 0), [0.1, 1.0])
-    curvature_along(model, X, y, random_unit_direction(model, 0))
+    line_sweep(model, X, y, random_direction(model, seed=0), [0.1, 1.0])
+    curvature_along(model, X, y, random_direction(model, seed=0))
     after = _state(model)
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert model.training
@@ -105,7 +103,7 @@ def test_linear_model_line_loss_is_exactly_the_linearized_loss():
     model = torch.nn.Linear(5, 4)
     X, y = _data()
     y = y % 4
-    v = random_unit_direction(model, 2)
+    v = random_direction(model, seed=2)
     z, a = logit_slopes(model, X, v)
     taus = torch.tensor([0.5, 3.0, 20.0])
     sweep = line_sweep(model, X, y, v, taus, dtype=torch.float64)
@@ -117,7 +115,7 @@ def test_linear_model_line_loss_is_exactly_the_linearized_loss():
 def test_line_sweep_temperature_and_accuracy():
     model = _tiny().eval()
     X, y = _data()
-    v = random_unit_direction(model, 0)
+    v = random_direction(model, seed=0)
     s1 = line_sweep(model, X, y, v, [0.5])
     s4 = line_sweep(model, X, y, v, [0.5], temperature=4.0)
     with torch.no_grad():
@@ -130,7 +128,7 @@ def test_line_sweep_temperature_and_accuracy():
 def test_line_sweep_rejects_incomplete_direction():
     model = _tiny()
     X, y = _data()
-    v = random_unit_direction(model, 0)
+    v = random_direction(model, seed=0)
     v.pop(next(iter(v)))
     with pytest.raises(ValueError, match="no entry"):
         line_sweep(model, X, y, v, [1.0])
@@ -164,7 +162,7 @@ def _reference_curvature(model, X, y, v):
 def test_curvature_along_equals_vHv_from_the_full_hessian(seed):
     model = _tiny(seed).eval()
     X, y = _data(seed=seed)
-    for v in (random_unit_direction(model, seed + 10), descent_direction(model, X, y)):
+    for v in (random_direction(model, seed=seed + 10), descent_direction(model, X, y)):
         ours = curvature_along(model, X, y, v)
         assert ours == pytest.approx(_reference_curvature(model, X, y, v), rel=1e-8, abs=1e-12)
 
@@ -172,7 +170,7 @@ def test_curvature_along_equals_vHv_from_the_full_hessian(seed):
 def test_curvature_along_matches_finite_differences_of_the_line_loss():
     model = _tiny(2).eval()
     X, y = _data()
-    v = random_unit_direction(model, 5)
+    v = random_direction(model, seed=5)
     h = 1e-3
     s = line_sweep(model, X, y, v, [-h, h], dtype=torch.float64)
     fd = (float(s.loss[0]) + float(s.loss[1]) - 2 * s.loss0) / h**2
@@ -200,30 +198,7 @@ def test_quadratic_step():
     assert quadratic_step(0.0) == math.inf and quadratic_step(-1.0) == math.inf
 
 
-# -------------------------------------------------------------------------- radii
-
-
-def test_batch_radius_is_pi_over_the_largest_spread():
-    model = _tiny().eval()
-    X, _ = _data()
-    v = random_unit_direction(model, 1)
-    _, a = logit_slopes(model, X, v)
-    spread = (a.amax(-1) - a.amin(-1)).double()
-    assert batch_radius(model, X, v) == pytest.approx(math.pi / float(spread.max()), rel=1e-6)
-    assert batch_radius(model, X, v, temperature=3.0) == pytest.approx(
-        3.0 * math.pi / float(spread.max()), rel=1e-6
-    )
-
-
-def test_sample_radii_exact_is_at_least_the_bound_and_batch_is_the_min():
-    model = _tiny().eval()
-    X, _ = _data()
-    r = sample_radii(model, X, random_unit_direction(model, 4), exact=True)
-    assert r.exact.shape == r.rho_a.shape == r.top2.shape == (len(X),)
-    ok = torch.isfinite(r.exact)
-    assert bool(ok.all())
-    assert bool((r.exact >= r.rho_a * (1 - 1e-9)).all())
-    assert r.batch == float(r.rho_a.min())
+# --------------------------------------------------------------------- directions
 
 
 def test_descent_direction_is_a_unit_downhill_direction():

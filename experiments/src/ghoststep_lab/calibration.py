@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ghoststep import measure, random_direction
 from ghoststep_lab.common.data import digits
 from ghoststep_lab.common.figures import new_figure, save_figure
 from ghoststep_lab.common.probes import (
@@ -42,8 +43,6 @@ from ghoststep_lab.common.probes import (
     first_crossing,
     line_sweep,
     log_grid,
-    random_unit_direction,
-    sample_radii,
     train_checkpoints,
 )
 from ghoststep_lab.common.results import Claim, ClaimRule, Results, evaluate_claims
@@ -89,18 +88,18 @@ def _direction(kind: str, model, X, y, seed: int):
     if kind == "gradient":
         return descent_direction(model, X, y)
     if kind == "random":
-        return random_unit_direction(model, seed)
+        return random_direction(model, seed=seed)
     raise ValueError(f"unknown direction {kind!r}; choose from {DIRECTIONS}")
 
 
 def _analyse(model, X, y, v, r) -> dict:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", RuntimeWarning)
-        radii = sample_radii(model, X, v, exact=True)
+        m = measure(model, X, v, exact=True)
     uncertified_warnings = [
         str(w.message) for w in caught if "could not be certified" in str(w.message)
     ]
-    rho_a, exact, top2 = radii.rho_a.numpy(), radii.exact.numpy(), radii.top2.numpy()
+    rho_a, exact, top2 = (t.double().numpy() for t in (m.rho_samples, m.exact, m.top2))
     n_uncertified = int(np.isnan(exact).sum())
     batch_rho = float(rho_a.min())
     batch_exact = float(np.nanmin(exact)) if np.isfinite(exact).any() else math.nan

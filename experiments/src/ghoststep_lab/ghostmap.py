@@ -25,9 +25,9 @@ from pathlib import Path
 
 import torch
 
-from ghoststep.evaluation import optimizer_update_direction
+from ghoststep.evaluation import direction_norm, optimizer_update_direction
 from ghoststep.measurement import logit_slopes
-from ghoststep.radius import logit_spread, nearest_ghost
+from ghoststep.radius import nearest_ghost, rho_bound
 from ghoststep_lab.common.data import digits
 from ghoststep_lab.common.figures import new_figure, save_figure
 from ghoststep_lab.common.models import build_model
@@ -65,8 +65,8 @@ def ghosts_along_update(model, optimizer, batch, samples):
     logits, slopes = logit_slopes(model, samples, update)
     logits, slopes = logits.double(), slopes.double()
     t0 = nearest_ghost(logits, slopes)
-    rho_a = math.pi / float(logit_spread(slopes).max())
-    step = math.sqrt(sum(float(u.double().pow(2).sum()) for u in update.values()))
+    rho_a = float(rho_bound(slopes).min())  # pi / max spread
+    step = float(direction_norm(update))
     return t0, rho_a, step
 
 

@@ -28,17 +28,16 @@ from pathlib import Path
 
 import numpy as np
 
+from ghoststep import measure, random_direction
 from ghoststep_lab.common.data import digits
 from ghoststep_lab.common.figures import new_figure, save_figure
 from ghoststep_lab.common.probes import (
-    batch_radius,
     curvature_along,
     descent_direction,
     first_crossing,
     line_sweep,
     log_grid,
     quadratic_step,
-    random_unit_direction,
     train_checkpoints,
     value_at,
 )
@@ -79,7 +78,7 @@ PRESETS = {"quick": {"n_random": 5, "n_r": 9, "seeds": (0,)}, "paper": {}}
 
 
 def _probe(model, X, y, v, r, sign_label: str) -> dict:
-    rho = batch_radius(model, X, v)
+    rho = measure(model, X, v).rho_a
     sweep = line_sweep(model, X, y, v, r * rho)
     kappa = curvature_along(model, X, y, v)
     tau_h = quadratic_step(kappa)
@@ -123,7 +122,7 @@ def _stage_probes(config: Config, ck, X, y, r, seed: int, name: str, progress: b
             model,
             X,
             y,
-            random_unit_direction(model, config.direction_seed + 1000 * seed + k),
+            random_direction(model, seed=config.direction_seed + 1000 * seed + k),
             r,
             "random",
         )

@@ -42,8 +42,8 @@ import torch
 import torch.nn.functional as F
 
 from ghoststep.controller import AllRadiiController, RadiusController
-from ghoststep.measurement import logit_slopes
-from ghoststep.radius import exact_radius
+from ghoststep.measurement import flatten_samples, logit_slopes
+from ghoststep.radius import aggregate, exact_radius, logit_spread, rho_bound
 from ghoststep_lab.common.figures import new_figure, save_figure
 from ghoststep_lab.common.models import TinyLM
 from ghoststep_lab.common.results import Claim, ClaimRule, Results, Table, evaluate_claims
@@ -219,30 +219,37 @@ def exact_sample(model, x, old: dict, new: dict, positions: int, gen) -> dict:
         z, a = logit_slopes(model, (x,), direction)
         for n, p in params.items():
             p.copy_(new[n])
-    z, a = z.reshape(-1, z.shape[-1]), a.reshape(-1, a.shape[-1])
-    spread = a.amax(-1) - a.amin(-1)
-    bottleneck = int(spread.argmax())
+    z, a = flatten_samples(z, a)  # (B*T, V)
+    bottleneck = int(logit_spread(a).argmax())
     others = torch.randperm(z.shape[0], generator=gen)
     pick = [bottleneck] + [int(i) for i in others if int(i) != bottleneck][: positions - 1]
     zz, aa = z[pick].double(), a[pick].double()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # uncertified -> NaN, counted below
         rho_star = exact_radius(zz, aa)
-    rho_a = math.pi / (aa.amax(-1) - aa.amin(-1))
+    rho_a = rho_bound(aa)
     return {"positions": pick, "rho_a": rho_a.tolist(), "rho_star": rho_star.tolist(),
             "ratio": (rho_star / rho_a).tolist()}  # fmt: skip
+
+
+def quantile_over_min(rho_samples: torch.Tensor | None, q: float) -> float:
+    """``rho_q / rho_a``: the radius of the q-quantile spread (the convention of
+    ``ghoststep.radius.aggregate`` and the controller's ``quantile=q``) over the min
+    radius; NaN without per-sample radii or with a NaN among them."""
+    if rho_samples is None or bool(torch.isnan(rho_samples).any()):
+        return math.nan
+    rho = rho_samples.double()
+    return float(aggregate(rho, ("quantile", q)) / aggregate(rho, "min"))
 
 
 def _monitor_row(opt, x, y, ranks: np.ndarray, q: float) -> dict:
     """What the monitor-mode controller saw at this step, with the bottleneck's tokens."""
     st = opt.last
     b, t = divmod(max(st.bottleneck, 0), x.shape[1])
-    spreads = torch.sort(math.pi / st.rho_samples.double(), descending=True).values
-    k = math.floor((1.0 - q) * (spreads.numel() - 1))
     radii = st.radii or {}
     return {
         "r": st.r_before, "rho_a": st.rho_a, "tau": st.tau,
-        "q_over_max": float(spreads[0] / spreads[k]),  # rho_q / rho_a
+        "q_over_max": quantile_over_min(st.rho_samples, q),  # rho_q / rho_a
         "radii": {k_: float(v) for k_, v in radii.items()}, "binding": st.binding,
         "token": int(x[b, t]), "target": int(y[b, t]), "position": int(t),
         "rank": int(ranks[int(x[b, t])]), "target_rank": int(ranks[int(y[b, t])]),

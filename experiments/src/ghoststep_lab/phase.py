@@ -25,10 +25,10 @@ from pathlib import Path
 
 import numpy as np
 
+from ghoststep import measure
 from ghoststep_lab.common.data import digits
 from ghoststep_lab.common.figures import new_figure, save_figure
 from ghoststep_lab.common.probes import (
-    batch_radius,
     descent_direction,
     first_crossing,
     line_sweep,
@@ -81,7 +81,7 @@ def _probe_arch(arch: str, seed: int, config: Config, data, r: np.ndarray) -> di
     net = pretrain(arch, config.steps, seed, lr=lr, batch_size=config.batch_size, data=data)
     model = net.model  # eval mode
     v = descent_direction(model, data.X_train, data.y_train)
-    rho = batch_radius(model, data.X_train, v)
+    rho = measure(model, data.X_train, v).rho_a
     test = line_sweep(model, data.X_test, data.y_test, v, r * rho)
     trn = line_sweep(model, data.X_train, data.y_train, v, r * rho)
     return {

@@ -24,11 +24,11 @@ from pathlib import Path
 
 import numpy as np
 
+from ghoststep import measure
 from ghoststep.radius import radius_from_spread
 from ghoststep_lab.common.data import digits
 from ghoststep_lab.common.figures import new_figure, save_figure
 from ghoststep_lab.common.probes import (
-    batch_radius,
     descent_direction,
     line_sweep,
     log_grid,
@@ -137,7 +137,7 @@ def run(config: Config, out_dir: Path, progress: bool) -> Results:
         )
         model = net.model
         v = descent_direction(model, X, y, temperature=T)
-        rho = batch_radius(model, X, v, temperature=T)
+        rho = measure(model, X, v, temperature=T).rho_a
         sweep = line_sweep(model, X, y, v, taus, temperature=T)
         ratio = sweep.loss_ratio.numpy()
         tau_on = onset(taus, ratio, config.threshold)

@@ -4,10 +4,12 @@ Every one of those experiments does the same three things to a trained digits mo
 
 1. **train** it to a given step count or test accuracy (:func:`pretrain`,
    :func:`train_checkpoints`), optionally with a softmax temperature T inside the loss;
-2. **pick a direction** v (the normalized full-batch gradient, or a seeded random unit
-   direction: :func:`descent_direction`, :func:`random_unit_direction`) and measure
-   its radius ``rho_a(v) = pi T / max_x Delta a(x; v)`` on the same samples
-   (:func:`batch_radius`, :func:`sample_radii`);
+2. **pick a direction** v (the normalized full-batch descent direction,
+   :func:`descent_direction`, or a seeded random unit direction,
+   ``ghoststep.random_direction``) and measure its radius
+   ``rho_a(v) = pi T / max_x Delta a(x; v)`` on the same samples
+   (``ghoststep.measure``: ``.rho_a``, per sample ``.rho_samples``, ``exact=True`` for
+   the top-2 proxy and the certified exact radius);
 3. **probe the real network along v**: the loss, accuracy and predictions after moving
    the parameters to ``theta + tau v`` for a grid of step lengths tau
    (:func:`line_sweep`), its curvature ``v^T H v`` (:func:`curvature_along`), and the
@@ -47,9 +49,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ghoststep.evaluation import call_at, gradient_direction, random_direction, resolve_direction
-from ghoststep.measurement import logit_slopes
-from ghoststep.radius import exact_radius, rho_bound, top2_radius
+from ghoststep.evaluation import call_at, gradient_direction, resolve_direction
 from ghoststep_lab.common.data import Split, digits
 from ghoststep_lab.common.models import build_model
 from ghoststep_lab.common.training import evaluate, set_seed, train
@@ -61,10 +61,6 @@ __all__ = [
     "train_checkpoints",
     "pretrain",
     "descent_direction",
-    "random_unit_direction",
-    "batch_radius",
-    "sample_radii",
-    "SampleRadii",
     "line_sweep",
     "curvature_along",
     "quadratic_step",
@@ -223,52 +219,6 @@ def descent_direction(
     """
     g, _ = gradient_direction(model, tempered_loss(temperature), X, y)
     return {n: -t for n, t in g.items()}
-
-
-def random_unit_direction(model: nn.Module, seed: int) -> dict[str, torch.Tensor]:
-    """Seeded Gaussian direction of unit global norm over the trainable parameters."""
-    return random_direction(model, seed=seed)
-
-
-def batch_radius(model: nn.Module, X: torch.Tensor, direction, temperature: float = 1.0) -> float:
-    """``rho_a(v) = pi T / max_{x in X} Delta a(x; v)`` (+inf when no logit moves)."""
-    _, slopes = logit_slopes(model, X, direction)
-    return float(rho_bound(slopes.double(), temperature).min())
-
-
-@dataclass
-class SampleRadii:
-    """Per-sample radii along one direction (all float64, shape (N,))."""
-
-    logits: torch.Tensor  # (N, K), already divided by T
-    slopes: torch.Tensor  # (N, K), already divided by T
-    rho_a: torch.Tensor
-    top2: torch.Tensor | None = None
-    exact: torch.Tensor | None = None
-
-    @property
-    def batch(self) -> float:
-        return float(self.rho_a.min())
-
-
-def sample_radii(
-    model: nn.Module,
-    X: torch.Tensor,
-    direction,
-    temperature: float = 1.0,
-    *,
-    exact: bool = False,
-) -> SampleRadii:
-    """``rho_a`` per sample, and with ``exact`` the top-2 proxy (runner-up = the
-    strongest other class than the arg-max) and the certified exact radius rho*
-    (NaN where it could not be certified; ``exact_radius`` warns then)."""
-    logits, slopes = logit_slopes(model, X, direction)
-    z, a = logits.double() / temperature, slopes.double() / temperature
-    out = SampleRadii(z, a, rho_bound(a))
-    if exact:
-        out.top2 = top2_radius(z, a)
-        out.exact = exact_radius(z, a)
-    return out
 
 
 # ----------------------------------------------------------------------- line probes
