@@ -18,6 +18,7 @@ Examples::
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib
 import sys
 from collections.abc import Callable, Sequence
@@ -75,6 +76,7 @@ def lab_commands() -> dict[str, Command]:
     return dict(module.COMMANDS)
 
 
+@functools.cache
 def _missing_lab(name: str) -> Command:
     def add_arguments(p: argparse.ArgumentParser) -> None:
         p.add_argument("args", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
