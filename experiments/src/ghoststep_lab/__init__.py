@@ -1,11 +1,13 @@
-"""Reproductions of the paper's experiments, one module per experiment.
+"""The experiments of ghoststep: reproductions and extensions of the paper, one module
+per experiment, run by ``ghoststep run <name>`` (the subcommands are in
+:mod:`ghoststep_lab.cli`).
 
 The helpers they share (runner, results, training loop, data, models, ...) are in
 :mod:`ghoststep_lab.common`.
 
 The registry maps each name to its module (``ghoststep_lab.<name>``; the
-``directions`` experiment is ``gradient_directions``, not to shadow the core), imported
-only when the experiment is run (``ghoststep list`` imports nothing). What a module
+``directions`` experiment is ``gradient_directions``), imported only when the
+experiment is run (``ghoststep list`` imports nothing). What a module
 must define is described in :mod:`ghoststep_lab.common.runner` (the runner).
 
 Example:
@@ -19,6 +21,8 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 from typing import NamedTuple
+
+__version__ = "0.1.0"
 
 __all__ = [
     "EXPERIMENTS",

@@ -191,13 +191,16 @@ def make_run_dir(name: str, out: str | Path | None = None, root: str | Path = "r
 
 
 def versions() -> dict[str, str]:
-    """Versions that make a run describable: ghoststep, torch, numpy, python, platform."""
+    """Versions that make a run describable: ghoststep, the experiments, torch, numpy,
+    python, platform."""
     import numpy as np
 
-    from ghoststep import __version__
+    import ghoststep
+    import ghoststep_lab
 
     return {
-        "ghoststep": __version__,
+        "ghoststep": ghoststep.__version__,
+        "ghoststep_lab": ghoststep_lab.__version__,
         "torch": torch.__version__,
         "numpy": np.__version__,
         "python": platform.python_version(),
