@@ -48,7 +48,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from ghoststep.controller import RadiusController
 from ghoststep.evaluation import directional, full_float32, trainable_parameters
-from ghoststep.experiments.common.models import TinyLM, resnet18_cifar
+from ghoststep_lab.common.models import TinyLM, resnet18_cifar
 
 
 class CNNBatchNorm32(nn.Module):

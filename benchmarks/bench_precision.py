@@ -63,8 +63,8 @@ from torch import nn
 
 from ghoststep.controller import RadiusController
 from ghoststep.evaluation import default_logits_fn, directional, trainable_parameters
-from ghoststep.experiments.common.models import MLP, CNNBatchNorm, TinyLM, resnet18_cifar
 from ghoststep.radius import logit_spread
+from ghoststep_lab.common.models import MLP, CNNBatchNorm, TinyLM, resnet18_cifar
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 

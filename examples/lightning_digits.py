@@ -22,8 +22,9 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.loggers import CSVLogger
+from sklearn.datasets import load_digits
+from sklearn.model_selection import train_test_split
 
-from ghoststep.experiments.common.data import load_digits_split
 from ghoststep.integrations.lightning import LightningRadiusCallback
 
 
@@ -68,9 +69,13 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     warnings.filterwarnings("ignore", ".*does not have many workers.*")
     L.seed_everything(args.seed, verbose=False)
-    data = load_digits_split(seed=args.seed)
-    train = torch.utils.data.TensorDataset(data.X_train, data.y_train)
-    test = torch.utils.data.TensorDataset(data.X_test, data.y_test)
+    X, y = load_digits(return_X_y=True)  # features / 16, stratified 80/20 split
+    X_train, X_test, y_train, y_test = (
+        torch.tensor(a) for a in train_test_split(
+            (X / 16).astype("float32"), y, test_size=0.2, stratify=y, random_state=args.seed)
+    )  # fmt: skip
+    train = torch.utils.data.TensorDataset(X_train, y_train)
+    test = torch.utils.data.TensorDataset(X_test, y_test)
     loaders = (
         torch.utils.data.DataLoader(train, batch_size=64, shuffle=True),
         torch.utils.data.DataLoader(test, batch_size=360),

@@ -1,5 +1,5 @@
 """Tiny models and the digits data for the core tests, independent of
-``ghoststep.experiments`` (the library's core must be testable without it).
+``ghoststep_lab`` (the library's core must be testable without it).
 
 The models are built like the experiments' architectures of the same names (same
 layers created in the same order, so the same seed gives the same weights): the
@@ -83,6 +83,11 @@ class Block(nn.Module):
         self.ff_in, self.ff_out = nn.Linear(d, 4 * d), nn.Linear(4 * d, d)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.internals(x)[0]
+
+    def internals(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(output, scores, pre)``: the block's output, its pre-softmax attention logits
+        (B, H, T, T; masked keys at -inf) and its FFN pre-activations (B, T, 4 d)."""
         b, t, d = x.shape
         q, k, v = self.qkv(self.ln1(x)).reshape(b, t, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
         scores = q @ k.transpose(-2, -1) / math.sqrt(d // self.heads)
@@ -90,12 +95,27 @@ class Block(nn.Module):
             future = torch.ones(t, t, dtype=torch.bool, device=x.device).triu(1)
             scores = scores.masked_fill(future, float("-inf"))
         x = x + self.out((torch.softmax(scores, -1) @ v).transpose(1, 2).reshape(b, t, d))
-        return x + self.ff_out(self.activation(self.ff_in(self.ln2(x))))
+        pre = self.ff_in(self.ln2(x))
+        return x + self.ff_out(self.activation(pre)), scores, pre
+
+
+def _through(blocks: nn.Sequential, h: torch.Tensor, return_internals: bool):
+    """``h`` through the blocks; with ``return_internals`` also the ``internal_radii``
+    dict of every block's attention logits and FFN pre-activations."""
+    if not return_internals:
+        return blocks(h), None
+    internals: dict[str, list[torch.Tensor]] = {"attention_logits": [], "ffn_preacts": []}
+    for block in blocks:
+        h, scores, pre = block.internals(h)
+        internals["attention_logits"].append(scores)
+        internals["ffn_preacts"].append(pre)
+    return h, internals
 
 
 class Transformer(nn.Module):
     """Digit classifier: the 8 image rows are 8 tokens; 2 blocks (ReLU FFN), final
-    LayerNorm, mean pooling, linear head."""
+    LayerNorm, mean pooling, linear head. ``return_internals=True``: ``(logits,
+    internals)`` as ``ghoststep.controller.internal_radii`` reads them."""
 
     def __init__(self, d: int = 32):
         super().__init__()
@@ -104,9 +124,11 @@ class Transformer(nn.Module):
         self.blocks = nn.Sequential(*(Block(d, 4, F.relu) for _ in range(2)))
         self.ln_f, self.head = nn.LayerNorm(d), nn.Linear(d, 10)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.blocks(self.embed(x.reshape(-1, 8, 8)) + self.pos)
-        return self.head(self.ln_f(h).mean(dim=1))
+    def forward(self, x: torch.Tensor, return_internals: bool = False):
+        h = self.embed(x.reshape(-1, 8, 8)) + self.pos
+        h, internals = _through(self.blocks, h, return_internals)
+        logits = self.head(self.ln_f(h).mean(dim=1))
+        return (logits, internals) if return_internals else logits
 
 
 class TinyLM(nn.Module):
@@ -121,9 +143,12 @@ class TinyLM(nn.Module):
         self.lm_head = nn.Linear(d, vocab_size, bias=False)
         self.lm_head.weight = self.tok_emb.weight
 
-    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+    def forward(self, idx: torch.Tensor, return_internals: bool = False):
         pos = torch.arange(idx.shape[1], device=idx.device)
-        return self.lm_head(self.ln_f(self.blocks(self.tok_emb(idx) + self.pos_emb(pos))))
+        h = self.tok_emb(idx) + self.pos_emb(pos)
+        h, internals = _through(self.blocks, h, return_internals)
+        logits = self.lm_head(self.ln_f(h))
+        return (logits, internals) if return_internals else logits
 
 
 class BasicBlock(nn.Module):

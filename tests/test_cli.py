@@ -1,18 +1,25 @@
-"""The ghoststep command line (in-process through main(argv), plus the console script)."""
+"""The ghoststep command line: its own subcommand (``plot``, also in test_plots), the
+table of subcommands, and what ``run`` / ``list`` / ``report`` / ``demo`` say when the
+experiments are not installed (their own tests are in experiments/tests/test_cli.py)."""
 
 from __future__ import annotations
 
-import json
-import shutil
+import argparse
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from ghoststep.cli import COMMANDS, main
-from ghoststep.experiments import EXPERIMENTS
-from ghoststep.experiments.common.results import validate_results
+from ghoststep.cli import COMMANDS, LAB_COMMANDS, all_commands, build_parser, main
+
+
+@pytest.fixture
+def no_lab(monkeypatch):
+    """The experiments package made unimportable, as in an install of the library alone."""
+    for name in [m for m in sys.modules if m == "ghoststep_lab" or m.startswith("ghoststep_lab.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "ghoststep_lab", None)
 
 
 def test_help_lists_subcommands(capsys):
@@ -20,123 +27,44 @@ def test_help_lists_subcommands(capsys):
         main(["--help"])
     assert info.value.code == 0
     out = capsys.readouterr().out
-    for name in ("run", "list", "report", "demo"):
+    for name in ("run", "list", "report", "demo", "plot"):
         assert name in out
 
 
-def test_console_script_help():
+def test_console_script_plot_help():
     exe = Path(sys.executable).parent / "ghoststep"
     cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "ghoststep.cli"]
-    proc = subprocess.run(cmd + ["run", "--help"], capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(cmd + ["plot", "--help"], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0
-    assert "--preset" in proc.stdout and "--seeds" in proc.stdout
+    assert "RUN_OR_CSV" in proc.stdout
 
 
-def test_list_prints_every_experiment(capsys):
-    assert main(["list"]) == 0
-    lines = capsys.readouterr().out.strip().splitlines()
-    assert [line.split()[0] for line in lines] == list(EXPERIMENTS)
-    assert all(len(line.split()) > 3 for line in lines)  # a description follows each name
-
-
-def test_unknown_experiment_exits_2_listing_valid_names(capsys):
-    with pytest.raises(SystemExit) as info:
-        main(["run", "nonsense", "--preset", "quick"])
-    assert info.value.code == 2
-    err = capsys.readouterr().err
-    assert "nonsense" in err
-    for name in EXPERIMENTS:
-        assert name in err
+def _subcommands() -> dict:
+    (sub,) = [a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)]
+    return sub.choices
 
 
 def test_every_registered_command_is_a_subcommand_dispatching_to_its_handler():
-    import argparse
-
-    from ghoststep.cli import build_parser
-
-    (sub,) = [a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)]
-    assert list(sub.choices) == list(COMMANDS)
-    for name, (help_text, _, handler) in COMMANDS.items():
-        assert sub.choices[name].get_default("handler") is handler
-        assert sub.choices[name].description == help_text
+    commands = all_commands()
+    choices = _subcommands()
+    assert list(choices) == list(commands)
+    assert set(COMMANDS) <= set(choices) and set(LAB_COMMANDS) <= set(choices)
+    for name, (help_text, _, handler) in commands.items():
+        assert choices[name].get_default("handler") is handler
+        assert choices[name].description == help_text
 
 
-@pytest.mark.slow
-def test_run_hessian_quick_writes_run_folder(tmp_path, capsys):
-    out = tmp_path / "hes"
-    assert main(["run", "hessian", "--preset", "quick", "--out", str(out), "--no-progress"]) == 0
-    stdout = capsys.readouterr().out
-    assert str(out / "report.md") in stdout
-    for name in ("config.json", "results.json", "report.md", "fig13_hessian_vs_radius.png"):
-        assert (out / name).is_file(), name
-    results = json.loads((out / "results.json").read_text())
-    validate_results(results)
-    assert all(c["reproduced"] for c in results["claims"])
-    headline = results["claims"][0]
-    assert "4000" in headline["claim"] and float(headline["ours"].rstrip("x")) > 4000
-    config = json.loads((out / "config.json").read_text())
-    assert config["preset"] == "quick" and config["experiment"] == "hessian"
-    assert config["versions"]["ghoststep"]
-    report = (out / "report.md").read_text()
-    assert "![" in report and "fig13_hessian_vs_radius.png" in report
-    assert "| claim | paper | ours | reproduced |" in report
+@pytest.mark.parametrize("argv", [["run", "spike", "--preset", "quick"], ["list"], ["demo"]])
+def test_without_the_experiments_their_commands_say_how_to_install_them(no_lab, argv, capsys):
+    assert list(_subcommands()) == [*LAB_COMMANDS, *COMMANDS]
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert f"`ghoststep {argv[0]}`" in err and "pip install -e experiments" in err
 
 
-def test_run_spike_prints_its_headline(tmp_path, capsys):
-    """What `make demo` ends with: accuracy through the spike, the largest applied r, and
-    where the report and figure are; the claim count stays in the report."""
-    out = tmp_path / "spike"
-    argv = ["run", "spike", "--preset", "quick", "--set", "base_lrs=0.01", "--no-progress"]
-    assert main(argv + ["--out", str(out)]) == 0
-    lines = capsys.readouterr().out.strip().splitlines()
-    assert "claims reproduced" not in "\n".join(lines)
-    row = next(line for line in lines if line.strip().startswith("eta0 0.01"))
-    assert "plain Adam" in row and "controller" in row and row.count("%") == 6
-    r_ctrl = next(
-        line for line in lines if line.startswith("largest applied r") and "contr" in line
-    )
-    assert float(r_ctrl.rsplit(":", 1)[1]) <= 1.0 + 1e-6
-    assert lines[-2:] == [f"report: {out / 'report.md'}", f"figure: {out / 'fig6_spike.png'}"]
-
-
-def test_run_errors_are_clean(tmp_path, capsys):
-    assert main(["run", "hessian", "--preset", "nope", "--out", str(tmp_path / "a")]) == 1
-    assert "unknown preset" in capsys.readouterr().err
-    assert main(["run", "hessian", "--set", "bogus=1", "--out", str(tmp_path / "b")]) == 1
-    assert "bogus" in capsys.readouterr().err
-    assert main(["run", "hessian", "--set", "novalue", "--out", str(tmp_path / "c")]) == 1
-    assert "key=value" in capsys.readouterr().err
-
-
-@pytest.mark.slow
-def test_report_merges_runs(tmp_path, capsys, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    assert main(["run", "hessian", "--preset", "quick", "--no-progress"]) == 0
-    shutil.copytree(next(Path("runs").iterdir()), Path("runs") / "hessian-copy")
-    assert main(["report"]) == 0
-    text = Path("report.md").read_text()
-    assert text.count("## hessian") == 2
-    assert "(runs/hessian-copy/fig13_hessian_vs_radius.png)" in text
-
-    assert main(["report", "runs/hessian-copy", "--out", "merged"]) == 0
-    text = Path("merged/report.md").read_text()
-    assert "(../runs/hessian-copy/fig13_hessian_vs_radius.png)" in text
-    capsys.readouterr()
-    assert main(["report", "nowhere"]) == 1
-    assert "results.json" in capsys.readouterr().err
-
-
-def test_report_without_runs_fails(tmp_path, capsys, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    assert main(["report"]) == 1
-    assert "no runs" in capsys.readouterr().err
-
-
-def test_demo_prints_table(capsys):
-    assert main(["demo", "--steps", "30", "--every", "10"]) == 0
-    out = capsys.readouterr().out
-    rows = [line for line in out.splitlines() if line.strip()[:1].isdigit()]
-    assert [int(r.split()[0]) for r in rows] == [0, 10, 20, 29]
-    assert "rho_a" in out
-    largest = float(out.split("largest r of the last 30 steps:")[1].split()[0])
-    assert largest >= max(float(r.split()[-1]) for r in rows) - 1e-3  # printed rounded
+def test_without_the_experiments_plot_still_works(no_lab, tmp_path, capsys):
+    history = tmp_path / "radius.csv"
+    history.write_text("step,tau,rho_a,r_before,r_after,scale,skipped\n0,1,2,0.5,0.5,1,0\n")
+    pytest.importorskip("matplotlib")
+    assert main(["plot", str(history)]) == 0
+    assert (tmp_path / "radius.png").read_bytes()[:4] == b"\x89PNG"

@@ -30,8 +30,11 @@ def test_tutorial_code_compiles(path):
 @pytest.mark.slow
 @pytest.mark.parametrize("path", TUTORIALS, ids=[p.stem for p in TUTORIALS])
 def test_tutorial_runs(path, tmp_path):
+    code = python_blocks(path.read_text())
+    if "ghoststep_lab" in code:  # a model of the experiments' package
+        pytest.importorskip("ghoststep_lab")
     script = tmp_path / f"{path.stem}.py"
-    script.write_text(python_blocks(path.read_text()))
+    script.write_text(code)
     env = dict(os.environ, GHOSTSTEP_TUTORIAL_OUT=str(tmp_path), OMP_NUM_THREADS="1")
     done = subprocess.run(
         [sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=120

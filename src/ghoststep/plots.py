@@ -166,7 +166,7 @@ def plot_history(path: str | os.PathLike[str], out: str | os.PathLike[str] | Non
     """
     from ghoststep.integrations import require
 
-    require("matplotlib", "experiments", feature="ghoststep.plots")  # optional dependency
+    require("matplotlib", "plots", feature="ghoststep.plots")  # optional dependency
     from matplotlib.figure import Figure
 
     path = Path(path)

@@ -14,7 +14,7 @@ all-radii controller, Section 6.6):
 The model must accept ``return_internals=True`` and then return ``(logits,
 {"attention_logits": [s, ...], "ffn_preacts": [h, ...]})``: per layer the scores
 ``s`` (B, H, T_q, T_k), causally masked keys at ``-inf``, and the pre-activations
-``h`` (B, T, d_ff). The transformers of ``ghoststep.experiments`` do.
+``h`` (B, T, d_ff).
 
 Example (any ``extra_radii`` hook has this signature)::
 
@@ -51,10 +51,9 @@ def internal_radii(
 ) -> dict[str, float]:
     """Attention and FFN radii of a transformer along ``direction``, in units of t.
 
-    One forward-mode JVP of ``model(inputs, return_internals=True)`` (the models in
-    :mod:`~ghoststep.experiments.common.models` return their pre-softmax attention logits
-    ``s`` (B, H, T, T) and FFN pre-activations ``h`` (B, T, d_ff) per layer) gives the
-    tangents ``s_dot``, ``h_dot`` along v. Then
+    One forward-mode JVP of ``model(inputs, return_internals=True)`` (which returns the
+    pre-softmax attention logits ``s`` (B, H, T, T) and FFN pre-activations ``h``
+    (B, T, d_ff) per layer) gives the tangents ``s_dot``, ``h_dot`` along v. Then
 
     * ``attn``: ``pi / max(max_keys s_dot - min_keys s_dot)`` over layers, heads,
       queries and samples (the softmax-ghost bound of every attention row; causally

@@ -1,0 +1,81 @@
+"""The lmstability experiment: LR sensitivity, qk-layernorm, the quick preset."""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import pytest
+import torch
+
+from ghoststep_lab import lmstability as ls
+from ghoststep_lab.common.runner import run_experiment
+
+
+def test_lr_sensitivity_and_stable_range():
+    curve = {1e-3: 5.0, 3e-3: 4.0, 1e-2: 4.05, 3e-2: 4.5, 1e-1: 4.08, 3e-1: 6.0}
+    out = ls.lr_sensitivity(curve)
+    assert out["best"] == 4.0 and out["best_lr"] == 3e-3
+    assert out["sensitivity"] == pytest.approx(sum(curve.values()) / 6 - 4.0)
+    # widest contiguous run within 0.1 of the best: 3e-3..1e-2 (1e-1 alone is narrower)
+    assert ls.stable_range(curve, 0.1) == (3e-3, 1e-2)
+    assert ls.stable_range({1e-3: 1.0}, 0.1) == (1e-3, 1e-3)
+    diverged = {"final_val": math.nan, "initial_val": 7.6}
+    assert ls.capped_loss(diverged) == 7.6
+    assert ls.capped_loss({"final_val": 9.0, "initial_val": 7.6}) == 7.6
+
+
+def test_qk_layernorm_bounds_attention_logits():
+    cfg = ls.Config(vocab_size=50, d_model=16, n_layers=1, n_heads=2, seq_len=8)
+    torch.manual_seed(0)
+    plain, normed = ls.build_lm(cfg, False), ls.build_lm(cfg, True)
+    assert isinstance(normed.blocks[0].attn, ls.QKNormAttention)
+    with torch.no_grad():  # blow up the query / key weights: only the plain model follows
+        for m in (plain, normed):
+            m.blocks[0].attn.qkv.weight.mul_(100.0)
+    x = torch.randint(0, 50, (2, 8))
+    big = [
+        ls.max_attention_logit(m(x, return_internals=True)[1]["attention_logits"])
+        for m in (plain, normed)
+    ]
+    d_head = cfg.d_model // cfg.n_heads
+    assert big[1] <= math.sqrt(d_head) + 1e-4  # |q.k| <= |q||k| = d_head with unit gains
+    assert big[0] > 10 * big[1]
+    scores = [torch.tensor([[0.0, -math.inf], [3.0, -5.0]])]
+    assert ls.max_attention_logit(scores) == 5.0
+
+
+@pytest.mark.slow
+@pytest.mark.slow
+def test_lmstability_quick_preset(tmp_path):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        out = run_experiment(
+            "lmstability",
+            "quick",
+            out=tmp_path / "run",
+            progress=False,
+            overrides={"cache_dir": str(tmp_path / "cache")},
+        )
+    res = out.results
+    for name in (
+        "lmstability_lr_curves.png",
+        "lmstability_attention.png",
+        "lmstability_binding.png",
+        "lmstability_output_logits.png",
+    ):
+        assert (tmp_path / "run" / name).exists()
+    assert len(res["claims"]) == 12
+    runs = res["metrics"]["runs"]
+    cfg = ls.Config(**{**ls.Config().__dict__, **ls.PRESETS["quick"]})
+    assert len(runs) == len(ls.METHODS) * len(cfg.lrs) * len(cfg.seeds)
+    for rec in runs:
+        assert rec["initial_val"] > 0 and rec["tokens_per_s"] > 0
+        assert rec["log"] and all("max_attn" in e and "log_z" in e for e in rec["log"])
+        if rec["method"] in ("ctrl_out", "ctrl_attn"):
+            # clip mode: the applied step stays inside the radius that limits it
+            assert all(row["r_after"] <= 1.0 + 1e-6 for row in rec["controller"])
+    attn = [row for r in runs if r["method"] == "ctrl_attn" for row in r["controller"]]
+    assert attn and all(set(row["radii"]) == {"out", "attn"} for row in attn)
+    table = res["tables"][0]
+    assert [row[0] for row in table["rows"]] == [ls.METHOD_LABELS[m] for m in ls.METHODS]
