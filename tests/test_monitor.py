@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+from datetime import timedelta
 
 import pytest
 import torch
@@ -48,8 +49,9 @@ def test_stepstats_fields_and_scalars():
 def test_csv_sink_is_incremental(tmp_path):
     path = tmp_path / "sub" / "radius.csv"
     sink = CSVSink(path)
-    assert path.read_text().splitlines() == [",".join(StepStats.field_names())]
+    assert not path.exists()  # created at the first write, when the rank is known
     sink.write(_stats(1))
+    assert path.read_text().splitlines()[0] == ",".join(StepStats.field_names())
     rows = list(csv.DictReader(path.open()))  # readable before close: flushed
     assert len(rows) == 1 and float(rows[0]["r_before"]) == 2.0
     sink.write(_stats(2, loss=None, rho_a=math.inf, skipped=True))
@@ -170,3 +172,75 @@ def test_controller_feeds_sinks_every_step(tmp_path):
     ctrl.close()
     with pytest.raises(ValueError, match="closed"):
         ctrl.sinks[0].write(ctrl.last)
+
+
+# ------------------------------------------------- two gloo ranks, one history path
+
+
+def _ranks_worker(rank: int, world: int, init_file: str, out_dir: str, ranks) -> None:
+    import torch.distributed as dist
+
+    # built before init_process_group, as torchrun scripts and Lightning callbacks do
+    options = {} if ranks is None else {"ranks": ranks}
+    sinks = [CSVSink(f"{out_dir}/radius.csv", **options),
+             JSONLSink(f"{out_dir}/radius.jsonl", **options)]  # fmt: skip
+    dist.init_process_group(
+        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+        timeout=timedelta(seconds=60),
+    )  # fmt: skip
+    try:
+        torch.set_num_threads(1)
+        torch.manual_seed(0)
+        ddp = nn.parallel.DistributedDataParallel(nn.Sequential(nn.Linear(6, 8), nn.Linear(8, 3)))
+        ctrl = RadiusController(torch.optim.SGD(ddp.parameters(), lr=1.0), ddp, sinks=sinks)
+        g = torch.Generator().manual_seed(rank)
+        for _ in range(STEPS):
+            ctrl.zero_grad()
+            F.cross_entropy(ddp(torch.randn(8, 6, generator=g)), torch.arange(8) % 3).backward()
+            ctrl.step()
+            dist.barrier()  # both ranks write each step at about the same time
+        ctrl.close()
+    finally:
+        dist.destroy_process_group()
+
+
+STEPS = 12
+
+
+def _spawn_ranks(tmp_path, ranks) -> list[str]:
+    import torch.multiprocessing as mp
+
+    mp.spawn(_ranks_worker, args=(2, str(tmp_path / "pg"), str(tmp_path), ranks), nprocs=2)
+    return sorted(p.name for p in tmp_path.iterdir() if p.name != "pg")
+
+
+def _check_history_files(csv_path, jsonl_path) -> None:
+    with csv_path.open(newline="") as f:
+        rows = list(csv.reader(f))
+    assert rows[0] == StepStats.field_names() and len(rows) == STEPS + 1
+    assert all(len(row) == len(rows[0]) for row in rows)
+    assert [int(row[0]) for row in rows[1:]] == list(range(1, STEPS + 1))
+    lines = [json.loads(line) for line in jsonl_path.read_text().splitlines()]
+    assert [line["step"] for line in lines] == list(range(1, STEPS + 1))
+
+
+@pytest.mark.slow
+def test_two_ranks_one_path_one_valid_file_from_rank_zero(tmp_path):
+    files = _spawn_ranks(tmp_path, None)
+    print(f"\nfiles: {files}")
+    assert files == ["radius.csv", "radius.jsonl"]  # rank 1 created nothing
+    _check_history_files(tmp_path / "radius.csv", tmp_path / "radius.jsonl")
+
+
+@pytest.mark.slow
+def test_two_ranks_ranks_all_write_one_file_each(tmp_path):
+    files = _spawn_ranks(tmp_path, "all")
+    print(f"\nfiles: {files}")
+    assert files == sorted(f"radius.rank{r}.{ext}" for ext in ("csv", "jsonl") for r in (0, 1))
+    for r in (0, 1):
+        _check_history_files(tmp_path / f"radius.rank{r}.csv", tmp_path / f"radius.rank{r}.jsonl")
+
+
+def test_ranks_must_be_a_rank_or_all(tmp_path):
+    with pytest.raises(ValueError, match="ranks"):
+        CSVSink(tmp_path / "r.csv", ranks="some")

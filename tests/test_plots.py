@@ -87,3 +87,40 @@ def test_errors(tmp_path):
     (tmp_path / "other.csv").write_text("a,b\n1,2\n")
     with pytest.raises(ValueError, match="not a ghoststep history"):
         read_history(tmp_path / "other.csv")
+
+
+def _corrupt(path, line: int, text: str):
+    """The history of ``_write`` with its line ``line`` (1-based) replaced by ``text``."""
+    lines = path.read_text().splitlines()
+    lines[line - 1] = text
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_plot_names_a_corrupt_jsonl_line(tmp_path, capsys):
+    from ghoststep.cli import main
+
+    # two writers on one file: the tail of one record glued to the next
+    path = _corrupt(_write(JSONLSink, tmp_path / "h.jsonl"), 4, '0.1, "rho_a": 0.3}{"step": 5')
+    assert main(["plot", str(path)]) == 1
+    err = capsys.readouterr().err
+    print(err)
+    assert f"{path}:4: corrupt line: expected one JSON object per line" in err
+    assert not (tmp_path / "h.png").exists()
+    with pytest.raises(ValueError, match=r"h\.jsonl:4: "):
+        plot_history(tmp_path)  # a folder: the damaged history is reported, not skipped
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("3,03,0.49,1.28,0.38,0.38,1.0", r"h\.csv:4: malformed row: expected 12 .*got 7"),
+        ("3,0.1.2,0.3,1,1,1,1,0.01,False,0.1,,0", r"h\.csv:4: column 'tau': expected a number"),
+    ],
+    ids=["field-count", "number"],
+)
+def test_plot_reports_a_malformed_csv_row(tmp_path, text, expected):
+    path = _corrupt(_write(CSVSink, tmp_path / "h.csv"), 4, text)
+    with pytest.raises(ValueError, match=expected) as caught:
+        plot_history(path)
+    print(caught.value)

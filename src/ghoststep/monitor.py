@@ -18,7 +18,9 @@ this module::
             self.writer.flush()
 
 The two file sinks here write incrementally -- a header (CSV) and then one line per step,
-flushed after every write -- so a crashed or still-running job can be inspected.
+flushed after every write -- so a crashed or still-running job can be inspected. Under
+``torch.distributed`` one rank writes (rank 0 by default) or each rank its own file
+(``ranks="all"``): never two processes one file.
 
 Examples:
     >>> import tempfile, pathlib
@@ -43,7 +45,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import IO, Any, Protocol, runtime_checkable
 
-__all__ = ["StepStats", "Sink", "CSVSink", "JSONLSink", "CallbackSink", "DEFAULT_KEYS"]
+__all__ = [
+    "StepStats",
+    "Sink",
+    "CSVSink",
+    "JSONLSink",
+    "CallbackSink",
+    "DEFAULT_KEYS",
+    "process_rank",
+]
 
 #: StepStats fields the trainer integrations log by default (as ``ghoststep/<key>``).
 DEFAULT_KEYS: tuple[str, ...] = ("tau", "rho_a", "r_before", "r_after", "scale")
@@ -132,24 +142,76 @@ class Sink(Protocol):
 
 
 class _FileSink:
-    """Shared plumbing: open lazily-created parent directories, flush per write."""
+    """Shared plumbing: one writing process per file, the file opened at the first write.
 
-    def __init__(self, path: str | os.PathLike[str], *, append: bool = False) -> None:
+    Under ``torch.distributed`` (DDP, FSDP, torchrun, Lightning's DDP strategies) every rank
+    runs the same script and builds the same sink; two processes appending to one file
+    interleave their bytes. Which rank writes is decided at the first ``write`` -- by then
+    the process group of a training run exists, also when the sink was built before
+    ``init_process_group`` (a script run by torchrun, a Lightning callback's arguments) --
+    and nothing is created before it, so a rank that does not write never opens,
+    truncates or creates the file.
+    """
+
+    def __init__(
+        self, path: str | os.PathLike[str], *, append: bool = False, ranks: int | str = 0
+    ) -> None:
+        if not (ranks == "all" or (isinstance(ranks, int) and not isinstance(ranks, bool))):
+            raise ValueError(f"ranks must be a rank (int) or 'all', got {ranks!r}")
         self.path = os.fspath(path)
-        parent = os.path.dirname(self.path)
-        if parent:
-            os.makedirs(parent, exist_ok=True)
-        self._existing = append and os.path.exists(self.path) and os.path.getsize(self.path) > 0
-        self._file: IO[str] | None = open(  # closed in close()
-            self.path, "a" if append else "w", newline="", encoding="utf-8"
-        )
+        self.append = append
+        self.ranks = ranks
+        #: the file this process writes; None until the first write, and on a rank that
+        #: writes nothing
+        self.file_path: str | None = None
+        self._decided = False
+        self._closed = False
+        self._file: IO[str] | None = None
 
-    def _handle(self) -> IO[str]:
-        if self._file is None:
+    def _target(self) -> str | None:
+        """The file this process writes (None: another rank's), from the process group."""
+        rank, world = process_rank()
+        if self.ranks == "all":
+            if world == 1:
+                return self.path
+            stem, suffix = os.path.splitext(self.path)
+            return f"{stem}.rank{rank}{suffix}"
+        return self.path if rank == self.ranks else None
+
+    def _handle(self) -> IO[str] | None:
+        """The open file, opened on first use; None on a rank that does not write."""
+        if self._closed:
             raise ValueError(f"{type(self).__name__}({self.path!r}) is closed")
+        if not self._decided:
+            self._decided = True
+            self.file_path = self._target()
+            if self.file_path is not None:
+                self._file = self._open(self.file_path)
         return self._file
 
+    def _open(self, path: str) -> IO[str]:
+        parent = os.path.dirname(path)
+        if parent:
+            os.makedirs(parent, exist_ok=True)
+        existing = self.append and os.path.exists(path) and os.path.getsize(path) > 0
+        handle = open(path, "a" if self.append else "w", newline="", encoding="utf-8")
+        self._start(handle, existing)
+        return handle
+
+    def _start(self, handle: IO[str], existing: bool) -> None:
+        """Write what precedes the first record (nothing by default)."""
+
+    def write(self, stats: StepStats) -> None:
+        handle = self._handle()
+        if handle is not None:
+            self._write(handle, stats)
+            handle.flush()
+
+    def _write(self, handle: IO[str], stats: StepStats) -> None:
+        raise NotImplementedError
+
     def close(self) -> None:
+        self._closed = True
         if self._file is not None:
             self._file.close()
             self._file = None
@@ -161,7 +223,18 @@ class _FileSink:
         self.close()
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}({self.path!r})"
+        return f"{type(self).__name__}({self.path!r}, ranks={self.ranks!r})"
+
+
+def process_rank() -> tuple[int, int]:
+    """``(rank, world_size)`` of this process: from ``torch.distributed`` when its process
+    group is initialised, else from the ``RANK`` / ``WORLD_SIZE`` variables torchrun sets,
+    else ``(0, 1)``."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
 class CSVSink(_FileSink):
@@ -170,35 +243,38 @@ class CSVSink(_FileSink):
     Args:
         path: file to create (parent directories are made). Truncated unless ``append``.
         append: add rows to an existing file (the header is written only if it is empty).
+        ranks: under ``torch.distributed``, the rank that writes ``path`` (default 0; the
+            other ranks open nothing), or ``"all"``: every rank writes its own file,
+            ``path`` with ``.rank<r>`` before the suffix (``radius.rank1.csv``; ``path``
+            itself in a single process).
+
+    The rank is read at the first ``write`` (:func:`process_rank`), so a sink built before
+    ``init_process_group`` writes as the rank it turns out to be; the file is created at
+    that first write, not at construction.
     """
 
-    def __init__(self, path: str | os.PathLike[str], *, append: bool = False) -> None:
-        super().__init__(path, append=append)
-        self._writer = csv.DictWriter(self._handle(), fieldnames=StepStats.field_names())
-        if not self._existing:
+    def _start(self, handle: IO[str], existing: bool) -> None:
+        self._writer = csv.DictWriter(handle, fieldnames=StepStats.field_names())
+        if not existing:
             self._writer.writeheader()
-            self._handle().flush()
 
-    def write(self, stats: StepStats) -> None:
+    def _write(self, handle: IO[str], stats: StepStats) -> None:
         row = stats.as_dict()
         if row["loss"] is None:
             row["loss"] = ""
         self._writer.writerow(row)
-        self._handle().flush()
 
 
 class JSONLSink(_FileSink):
     """Write one JSON object per line and step, flushed after each line.
 
     Non-finite floats are written as the strings ``"inf"``, ``"-inf"``, ``"nan"`` so every
-    line is strict JSON.
+    line is strict JSON. Arguments as :class:`CSVSink`.
     """
 
-    def write(self, stats: StepStats) -> None:
+    def _write(self, handle: IO[str], stats: StepStats) -> None:
         row = {key: _json_value(value) for key, value in stats.as_dict().items()}
-        handle = self._handle()
         handle.write(json.dumps(row, allow_nan=False) + "\n")
-        handle.flush()
 
 
 class CallbackSink:

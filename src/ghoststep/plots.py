@@ -54,17 +54,64 @@ def _field(name: str) -> str:
     return name
 
 
-def _rows(path: Path) -> list[dict]:
-    """Raw rows: CSV records, JSON lines, or a JSON list / ``{"log_history": [...]}``."""
+def _rows(path: Path) -> list[tuple[str, dict]]:
+    """``(where, row)`` pairs: CSV records and JSON lines (``where``: ``"<path>:<line>"``),
+    or the entries of a JSON list / ``{"log_history": [...]}`` (``"<path>: entry N"``).
+
+    Raises:
+        ValueError: a line that is not what the format requires -- a CSV row with another
+            number of fields than the header, a JSONL line that is not one JSON object --,
+            named by file and line (under ``torch.distributed`` two processes writing one
+            file leave such lines; the file sinks write from one rank).
+    """
     with path.open(newline="" if path.suffix == ".csv" else None, encoding="utf-8") as f:
         if path.suffix == ".csv":
-            return [{k: v for k, v in row.items() if k is not None} for row in csv.DictReader(f)]
+            return _csv_rows(path, f)
         if path.suffix == ".jsonl":
-            return [json.loads(line) for line in f if line.strip()]
-        data = json.load(f)
+            return [(f"{path}:{n}", _json_line(path, n, line)) for n, line in enumerate(f, 1)
+                    if line.strip()]  # fmt: skip
+        try:
+            data = json.load(f)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}:{err.lineno}: not valid JSON ({err.msg})") from err
     if isinstance(data, dict):
         data = data.get("log_history", [])
-    return [row for row in data if isinstance(row, dict)] if isinstance(data, list) else []
+    if not isinstance(data, list):
+        return []
+    return [(f"{path}: entry {n}", row) for n, row in enumerate(data, 1) if isinstance(row, dict)]
+
+
+def _csv_rows(path: Path, f) -> list[tuple[str, dict]]:
+    reader = csv.reader(f)
+    try:
+        header = next(reader, [])
+        rows = []
+        for values in reader:
+            if not values:
+                continue
+            if len(values) != len(header):
+                raise ValueError(
+                    f"{path}:{reader.line_num}: malformed row: expected {len(header)} "
+                    f"comma-separated fields as in the header, got {len(values)}"
+                )
+            rows.append((f"{path}:{reader.line_num}", dict(zip(header, values))))
+    except csv.Error as err:
+        raise ValueError(f"{path}:{reader.line_num}: malformed CSV ({err})") from err
+    return rows
+
+
+def _json_line(path: Path, number: int, line: str) -> dict:
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as err:
+        row = err
+    if not isinstance(row, dict):
+        why = f" ({row.msg} at column {row.colno})" if isinstance(row, ValueError) else ""
+        raise ValueError(
+            f"{path}:{number}: corrupt line: expected one JSON object per line, as "
+            f"JSONLSink writes{why}: {line.strip()[:80]!r}"
+        )
+    return row
 
 
 def _normalize(row: dict) -> dict:
@@ -77,19 +124,22 @@ def _normalize(row: dict) -> dict:
     return out
 
 
-def _number(value) -> float:
+def _number(value, where: str = "", key: str = "") -> float:
+    """A cell as a float (booleans as 0/1, empty as NaN).
+
+    Raises:
+        ValueError: a value that is not a number, named by ``where`` and ``key``.
+    """
     if value is None or value == "":
         return math.nan
     if isinstance(value, bool):
         return float(value)
-    if isinstance(value, str):
-        low = value.strip().lower()
-        if low in ("true", "false"):
-            return float(low == "true")
+    if isinstance(value, str) and value.strip().lower() in ("true", "false"):
+        return float(value.strip().lower() == "true")
     try:
         return float(value)
     except (TypeError, ValueError):
-        return math.nan
+        raise ValueError(f"{where}: column {key!r}: expected a number, got {value!r}") from None
 
 
 def read_history(path: str | os.PathLike[str]) -> dict[str, list[float]]:
@@ -99,18 +149,20 @@ def read_history(path: str | os.PathLike[str]) -> dict[str, list[float]]:
     ``metrics.csv``) are dropped. Missing values are NaN.
 
     Raises:
-        ValueError: the file has no ``tau`` / ``rho_a`` columns or an unknown suffix.
+        ValueError: the file has no ``tau`` / ``rho_a`` columns or an unknown suffix, or a
+            corrupt line (a malformed CSV row, a JSONL line that is not a JSON object, a
+            value that is not a number): the message names the file and the line.
     """
     path = Path(path)
     if path.suffix not in _SUFFIXES:
         raise ValueError(f"{path}: expected a .csv, .jsonl or .json history")
-    rows = [_normalize(row) for row in _rows(path)]
-    rows = [row for row in rows if any(key in row for key in _REQUIRED)]
-    if not rows or not all(any(key in row for row in rows) for key in _REQUIRED):
+    rows = [(where, _normalize(row)) for where, row in _rows(path)]
+    rows = [(where, row) for where, row in rows if any(key in row for key in _REQUIRED)]
+    if not rows or not all(any(key in row for _, row in rows) for key in _REQUIRED):
         raise ValueError(f"{path}: not a ghoststep history (no columns {', '.join(_REQUIRED)})")
     columns: dict[str, list[float]] = {key: [] for key in _FIELDS}
-    for index, row in enumerate(rows):
-        values = {key: _number(row.get(key)) for key in _FIELDS}
+    for index, (where, row) in enumerate(rows):
+        values = {key: _number(row.get(key), where, key) for key in _FIELDS}
         if math.isnan(values["tau"]) and math.isnan(values["rho_a"]) and not values["skipped"] > 0:
             continue
         if math.isnan(values["step"]):
@@ -121,12 +173,29 @@ def read_history(path: str | os.PathLike[str]) -> dict[str, list[float]]:
 
 
 def _is_history(path: Path) -> bool:
+    """Whether ``path`` has ``tau`` and ``rho_a`` columns (a CSV header, the keys of the
+    JSON lines that parse, the JSON entries); corrupt lines are left to ``read_history``,
+    which names them, so a damaged history is reported rather than skipped."""
     try:
-        rows = _rows(path)
+        with path.open(newline="", encoding="utf-8") as f:
+            if path.suffix == ".csv":
+                names = set(next(csv.reader(f), []))
+            elif path.suffix == ".jsonl":
+                names = {key for line in f for key in _keys(line)}
+            else:
+                names = {key for _, row in _rows(path) for key in row}
     except (OSError, UnicodeDecodeError, ValueError, csv.Error):
         return False
-    names = {key for row in rows for key in _normalize(row)}
+    names = {_field(name) for name in names}
     return all(key in names for key in _REQUIRED)
+
+
+def _keys(line: str) -> list[str]:
+    try:
+        row = json.loads(line)
+    except ValueError:
+        return []
+    return list(row) if isinstance(row, dict) else []
 
 
 def find_histories(path: str | os.PathLike[str]) -> list[Path]:
