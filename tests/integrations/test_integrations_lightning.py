@@ -15,6 +15,7 @@ from torch import nn
 
 L = pytest.importorskip("lightning")
 from lightning.pytorch.loggers import CSVLogger  # noqa: E402
+from lightning.pytorch.loggers.logger import Logger  # noqa: E402
 
 from ghoststep import RadiusController  # noqa: E402
 from ghoststep.integrations.lightning import LightningRadiusCallback  # noqa: E402
@@ -264,3 +265,59 @@ def test_ddp_spawn_ranks_apply_the_same_scale(tmp_path):
     assert len(rank0["history"]) == 3 and rank0["history"] == rank1["history"]
     assert any(scale < 1 for scale, _ in rank0["history"])  # the clip did bind
     assert torch.equal(rank0["flat"], rank1["flat"])
+
+
+class _CaptureLogger(Logger):
+    """Keeps every ``log_metrics`` call as ``(step, metrics)``."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    @property
+    def name(self):
+        return "capture"
+
+    @property
+    def version(self):
+        return 0
+
+    def log_hyperparams(self, *args, **kwargs):
+        pass
+
+    def log_metrics(self, metrics, step=None):
+        self.calls.append((step, dict(metrics)))
+
+
+def test_log_every_logs_each_logged_steps_own_values(tmp_path):
+    logger = _CaptureLogger()
+    cb = LightningRadiusCallback(mode="clip", target_r=0.5, log_every=2)
+    trainer = _trainer(tmp_path, [cb], max_steps=6, logger=logger)
+    trainer.fit(Classifier(lr=5.0), _loader())
+    history = list(cb.controller.history)
+    logged = [(step, m["ghoststep/tau"]) for step, m in logger.calls if "ghoststep/tau" in m]
+    print(f"\nlogged (logger step, tau): {logged}\nhistory tau: {[s.tau for s in history]}")
+    # Lightning's logger step counts the optimizer steps before this one: k - 1
+    assert [step for step, _ in logged] == [1, 3, 5]  # optimizer steps 2, 4, 6, once each
+    for step, tau in logged:
+        assert history[step].step == step + 1
+        assert tau == pytest.approx(history[step].tau, rel=1e-6)
+    assert float(trainer.callback_metrics["ghoststep/tau"]) == pytest.approx(history[-1].tau)
+
+
+class SubmoduleCall(Classifier):
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return F.cross_entropy(self.net(x), y)  # not self(x)
+
+
+def test_training_step_calling_a_submodule_names_module_net(tmp_path):
+    trainer = _trainer(tmp_path, [LightningRadiusCallback()], max_steps=1)
+    with pytest.raises(RuntimeError, match='module="net"') as caught:
+        trainer.fit(SubmoduleCall(), _loader())
+    print(f"\n{caught.value}")
+    assert "no batch to measure" in str(caught.value)
+    cb = LightningRadiusCallback(module="net")  # the fix the message names
+    trainer = _trainer(tmp_path, [cb], max_steps=2)
+    trainer.fit(SubmoduleCall(), _loader())
+    assert cb.controller.step_count == 2

@@ -27,7 +27,8 @@ Requirements: ``training_step`` must call the module's ``forward`` (``self(x)``)
 model inputs, and ``forward`` must return the logits (or something ``logits_fn`` maps to
 them). If ``training_step`` calls a submodule instead (``self.net(x)``), pass
 ``module="net"`` so the hook sits on that submodule (every optimized parameter must then
-belong to it).
+belong to it); a step whose measured forward never ran stops with an error naming the
+``module=`` to pass.
 
 Manual optimization: the callback wraps the single optimizer returned by
 ``configure_optimizers`` as well (``self.optimizers()`` then returns the wrapper). With
@@ -70,8 +71,10 @@ class LightningRadiusCallback(Callback):
         module: the module whose forward the radius is measured on: ``None`` (the
             LightningModule), the name of a submodule attribute (``"net"``), or a function
             ``pl_module -> nn.Module``.
-        log_every: log the statistics every N optimizer steps (1: every step). Loggers
-            still write only every ``Trainer(log_every_n_steps=...)`` steps.
+        log_every: send the statistics to the loggers every N optimizer steps (1: every
+            step), each with that step's own values; a logger still writes only at
+            ``Trainer(log_every_n_steps=...)`` steps. ``trainer.callback_metrics`` (and the
+            progress bar) hold the last step's values.
         keys: ``StepStats`` fields to log.
         prefix: prefix of the logged names.
         prog_bar: also show the logged values in the progress bar.
@@ -113,6 +116,8 @@ class LightningRadiusCallback(Callback):
         self._owned = False  # the callback created the controller (and closes it)
         self._pending_state: Mapping[str, Any] | None = None
         self._last_logged = 0
+        self._forwards = 0  # calls of the measured module's forward since the last step
+        self._forward_hook: Any = None
 
     # ------------------------------------------------------------------ wrapping
 
@@ -153,9 +158,11 @@ class LightningRadiusCallback(Callback):
         if isinstance(inner, RadiusController):
             self.controller, self._owned = inner, False
         else:
+            measured = self._measured_module(pl_module)
+            self._forward_hook = measured.register_forward_pre_hook(self._count_forward)
             self.controller = RadiusController(
                 inner,
-                self._measured_module(pl_module),
+                measured,
                 mode=self.mode,
                 target_r=self.target_r,
                 **{"micro_batches": "all", **self.controller_kwargs},
@@ -177,6 +184,29 @@ class LightningRadiusCallback(Callback):
         """Remove the forward hook of a controller this callback created (history stays)."""
         if self._owned and self.controller is not None and stage == "fit":
             self.controller.close()
+        if self._forward_hook is not None:
+            self._forward_hook.remove()
+            self._forward_hook = None
+
+    # ------------------------------------------------------------------ the measured forward
+
+    def _count_forward(self, module, args) -> None:
+        self._forwards += 1
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        """Refuse a step whose measured forward never ran, naming ``module=``.
+
+        Lightning calls this inside the closure the controller runs first in ``step``
+        (after forward and backward, before the radius): the controller would stop with
+        "no batch to measure", which does not say that ``training_step`` called a
+        submodule. Only a step with no call of the forward at all is refused here; an
+        eval-mode or no-grad call is left to the controller's own message.
+        """
+        if self._forward_hook is None:
+            return
+        if self._forwards == 0:
+            raise RuntimeError(_no_forward_message(pl_module, self.controller))
+        self._forwards = 0
 
     # ------------------------------------------------------------------ logging
 
@@ -186,19 +216,22 @@ class LightningRadiusCallback(Callback):
         if stats is None or stats.step <= self._last_logged:
             return  # no optimizer step since the last call (gradient accumulation)
         self._last_logged = stats.step
-        if stats.step % self.log_every:
-            return
         values = stats.scalars()
         metrics = {f"{self.prefix}{k}": values[k] for k in self.keys if k in values}
-        if metrics:
-            pl_module.log_dict(
-                metrics,
-                on_step=True,
-                on_epoch=False,
-                prog_bar=self.prog_bar,
-                logger=bool(trainer.loggers),
-                batch_size=1,
-            )
+        if not metrics:
+            return
+        # callback_metrics and the progress bar: this step's values, every step
+        pl_module.log_dict(
+            metrics, on_step=True, on_epoch=False, prog_bar=self.prog_bar, logger=False,
+            batch_size=1,
+        )  # fmt: skip
+        # The loggers get them through Lightning's own writer, only at this step: values
+        # given to self.log stay in Lightning's result collection until the epoch ends
+        # and are written again at every later logging step, so a step skipped by
+        # log_every would repeat the last logged step's values.
+        connector = trainer._logger_connector
+        if stats.step % self.log_every == 0 and connector.should_update_logs:
+            connector.log_metrics(metrics)
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -225,3 +258,29 @@ class LightningRadiusCallback(Callback):
         state = states[0]
         if isinstance(state, Mapping) and "inner" in state and "ghoststep" in state:
             checkpoint["optimizer_states"] = [state["inner"]]
+
+
+def _no_forward_message(pl_module: nn.Module, controller: RadiusController) -> str:
+    """The error for a step without a forward of the measured module, with the
+    ``module=`` that would measure the submodule holding every optimized parameter."""
+    measured = controller.model
+    optimized = {id(p) for group in controller.param_groups for p in group["params"]}
+    holders = [
+        name
+        for name, sub in pl_module.named_modules()
+        if sub is not measured and name and optimized <= {id(p) for p in sub.parameters()}
+    ]
+    if holders:
+        fix = f'pass LightningRadiusCallback(module="{min(holders, key=len)}", ...)'
+    else:
+        children = ", ".join(name for name, _ in pl_module.named_children()) or "none"
+        fix = (
+            'pass LightningRadiusCallback(module="<the submodule training_step calls>", ...) '
+            f"(submodules: {children}; it must hold every optimized parameter)"
+        )
+    return (
+        "LightningRadiusCallback: RadiusController.step() has no batch to measure the radius "
+        f"on: the forward of {type(measured).__name__} did not run in this training step. "
+        "The radius is measured on that forward's inputs, so training_step must call it "
+        f"(self(x)); if it calls a submodule instead (self.net(x)), {fix}"
+    )
