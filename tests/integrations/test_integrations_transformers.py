@@ -18,6 +18,7 @@ from helpers import Exact, applied_update, realised_r, trainable_state  # noqa: 
 import ghoststep  # noqa: E402
 from ghoststep import RadiusController  # noqa: E402
 from ghoststep.integrations.transformers import (  # noqa: E402
+    STATE_NAME,
     TrainerRadiusCallback,
     add_radius_control,
     is_causal_lm,
@@ -216,6 +217,31 @@ def test_checkpoint_resume_restores_controller(tmp_path):
     assert cb2.controller.step_count == 3  # continued from the saved 2
     assert cb2.controller.history[0].step == 3
     assert saved["step_count"] == 2
+
+
+def test_checkpoint_resumes_without_add_radius_control(tmp_path):
+    args = dict(save_strategy="steps", save_steps=2, max_steps=2)
+    trainer = transformers.Trainer(
+        model=_gpt2(), args=_args(tmp_path, **args), train_dataset=TokenData()
+    )
+    add_radius_control(trainer, mode="clip", target_r=0.5)
+    trainer.train()
+    folder = tmp_path / "out" / "checkpoint-2"
+    optimizer = torch.load(folder / "optimizer.pt", weights_only=True)
+    ours = torch.load(folder / STATE_NAME, weights_only=True)
+    print(f"\noptimizer.pt keys {sorted(optimizer)}, {STATE_NAME} step_count {ours['step_count']}")
+    assert set(optimizer) == {"state", "param_groups"}  # a plain AdamW state dict
+    assert ours["step_count"] == 2
+
+    # a plain Trainer: the optimizer state alone (today's torch raised KeyError 'param_groups')
+    args["max_steps"] = 3
+    plain = transformers.Trainer(
+        model=_gpt2(), args=_args(tmp_path, **args), train_dataset=TokenData()
+    )
+    plain.train(resume_from_checkpoint=str(folder))
+    assert plain.state.global_step == 3
+    steps = {float(s["step"]) for s in plain.optimizer.optimizer.state_dict()["state"].values()}
+    assert steps == {3.0}  # AdamW's state continued from the checkpoint's 2 steps
 
 
 def test_default_attention_is_kept_and_trains(tmp_path, recwarn):

@@ -16,9 +16,11 @@ What :func:`add_radius_control` does:
   ``args.optim``, weight-decay groups, ``optimizer_cls_and_kwargs``) -- or takes the one
   passed via ``optimizers=`` -- and replaces it by a :class:`~ghoststep.RadiusController`
   around it. The Trainer then builds its LR scheduler on the wrapper (which shares the
-  inner ``param_groups``), Accelerate wraps it like any optimizer, and Trainer checkpoints
-  save and restore the controller's state with the optimizer's (resume with the
-  controller attached again).
+  inner ``param_groups``) and Accelerate wraps it like any optimizer.
+* keeps Trainer checkpoints loadable without ghoststep: ``optimizer.pt`` holds the inner
+  optimizer's plain state dict, the controller's state (counters, radius window, buffer,
+  subset RNG) is in ``ghoststep_state.pt`` beside it. Resuming with
+  ``add_radius_control`` restores both; a plain Trainer resumes the optimizer alone.
 * measures the radius on the batch the model's forward just saw (the Trainer calls
   ``model(**inputs)``; a forward pre-hook keeps the keyword arguments, ``labels``
   included). Positions whose label is -100 are ignored; for causal language models the
@@ -46,6 +48,7 @@ here).
 from __future__ import annotations
 
 import functools
+import os
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -61,7 +64,17 @@ from ghoststep.monitor import DEFAULT_KEYS
 _tf = require("transformers", "transformers", feature="ghoststep.integrations.transformers")
 TrainerCallback = _tf.TrainerCallback
 
-__all__ = ["TrainerRadiusCallback", "add_radius_control", "label_mask_fn", "is_causal_lm"]
+__all__ = [
+    "TrainerRadiusCallback",
+    "add_radius_control",
+    "label_mask_fn",
+    "is_causal_lm",
+    "STATE_NAME",
+]
+
+#: file of a Trainer checkpoint folder holding the controller's own state (beside the
+#: plain optimizer state in ``optimizer.pt``)
+STATE_NAME = "ghoststep_state.pt"
 
 
 _CAUSAL_SUFFIXES = ("ForCausalLM", "LMHeadModel")
@@ -273,6 +286,7 @@ def add_radius_control(
         if scheduler is not None and getattr(scheduler, "optimizer", None) is inner:
             repoint_scheduler(scheduler, controller)
     _keep_popped_labels(trainer, controller)
+    _plain_optimizer_checkpoints(trainer, controller)
 
     callback = TrainerRadiusCallback(controller, keys=keys, prefix=prefix)
     trainer.callback_handler.callbacks.insert(0, callback)
@@ -296,6 +310,48 @@ def _keep_popped_labels(trainer: Any, controller: RadiusController) -> None:
             return compute_loss(model, inputs, *args, **kwargs)
 
     trainer.compute_loss = with_targets
+
+
+def _plain_optimizer_checkpoints(trainer: Any, controller: RadiusController) -> None:
+    """Checkpoints that resume with or without ghoststep: ``optimizer.pt`` the inner
+    optimizer's plain state dict, the controller's state in :data:`STATE_NAME` beside it.
+
+    A plain Trainer resuming a checkpoint gives ``optimizer.pt`` to a plain optimizer
+    (``torch.load(weights_only=True)``, then ``Optimizer.load_state_dict``): no ghoststep
+    code runs there, so a controller state dict (``{"inner", "ghoststep"}``) in that file
+    could only fail as ``KeyError: 'param_groups'``. The Trainer's save and load of the
+    optimizer are wrapped instead (private methods of ``transformers.Trainer``; where they
+    are missing, or with several inner optimizers, the controller's state dict is saved
+    as the optimizer state, as before). A checkpoint without :data:`STATE_NAME` (an
+    earlier one) loads as it was saved.
+    """
+    save = getattr(trainer, "_save_optimizer_and_scheduler", None)
+    load = getattr(trainer, "_load_optimizer_and_scheduler", None)
+    if save is None or load is None or len(controller.optimizers) != 1:
+        return
+    inner = controller.optimizers[0]
+
+    @functools.wraps(save)
+    def save_plain(output_dir, *args, **kwargs):
+        ours = controller.state_dict()["ghoststep"]
+        controller.state_dict = inner.state_dict  # what the Trainer's save reads, only here
+        try:
+            save(output_dir, *args, **kwargs)
+        finally:
+            del controller.state_dict
+        if trainer.args.should_save:
+            torch.save(ours, os.path.join(output_dir, STATE_NAME))
+
+    @functools.wraps(load)
+    def load_with_state(checkpoint, *args, **kwargs):
+        load(checkpoint, *args, **kwargs)
+        path = os.path.join(checkpoint, STATE_NAME) if checkpoint else None
+        if path is not None and os.path.isfile(path):
+            ours = torch.load(path, map_location="cpu", weights_only=True)
+            controller.load_state_dict({"inner": inner.state_dict(), "ghoststep": ours})
+
+    trainer._save_optimizer_and_scheduler = save_plain
+    trainer._load_optimizer_and_scheduler = load_with_state
 
 
 def _find_controller(optimizer: Any) -> RadiusController | None:
