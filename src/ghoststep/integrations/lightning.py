@@ -159,6 +159,9 @@ class LightningRadiusCallback(Callback):
             self.controller, self._owned = inner, False
         else:
             measured = self._measured_module(pl_module)
+            if self._forward_hook is not None:  # a fit that ended without teardown
+                self._forward_hook.remove()
+            self._forwards = 0
             self._forward_hook = measured.register_forward_pre_hook(self._count_forward)
             self.controller = RadiusController(
                 inner,
