@@ -29,6 +29,7 @@ def _stats(step: int, **overrides) -> StepStats:
         lr=0.1,
         loss=1.25,
         spread=12.5,
+        radius=0.25,
     )
     values.update(overrides)
     return StepStats(**values)

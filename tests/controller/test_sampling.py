@@ -9,16 +9,10 @@ import pytest
 import torch
 
 from ghoststep.controller._capture import Captured
-from ghoststep.controller._sampling import (
-    Sampling,
-    batch_rows,
-    bottleneck_rows,
-    cat_rows,
-    detached_copy,
-    make_plan,
-    select_rows,
-)
+from ghoststep.controller._sampling import Sampling, bottleneck_rows, make_plan
 from ghoststep.evaluation._inputs import split_inputs
+from ghoststep.evaluation._rows import batch_rows, cat_rows, detached_copy, select_rows
+from ghoststep.measurement._reduce import aggregate_spread
 from ghoststep.radius import aggregate, radius_from_spread
 
 # ------------------------------------------------------------------ options record
@@ -96,8 +90,8 @@ def test_mask_checks_the_number_of_positions():
 
 def test_aggregate_max_and_empty():
     spread = torch.tensor([0.5, 3.0, 1.0], dtype=torch.float64)
-    assert Sampling().aggregate(spread).item() == 3.0
-    empty = Sampling(quantile=0.5).aggregate(spread[:0])
+    assert aggregate_spread(spread).item() == 3.0
+    empty = aggregate_spread(spread[:0], 0.5)
     assert empty.shape == () and empty.item() == 0.0
 
 
@@ -108,7 +102,7 @@ def test_aggregate_is_the_upper_quantile_order_statistic(n, q):
     # interpolation "higher" is the closed form of the upper order statistic.
     g = torch.Generator().manual_seed(n)
     spread = torch.randperm(n, generator=g).double()
-    got = Sampling(quantile=q).aggregate(spread)
+    got = aggregate_spread(spread, q)
     assert got.item() == math.ceil(q * (n - 1))
     assert got.item() == torch.quantile(spread, q, interpolation="higher").item()
 
@@ -120,7 +114,7 @@ def test_aggregate_matches_the_radius_aggregate_of_the_same_q(q, n):
     ``radius.aggregate(rho, ("quantile", q))`` picks (rho = pi / spread)."""
     g = torch.Generator().manual_seed(1000 * n + int(100 * q))
     spread = torch.rand(n, generator=g, dtype=torch.float64) + 0.1
-    from_spread = radius_from_spread(Sampling(quantile=q).aggregate(spread))
+    from_spread = radius_from_spread(aggregate_spread(spread, q))
     from_radii = aggregate(radius_from_spread(spread), ("quantile", q))
     assert from_spread.item() == from_radii.item()
 

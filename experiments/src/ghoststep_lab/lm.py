@@ -192,7 +192,7 @@ def _optimizer(method: str, model: torch.nn.Module, c: Config, lr: float):
                               weight_decay=c.weight_decay)  # fmt: skip
     # (B, T, V) logits, the loss's softmax over the vocabulary: the last dim
     if method == "monitor":
-        return AllRadiiController(inner, model, mode="monitor", use=("out",), method="jvp",
+        return AllRadiiController(inner, model, mode="monitor", limit_by=("out",), method="jvp",
                                   ffn_quantile=c.ffn_quantile, keep_samples=True,
                                   class_dim=-1)  # fmt: skip
     if method in ("controller", "controller_q"):

@@ -282,7 +282,7 @@ def _optimizer(method: str, model: torch.nn.Module, c: Config, peak: float):
     if method == "ctrl_set":
         return RadiusController(inner, model, mode="set", **kw)
     if method == "ctrl_attn":
-        return AllRadiiController(inner, model, mode="clip", use=("out", "attn"), **kw)
+        return AllRadiiController(inner, model, mode="clip", limit_by=("out", "attn"), **kw)
     return inner
 
 

@@ -19,8 +19,8 @@ from torch import nn
 from ..evaluation._directional import tf32_allowed
 from ..evaluation._inputs import Call, batch_coupled, plain_value
 from ..evaluation._isolation import AutocastState, autocast_state, capture_rng
-from ..evaluation._outputs import LayoutError, LogitsReader, logits_reader
-from ._function import Recorded, fingerprint, record
+from ..evaluation._outputs import LayoutError, LogitsReader, fingerprint, logits_reader
+from ._function import Recorded, record
 
 __all__ = ["Captured", "ForwardCapture", "check_single_controller"]
 

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
-__all__ = ["Recorded", "Watch", "changes", "fingerprint", "flags_as", "record"]
+__all__ = ["Recorded", "Watch", "changes", "flags_as", "record"]
 
 _UNTRACKED = -1  # a tensor without a version counter (inference tensors)
 
@@ -123,24 +123,6 @@ def flags_as(model: nn.Module, flags: tuple[bool, ...] | None):
             m.training = flag
 
 
-def fingerprint(logits: torch.Tensor) -> torch.Tensor:
-    """A compact per-position summary of logits ``(..., K)``: their max and mean,
-    shape ``(..., 2)``, float32 (two passes, no copy; a position with a masked -inf
-    class has mean -inf, which :func:`fingerprint_gap` leaves out)."""
-    logits = logits.detach()
-    return torch.stack([logits.amax(-1).float(), logits.mean(-1, dtype=torch.float32)], -1)
-
-
-def fingerprint_gap(replayed: torch.Tensor, recorded: torch.Tensor) -> float:
-    """The largest difference of two fingerprints, relative to 1 + |value| (0 for
-    entries non-finite in both)."""
-    replayed = fingerprint(replayed)
-    if replayed.shape != recorded.shape:
-        return 0.0
-    gap = (replayed - recorded.to(replayed.device)).abs() / (1.0 + recorded.abs())
-    return float(gap.nan_to_num(0.0, 0.0, 0.0).max()) if gap.numel() else 0.0
-
-
 _LIKELY = (
     "state the forward reads changed after it ran (an input or buffer changed in place, "
     "also through .data), or the forward draws random numbers outside torch's, Python's "
@@ -163,7 +145,7 @@ class Watch:
         if key in self.warned:
             return
         self.warned.add(key)
-        warnings.warn(f"RadiusController: {message}", RuntimeWarning, stacklevel=6)
+        warnings.warn(f"RadiusController: {message}", RuntimeWarning, stacklevel=8)
 
     def changed(self, causes: list[str], method: str) -> None:
         """Inputs / buffers changed since the training forward (``changes``)."""
