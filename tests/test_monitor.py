@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ghoststep.controller import RadiusController
+from ghoststep.controller import RadiusController, Recording
 from ghoststep.monitor import CallbackSink, CSVSink, JSONLSink, Sink, StepStats
 
 
@@ -153,8 +153,7 @@ def test_controller_feeds_sinks_every_step(tmp_path):
     ctrl = RadiusController(
         torch.optim.SGD(model.parameters(), lr=5.0),
         model,
-        sinks=[CSVSink(csv_path), JSONLSink(jsonl_path)],
-        history_size=2,
+        recording=Recording(sinks=[CSVSink(csv_path), JSONLSink(jsonl_path)], history_size=2),
     )
     x, y = torch.randn(12, 5), torch.randint(0, 3, (12,))
     for step in range(1, 4):

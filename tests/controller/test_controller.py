@@ -16,7 +16,7 @@ from torch import nn
 from torch.utils import _pytree as pytree
 
 import ghoststep.evaluation._directional
-from ghoststep.controller import RadiusController
+from ghoststep.controller import RadiusController, Sampling
 from ghoststep.measurement import logit_slopes
 
 
@@ -421,8 +421,7 @@ def test_sequence_model_with_mask():
     ctrl = RadiusController(
         torch.optim.SGD(model.parameters(), lr=20.0),
         model,
-        ignore_index=-100,
-        targets_fn=lambda inputs: labels,
+        sampling=Sampling(ignore_index=-100, targets_fn=lambda inputs: labels),
     )
     at_old = copy.deepcopy(model)
     old = _params_copy(model)
@@ -466,7 +465,10 @@ def test_window_takes_running_minimum(digits):
     torch.manual_seed(0)
     model = build_model("mlp")
     ctrl = RadiusController(
-        torch.optim.Adam(model.parameters(), lr=0.05), model, window=3, mode="monitor"
+        torch.optim.Adam(model.parameters(), lr=0.05),
+        model,
+        sampling=Sampling(window=3),
+        mode="monitor",
     )
     rho_now = []
     for idx in _batches(len(Xtr), 6, 32, seed=4):
@@ -482,7 +484,9 @@ def test_buffer_rows_are_rechecked(digits):
     Xtr, ytr, _, _ = digits
     torch.manual_seed(0)
     model = build_model("mlp").double()
-    ctrl = RadiusController(torch.optim.SGD(model.parameters(), lr=5.0), model, buffer_size=4)
+    ctrl = RadiusController(
+        torch.optim.SGD(model.parameters(), lr=5.0), model, sampling=Sampling(buffer_size=4)
+    )
     for idx in _batches(len(Xtr), 3, 32, seed=6):
         x = Xtr[idx].double()
         buffer = None if ctrl._buffer is None else ctrl._buffer.clone()
@@ -508,8 +512,7 @@ def test_fast_subset_and_buffer_measure_exactly_the_rows_drawn(monkeypatch):
         model,
         method="fast",
         mode="monitor",
-        subset=6,
-        buffer_size=5,
+        sampling=Sampling(subset=6, buffer_size=5),
     )
     for step in range(3):
         x, y = torch.randn(20, 12), torch.randint(0, 40, (20,))
@@ -762,7 +765,7 @@ def test_gradient_accumulation_micro_batches(digits, micro_batches):
     ctrl = RadiusController(
         torch.optim.Adam(model.parameters(), lr=0.5),
         model,
-        micro_batches=micro_batches,
+        sampling=Sampling(micro_batches=micro_batches),
         method="jvp",
     )
     # With these batches the first micro-batch has the larger spread along the update.

@@ -12,6 +12,8 @@
 Each option is also accepted as a keyword of its own (``subset=8`` is
 ``sampling=Sampling(subset=8)``, ``class_dim=1`` is read with ``logits_fn``,
 ``sinks=[...]`` is ``recording=Recording(sinks=[...])``); :func:`grouped` sorts them.
+Beside a grouped argument, such a keyword must be at its default (then it is ignored)
+or it is a ``ValueError``: one option, one place.
 """
 
 from __future__ import annotations
@@ -74,6 +76,10 @@ class Recording:
 _READING = ("class_dim", "activation")
 
 
+def _at_default(value, default) -> bool:
+    return value is default or (type(value) is type(default) and value == default)
+
+
 def grouped(options: dict[str, Any], *, sampling, measuring, recording):
     """``(sampling, (class_dim, activation), measuring, recording)`` from the grouped
     arguments and the options given as keywords of their own."""
@@ -81,8 +87,12 @@ def grouped(options: dict[str, Any], *, sampling, measuring, recording):
     given = {"sampling": sampling, "measuring": measuring, "recording": recording}
     out = {}
     for name, cls in groups.items():
-        fields = {f.name for f in dataclasses.fields(cls)}
+        fields = {f.name: f.default for f in dataclasses.fields(cls)}
         loose = {k: options.pop(k) for k in list(options) if k in fields}
+        if given[name] is not None:
+            # a keyword at its default says nothing (e.g. an integration's default
+            # ``micro_batches="all"``): the grouped argument decides
+            loose = {k: v for k, v in loose.items() if not _at_default(v, fields[k])}
         if loose and given[name] is not None:
             raise ValueError(
                 f"pass {sorted(loose)} inside {name}={cls.__name__}(...), not beside it"

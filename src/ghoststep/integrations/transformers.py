@@ -45,6 +45,7 @@ here).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import warnings
 from collections.abc import Mapping, Sequence
@@ -188,9 +189,16 @@ def add_radius_control(
     if isinstance(inner, RadiusController):
         controller = inner
     else:
-        if not any(k in controller_kwargs for k in ("mask_fn", "ignore_index", "targets_fn")):
-            controller_kwargs["mask_fn"] = label_mask_fn(shift=is_causal_lm(model))
-        controller_kwargs.setdefault("micro_batches", "all")
+        sampling = controller_kwargs.get("sampling")
+        named = any(k in controller_kwargs for k in ("mask_fn", "ignore_index", "targets_fn"))
+        if sampling is not None:
+            named = named or sampling.masks or sampling.targets_fn is not None
+        if not named:
+            mask_fn = label_mask_fn(shift=is_causal_lm(model))
+            if sampling is None:
+                controller_kwargs["mask_fn"] = mask_fn
+            else:
+                controller_kwargs["sampling"] = dataclasses.replace(sampling, mask_fn=mask_fn)
         controller = RadiusController(
             inner, model, mode=mode, target_r=target_r, **controller_kwargs
         )
