@@ -11,8 +11,8 @@ import torch
 from torch import nn
 
 from ghoststep.controller import RadiusController, Sampling
-from ghoststep.controller._controller import away_from_one
 from ghoststep.controller._options import Recording
+from ghoststep.evaluation._directional import away_from_one
 
 
 def _direct(shifted, baseline):

@@ -51,11 +51,16 @@ import torch
 from torch import nn
 
 from ..evaluation._directional import (
+    RESOLUTION,
     SLOPE_METHODS,
+    Unresolved,
+    away_from_one,
+    baseline_gap,
     check_fast_dtype,
     fast_step,
     forward,
     full_float32,
+    projected,
     refined_step,
     secant_spreads,
     tangent_spreads,
@@ -76,9 +81,8 @@ from ..evaluation._updates import OptimizerSnapshot
 from ..measurement._reduce import reduce_spreads
 from ..monitor import Sink, StepStats
 from ..radius._bounds import clip_radius, radius_from_spread, step_scale
-from ._capture import Captured, ForwardCapture, check_single_controller
+from ._capture import Captured, ForwardCapture, Watch, changes, check_single_controller, flags_as
 from ._checks import check_controller_arguments, check_limit_by, check_options
-from ._function import Watch, changes, flags_as
 from ._options import Measuring, Recording, grouped
 from ._policy import (
     auto_choice,
@@ -761,7 +765,7 @@ class RadiusController(torch.optim.Optimizer):
             minus = [[] for _ in plans]
             others = self._shifted(plans, baselines, fraction * tau, minus, hint=False)
             spreads = [0.5 * (a + b) for a, b in zip(spreads, others, strict=True)]
-            gap = _baseline_gap(baselines, plus, minus)
+            gap = baseline_gap(baselines, plus, minus)
             if gap <= 1.0:
                 break
             self._watch.mismatch(self._method, gap)
@@ -802,7 +806,7 @@ class RadiusController(torch.optim.Optimizer):
                         devices=self._devices,
                         chunk_size=self.chunk_size,
                         sink=sink,
-                        project=_projected,
+                        project=projected,
                     )  # fmt: skip
                 )
         if hint:
@@ -992,7 +996,7 @@ class RadiusController(torch.optim.Optimizer):
 
     def _check_function(self, batches: list[Captured]) -> None:
         """Inputs or buffers the training forwards read that changed in place since
-        (``_function.changes``): warn once; "fast" then takes its own baseline forward
+        (``_capture.changes``): warn once; "fast" then takes its own baseline forward
         instead of the stale training logits, and no fingerprint is checked."""
         for entry in batches:
             if entry.recorded is None:
@@ -1181,82 +1185,9 @@ class Reading(NamedTuple):
     counted: bool
 
 
-# "fast" trusts a difference whose move exceeds RESOLUTION rounding units of the largest
-# logit: the rounding then adds at most 2 / RESOLUTION = 0.8 % to the spread, under the
-# 2 % margin of "fast" (which also covers its O(h) error). At the usual 0.01 move this
-# holds for logits up to about 300 in float32.
-RESOLUTION = 250.0
-
-
-class Unresolved(ArithmeticError):
-    """``"fast"`` cannot resolve the logits' move at their magnitude."""
-
-    def __init__(self, moved: float, magnitude: float) -> None:
-        super().__init__(
-            f"the logits (max |z| = {magnitude:.3g}) moved by {moved:.3g} at the secant's "
-            f"step, not {RESOLUTION:g} of their rounding units: a difference of two "
-            "forwards in this precision cannot resolve their slopes"
-        )
-
-
-def away_from_one(fraction: float) -> float:
-    """The final step is recovered from the evaluation point and the proposal as a
-    lerp with weight (s - f) / (1 - f): keep f away from 1."""
-    return 0.5 if abs(1.0 - fraction) < 0.5 else fraction
-
-
 def _trained(plan: Plan) -> bool:
     """Whether the plan's baseline comes (partly) from the training forward."""
     return plan.baseline is not None or plan.head is not None
-
-
-_PROJECTIONS = 4  # zero-sum class projections of the baseline check
-_projectors: dict[tuple, torch.Tensor] = {}
-
-
-def _projected(logits: torch.Tensor) -> torch.Tensor:
-    """``(positions, 4)``: the logits ``(..., K)`` times fixed random zero-sum sign
-    vectors over the classes (a shift common to all classes, which no spread sees,
-    drops out; 4 numbers per position instead of K)."""
-    classes = logits.shape[-1]
-    key = (classes, logits.device, logits.dtype)
-    if key not in _projectors:
-        fixed = torch.Generator().manual_seed(0)  # never the training RNG
-        signs = torch.randint(0, 2, (classes, _PROJECTIONS), generator=fixed) * 2.0
-        _projectors[key] = (signs - signs.mean(0)).to(logits.device, logits.dtype)
-    return logits.reshape(-1, classes) @ _projectors[key]
-
-
-def _finite_max(values: torch.Tensor) -> float:
-    """max |values| over the finite entries (masked classes give inf / nan), 0 if none."""
-    values = values.abs()
-    return float(values.nan_to_num(0.0, 0.0, 0.0).max()) if values.numel() else 0.0
-
-
-def _baseline_gap(baselines, plus, minus) -> float:
-    """Whether the baseline is this function's, from the two sides of the secant.
-
-    A one-sided secant is off by O(step |y''|): measured up to 7 % low on a tiny GPT-2
-    in float32, enough to break r <= target_r. The two secants err in opposite
-    directions, and the spread (max - min) is a convex function of the slopes, so the
-    mean of the two spreads bounds the derivative's spread from above up to O(step^2):
-    one more forward, taken only near the bound.
-
-    With both sides, (z(+h) - z0) + (z(-h) - z0) is O(h^2) for the baseline z0 of this
-    function and 2 (z0' - z0) for a stale one (inputs or buffers changed after the
-    training forward), while z(+h) - z(-h) = 2 h a either way. Returns the largest
-    |first| over the largest |second|, both through a few zero-sum projections of the
-    classes (:func:`_projected`; ``plus`` / ``minus``: per plan, the projections of the
-    logits at old + h v / old - h v); above 1 the baseline is not this function's (a
-    kink crossed within h gives at most about 1)."""
-    residual = odd = 0.0
-    for baseline, above, below in zip(baselines, plus, minus, strict=True):
-        parts = baseline if isinstance(baseline, list) else [baseline]
-        middle = torch.cat([_projected(part) for part in parts])
-        above, below = torch.cat(above), torch.cat(below)
-        residual = max(residual, _finite_max(above + below - 2.0 * middle))
-        odd = max(odd, _finite_max(above - below))
-    return residual / odd if odd > 0 else 0.0
 
 
 # --------------------------------------------------------------------------- helpers

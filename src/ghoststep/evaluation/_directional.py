@@ -543,3 +543,79 @@ def secant_spreads(
             parts.append(spread_of_difference(shifted[first:last], piece).reshape(-1))
             first = last
     return torch.cat(parts).double() / step
+
+
+# ------------------------------------------------------- the secant's step and checks
+
+
+# "fast" trusts a difference whose move exceeds RESOLUTION rounding units of the largest
+# logit: the rounding then adds at most 2 / RESOLUTION = 0.8 % to the spread, under the
+# 2 % margin of "fast" (which also covers its O(h) error). At the usual 0.01 move this
+# holds for logits up to about 300 in float32.
+RESOLUTION = 250.0
+
+
+class Unresolved(ArithmeticError):
+    """``"fast"`` cannot resolve the logits' move at their magnitude."""
+
+    def __init__(self, moved: float, magnitude: float) -> None:
+        super().__init__(
+            f"the logits (max |z| = {magnitude:.3g}) moved by {moved:.3g} at the secant's "
+            f"step, not {RESOLUTION:g} of their rounding units: a difference of two "
+            "forwards in this precision cannot resolve their slopes"
+        )
+
+
+def away_from_one(fraction: float) -> float:
+    """The final step is recovered from the evaluation point and the proposal as a
+    lerp with weight (s - f) / (1 - f): keep f away from 1."""
+    return 0.5 if abs(1.0 - fraction) < 0.5 else fraction
+
+
+_PROJECTIONS = 4  # zero-sum class projections of the baseline check
+_projectors: dict[tuple, torch.Tensor] = {}
+
+
+def projected(logits: torch.Tensor) -> torch.Tensor:
+    """``(positions, 4)``: the logits ``(..., K)`` times fixed random zero-sum sign
+    vectors over the classes (a shift common to all classes, which no spread sees,
+    drops out; 4 numbers per position instead of K)."""
+    classes = logits.shape[-1]
+    key = (classes, logits.device, logits.dtype)
+    if key not in _projectors:
+        fixed = torch.Generator().manual_seed(0)  # never the training RNG
+        signs = torch.randint(0, 2, (classes, _PROJECTIONS), generator=fixed) * 2.0
+        _projectors[key] = (signs - signs.mean(0)).to(logits.device, logits.dtype)
+    return logits.reshape(-1, classes) @ _projectors[key]
+
+
+def _finite_max(values: torch.Tensor) -> float:
+    """max |values| over the finite entries (masked classes give inf / nan), 0 if none."""
+    values = values.abs()
+    return float(values.nan_to_num(0.0, 0.0, 0.0).max()) if values.numel() else 0.0
+
+
+def baseline_gap(baselines, plus, minus) -> float:
+    """Whether the baseline is this function's, from the two sides of the secant.
+
+    A one-sided secant is off by O(step |y''|): measured up to 7 % low on a tiny GPT-2
+    in float32, enough to break r <= target_r. The two secants err in opposite
+    directions, and the spread (max - min) is a convex function of the slopes, so the
+    mean of the two spreads bounds the derivative's spread from above up to O(step^2):
+    one more forward, taken only near the bound.
+
+    With both sides, (z(+h) - z0) + (z(-h) - z0) is O(h^2) for the baseline z0 of this
+    function and 2 (z0' - z0) for a stale one (inputs or buffers changed after the
+    training forward), while z(+h) - z(-h) = 2 h a either way. Returns the largest
+    |first| over the largest |second|, both through a few zero-sum projections of the
+    classes (:func:`projected`; ``plus`` / ``minus``: per plan, the projections of the
+    logits at old + h v / old - h v); above 1 the baseline is not this function's (a
+    kink crossed within h gives at most about 1)."""
+    residual = odd = 0.0
+    for baseline, above, below in zip(baselines, plus, minus, strict=True):
+        parts = baseline if isinstance(baseline, list) else [baseline]
+        middle = torch.cat([projected(part) for part in parts])
+        above, below = torch.cat(above), torch.cat(below)
+        residual = max(residual, _finite_max(above + below - 2.0 * middle))
+        odd = max(odd, _finite_max(above - below))
+    return residual / odd if odd > 0 else 0.0
