@@ -23,6 +23,7 @@ from sklearn.model_selection import train_test_split
 from torch.utils.data import DataLoader, TensorDataset
 
 from ghoststep import CSVSink, RadiusController
+from ghoststep.controller import Recording
 
 
 def digits(seed: int):
@@ -59,7 +60,11 @@ def main(argv: list[str] | None = None) -> int:
     opt = torch.optim.Adam(model.parameters(), lr=args.lr)
     # the one added line: wrap the optimizer
     opt = RadiusController(
-        opt, model, mode="clip", target_r=args.target_r, sinks=[CSVSink(args.out / "radius.csv")]
+        opt,
+        model,
+        mode="clip",
+        target_r=args.target_r,
+        recording=Recording(sinks=[CSVSink(args.out / "radius.csv")]),
     )
 
     batches = forever(loader)

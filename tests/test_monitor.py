@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ghoststep.controller import RadiusController
+from ghoststep.controller import RadiusController, Recording
 from ghoststep.monitor import CallbackSink, CSVSink, JSONLSink, Sink, StepStats
 
 
@@ -30,6 +30,7 @@ def _stats(step: int, **overrides) -> StepStats:
         lr=0.1,
         loss=1.25,
         spread=12.5,
+        radius=0.25,
     )
     values.update(overrides)
     return StepStats(**values)
@@ -154,8 +155,7 @@ def test_controller_feeds_sinks_every_step(tmp_path):
     ctrl = RadiusController(
         torch.optim.SGD(model.parameters(), lr=5.0),
         model,
-        sinks=[CSVSink(csv_path), JSONLSink(jsonl_path)],
-        history_size=2,
+        recording=Recording(sinks=[CSVSink(csv_path), JSONLSink(jsonl_path)], history_size=2),
     )
     x, y = torch.randn(12, 5), torch.randint(0, 3, (12,))
     for step in range(1, 4):

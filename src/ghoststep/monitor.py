@@ -70,10 +70,10 @@ class StepStats:
         step: 1-based count of ``step()`` calls on the controller (skipped ones included).
         tau: ``||p||``, Euclidean norm of the inner optimizer's proposed update p
             (over all trainable parameters of all groups). NaN when p was not formed.
-        rho_a: radius bound used, ``pi * T / spread`` (after window / quantile
-            aggregation); ``inf`` when no logit moves along p.
-        r_before: ``tau / rho_a``, normalized step the inner optimizer proposed.
-        r_after: ``scale * tau / rho_a``, normalized step actually applied.
+        rho_a: the output logits' radius bound of this step, ``pi * T / spread`` (after
+            the quantile aggregation); ``inf`` when no logit moves along p.
+        r_before: ``tau / radius``, normalized step the inner optimizer proposed.
+        r_after: ``scale * tau / radius``, normalized step actually applied.
         scale: factor s applied to p (``theta = old + s * p``); 0 for a skipped step.
         bottleneck: flat index, over the logit positions of the evaluated rows (the
             batch, or its drawn subset, first, then buffered rows; ``b * T + t`` for
@@ -84,6 +84,9 @@ class StepStats:
         loss: value returned by the closure, if one was given and returned a number.
         spread: the aggregated logit-slope spread ``Delta a`` along v = p / ||p||
             (before the window minimum).
+        radius: the radius the step rule used: the smallest of ``rho_a`` and the extra
+            radii named by ``limit_by``, and of the previous ``window - 1`` steps' ones;
+            ``rho_a`` itself without extra radii or window.
     """
 
     step: int
@@ -98,6 +101,7 @@ class StepStats:
     lr: float
     loss: float | None = None
     spread: float = math.nan
+    radius: float = math.nan
     # Per-sample rho_a of the step (1-D CPU tensor), only with keep_samples=True; not a
     # scalar column, so the file sinks leave it out (TensorBoard draws a histogram).
     rho_samples: Any = dataclasses.field(default=None, repr=False, compare=False)

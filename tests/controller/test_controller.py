@@ -15,8 +15,8 @@ from helpers import build_model, load_digits
 from torch import nn
 from torch.utils import _pytree as pytree
 
-import ghoststep.controller._meter
-from ghoststep.controller import RadiusController
+import ghoststep.evaluation._directional
+from ghoststep.controller import RadiusController, Sampling
 from ghoststep.measurement import logit_slopes
 
 
@@ -421,8 +421,7 @@ def test_sequence_model_with_mask():
     ctrl = RadiusController(
         torch.optim.SGD(model.parameters(), lr=20.0),
         model,
-        ignore_index=-100,
-        targets_fn=lambda inputs: labels,
+        sampling=Sampling(ignore_index=-100, targets_fn=lambda inputs: labels),
     )
     at_old = copy.deepcopy(model)
     old = _params_copy(model)
@@ -466,7 +465,10 @@ def test_window_takes_running_minimum(digits):
     torch.manual_seed(0)
     model = build_model("mlp")
     ctrl = RadiusController(
-        torch.optim.Adam(model.parameters(), lr=0.05), model, window=3, mode="monitor"
+        torch.optim.Adam(model.parameters(), lr=0.05),
+        model,
+        sampling=Sampling(window=3),
+        mode="monitor",
     )
     rho_now = []
     for idx in _batches(len(Xtr), 6, 32, seed=4):
@@ -474,14 +476,17 @@ def test_window_takes_running_minimum(digits):
         F.cross_entropy(model(Xtr[idx]), ytr[idx]).backward()
         ctrl.step()
         rho_now.append(math.pi / ctrl.last.spread)
-        assert ctrl.last.rho_a == pytest.approx(min(rho_now[-3:]))
+        assert ctrl.last.radius == pytest.approx(min(rho_now[-3:]))
+        assert ctrl.last.rho_a == pytest.approx(rho_now[-1])
 
 
 def test_buffer_rows_are_rechecked(digits):
     Xtr, ytr, _, _ = digits
     torch.manual_seed(0)
     model = build_model("mlp").double()
-    ctrl = RadiusController(torch.optim.SGD(model.parameters(), lr=5.0), model, buffer_size=4)
+    ctrl = RadiusController(
+        torch.optim.SGD(model.parameters(), lr=5.0), model, sampling=Sampling(buffer_size=4)
+    )
     for idx in _batches(len(Xtr), 3, 32, seed=6):
         x = Xtr[idx].double()
         buffer = None if ctrl._buffer is None else ctrl._buffer.clone()
@@ -494,22 +499,12 @@ def test_buffer_rows_are_rechecked(digits):
             assert _r_of_update(at_old, torch.cat([x, buffer]), applied) <= 1.0 + 1e-6
 
 
-@pytest.mark.parametrize("block_bytes", [4, 60, 1 << 20])
-def test_spread_of_difference_is_the_spread_of_the_difference(monkeypatch, block_bytes):
-    monkeypatch.setattr(ghoststep.controller._meter, "_BLOCK_BYTES", block_bytes)
-    gen = torch.Generator().manual_seed(3)
-    shifted, baseline = torch.randn(3, 5, 7, generator=gen), torch.randn(3, 5, 7, generator=gen)
-    expected = (shifted - baseline).amax(-1) - (shifted - baseline).amin(-1)
-    got = ghoststep.controller._meter.spread_of_difference(shifted.clone(), baseline)
-    assert got.shape == (3, 5) and torch.equal(got, expected)
-
-
 def test_fast_subset_and_buffer_measure_exactly_the_rows_drawn(monkeypatch):
     """ "fast" with a subset and a buffer on independent rows: the subset's baseline
     comes from the training forward, the buffer's from its own forward, each chunk is
     differenced against its own part (tiny blocks force the blocked spread); the
     radius is the exact JVP radius of exactly those rows."""
-    monkeypatch.setattr(ghoststep.controller._meter, "_BLOCK_BYTES", 64)
+    monkeypatch.setattr(ghoststep.evaluation._directional, "_BLOCK_BYTES", 64)
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(12, 32), nn.Tanh(), nn.Linear(32, 40))
     ctrl = RadiusController(
@@ -517,8 +512,7 @@ def test_fast_subset_and_buffer_measure_exactly_the_rows_drawn(monkeypatch):
         model,
         method="fast",
         mode="monitor",
-        subset=6,
-        buffer_size=5,
+        sampling=Sampling(subset=6, buffer_size=5),
     )
     for step in range(3):
         x, y = torch.randn(20, 12), torch.randint(0, 40, (20,))
@@ -771,7 +765,7 @@ def test_gradient_accumulation_micro_batches(digits, micro_batches):
     ctrl = RadiusController(
         torch.optim.Adam(model.parameters(), lr=0.5),
         model,
-        micro_batches=micro_batches,
+        sampling=Sampling(micro_batches=micro_batches),
         method="jvp",
     )
     # With these batches the first micro-batch has the larger spread along the update.

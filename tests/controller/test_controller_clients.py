@@ -17,6 +17,7 @@ from helpers import build_model, load_digits
 from torch import nn
 
 from ghoststep import RadiusController, measure
+from ghoststep.controller import Sampling
 
 
 @pytest.fixture(scope="module")
@@ -264,8 +265,9 @@ def test_fully_masked_batch_warns_and_follows_the_policy(mode):
         torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9),
         model,
         mode=mode,
-        ignore_index=-100,
-        targets_fn=lambda inputs: torch.full((inputs.shape[0],), -100),
+        sampling=Sampling(
+            ignore_index=-100, targets_fn=lambda inputs: torch.full((inputs.shape[0],), -100)
+        ),
     )
     bare = torch.optim.SGD(twin.parameters(), lr=0.5, momentum=0.9)
     x, y = torch.rand(16, 64), torch.randint(0, 10, (16,))

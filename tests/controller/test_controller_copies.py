@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from helpers import build_model, load_digits
 from torch import nn
 
-from ghoststep.controller import RadiusController
+from ghoststep.controller import RadiusController, Recording, Sampling
 from ghoststep.controller._capture import _CaptureHook
 from ghoststep.monitor import CSVSink
 
@@ -34,7 +34,7 @@ def _fresh(method: str, options: dict | None = None):
     torch.manual_seed(0)
     model = build_model("cnn_bn")
     inner = torch.optim.Adam(model.parameters(), lr=0.05)
-    return model, RadiusController(inner, model, method=method, seed=7, **(options or {}))
+    return model, RadiusController(inner, model, method=method, seed=7, **options or {})
 
 
 def _train(model, ctrl, Xtr, ytr, batches, seed: int = 11) -> None:
@@ -229,7 +229,9 @@ def test_copy_with_scheduler_and_sink(digits, tmp_path):
     torch.manual_seed(0)
     model = build_model("mlp")
     sink = CSVSink(tmp_path / "stats.csv")
-    ctrl = RadiusController(torch.optim.SGD(model.parameters(), lr=0.5), model, sinks=[sink])
+    ctrl = RadiusController(
+        torch.optim.SGD(model.parameters(), lr=0.5), model, recording=Recording(sinks=[sink])
+    )
     sched = torch.optim.lr_scheduler.StepLR(ctrl, step_size=2, gamma=0.5)
     assert "step" in ctrl.__dict__  # the scheduler's wrapper
     for idx in batches[:3]:
@@ -300,8 +302,7 @@ def test_numbers_of_other_types_are_accepted():
         target_r=1,
         temperature=np.float32(2.0),
         margin=0,
-        quantile=1,
-        seed=np.int64(3),
+        sampling=Sampling(quantile=1, seed=np.int64(3)),
     )
     assert ctrl.target_r == 1.0 and type(ctrl.target_r) is float
     assert ctrl.temperature == 2.0 and ctrl.margin == 0.0
@@ -359,7 +360,10 @@ def test_whole_object_save_of_a_causal_lm_with_ignore_index():
     )  # fmt: skip
     model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager")
     ctrl = RadiusController(
-        torch.optim.AdamW(model.parameters(), lr=0.05), model, ignore_index=-100, method="jvp"
+        torch.optim.AdamW(model.parameters(), lr=0.05),
+        model,
+        sampling=Sampling(ignore_index=-100),
+        method="jvp",
     )
     assert ctrl.sampling.mask_fn is not None  # the shifted label mask
     tokens = torch.randint(1, 50, (4, 12), generator=torch.Generator().manual_seed(1))

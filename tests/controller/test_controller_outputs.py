@@ -11,6 +11,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ghoststep import RadiusController, measure
+from ghoststep.evaluation import LogitsReader
 from tests.helpers import applied_update, realised_r, trainable_state
 
 BOUND = 1.001  # r re-measured in float64, float32 training
@@ -142,7 +143,11 @@ def test_measure_agrees_with_the_controller():
 def test_segmentation_explicit_class_dim_matches_detection():
     torch.manual_seed(0)
     model = Segmenter()
-    ctrl = RadiusController(torch.optim.Adam(model.parameters(), lr=0.5), model, class_dim=1)
+    ctrl = RadiusController(
+        torch.optim.Adam(model.parameters(), lr=0.5),
+        model,
+        logits_fn=LogitsReader(None, class_dim=1),
+    )
     x, y = torch.randn(4, 3, 6, 7), torch.randint(0, 5, (4, 6, 7))
     train(model, ctrl, [(x, y)], F.cross_entropy, class_dim=1)
 
@@ -153,7 +158,9 @@ def test_multilabel_sigmoid_per_element():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 6))
     ctrl = RadiusController(
-        torch.optim.Adam(model.parameters(), lr=0.5), model, activation="sigmoid"
+        torch.optim.Adam(model.parameters(), lr=0.5),
+        model,
+        logits_fn=LogitsReader(None, activation="sigmoid"),
     )
     data = batches_of(
         lambda g: torch.randn(16, 8, generator=g),

@@ -31,7 +31,7 @@ from helpers import (
 )
 from torch import nn
 
-from ghoststep.controller import RadiusController
+from ghoststep.controller import RadiusController, Sampling
 
 FLOAT32_BOUND = 1.001  # the float32 promise, whichever method runs
 LOW_BOUND = 1.02  # the bf16 / fp16 promise
@@ -358,7 +358,10 @@ def test_hf_causal_lm_mask_shifted_like_the_loss(method):
     model = _tiny_gpt2().train()
     kwargs = {} if method is None else {"method": method}
     ctrl = RadiusController(
-        torch.optim.Adam(model.parameters(), lr=0.5), model, ignore_index=-100, **kwargs
+        torch.optim.Adam(model.parameters(), lr=0.5),
+        model,
+        sampling=Sampling(ignore_index=-100),
+        **kwargs,
     )
     g = torch.Generator().manual_seed(1)
     rs = []
@@ -463,8 +466,7 @@ def test_every_position_masked_is_skipped(method):
         torch.optim.Adam(model.parameters(), lr=0.1),
         model,
         method=method,
-        ignore_index=-100,
-        targets_fn=lambda inputs: current["targets"],
+        sampling=Sampling(ignore_index=-100, targets_fn=lambda inputs: current["targets"]),
     )
     g = torch.Generator().manual_seed(0)
     warm = []

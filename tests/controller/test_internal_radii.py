@@ -80,11 +80,12 @@ def test_all_radii_controller_sets_step_to_min_radius():
     radii = ctrl.last_radii
     assert set(radii) == {"out", "attn", "ffn"}
     assert ctrl.last_binding == min(radii, key=radii.get)
-    assert ctrl.last.rho_a == pytest.approx(min(radii.values()), rel=1e-9)
+    assert ctrl.last.radius == pytest.approx(min(radii.values()), rel=1e-9)
+    assert ctrl.last.rho_a == radii["out"]
     assert moved == pytest.approx(min(radii.values()), rel=1e-4)
     ctrl.close()
-    with pytest.raises(ValueError, match="use"):
-        AllRadiiController(torch.optim.Adam(model.parameters()), model, use=("foo",))
+    with pytest.raises(ValueError, match="limit_by"):
+        AllRadiiController(torch.optim.Adam(model.parameters()), model, limit_by=("foo",))
     with pytest.raises(ValueError, match="ffn_quantile"):
         AllRadiiController(torch.optim.Adam(model.parameters()), model, ffn_quantile=0.0)
 
@@ -99,6 +100,6 @@ def test_output_only_equals_radius_controller():
         opt.step()
         return [p.detach().clone() for p in model.parameters()]
 
-    a = one_step(AllRadiiController, use=("out",))
+    a = one_step(AllRadiiController, limit_by=("out",))
     b = one_step(RadiusController)
     assert all(torch.equal(p, q) for p, q in zip(a, b))

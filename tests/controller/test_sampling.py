@@ -1,25 +1,14 @@
-"""Unit tests for ghoststep.controller._sampling: the options record (validation, masks,
-the quantile convention), the row operations on nested inputs, and make_plan."""
+"""Unit tests for ghoststep.controller._sampling: the options record (validation, masks),
+the bottleneck rows and make_plan."""
 
 from __future__ import annotations
-
-import math
 
 import pytest
 import torch
 
 from ghoststep.controller._capture import Captured
-from ghoststep.controller._sampling import (
-    Sampling,
-    batch_rows,
-    bottleneck_rows,
-    cat_rows,
-    detached_copy,
-    make_plan,
-    select_rows,
-)
+from ghoststep.controller._sampling import Sampling, bottleneck_rows, make_plan
 from ghoststep.evaluation._inputs import split_inputs
-from ghoststep.radius import aggregate, radius_from_spread
 
 # ------------------------------------------------------------------ options record
 
@@ -91,75 +80,7 @@ def test_mask_checks_the_number_of_positions():
     assert Sampling().position_mask(x) is None
 
 
-# ----------------------------------------------------------- the quantile convention
-
-
-def test_aggregate_max_and_empty():
-    spread = torch.tensor([0.5, 3.0, 1.0], dtype=torch.float64)
-    assert Sampling().aggregate(spread).item() == 3.0
-    empty = Sampling(quantile=0.5).aggregate(spread[:0])
-    assert empty.shape == () and empty.item() == 0.0
-
-
-@pytest.mark.parametrize("n", [1, 5, 9, 17])
-@pytest.mark.parametrize("q", [0.25, 0.5, 0.75, 1.0])
-def test_aggregate_is_the_upper_quantile_order_statistic(n, q):
-    # q (n - 1) is an exact integer here: no rounding question, the q-quantile with
-    # interpolation "higher" is the closed form of the upper order statistic.
-    g = torch.Generator().manual_seed(n)
-    spread = torch.randperm(n, generator=g).double()
-    got = Sampling(quantile=q).aggregate(spread)
-    assert got.item() == math.ceil(q * (n - 1))
-    assert got.item() == torch.quantile(spread, q, interpolation="higher").item()
-
-
-@pytest.mark.parametrize("q", [0.1, 0.3, 0.5, 0.9, 0.95, 0.99, 1.0])
-@pytest.mark.parametrize("n", [2, 7, 11, 64, 101])
-def test_aggregate_matches_the_radius_aggregate_of_the_same_q(q, n):
-    """One quantile convention: the controller's spread quantile q sets the radius that
-    ``radius.aggregate(rho, ("quantile", q))`` picks (rho = pi / spread)."""
-    g = torch.Generator().manual_seed(1000 * n + int(100 * q))
-    spread = torch.rand(n, generator=g, dtype=torch.float64) + 0.1
-    from_spread = radius_from_spread(Sampling(quantile=q).aggregate(spread))
-    from_radii = aggregate(radius_from_spread(spread), ("quantile", q))
-    assert from_spread.item() == from_radii.item()
-
-
-# ------------------------------------------------------------------ row operations
-
-
-def test_batch_rows_and_detached_copy():
-    x = torch.randn(4, 3, requires_grad=True)
-    assert batch_rows((torch.tensor(2.0), {"x": x})) == 4
-    assert batch_rows((torch.tensor(2.0), 3, "s")) is None
-    copied = detached_copy({"x": x, "k": 3})
-    assert copied["k"] == 3 and not copied["x"].requires_grad
-    assert torch.equal(copied["x"], x.detach())
-    assert copied["x"].data_ptr() != x.data_ptr()
-
-
-def test_select_rows_picks_only_tensors_with_the_batch_size():
-    x = torch.arange(12.0).reshape(4, 3)
-    other = torch.arange(2.0)  # leading size 2: not a batch tensor
-    scalar = torch.tensor(7.0)
-    idx = torch.tensor([3, 1])
-    out = select_rows((x, {"m": x[:, 0] > 3, "o": other, "s": scalar}, 5, "t"), idx, 4)
-    assert torch.equal(out[0], x[[3, 1]])
-    assert torch.equal(out[1]["m"], torch.tensor([True, False]))
-    assert out[1]["o"] is other and out[1]["s"] is scalar
-    assert out[2:] == (5, "t")
-
-
-def test_cat_rows_concatenates_matching_structures_and_refuses_the_rest():
-    a = {"x": torch.randn(3, 2), "t": torch.tensor(1.0), "k": 1}
-    b = {"x": torch.randn(2, 2), "t": torch.tensor(9.0), "k": 2}
-    out = cat_rows(a, b, 3, 2)
-    assert torch.equal(out["x"], torch.cat([a["x"], b["x"]]))
-    assert out["t"] is a["t"] and out["k"] == 1  # other leaves from a
-    assert cat_rows(a, b, 3, None) is None
-    assert cat_rows(a, {"y": b["x"], "t": b["t"], "k": 2}, 3, 2) is None  # structure
-    assert cat_rows(a, dict(b, x=torch.randn(2, 5)), 3, 2) is None  # per-row shape
-    assert cat_rows(a, dict(b, x=torch.randn(2, 2).double()), 3, 2) is None  # dtype
+# ------------------------------------------------------------------ the bottleneck rows
 
 
 def test_bottleneck_rows_keeps_the_largest_spreads_in_batch_order():

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from helpers import build_model
 from torch import nn
 
-from ghoststep.controller import RadiusController
+from ghoststep.controller import RadiusController, Sampling
 from ghoststep.evaluation import (
     call_at,
     directional,
@@ -315,8 +315,12 @@ def test_sampled_fast_reuses_training_logits_only_for_independent_rows(name, reu
     so only the 4 buffer rows get a baseline forward; otherwise all 12 rows do. Either
     way the radius agrees with the exact sampled one."""
     (model, inner), (twin, inner_twin) = _twins(name, [None, None])[0]
-    fast = RadiusController(inner, model, mode="monitor", method="fast", subset=8, buffer_size=4)
-    exact = RadiusController(inner_twin, twin, mode="monitor", subset=8, buffer_size=4)
+    fast = RadiusController(
+        inner, model, mode="monitor", method="fast", sampling=Sampling(subset=8, buffer_size=4)
+    )
+    exact = RadiusController(
+        inner_twin, twin, mode="monitor", sampling=Sampling(subset=8, buffer_size=4)
+    )
     _, x, y = _case(name)
     sizes: list[int] = []
     model.register_forward_pre_hook(lambda module, args: sizes.append(args[0].shape[0]))

@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ghoststep.controller import Recording
+
 L = pytest.importorskip("lightning")
 from lightning.pytorch.loggers import CSVLogger  # noqa: E402
 from lightning.pytorch.loggers.logger import Logger  # noqa: E402
@@ -135,7 +137,7 @@ def test_gradient_accumulation_measures_the_accumulated_update(tmp_path):
                 old = torch.cat([q.flatten() for q in self.before])
                 moved.append(float(torch.linalg.vector_norm(now - old)))
 
-    cb = LightningRadiusCallback(mode="monitor", keep_samples=True)
+    cb = LightningRadiusCallback(mode="monitor", recording=Recording(keep_samples=True))
     trainer = _trainer(tmp_path, [cb, Probe()], max_steps=3, accumulate_grad_batches=2)
     trainer.fit(Classifier(lr=0.1), _loader())
     assert cb.controller.step_count == 3  # 6 batches, 3 optimizer steps

@@ -9,6 +9,8 @@ import sys
 import pytest
 import torch
 
+from ghoststep.controller import Sampling
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
@@ -204,7 +206,7 @@ def test_checkpoint_resume_restores_controller(tmp_path):
     trainer = transformers.Trainer(
         model=_gpt2(), args=_args(tmp_path, **args), train_dataset=TokenData()
     )
-    cb = add_radius_control(trainer, mode="clip", target_r=0.5, subset=sub)
+    cb = add_radius_control(trainer, mode="clip", target_r=0.5, sampling=Sampling(subset=sub))
     trainer.train()
     saved = cb.controller.state_dict()["ghoststep"]
 
@@ -212,7 +214,7 @@ def test_checkpoint_resume_restores_controller(tmp_path):
     trainer2 = transformers.Trainer(
         model=_gpt2(), args=_args(tmp_path, **args), train_dataset=TokenData()
     )
-    cb2 = add_radius_control(trainer2, mode="clip", target_r=0.5, subset=sub)
+    cb2 = add_radius_control(trainer2, mode="clip", target_r=0.5, sampling=Sampling(subset=sub))
     trainer2.train(resume_from_checkpoint=str(tmp_path / "out" / "checkpoint-2"))
     assert cb2.controller.step_count == 3  # continued from the saved 2
     assert cb2.controller.history[0].step == 3
@@ -259,7 +261,9 @@ def test_default_attention_is_kept_and_trains(tmp_path, recwarn):
 def test_prewrapped_optimizer_via_optimizers_argument(tmp_path):
     model = _gpt2()
     inner = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    controller = RadiusController(inner, model, mode="monitor", mask_fn=label_mask_fn(shift=True))
+    controller = RadiusController(
+        inner, model, mode="monitor", sampling=Sampling(mask_fn=label_mask_fn(shift=True))
+    )
     trainer = transformers.Trainer(
         model=model, args=_args(tmp_path, max_steps=2), train_dataset=TokenData(16),
         optimizers=(controller, None),
@@ -290,9 +294,12 @@ def test_causal_lm_targets_fn_with_ignore_index_shifts_like_the_loss():
     # the loss ignores (the realised r then reached 1.59)
     model = _gpt2()
     opt = RadiusController(
-        torch.optim.Adam(model.parameters(), lr=5e-2), model, mode="clip", target_r=1.0,
-        ignore_index=-100, targets_fn=lambda inputs: inputs["labels"],
-    )  # fmt: skip
+        torch.optim.Adam(model.parameters(), lr=5e-2),
+        model,
+        mode="clip",
+        target_r=1.0,
+        sampling=Sampling(ignore_index=-100, targets_fn=lambda inputs: inputs["labels"]),
+    )
     start, worst, bound = trainable_state(model), 0.0, 0
     for i in range(4):
         ids = torch.randint(1, 100, (8, T), generator=torch.Generator().manual_seed(i))

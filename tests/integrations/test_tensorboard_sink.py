@@ -10,6 +10,8 @@ import sys
 import pytest
 import torch
 
+from ghoststep.controller import Recording
+
 pytest.importorskip("tensorboard")
 from tensorboard.backend.event_processing.event_accumulator import (  # noqa: E402
     EventAccumulator,
@@ -77,8 +79,7 @@ def test_sink_on_a_controller_and_a_shared_writer(tmp_path):
         torch.optim.SGD(model.parameters(), lr=1.0),
         model,
         target_r=0.5,
-        sinks=[sink],
-        keep_samples=True,
+        recording=Recording(sinks=[sink], keep_samples=True),
     )
     for _ in range(3):
         x, y = torch.randn(16, 4), torch.randint(0, 3, (16,))

@@ -1,6 +1,6 @@
-"""Unit tests for ghoststep.measurement._reduce (the one reduction from per-position
-spreads to the batch's radius, used by ``measure()`` and the controller's meter) and the
-one mask builder ``keep_mask``."""
+"""Unit tests for ghoststep.measurement._reduce: the reduction from per-position spreads to
+the batch's radius, used by ``measure()`` and the controller, and the quantile convention
+of ``aggregate_spread``."""
 
 from __future__ import annotations
 
@@ -10,7 +10,6 @@ import pytest
 import torch
 
 from ghoststep.measurement._reduce import aggregate_spread, reduce_spreads
-from ghoststep.measurement._slopes import keep_mask, sample_mask
 from ghoststep.radius import aggregate, quantile_position, radius_from_spread
 
 
@@ -65,18 +64,35 @@ def test_one_quantile_convention(q):
     assert found.bottleneck == int(spread.argmax())  # the largest, whatever q
 
 
-def test_keep_mask_from_a_mask_and_from_targets():
-    assert keep_mask() is None
-    assert keep_mask([1, 0, 2]).tolist() == [True, False, True]
-    targets = torch.tensor([[3, -100], [-100, 1]])
-    assert keep_mask(targets=targets, ignore_index=-100).tolist() == [[True, False], [False, True]]
-    both = keep_mask(torch.tensor([[True, True], [False, True]]), targets, -100)
-    assert both.tolist() == [[True, False], [False, True]]
-    with pytest.raises(ValueError, match="needs targets"):
-        keep_mask(ignore_index=-100)
-    # measure()'s checked form: the sample shape is enforced, then the same builder
-    with pytest.raises(ValueError, match="sample shape"):
-        sample_mask((2, 3), "cpu", torch.ones(2, 2, dtype=torch.bool))
-    assert torch.equal(
-        sample_mask((2, 2), "cpu", None, targets, -100), keep_mask(None, targets, -100)
-    )
+# ----------------------------------------------------------- the quantile convention
+
+
+def test_aggregate_max_and_empty():
+    spread = torch.tensor([0.5, 3.0, 1.0], dtype=torch.float64)
+    assert aggregate_spread(spread).item() == 3.0
+    empty = aggregate_spread(spread[:0], 0.5)
+    assert empty.shape == () and empty.item() == 0.0
+
+
+@pytest.mark.parametrize("n", [1, 5, 9, 17])
+@pytest.mark.parametrize("q", [0.25, 0.5, 0.75, 1.0])
+def test_aggregate_is_the_upper_quantile_order_statistic(n, q):
+    # q (n - 1) is an exact integer here: no rounding question, the q-quantile with
+    # interpolation "higher" is the closed form of the upper order statistic.
+    g = torch.Generator().manual_seed(n)
+    spread = torch.randperm(n, generator=g).double()
+    got = aggregate_spread(spread, q)
+    assert got.item() == math.ceil(q * (n - 1))
+    assert got.item() == torch.quantile(spread, q, interpolation="higher").item()
+
+
+@pytest.mark.parametrize("q", [0.1, 0.3, 0.5, 0.9, 0.95, 0.99, 1.0])
+@pytest.mark.parametrize("n", [2, 7, 11, 64, 101])
+def test_aggregate_matches_the_radius_aggregate_of_the_same_q(q, n):
+    """One quantile convention: the controller's spread quantile q sets the radius that
+    ``radius.aggregate(rho, ("quantile", q))`` picks (rho = pi / spread)."""
+    g = torch.Generator().manual_seed(1000 * n + int(100 * q))
+    spread = torch.rand(n, generator=g, dtype=torch.float64) + 0.1
+    from_spread = radius_from_spread(aggregate_spread(spread, q))
+    from_radii = aggregate(radius_from_spread(spread), ("quantile", q))
+    assert from_spread.item() == from_radii.item()

@@ -41,7 +41,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ghoststep.controller import AllRadiiController, RadiusController
+from ghoststep.controller import AllRadiiController, RadiusController, Recording, Sampling
+from ghoststep.evaluation import LogitsReader
 from ghoststep.measurement import flatten_samples, logit_slopes
 from ghoststep.radius import aggregate, exact_radius, logit_spread, rho_bound
 from ghoststep_lab.common.figures import new_figure, save_figure
@@ -192,13 +193,27 @@ def _optimizer(method: str, model: torch.nn.Module, c: Config, lr: float):
                               weight_decay=c.weight_decay)  # fmt: skip
     # (B, T, V) logits, the loss's softmax over the vocabulary: the last dim
     if method == "monitor":
-        return AllRadiiController(inner, model, mode="monitor", use=("out",), method="jvp",
-                                  ffn_quantile=c.ffn_quantile, keep_samples=True,
-                                  class_dim=-1)  # fmt: skip
+        return AllRadiiController(
+            inner,
+            model,
+            mode="monitor",
+            limit_by=("out",),
+            method="jvp",
+            ffn_quantile=c.ffn_quantile,
+            recording=Recording(keep_samples=True),
+            logits_fn=LogitsReader(None, class_dim=-1),
+        )
     if method in ("controller", "controller_q"):
         q = c.quantile if method == "controller_q" else None
-        return RadiusController(inner, model, mode="clip", target_r=1.0, quantile=q,
-                                method="jvp", class_dim=-1)  # fmt: skip
+        return RadiusController(
+            inner,
+            model,
+            mode="clip",
+            target_r=1.0,
+            sampling=Sampling(quantile=q),
+            method="jvp",
+            logits_fn=LogitsReader(None, class_dim=-1),
+        )
     return inner
 
 

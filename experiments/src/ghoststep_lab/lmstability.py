@@ -282,7 +282,7 @@ def _optimizer(method: str, model: torch.nn.Module, c: Config, peak: float):
     if method == "ctrl_set":
         return RadiusController(inner, model, mode="set", **kw)
     if method == "ctrl_attn":
-        return AllRadiiController(inner, model, mode="clip", use=("out", "attn"), **kw)
+        return AllRadiiController(inner, model, mode="clip", limit_by=("out", "attn"), **kw)
     return inner
 
 
@@ -290,7 +290,7 @@ def _controller_row(opt, step: int) -> dict:
     """The step's scale, r and radii; ``binding``: the smallest of the radii that limit
     the step (``limit_by``; the FFN proxy the hook also measures is left out)."""
     st = opt.last
-    use = getattr(opt, "use", ("out",))
+    use = getattr(opt, "limit_by", None) or ("out",)
     radii = {k: float(v) for k, v in (st.radii or {"out": st.rho_a}).items() if k in use}
     return {
         "step": step,

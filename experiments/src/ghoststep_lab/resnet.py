@@ -31,7 +31,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ghoststep.controller import RadiusController
+from ghoststep.controller import RadiusController, Recording, Sampling
 from ghoststep.monitor import StepStats
 from ghoststep_lab.common.data import fake_cifar10, load_cifar10
 from ghoststep_lab.common.figures import new_figure, save_figure
@@ -558,15 +558,24 @@ def resnet_run(
     subset = measure_rows if measure_rows < batch_size else None
     if target_r is not None:
         opt = RadiusController(
-            inner, model, mode="set", target_r=target_r, subset=subset, history_size=0,
-            seed=seed, method="jvp",
-        )  # fmt: skip
+            inner,
+            model,
+            mode="set",
+            target_r=target_r,
+            sampling=Sampling(subset=subset, seed=seed),
+            recording=Recording(history_size=0),
+            method="jvp",
+        )
         label = f"set r*={target_r:g}"
     else:
         opt = RadiusController(
-            inner, model, mode="monitor", subset=subset, history_size=0, seed=seed,
+            inner,
+            model,
+            mode="monitor",
+            sampling=Sampling(subset=subset, seed=seed),
+            recording=Recording(history_size=0),
             method="jvp",
-        )  # fmt: skip
+        )
         label = f"lr={lr:g}"
     rec = ResNetRecord(label=label, seed=seed, lr=lr, target_r=target_r)
     X, y = train_data

@@ -8,7 +8,7 @@ import numbers
 import torch
 from torch import nn
 
-MODES = ("clip", "set", "monitor")
+from ..radius._bounds import MODES
 
 
 def check_controller_arguments(optimizer, model, mode, target_r, temperature) -> list:
@@ -43,12 +43,10 @@ def check_controller_arguments(optimizer, model, mode, target_r, temperature) ->
     return optimizers
 
 
-def check_options(on_nonfinite, history_size, margin, scaled_update, micro_batches) -> None:
+def check_options(on_nonfinite, margin, scaled_update) -> None:
     """``RadiusController``'s options, with errors naming them."""
     if on_nonfinite not in ("skip", "raise"):
         raise ValueError(f'on_nonfinite must be "skip" or "raise", got {on_nonfinite!r}')
-    if not (is_int(history_size) and history_size >= 0):
-        raise ValueError(f"history_size must be an int >= 0, got {history_size!r}")
     if margin is not None:
         check_real("margin", margin)
         if not 0.0 <= margin < 1.0:
@@ -57,8 +55,6 @@ def check_options(on_nonfinite, history_size, margin, scaled_update, micro_batch
         raise ValueError(
             f'scaled_update must be "auto", "interpolate" or "rerun", got {scaled_update!r}'
         )
-    if micro_batches not in ("last", "all"):
-        raise ValueError(f'micro_batches must be "last" or "all", got {micro_batches!r}')
 
 
 def check_limit_by(limit_by, extra_radii) -> tuple[str, ...] | None:
@@ -89,14 +85,6 @@ def check_real(name: str, value) -> None:
     strings, tensors and None are not)."""
     if not is_real(value):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__} {value!r}")
-
-
-def check_counts(seed, chunk_size) -> None:
-    """``RadiusController``'s integer options that are not sampling options."""
-    if not (isinstance(seed, numbers.Integral) and not isinstance(seed, bool)):
-        raise TypeError(f"seed must be an int, got {type(seed).__name__} {seed!r}")
-    if chunk_size is not None and not (is_int(chunk_size) and chunk_size >= 1):
-        raise ValueError(f"chunk_size must be None or an int >= 1, got {chunk_size!r}")
 
 
 def check_positive(name: str, value) -> None:

@@ -3,7 +3,7 @@
 Algorithm (one ``step``; paper Prop. 5.2 and section 5)::
 
     grads finite?            else skip (inner optimizer untouched)      # host sync 1
-    spare <- copy(theta)                      # the one extra parameter copy (kept)
+    spare <- copy(theta)                      # one extra parameter copy (kept)
     inner.step()                              # momentum, Adam, weight decay ... as usual
     theta <-> spare                           # theta = old, spare = new (bitwise)
     tau  <- ||new - old||,  v = p / tau,  p = new - old                 # host sync 2
@@ -14,15 +14,21 @@ Algorithm (one ``step``; paper Prop. 5.2 and section 5)::
     s    <- min(1, r* rho / tau)  ("clip")  |  r* rho / tau  ("set")  |  1  ("monitor")
     theta <- new (s = 1, bitwise)  |  old + s p
 
-The pieces live in their own modules: ``_capture`` (the forward hooks that remember
-the training batch), ``_sampling`` (subset, buffer, window, quantile, masks; the
-immutable ``Plan`` of one micro-batch), ``_proposal`` (``Proposal``: the spare copy,
-the swap, tau, ``old + s p``), ``_meter`` (``TangentMeter`` for ``"jvp"`` / ``"fd"``,
-``SecantMeter`` for ``"fast"``, reduced to one radius by
-``ghoststep.measurement._reduce.reduce_spreads``, as ``measure()`` is),
-``ghoststep.radius`` (the pure step rule), ``ghoststep.evaluation._sharding`` (FSDP2
-shards, rank reductions) and ``_state`` (what ``state_dict`` holds). This module is the
-``torch.optim.Optimizer`` shell that sequences them.
+``step`` is that algorithm, in order: the capture and the inner step (``_propose``),
+the spreads along the proposal (``_secant`` for ``"fast"``, ``_tangent`` for ``"jvp"`` /
+``"fd"``: plain functions of ``ghoststep.evaluation``, ``secant_spreads`` and
+``tangent_spreads``, evaluated where the controller has put the parameters), reduced to
+one radius by ``ghoststep.measurement._reduce.reduce_spreads`` as ``measure()`` is, and
+the step rule with its margin, the application and the record (``_apply``). The
+parameters move only through the ``Proposal`` (``_proposal``: the spare copy, the swap,
+tau, the evaluation points ``old + f p``, ``old + s p``), and only from this module.
+
+Around it: ``_capture`` (the forward hooks that remember the training batch),
+``_sampling`` (subset, buffer, window, quantile, masks; the immutable ``Plan`` of one
+micro-batch), ``_options`` (the grouped arguments), ``_policy`` (the method of
+``"auto"``, the precision, the margins), ``ghoststep.radius`` (the pure step rule),
+``ghoststep.evaluation._sharding`` (FSDP2 shards, rank reductions) and ``_state`` (what
+``state_dict`` holds).
 
 Reference: P. Sao, "Ghosts of Softmax: Complex Singularities That Limit Safe Step Sizes
 in Cross-Entropy", arXiv:2603.13552 (2026), section 5.
@@ -31,39 +37,61 @@ in Cross-Entropy", arXiv:2603.13552 (2026), section 5.
 from __future__ import annotations
 
 import collections
+import contextlib
 import copy
 import dataclasses
 import math
 import sys
 import time
 import warnings
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
 
-from ..evaluation._directional import SLOPE_METHODS, check_fast_dtype, tf32_allowed
-from ..evaluation._inputs import check_row_slicing, split_inputs
-from ..evaluation._isolation import autocast_as, cuda_devices
+from ..evaluation._directional import (
+    RESOLUTION,
+    SLOPE_METHODS,
+    Unresolved,
+    away_from_one,
+    baseline_gap,
+    check_fast_dtype,
+    fast_step,
+    forward,
+    full_float32,
+    projected,
+    refined_step,
+    secant_spreads,
+    tangent_spreads,
+)
+from ..evaluation._inputs import check_row_slicing, chunks, split_inputs
+from ..evaluation._isolation import autocast_as, cuda_devices, original_forward
 from ..evaluation._outputs import LogitsReader, detect_layout
+from ..evaluation._rows import batch_rows, is_causal_lm, label_mask_fn
 from ..evaluation._sharding import (
     agree,
-    auto_method,
-    check_sharding,
-    half_compute,
     is_sharded,
     local_shards,
     max_over_ranks,
+    reshard,
     shard_group,
 )
 from ..evaluation._updates import OptimizerSnapshot
+from ..measurement._reduce import reduce_spreads
 from ..monitor import Sink, StepStats
-from ..radius._bounds import clip_radius, step_scale
-from ._capture import Captured, ForwardCapture, check_single_controller
-from ._checks import check_controller_arguments, check_counts, check_limit_by, check_options
-from ._function import changes
-from ._meter import MeterReading, Unresolved, make_meter
+from ..radius._bounds import clip_radius, radius_from_spread, step_scale
+from ._capture import Captured, ForwardCapture, Watch, changes, check_single_controller, flags_as
+from ._checks import check_controller_arguments, check_limit_by, check_options
+from ._options import Measuring, Recording, grouped
+from ._policy import (
+    auto_choice,
+    auto_method,
+    check_sharding,
+    half_precision,
+    precision,
+)
+from ._policy import margin_for as default_margin
 from ._proposal import (
     Proposal,
     all_finite,
@@ -72,27 +100,10 @@ from ._proposal import (
     holds_iterate,
     rerun_scaled,
 )
-from ._sampling import Plan, Sampling, batch_rows, bottleneck_rows, make_plan
+from ._sampling import Plan, Sampling, bottleneck_rows, make_plan
 from ._state import ControllerState
 
 __all__ = ["RadiusController"]
-
-# Default relative margin below the measured radius (clip and set mode), by method and
-# by the precision the measurement ran in (``_precision``): "full" float32 / float64;
-# "autocast" (the JVP under the training forward's bfloat16 / float16 autocast);
-# "half" (bfloat16 / float16 parameters: the JVP in 16 bits, and the rounding of
-# old + s p into them). The exact JVP in float32 only needs its rounding covered; the
-# secants ("fd" across a kink, "fast" with its O(h) error) need more. Measured errors:
-# benchmarks/bench_precision.py, table in docs/benchmarks.md.
-_MARGINS = {
-    ("jvp", "full"): 1e-5,
-    ("jvp", "autocast"): 1e-2,
-    ("jvp", "half"): 3e-2,
-    ("fast", "full"): 2e-2,
-    ("fd", "full"): 1e-2,
-    ("fd", "half"): 3e-2,
-}
-_HALF = (torch.bfloat16, torch.float16)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -161,9 +172,23 @@ class RadiusController(torch.optim.Optimizer):
         mode: ``"clip"`` | ``"set"`` | ``"monitor"``.
         target_r: r*, the normalized step to cap at (clip) or set (set); > 0.
         temperature: softmax temperature T of the loss (logits / T), > 0.
-        subset, buffer_size, window, quantile, mask_fn, ignore_index, targets_fn: the
-            sampling options, see :class:`~ghoststep.controller.Sampling`.
-        seed: seed of the subset generator.
+        method: ``"auto"`` (default: the first step picks ``"fast"`` for float32 /
+            float64 training without autocast, ``"jvp"`` under autocast, with 16-bit
+            parameters or TF32, and falls back to ``"fast"`` with a warning where an op
+            has no forward AD; fixed for the run and checkpointed; table in
+            ``docs/api/controller.md``), ``"jvp"`` (exact forward-mode AD, under the
+            training forward's autocast; about one training step of extra cost),
+            ``"fast"`` (one extra float32 forward at old + h v against the training
+            forward's logits, same dropout masks, and one more at old - h v near the
+            bound; float32 / float64 parameters only: ``ghoststep.evaluation``) or
+            ``"fd"`` (float64, a slow reference).
+        margin: relative margin below the measured radius in clip and set mode
+            (default by method and precision, e.g. 1e-5 ``"jvp"`` in float32, 1e-2
+            under bf16 autocast, 2e-2 ``"fast"``: :meth:`margin_for`).
+        sampling: which training forwards, rows and positions set the radius, a
+            :class:`~ghoststep.controller.Sampling` (subset, buffer_size, window,
+            quantile, mask_fn, ignore_index, targets_fn, seed, micro_batches).
+            Default: every position of every training forward since the last step.
         logits_fn: maps the model output to the logits (e.g. ``lambda o: o[1]``), or to
             several softmax heads (a tuple / list / dict of tensors, each (B, ...)):
             the radius is then the smallest over the heads. Default: a tensor,
@@ -174,6 +199,9 @@ class RadiusController(torch.optim.Optimizer):
             loss) needs a ``logits_fn`` that returns the logits the loss reads. One
             logit per sample ((B,) or (B, 1), a binary classifier) is the two-class
             softmax [0, z]. Masked classes (``-inf`` logits) drop out of the spread.
+            Or a ``ghoststep.evaluation.LogitsReader(fn, class_dim=..., activation=...)``
+            that also says how the loss reads them; ``class_dim=`` and ``activation=``
+            as keywords of their own read with the default detection below:
         class_dim: the class axis of logits with 3 or more dims, as the loss reads
             them: 1 for ``F.cross_entropy``'s (B, C, d1, ...) (segmentation), -1 for
             (B, T, V) (language models). Default None: a Hugging Face model's from
@@ -187,21 +215,13 @@ class RadiusController(torch.optim.Optimizer):
             two-class softmax [0, z] per element (spread |a|). Default None: softmax,
             or sigmoid for a Hugging Face model with ``config.problem_type ==
             "multi_label_classification"``.
-        chunk_size: rows per JVP chunk (``ghoststep.measurement.per_sample_spread``; each
-            chunk's tangent is reduced to its spread at once). Not with train-mode
-            BatchNorm.
-        method: ``"auto"`` (default: the first step picks ``"fast"`` for float32 /
-            float64 training without autocast, ``"jvp"`` under autocast, with 16-bit
-            parameters or TF32, and falls back to ``"fast"`` with a warning where an op
-            has no forward AD; fixed for the run and checkpointed; table in
-            ``docs/api/controller.md``), ``"jvp"`` (exact forward-mode AD, under the
-            training forward's autocast; about one training step of extra cost),
-            ``"fast"`` (one extra float32 forward at old + h v against the training
-            forward's logits, same dropout masks, and one more at old - h v near the
-            bound; float32 / float64 parameters only: ``ghoststep.evaluation``) or
-            ``"fd"`` (float64, a slow reference).
+        measuring: how the spreads are evaluated, a
+            :class:`~ghoststep.controller.Measuring` (chunk_size, slopes_kwargs,
+            process_group).
+        recording: what is kept and written per step, a
+            :class:`~ghoststep.controller.Recording` (sinks, history_size,
+            keep_samples).
         on_nonfinite: ``"skip"`` or ``"raise"``.
-        history_size: length of the ``history`` deque of :class:`StepStats`.
         extra_radii: optional hook ``extra_radii(model, inputs, update) -> {name: t}``
             for radii other than the output logits' (e.g. attention logits, ReLU kinks).
             ``update`` is the list of tentative update tensors p, aligned with the
@@ -211,31 +231,17 @@ class RadiusController(torch.optim.Optimizer):
             v = p / ||p|| and records them, with ``"out"`` (rho_a), in
             ``StepStats.radii``. Non-finite (NaN) values skip the step like a bad slope.
         limit_by: names of the radii whose minimum limits the step (default: ``"out"``
-            and every name ``extra_radii`` returns). E.g. ``("out",)`` records the
-            extra radii without letting them bind.
-        micro_batches: ``"all"`` (default) measures the radius on every training
-            forward since the previous step (gradient accumulation: the update is built
-            from all micro-batches, so all of them bound it; their inputs, and for
-            ``"fast"`` their logits, are held until ``step()``); ``"last"`` on the most
-            recent one. A training forward is one in train mode with gradients enabled
-            (``no_grad`` / ``inference_mode`` side forwards are ignored). Each
-            micro-batch is evaluated on its own (BatchNorm sees the statistics it trained
-            with) and the smallest radius is used. ``inputs=`` passed to ``step``
-            overrides both.
-        keep_samples: also keep each step's per-sample rho_a (``StepStats.rho_samples``,
-            a CPU tensor; e.g. for the TensorBoard histogram). Off by default: for
-            language models it is one number per token per step of history.
-        sinks: objects with ``write(stats)`` / ``close()`` (see ``ghoststep.monitor``).
-        process_group: group for the distributed reduction (default: the world).
-        slopes_kwargs: extra keyword arguments for ``ghoststep.evaluation.directional``
-            (``"jvp"`` / ``"fd"``; e.g. ``step=`` for ``"fd"``).
-        margin: relative margin below the measured radius in clip and set mode
-            (default by method and precision, e.g. 1e-5 ``"jvp"`` in float32, 1e-2
-            under bf16 autocast, 2e-2 ``"fast"``: :meth:`margin_for`).
+            and every name ``extra_radii`` returns), recorded as ``StepStats.radius``
+            (``StepStats.rho_a`` stays the output radius). E.g. ``("out",)`` records
+            the extra radii without letting them bind.
         scaled_update: how s < 1 is applied: ``"interpolate"`` (old + s p),
             ``"rerun"`` (restore the inner optimizer's state and parameters, step again
             with the learning rates times s; for optimizers keeping their own iterate)
             or ``"auto"`` (``"rerun"`` for schedule-free and Lookahead optimizers).
+        **options: each grouped option also as a keyword of its own: ``subset=8`` is
+            ``sampling=Sampling(subset=8)``, ``chunk_size=`` goes to ``measuring``,
+            ``sinks=`` to ``recording``, ``class_dim=`` / ``activation=`` with
+            ``logits_fn`` (``ghoststep.controller._options``).
 
     Example:
         >>> import torch, ghoststep
@@ -258,48 +264,37 @@ class RadiusController(torch.optim.Optimizer):
         mode: str = "clip",
         target_r: float = 1.0,
         temperature: float = 1.0,
-        subset: int | None = None,
-        buffer_size: int = 0,
-        window: int = 1,
-        quantile: float | None = None,
-        seed: int = 0,
-        logits_fn: Callable[[Any], Any] | None = None,
-        class_dim: int | None = None,
-        activation: str | None = None,
-        mask_fn: Callable[[Any], torch.Tensor] | None = None,
-        ignore_index: int | None = None,
-        targets_fn: Callable[[Any], torch.Tensor] | None = None,
-        chunk_size: int | None = None,
         method: str = "auto",
-        on_nonfinite: str = "skip",
-        history_size: int = 1000,
-        keep_samples: bool = False,
-        micro_batches: str = "all",
+        margin: float | None = None,
+        sampling: Sampling | None = None,
+        logits_fn: Callable[[Any], Any] | LogitsReader | None = None,
+        measuring: Measuring | None = None,
+        recording: Recording | None = None,
         extra_radii: Callable[[nn.Module, Any, list], Mapping[str, float]] | None = None,
         limit_by: Sequence[str] | None = None,
-        sinks: Iterable[Sink] = (),
-        process_group: Any = None,
-        slopes_kwargs: Mapping[str, Any] | None = None,
-        margin: float | None = None,
+        on_nonfinite: str = "skip",
         scaled_update: str = "auto",
+        **options: Any,
     ) -> None:
+        sampling, reading, measuring, recording = grouped(
+            options, sampling=sampling, measuring=measuring, recording=recording
+        )
         optimizers = check_controller_arguments(optimizer, model, mode, target_r, temperature)
         _check_method(method)
-        check_options(on_nonfinite, history_size, margin, scaled_update, micro_batches)
-        check_counts(seed, chunk_size)
+        check_options(on_nonfinite, margin, scaled_update)
         for inner in optimizers:
             check_supported(inner)
         scaled_update = _scaled_update(scaled_update, optimizers)
         limit_by = check_limit_by(limit_by, extra_radii)
         slope_model = _unwrap(model)
-        if ignore_index is not None and mask_fn is None:
+        if sampling.ignore_index is not None and sampling.mask_fn is None:
             # a causal LM scores logits at t against labels[t + 1]: shift the mask alike
-            mask_fn = _shifted_label_mask(slope_model, ignore_index, targets_fn)
+            mask_fn = _shifted_label_mask(slope_model, sampling.ignore_index, sampling.targets_fn)
             if mask_fn is not None:
-                ignore_index = targets_fn = None
-        self.sampling = Sampling(
-            subset, buffer_size, window, quantile, mask_fn, ignore_index, targets_fn
-        )
+                sampling = dataclasses.replace(
+                    sampling, mask_fn=mask_fn, ignore_index=None, targets_fn=None
+                )
+        self.sampling = sampling
 
         # Optimizer.__init__ assigns self.state and calls add_param_group; both are
         # routed to the base class until self.optimizers exists (see the overrides).
@@ -321,58 +316,47 @@ class RadiusController(torch.optim.Optimizer):
         self.scaled_update = scaled_update
         self.on_nonfinite = on_nonfinite
         self.extra_radii = extra_radii
-        self.sinks: list[Sink] = list(sinks)
-
-        self.history: collections.deque[StepStats] = collections.deque(maxlen=history_size)
+        self.limit_by = limit_by
+        # how the spreads are evaluated (``Measuring``)
+        self.chunk_size = measuring.chunk_size
+        self.slopes_kwargs = dict(measuring.slopes_kwargs or {})
+        self.process_group = measuring.process_group
+        # what is kept and written (``Recording``)
+        self.sinks: list[Sink] = list(recording.sinks)
+        self.keep_samples = bool(recording.keep_samples)
+        self.history: collections.deque[StepStats] = collections.deque(
+            maxlen=recording.history_size
+        )
         self.last: StepStats | None = None
+
         self.step_count = 0
         self.skipped_steps = 0
         self._warned = False
-        window = self.sampling.window
-        self._recent_rhos: collections.deque[float] = collections.deque(maxlen=window - 1)
+        self._recent_rhos: collections.deque[float] = collections.deque(maxlen=sampling.window - 1)
         self._buffer: Any = None  # inputs of the bottleneck rows, or None
         self._generator = torch.Generator()
-        self._generator.manual_seed(int(seed))
+        self._generator.manual_seed(int(sampling.seed))
         self._proposal = Proposal()
-        reader = _reader(slope_model, logits_fn, class_dim, activation)
-        self._build_parts(reader, chunk_size, slopes_kwargs, limit_by, keep_samples,
-                          process_group, micro_batches)  # fmt: skip
-        self._watch = self._meter.watch  # shared: the meter warns through it too
+        self._reader = _reader(slope_model, logits_fn, *reading)
+        self._spread_hint: float | None = None  # "fast": the last max spread per unit v
+        self._own_baseline = False  # "fast": the training logits did not match a replay
+        self._watch = Watch()  # warnings about the measured function, each once
+        self._devices: list[int] = []
+        self._capture = ForwardCapture(
+            slope_model,
+            micro_batches=sampling.micro_batches,
+            logits_fn=self._reader,
+            keep_logits=method in ("fast", "auto"),
+            rows_check=sampling.samples_rows,
+            devices=[],
+            hooked=_hooked(model),
+        )
         self._capable = method == "fast"  # "jvp" / "fd" are tried before the first step
         self._check_params_in_model()
         check_sharding(self.model, self._params(), method, extra_radii, self.scaled_update)
         if method == "fast":
             check_fast_dtype(self._params())
         self._set_devices()
-
-    def _build_parts(
-        self, logits, chunk_size, slopes_kwargs, limit_by, keep_samples, process_group,
-        micro_batches,
-    ) -> None:  # fmt: skip
-        """The measurement (``meter``) and the forward hooks (``capture``), reading the
-        logits with the one reader ``logits``."""
-        self._meter = make_meter(
-            self._method,
-            self._slope_model,
-            logits_fn=logits,
-            temperature=self.temperature,
-            sampling=self.sampling,
-            chunk_size=chunk_size,
-            slopes_kwargs=slopes_kwargs or {},
-            extra_radii=self.extra_radii,
-            limit_by=limit_by,
-            keep_samples=bool(keep_samples),
-            process_group=process_group,
-        )
-        self._capture = ForwardCapture(
-            self._slope_model,
-            micro_batches=micro_batches,
-            logits_fn=logits,
-            keep_logits=self._method in ("fast", "auto"),
-            rows_check=self.sampling.samples_rows,
-            devices=[],
-            hooked=_hooked(self.model),
-        )
 
     @property
     def method(self) -> str:
@@ -387,7 +371,6 @@ class RadiusController(torch.optim.Optimizer):
         if value == "fast":
             check_fast_dtype(self._params())
         self._method = value
-        self._meter = self._meter.with_method(value)
         self._capture.keep_logits = value in ("fast", "auto")
 
     @property
@@ -395,7 +378,7 @@ class RadiusController(torch.optim.Optimizer):
         """How the controller reads the logits (``logits_fn``, ``class_dim`` -- resolved
         at the first step when detected --, ``activation``); ``measure(...,
         logits_fn=ctrl.reader)`` measures what the controller bounds."""
-        return self._meter.logits_fn
+        return self._reader
 
     @property
     def margin(self) -> float | None:
@@ -409,9 +392,7 @@ class RadiusController(torch.optim.Optimizer):
     def margin_for(self, precision: str) -> float:
         """The margin for a measurement in ``precision`` (``"full"``, ``"autocast"``:
         the JVP under bfloat16 / float16 autocast, ``"half"``: 16-bit parameters)."""
-        if self._margin is not None:
-            return self._margin
-        return _MARGINS.get((self._method, precision), _MARGINS[(self._method, "full")])
+        return default_margin(self._method, precision, self._margin)
 
     # ------------------------------------------------------------------ Optimizer API
 
@@ -486,7 +467,7 @@ class RadiusController(torch.optim.Optimizer):
             buffer=self._buffer,
             generator=self._generator.get_state(),
             warned=self._warned,
-            spread_hint=self._meter.spread_hint,
+            spread_hint=self._spread_hint,
             method=self._method,
         )
         inner = [o.state_dict() for o in self.optimizers]
@@ -505,7 +486,7 @@ class RadiusController(torch.optim.Optimizer):
         if ours.generator is not None:
             self._generator.set_state(ours.generator)
         self._warned = ours.warned
-        self._meter.spread_hint = ours.spread_hint
+        self._spread_hint = ours.spread_hint
         if self._method == "auto" and ours.method not in (None, "auto"):
             self.method = ours.method  # the run's resolved choice, as before the save
 
@@ -590,10 +571,43 @@ class RadiusController(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         with torch.inference_mode(False), torch.no_grad(), autocast_as(()):
-            self._step(inputs, loss)
+            # capture (the training forwards since the last step), then the inner step:
+            # the parameters hold old, the proposal's spare new = old + p, tau = ||p||
+            proposed = self._propose(inputs, loss)
+            if proposed is None:
+                return loss  # skipped, or p = 0 (recorded)
+            batches, tau, snapshot, context = proposed
+            try:
+                # the spreads along v = p / tau, reduced to the radius
+                start = time.perf_counter()
+                plans = []
+                for entry in batches:  # subset and bottleneck buffer applied
+                    plan, self._buffer = make_plan(
+                        entry, self.sampling, self._generator, self._buffer
+                    )
+                    plans.append(plan)
+                with self._capture.measuring(), self._measuring_precision():
+                    try:
+                        if self._method == "fast":
+                            found = self._secant(plans, tau)
+                        else:
+                            found = self._tangent(plans, tau)
+                    except Unresolved as err:
+                        found = self._tangent_instead(err, plans, tau)
+                context = dataclasses.replace(context, seconds=time.perf_counter() - start)
+                # the step rule, then old + s p applied and the step recorded
+                self._apply(found, tau, batches, snapshot, context)
+            except BaseException:
+                if self._proposal.at != 1.0:
+                    self._proposal.apply(0.0)  # never leave old + f p
+                raise
         return loss
 
-    def _step(self, inputs, loss) -> None:
+    def _propose(self, inputs, loss):
+        """The captured batches and the inner optimizers' proposal: ``(batches, tau,
+        snapshot, context)``, the parameters at old and the proposal's spare at new; or
+        None when the step ends here (skipped before or after the inner step, or p = 0),
+        recorded."""
         batches = self._batches(inputs)
         check_single_controller(self, self._slope_model)
         self._link_groups()  # a group added to an inner optimizer since the last step
@@ -603,123 +617,258 @@ class RadiusController(torch.optim.Optimizer):
         if empty is not None:
             self.step_count += 1
             self._skip(empty, context)  # before the inner step: nothing has moved
-            return
+            return None
         # FSDP2: the arithmetic runs on each rank's local shard; the few global
         # scalars are summed over the shard group (no-op for unsharded parameters)
         shards = shard_group(model_params)
         params = local_shards(model_params)
         check_dense(model_params)
         self.reader.resolve()  # the class axis, before anything moves
-        if self._method == "auto":
-            self._resolve_method(model_params, batches)
-        elif not self._capable:
-            self._try_measurement(model_params, batches)
-        if self._method == "fast":
-            check_fast_dtype(model_params)  # e.g. the model was cast to bfloat16 later
+        self._settle_method(model_params, batches)
         self.step_count += 1  # a step that raised above was not taken
         grads = local_shards([p.grad for p in model_params if p.grad is not None])
         # host sync 1 of 3: a non-finite gradient must stop us before inner.step().
         if not agree(all_finite(grads), shards):
             self._fault("gradient", context)
-            return
+            return None
         rerun = self.scaled_update == "rerun" and self.mode != "monitor"
         snapshot = OptimizerSnapshot(self.optimizer, params) if rerun else None
-        # The one extra parameter copy. After the swap the parameters hold the old
-        # values and the proposal's spare the inner optimizer's result, bitwise (s = 1
-        # copies it back), and the update p = new - params is never stored.
+        # The extra parameter copy. After the swap the parameters hold the old values
+        # and the proposal's spare the inner optimizer's result, bitwise (s = 1 copies
+        # it back), and the update p = new - params is never stored.
         self._proposal.begin(params, shards)
         for inner in self.optimizers:
             inner.step()
         tau = self._proposal.swap()  # host sync 2 of 3
         if not math.isfinite(tau):
             self._fault("update", context)  # parameters hold the old values
-            return
+            return None
         if tau == 0.0:
             self._proposal.apply(1.0)
             self._record(self._stats(0.0, math.inf, 1.0, context, spread=0.0))
-            return
-        try:
-            self._controlled(tau, batches, snapshot, context)
-        except BaseException:
-            if self._proposal.at != 1.0:
-                self._proposal.apply(0.0)  # never leave old + f p
-            raise
+            return None
+        return batches, tau, snapshot, context
 
-    def _controlled(self, tau, batches, snapshot, context) -> None:
-        """Measure the radius along the proposal and apply old + s p."""
-        params = self._proposal.params
-        start = time.perf_counter()
-        found = self._measure(tau, batches)
-        context = dataclasses.replace(context, seconds=time.perf_counter() - start)
+    def _apply(self, found: Reading, tau: float, batches, snapshot, context) -> None:
+        """The step rule on the measured radius, then ``old + s p`` and the record."""
+        proposal = self._proposal
         if not found.finite:
-            self._proposal.apply(0.0)  # back to the old values
+            proposal.apply(0.0)  # back to the old values
             self._fault("slope", context, tau=tau)
             return
         if not found.counted:
             self._all_masked(tau, context)
             if self.mode != "monitor":
                 return
-        rho = min([found.rho_a, *self._recent_rhos])
+        radius = min([found.radius, *self._recent_rhos])
         if self.sampling.window > 1:
-            self._recent_rhos.append(found.rho_a)
-        context = dataclasses.replace(context, seconds=time.perf_counter() - start)
-        limit = self._radius_with_margin(rho, tau, params, batches)
+            self._recent_rhos.append(found.radius)
+        # A margin below the measured radius for the method's error in the precision it
+        # ran in (clip and set). When clip binds (s < 1 is computed, not copied) float32
+        # / float64 parameters also get one ulp of each parameter, eps ||old|| in length,
+        # for the rounding of old + s p (16-bit parameters: in the relative margin). The
+        # parameters are at old + f p now, so ||old|| <= ||params|| + f tau.
+        limit = radius
+        if self.mode != "monitor":
+            kind = precision(self._slope_model, proposal.params, self._method, batches)
+            margin = self.margin_for(kind)
+            limit = clip_radius(radius, margin)
+            if self.mode == "clip" and self.target_r * limit / tau < 1.0 and kind != "half":
+                old_norm = proposal.norm() + proposal.at * tau
+                eps = torch.finfo(proposal.params[0].dtype).eps
+                limit = clip_radius(radius, margin, 2.0 * eps * old_norm)
         scale = step_scale(tau, limit, self.mode, self.target_r)
         if self.mode == "clip":  # in set mode a small scale is the learning rate's
-            self._watch.scale(scale, tau / rho if rho > 0 else math.inf, rho, tau)
+            self._watch.scale(scale, tau / radius if radius > 0 else math.inf, radius, tau)
         if snapshot is not None and scale != 1.0:
-            scale = self._rerun(params, snapshot, scale, self.target_r * limit, tau)
+            scale = self._rerun(proposal.params, snapshot, scale, self.target_r * limit, tau)
         else:
-            self._proposal.apply(scale)
-        self._record(self._stats(tau, rho, scale, context, measured=found))
+            proposal.apply(scale)
+        self._record(self._stats(tau, radius, scale, context, measured=found))
 
-    def _measure(self, tau: float, batches: list[Captured]) -> MeterReading:
-        """The measurement over the micro-batches (see ``_meter``); updates the
-        bottleneck buffer. "fast" leaves the parameters at old + f p (``proposal.at``)."""
-        plans = [self._plan(entry) for entry in batches]
-        # "fast" near the bound (r = tau spread / pi T >= half the target; set mode:
-        # always) also takes the difference on the other side (SpreadMeter._other_side)
+    # ------------------------------------------------------------ the measurement
+
+    def _measuring_precision(self):
+        """``"fast"``: full float32 on CUDA for every measuring forward (a JVP has no
+        cancellation: TF32 costs it 1e-3 relative, ``"fast"`` 10 %), and the model's own
+        forward where Accelerate wrapped it in autocast (:func:`original_forward`)."""
+        stack = contextlib.ExitStack()
+        if self._method == "fast":
+            if self._devices:
+                stack.enter_context(full_float32())
+            stack.enter_context(original_forward(self._slope_model))
+        return stack
+
+    def _conditions(self, plan: Plan):
+        """The conditions a plan's forwards run under, whatever surrounds ``step()``: the
+        modules' train / eval flags of the training forward (put back after), and its
+        autocast for ``"jvp"`` (the tangent in the precision the model trains in: exact
+        to a few 1e-3 in bfloat16), none for the differences ``"fast"`` / ``"fd"`` (in
+        bfloat16 a secant at a 0.01-logit move is off by 100 % or more)."""
+        stack = contextlib.ExitStack()
+        stack.enter_context(flags_as(self._slope_model, plan.flags))
+        stack.enter_context(autocast_as(plan.autocast if self._method == "jvp" else ()))
+        return stack
+
+    def _tangent(self, plans: list[Plan], tau: float) -> Reading:
+        """``"jvp"`` / ``"fd"``: the spreads of the tangent along v = p / tau at the old
+        parameters (one transient copy: p; the JVP's primal is the old values)."""
+        update = self._proposal.update()
+        tangents = self._aligned(self._proposal.params, update)
+        spreads = []
+        for plan in plans:
+            with self._conditions(plan):
+                spread, gap = tangent_spreads(
+                    self._slope_model, *plan.call, tangents, method=self._method,
+                    output_fn=self._reader, rng=plan.rng, chunk_size=self.chunk_size,
+                    # "fd" runs in float64, where dropout may draw other masks: "jvp" only
+                    fingerprint=plan.fingerprint if self._method == "jvp" else None,
+                    coarse=bool(plan.autocast), **self.slopes_kwargs,
+                )  # fmt: skip
+            if gap:
+                self._watch.mismatch(self._method, gap)
+            spreads.append(spread / tau)
+        del tangents
+        radii = self._extra_radii(update, tau, plans)
+        del update
+        return self._reduce(plans, spreads, radii)
+
+    def _secant(self, plans: list[Plan], tau: float) -> Reading:
+        """``"fast"``: the spreads of ``(z(old + f p) - z(old)) / (f tau)`` against the
+        training forward's logits ``z(old)``, and near the bound (``_recheck``) of the
+        mean with the one from ``old - f p``. The controller moves the parameters
+        (``proposal.move_to``); they end at old +/- f p (``proposal.at``)."""
+        proposal, recheck = self._proposal, self._recheck(tau)
+        while True:  # twice only when the baseline is found stale
+            # f = h / tau: h moves the outputs by about FAST_MOVE at the previous step's
+            # spread (the first step guesses from ||old||)
+            h = fast_step(proposal.norm, 1.0, proposal.params[0].dtype,
+                          moved_per_step=self._spread_hint)  # fmt: skip
+            fraction = away_from_one(h / tau)
+            baselines = [self._baseline(plan) for plan in plans]
+            radii = None
+            if self.extra_radii is not None:  # at the old values, before the shift
+                radii = self._extra_radii(proposal.update(), tau, plans)
+            plus = None if recheck is None else [[] for _ in plans]
+            proposal.move_to(fraction)
+            spreads = self._shifted(plans, baselines, fraction * tau, plus)
+            better = refined_step(fraction * tau, fraction * tau * self._spread_hint)
+            if better is not None:  # the outputs moved too far or too little: redo
+                fraction = away_from_one(better / tau)
+                plus = None if plus is None else [[] for _ in plans]
+                proposal.move_to(fraction)
+                spreads = self._shifted(plans, baselines, fraction * tau, plus)
+            self._check_resolved(baselines, fraction * tau)
+            if recheck is None or self._spread_hint < recheck:
+                break
+            proposal.move_to(-fraction)
+            minus = [[] for _ in plans]
+            others = self._shifted(plans, baselines, fraction * tau, minus, hint=False)
+            spreads = [0.5 * (a + b) for a, b in zip(spreads, others, strict=True)]
+            gap = baseline_gap(baselines, plus, minus)
+            if gap <= 1.0:
+                break
+            self._watch.mismatch(self._method, gap)
+            if self._own_baseline or not any(_trained(plan) for plan in plans):
+                break
+            # the training forward's logits are not this function's: measure again
+            # against a baseline forward at the old parameters
+            self._own_baseline, self._spread_hint = True, None
+            proposal.move_to(0.0)
+        del baselines
+        return self._reduce(plans, spreads, radii)
+
+    def _recheck(self, tau: float) -> float | None:
+        """The max spread per unit v from which ``"fast"`` also takes the difference on
+        the other side: half the spread at r = target in clip mode, always in set mode,
+        never in monitor mode."""
         share = {"clip": 0.5, "set": 0.0}.get(self.mode)
         bound = self.target_r * math.pi * self.temperature / tau  # the spread at r = target
-        recheck = None if share is None else share * bound
-        with self._capture.measuring(), self._meter.precision():
-            try:
-                found = self._meter.measure(plans, self._proposal, recheck)
-            except Unresolved as err:
-                found = self._measure_exactly(err, plans, recheck)
-        if found.pending is not None and self.sampling.buffer_size > 0:
-            rows = bottleneck_rows(*found.pending, self.sampling.buffer_size)
-            self._buffer = rows if rows is not None else self._buffer
-        return found
+        return None if share is None else share * bound
 
-    def _check_function(self, batches: list[Captured]) -> None:
-        """Inputs or buffers the training forwards read that changed in place since
-        (``_function.changes``): warn once; "fast" then takes its own baseline forward
-        instead of the stale training logits, and no fingerprint is checked."""
-        for entry in batches:
-            if entry.recorded is None:
-                continue  # step(inputs=...)
-            causes = changes(self._slope_model, entry.recorded, entry.args, entry.kwargs)
-            if causes:
-                entry.logits = entry.fingerprint = None
-                self._watch.changed(causes, self._method)
+    def _shifted(self, plans, baselines, step: float, sinks=None, hint=True):
+        """Spreads per unit of v from forwards at the evaluation point old + step v
+        (``sinks``: one list per plan collecting the logits' projections); ``hint``:
+        the max spread over the ranks becomes the next step's first guess (moving the
+        outputs by about FAST_MOVE) and the redo decision, one point on every rank."""
+        sinks = sinks or [None] * len(plans)
+        spreads = []
+        for plan, baseline, sink in zip(plans, baselines, sinks, strict=True):
+            with self._conditions(plan):
+                spreads.append(
+                    secant_spreads(
+                        self._slope_model,
+                        *plan.call,
+                        baseline,
+                        step,
+                        output_fn=self._reader,
+                        rng=plan.rng,
+                        devices=self._devices,
+                        chunk_size=self.chunk_size,
+                        sink=sink,
+                        project=projected,
+                    )  # fmt: skip
+                )
+        if hint:
+            local = float(torch.stack([s.max() for s in spreads]).max()) if plans else 0.0
+            self._spread_hint = max_over_ranks(local, True, self.process_group)[0]
+        return spreads
 
-    def _half(self, params) -> bool:
-        """Whether the forward computes with 16-bit tensors: the trainable parameters,
-        any other parameter or floating buffer of the model (a frozen bfloat16 base
-        under float32 adapters), or FSDP2's ``param_dtype``."""
-        tensors = (*params, *self._slope_model.parameters(), *self._slope_model.buffers())
-        return any(t.dtype in _HALF for t in tensors) or half_compute(self._slope_model)
+    def _baseline(self, plan: Plan):
+        """Logits at the old values: the training forward's when the plan has them,
+        else a forward (after the training forward's ``head`` rows, if any)."""
+        if plan.baseline is not None and not self._own_baseline:
+            return plan.baseline
+        head = None if self._own_baseline else plan.head
+        args, kwargs = plan.call if head is None else split_inputs(plan.tail)
+        parts = []
+        with self._conditions(plan):
+            for _, _, a, k in chunks(args, kwargs, self.chunk_size):
+                parts.append(
+                    forward(
+                        self._slope_model,
+                        a,
+                        k,
+                        output_fn=self._reader,
+                        rng=plan.rng,
+                        devices=self._devices,
+                    )  # fmt: skip
+                )
+        if head is not None:  # the subset's rows from the training forward
+            parts.insert(0, head)
+        if self.chunk_size is None and len(parts) > 1:
+            return parts  # head and tail, left apart (see Plan)
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
 
-    def _measure_exactly(self, err: Unresolved, plans, recheck) -> MeterReading:
+    def _check_resolved(self, baselines, step: float) -> None:
+        """Raise :class:`Unresolved` (parameters back at the old values) when the
+        logits' move at the evaluation point, ``step * max spread``, is not above
+        ``RESOLUTION`` times their rounding unit ``eps * max |z|``: each logit of a
+        forward is rounded to eps |z| / 2, so the spread of a difference is off by up
+        to 2 eps max |z| / move (an offset of 1e6 on float32 logits reads a spread of
+        0 at the usual 0.01 move). The same decision on every rank."""
+        tensors = [t for b in baselines for t in (b if isinstance(b, list) else [b])]
+        tensors = [t for t in tensors if t.numel()]
+        if not tensors:
+            return
+        magnitude = float(torch.stack([t.abs().amax().float() for t in tensors]).max())
+        magnitude = max_over_ranks(magnitude, True, self.process_group)[0]
+        moved = step * self._spread_hint
+        eps = torch.finfo(tensors[0].dtype).eps
+        if math.isfinite(magnitude) and math.isfinite(moved):
+            if not moved > RESOLUTION * eps * magnitude:
+                self._proposal.move_to(0.0)
+                raise Unresolved(moved, magnitude)
+
+    def _tangent_instead(self, err: Unresolved, plans, tau: float) -> Reading:
         """``"fast"`` cannot resolve these logits: measure with ``"jvp"`` (``"fd"`` where
         an op has no forward-mode AD), the method from this step on."""
         self.method = "jvp"
         try:
-            found = self._meter.measure(plans, self._proposal, recheck)
+            found = self._tangent(plans, tau)
         except NotImplementedError:
             self.method = "fd"
-            found = self._meter.measure(plans, self._proposal, recheck)
+            found = self._tangent(plans, tau)
         warnings.warn(
             f'RadiusController(method="fast"): {err}; using method="{self.method}" from '
             "this step on",
@@ -728,34 +877,134 @@ class RadiusController(torch.optim.Optimizer):
         )
         return found
 
-    def _precision(self, params, batches) -> str:
-        """The precision the measurement ran in, for the margin: ``"half"`` (16-bit
-        tensors in the forward, :meth:`_half`), ``"autocast"`` (the JVP under the
-        training forward's autocast, also one applied inside the model's forward) or
-        ``"full"``."""
-        if self._half(params):
-            return "half"
-        if self._method == "jvp" and any(entry.autocast for entry in batches):
-            return "autocast"
-        return "full"
+    def _aligned(self, params, updates, frozen: bool = True) -> list[torch.Tensor | None]:
+        """Updates aligned with every parameter of the model (None: not optimized), or
+        with ``frozen=False`` with its trainable ones (the ``extra_radii`` hook's
+        alignment). Every one: a parameter frozen with ``requires_grad_(False)`` stays
+        in the optimizer's groups and can still move (momentum, weight decay), and the
+        tangent must carry that move. ``params`` may be the parameters or, for FSDP2,
+        their local shards (``local_shards``): a DTensor parameter's update is its
+        local shard's."""
+        by_id = {id(p): u for p, u in zip(params, updates, strict=True)}
+        reshard(self._slope_model)  # FSDP2: the registered parameters are the sharded ones
+        model_params = [q for q in self._slope_model.parameters() if frozen or q.requires_grad]
+        shards = local_shards(model_params)
+        return [
+            by_id.get(id(q), by_id.get(id(s))) for q, s in zip(model_params, shards, strict=True)
+        ]
 
-    def _radius_with_margin(self, rho: float, tau: float, params, batches) -> float:
-        """The radius the step rule uses: a margin below the measured radius for the
-        method's error in the precision it ran in (clip and set). When clip binds (s < 1
-        is computed, not copied) float32 / float64 parameters also get one ulp of each
-        parameter, eps ||old|| in length, for the rounding of old + s p (16-bit
-        parameters: in the relative margin). The parameters are at old + f p now, so
-        ||old|| <= ||params|| + f tau."""
-        if self.mode == "monitor":
-            return rho
-        precision = self._precision(params, batches)
-        margin = self.margin_for(precision)
-        limit = clip_radius(rho, margin)
-        binds = step_scale(tau, limit, self.mode, self.target_r) < 1.0
-        if self.mode == "clip" and binds and precision != "half":
-            old_norm = self._proposal.norm() + self._proposal.at * tau
-            limit = clip_radius(rho, margin, 2.0 * torch.finfo(params[0].dtype).eps * old_norm)
-        return limit
+    def _extra_radii(self, update, tau: float, plans) -> dict[str, float] | None:
+        """The ``extra_radii`` hook's radii (smallest over the micro-batches) as distances
+        along v = p / tau, at the old parameter values; None without the hook."""
+        if self.extra_radii is None:
+            return None
+        radii: dict[str, float] = {}
+        direction = self._aligned(self._proposal.params, update, frozen=False)
+        for plan in plans:
+            with self._conditions(plan):
+                extra = self.extra_radii(self._slope_model, plan.evaluated, direction)
+            for key, t in dict(extra).items():
+                radius, before = float(t) * tau, radii.get(str(key), math.inf)
+                # min() would drop a NaN; keep it so the step is treated as a fault
+                radii[str(key)] = math.nan if math.isnan(radius) else min(before, radius)
+        missing = [k for k in (self.limit_by or ()) if k not in radii and k != "out"]
+        if missing:
+            raise KeyError(f"limit_by names {missing}, but the radii are {sorted(radii)}")
+        return radii
+
+    def _reduce(self, plans: list[Plan], spreads: list[torch.Tensor], radii) -> Reading:
+        """The plans' spreads to one radius (:func:`reduce_spreads`: on the device, one
+        host sync, the MAX over ranks), then the radius that limits the step: the
+        smallest of the ones ``limit_by`` names, the same on every rank (reduced as the
+        equivalent spread pi T / rho, like the output spread)."""
+        keeps = [
+            self.sampling.mask(plan.evaluated, spread.numel(), spread.device)
+            for plan, spread in zip(plans, spreads, strict=True)
+        ]
+        found = reduce_spreads(
+            spreads,
+            keeps,
+            quantile=self.sampling.quantile,
+            temperature=self.temperature,
+            over_ranks=True,
+            process_group=self.process_group,
+        )
+        # the last plan's (inputs, spread, mask) for the buffer; never a non-finite one
+        if found.finite_here and self.sampling.buffer_size > 0:
+            rows = bottleneck_rows(plans[-1].evaluated, spreads[-1], keeps[-1],
+                                   self.sampling.buffer_size)  # fmt: skip
+            self._buffer = rows if rows is not None else self._buffer
+        radius, finite = found.rho_a, found.finite
+        if finite and radii is not None:
+            radii = dict(radii, out=found.rho_a)
+            smallest = min(radii[k] for k in (self.limit_by or radii))
+            finite = not any(math.isnan(v) for v in radii.values())
+            spread = radius_from_spread(smallest, self.temperature) if finite else 0.0
+            spread, finite = max_over_ranks(spread, finite, self.process_group)
+            radius = radius_from_spread(spread, self.temperature)
+        samples = None
+        if finite and self.keep_samples:
+            valid = [v for v in found.kept if v.numel()]
+            if valid:
+                samples = radius_from_spread(torch.cat(valid), self.temperature).float().cpu()
+        return Reading(
+            found.spread, found.rho_a, radius, found.bottleneck, finite, samples, radii,
+            found.counted,
+        )  # fmt: skip
+
+    # ------------------------------------------------------------ before the inner step
+
+    def _settle_method(self, params, batches: list[Captured]) -> None:
+        """The method of this step: ``"auto"`` resolved at the first step
+        (:func:`~ghoststep.controller._policy.auto_choice`, fixed for the run), and a
+        ``"jvp"`` / ``"fd"`` tried once along the gradient before the first inner step
+        (an error, e.g. an op without forward AD, leaves the optimizer untouched; under
+        ``"auto"`` ``"jvp"`` falls back to ``"fast"`` with a warning, except with 16-bit
+        parameters, where no method is both possible and accurate)."""
+        auto = self._method == "auto"
+        if auto:
+            self.method = auto_choice(self._slope_model, params, batches, bool(self._devices))
+        if self._method != "fast" and not self._capable:
+            try:
+                self._try_gradient(params, batches[0])
+            except NotImplementedError as err:  # an op (or autograd.Function) without forward AD
+                if not auto or half_precision(self._slope_model, params):
+                    raise
+                warnings.warn(
+                    f'RadiusController(method="auto"): {err} -- using method="fast" for this '
+                    "run (measured in float32, autocast off)",
+                    RuntimeWarning,
+                    stacklevel=7,
+                )
+                self.method = "fast"
+            self._capable = True
+        if self._method == "fast":
+            check_fast_dtype(params)  # e.g. the model was cast to bfloat16 later
+
+    def _try_gradient(self, params, entry: Captured) -> None:
+        """The slopes along the gradient on all rows of one batch (no subset draw: the
+        generator is left alone)."""
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        tangents = self._aligned(params, grads)
+        with self._capture.measuring():
+            with autocast_as(entry.autocast if self._method == "jvp" else ()):
+                tangent_spreads(
+                    self._slope_model, *split_inputs(entry.inputs), tangents,
+                    method=self._method, output_fn=self._reader, rng=entry.rng,
+                    chunk_size=self.chunk_size, **self.slopes_kwargs,
+                )  # fmt: skip
+
+    def _check_function(self, batches: list[Captured]) -> None:
+        """Inputs or buffers the training forwards read that changed in place since
+        (``_capture.changes``): warn once; "fast" then takes its own baseline forward
+        instead of the stale training logits, and no fingerprint is checked."""
+        for entry in batches:
+            if entry.recorded is None:
+                continue  # step(inputs=...)
+            causes = changes(self._slope_model, entry.recorded, entry.args, entry.kwargs)
+            if causes:
+                entry.logits = entry.fingerprint = None
+                self._watch.changed(causes, self._method)
 
     def _all_masked(self, tau, context) -> None:
         """Every position masked: no radius bounds this update. Policy: clip / set skip
@@ -768,7 +1017,7 @@ class RadiusController(torch.optim.Optimizer):
             + ("it was applied (monitor mode)" if applied
                else "it was skipped and the parameters left unchanged"),
             RuntimeWarning,
-            stacklevel=5,
+            stacklevel=7,
         )  # fmt: skip
         if not applied:
             self._proposal.apply(0.0)
@@ -786,7 +1035,7 @@ class RadiusController(torch.optim.Optimizer):
         if batches and self.sampling.masks:
             masks = [self.sampling.position_mask(entry.inputs) for entry in batches]
             counted = float(sum(int(m.sum()) for m in masks))
-        counted, _ = max_over_ranks(counted, True, self._meter.process_group)
+        counted, _ = max_over_ranks(counted, True, self.process_group)
         if counted > 0 or (batches and self.mode == "monitor"):
             return batches, None  # monitor mode applies an all-masked update (warned later)
         if not batches and not self.sampling.masks:
@@ -799,7 +1048,7 @@ class RadiusController(torch.optim.Optimizer):
             f"RadiusController: {why} at step {self.step_count}; the step was skipped, the "
             "parameters and the optimizer state left unchanged",
             RuntimeWarning,
-            stacklevel=4,
+            stacklevel=7,
         )
         self.skipped_steps += 1
         self._record(self._stats(math.nan, math.nan, 0.0, context, spread=math.nan, skipped=True))
@@ -821,55 +1070,12 @@ class RadiusController(torch.optim.Optimizer):
             )
         for entry in batches:
             self.sampling.check_rows(entry.inputs)
-            if self._meter.chunk_size is not None:
+            if self.chunk_size is not None:
                 check_row_slicing(entry.inputs, "chunk_size")
         self._check_function(batches)  # before any forward of the controller's own
         return batches
 
-    def _plan(self, entry: Captured) -> Plan:
-        plan, self._buffer = make_plan(entry, self.sampling, self._generator, self._buffer)
-        return plan
-
-    def _try_measurement(self, params, batches) -> None:
-        """Run the slopes once along the gradient on the first batch (first step only)."""
-        entry = batches[0]  # all rows, no subset draw: the generator is left alone
-        plan = Plan(entry.inputs, split_inputs(entry.inputs), entry.rng, None, entry.autocast)
-        with self._capture.measuring(), self._meter.precision():
-            self._meter.try_gradient(params, plan)
-        self._capable = True
-
-    def _resolve_method(self, params, batches) -> None:
-        """``method="auto"``, at the first step: the cheapest method that is exact enough
-        here (see the table in ``docs/api/controller.md``), fixed for the run.
-
-        * "jvp" for bfloat16 / float16 parameters or buffers (trainable or not), a
-          training forward under autocast (around the call or inside the model's
-          forward: Accelerate, the HF Trainer) or TF32 on CUDA: there a secant is off
-          by 10 % or more and a JVP by < 1 %;
-        * "fast" otherwise (float32 / float64, one extra forward);
-        * "fast" with a warning when "jvp" meets an op without forward-mode AD (16-bit
-          parameters: the error is raised, no method is both possible and accurate).
-        """
-        half = self._half(params)
-        coarse = any(entry.autocast for entry in batches) or (
-            bool(self._capture.devices) and tf32_allowed()
-        )
-        if not (half or coarse):
-            self.method = "fast"
-            return
-        self.method = "jvp"
-        try:
-            self._try_measurement(params, batches)
-        except NotImplementedError as err:  # an op (or autograd.Function) without forward AD
-            if half:
-                raise
-            warnings.warn(
-                f'RadiusController(method="auto"): {err} -- using method="fast" for this '
-                "run (measured in float32, autocast off)",
-                RuntimeWarning,
-                stacklevel=5,
-            )
-            self.method = "fast"
+    # ------------------------------------------------------------ after the measurement
 
     def _rerun(self, params, snapshot: OptimizerSnapshot, scale, limit, tau) -> float:
         """Scaled update for optimizers with an iterate of their own (``"rerun"``): the
@@ -894,16 +1100,16 @@ class RadiusController(torch.optim.Optimizer):
             raise FloatingPointError(message.replace("the step was skipped and ", ""))
         self.skipped_steps += 1
         if not self._warned:
-            warnings.warn(message + " (warning once per controller)", RuntimeWarning, stacklevel=4)
+            warnings.warn(message + " (warning once per controller)", RuntimeWarning, stacklevel=7)
             self._warned = True
         self._record(self._stats(tau, math.nan, 0.0, context, spread=math.nan, skipped=True))
 
-    def _stats(self, tau, rho, scale, context, *, measured=None, spread=None, skipped=False):
-        r_before = tau / rho if rho > 0 else math.inf  # tau / inf = 0; nan propagates
+    def _stats(self, tau, radius, scale, context, *, measured=None, spread=None, skipped=False):
+        r_before = tau / radius if radius > 0 else math.inf  # tau / inf = 0; nan propagates
         return StepStats(
             step=self.step_count,
             tau=tau,
-            rho_a=rho,
+            rho_a=radius if measured is None else measured.rho_a,
             r_before=r_before,
             r_after=0.0 if skipped else scale * r_before,
             scale=scale,
@@ -915,6 +1121,7 @@ class RadiusController(torch.optim.Optimizer):
             spread=measured.spread if measured is not None else spread,
             rho_samples=None if measured is None else measured.rho_samples,
             radii=None if measured is None else measured.radii,
+            radius=radius,
         )
 
     def _record(self, stats: StepStats) -> None:
@@ -944,7 +1151,7 @@ class RadiusController(torch.optim.Optimizer):
     def _set_devices(self) -> None:
         """The CUDA devices whose RNG the capture saves and the measurement replays."""
         devices = cuda_devices(self._slope_model)
-        self._meter.devices = self._capture.devices = devices
+        self._devices = self._capture.devices = devices
 
     def _check_params_in_model(self) -> None:
         known = {id(p) for p in self._slope_model.parameters()}
@@ -954,6 +1161,33 @@ class RadiusController(torch.optim.Optimizer):
                     "every parameter the optimizer updates must belong to `model`; found one "
                     f"of shape {tuple(p.shape)} that does not"
                 )
+
+
+# --------------------------------------------------------------------------- the reading
+
+
+class Reading(NamedTuple):
+    """What the measurement read in one step (``measure()`` returns a ``Measurement``).
+    ``spread``: the aggregated spread per unit of v (0 when nothing was counted);
+    ``rho_a``: the output logits' radius pi T / spread; ``radius``: the radius that
+    limits the step, the smallest of the ``limit_by`` radii (``rho_a`` without extra
+    radii); ``bottleneck``: the position index over the micro-batches in order;
+    ``rho_samples``: per-position radii (CPU float32) when kept; ``radii``: the extra
+    radii dict with ``"out"``, or None; ``counted``: some position was not masked."""
+
+    spread: float
+    rho_a: float
+    radius: float
+    bottleneck: int
+    finite: bool
+    rho_samples: torch.Tensor | None
+    radii: dict[str, float] | None
+    counted: bool
+
+
+def _trained(plan: Plan) -> bool:
+    """Whether the plan's baseline comes (partly) from the training forward."""
+    return plan.baseline is not None or plan.head is not None
 
 
 # --------------------------------------------------------------------------- helpers
@@ -1032,10 +1266,6 @@ def _shifted_label_mask(model: nn.Module, ignore_index: int, targets_fn):
     """The ``mask_fn`` of a Hugging Face causal LM's loss (its logits at t are scored
     against ``labels[t + 1]``, the labels from ``targets_fn`` when given), or None for
     other models (``targets_fn``'s targets then align with the logits)."""
-    if "transformers" not in sys.modules:
-        return None  # no Hugging Face model can exist
-    from ..integrations.transformers import is_causal_lm, label_mask_fn
-
-    if not is_causal_lm(model):
+    if "transformers" not in sys.modules or not is_causal_lm(model):
         return None
     return label_mask_fn(shift=True, ignore_index=ignore_index, targets_fn=targets_fn)

@@ -114,14 +114,15 @@ class AllRadiiController(RadiusController):
     Every step it measures the output-logit radius ``rho_out`` exactly as the base
     controller does, plus the attention and FFN radii of :func:`internal_radii` along
     the same update (through the controller's ``extra_radii`` hook), and uses
-    ``rho_net = min(rho_x for x in use)`` (``limit_by``). All three radii and the
-    binding term are kept in ``last_radii`` / ``last_binding`` whatever ``use`` is, so
-    an output-only controller (``use=("out",)``) or a monitored run still reports
-    them. This is the paper's all-radii controller of Section 6.6
-    (``use=("out", "attn", "ffn")``, the default).
+    ``rho_net = min(rho_x for x in limit_by)`` (``StepStats.radius``; ``StepStats.rho_a``
+    is ``rho_out``). All three radii and the binding term are kept in ``last_radii`` /
+    ``last_binding`` whatever ``limit_by`` is, so an output-only controller
+    (``limit_by=("out",)``) or a monitored run still reports them. This is the paper's
+    all-radii controller of Section 6.6 (``limit_by=("out", "attn", "ffn")``, the
+    default).
 
     Args:
-        use: the radii that limit the step, a subset of ``("out", "attn", "ffn")``.
+        limit_by: the radii that limit the step, a subset of ``("out", "attn", "ffn")``.
         ffn_quantile: quantile q of ``Q_q(|h| / |h_dot|)``.
         Everything else: as :class:`~ghoststep.RadiusController`.
     """
@@ -131,18 +132,17 @@ class AllRadiiController(RadiusController):
         optimizer,
         model,
         *,
-        use: Sequence[str] = RADII,
+        limit_by: Sequence[str] = RADII,
         ffn_quantile: float = 0.01,
         **kwargs,
     ) -> None:
-        unknown = set(use) - set(RADII)
-        if unknown or not use:
-            raise ValueError(f"use must be a non-empty subset of {RADII}, got {use!r}")
+        unknown = set(limit_by) - set(RADII)
+        if unknown or not limit_by:
+            raise ValueError(f"limit_by must be a non-empty subset of {RADII}, got {limit_by!r}")
         if not 0.0 < ffn_quantile <= 1.0:
             raise ValueError(f"ffn_quantile must be in (0, 1], got {ffn_quantile!r}")
         hook = functools.partial(_internal_radii_hook, ffn_quantile=float(ffn_quantile))
-        super().__init__(optimizer, model, extra_radii=hook, limit_by=tuple(use), **kwargs)
-        self.use = tuple(use)
+        super().__init__(optimizer, model, extra_radii=hook, limit_by=tuple(limit_by), **kwargs)
         self.ffn_quantile = float(ffn_quantile)
 
     @property

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 import torch
 
 from ..evaluation._directions import global_norm
+from ..evaluation._isolation import HALF
 from ..evaluation._sharding import agree, sum_over_shards
 from ..evaluation._updates import OptimizerSnapshot
 
@@ -62,11 +63,6 @@ class Proposal:
         torch._foreach_copy_(spare, params)
         self.spare = spare  # after the step it holds whatever the parameters do not
         return spare
-
-    @property
-    def new(self) -> list[torch.Tensor]:
-        """The inner optimizer's result (after :meth:`swap`), bitwise."""
-        return self.spare
 
     def update(self) -> list[torch.Tensor]:
         """p = new - params, a transient copy (at the old values: the proposed update)."""
@@ -141,7 +137,7 @@ class Proposal:
             else:
                 torch._foreach_copy_(params, proposed)
             self.at = 1.0
-        elif self.at == 0.0 and scale != 0.0 and any(p.dtype in _HALF for p in params):
+        elif self.at == 0.0 and scale != 0.0 and any(p.dtype in HALF for p in params):
             _round_toward_old(params, proposed, scale)
             self.at = scale
         else:
@@ -185,9 +181,6 @@ def _squares(norms: Sequence[torch.Tensor], device) -> torch.Tensor:
     return stacked.double().pow(2).sum().reshape(1)
 
 
-_HALF = (torch.bfloat16, torch.float16)
-
-
 def _round_toward_old(params, proposed, scale: float) -> None:
     """``params`` (the old values) <- old + s (new - old), each entry rounded toward
     old where rounding to nearest would lengthen it. In bfloat16 an entry whose step
@@ -195,7 +188,7 @@ def _round_toward_old(params, proposed, scale: float) -> None:
     measured r 1.05 on a TinyLM against 0.98 intended. Rounded toward old, every entry
     moves at most s |p_i|, in p_i's direction. One parameter at a time in float32."""
     for p, q in zip(params, proposed, strict=True):
-        if p.dtype not in _HALF:
+        if p.dtype not in HALF:
             p.lerp_(q, scale)
             continue
         old = p.float()
@@ -206,7 +199,7 @@ def _round_toward_old(params, proposed, scale: float) -> None:
 
 
 def _wide(t: torch.Tensor) -> torch.Tensor:
-    return t.float() if t.dtype in (torch.bfloat16, torch.float16) else t
+    return t.float() if t.dtype in HALF else t
 
 
 def _groups(tensors: Sequence[torch.Tensor]) -> list[list[int]]:

@@ -8,16 +8,22 @@ holds the state (the buffer, the generator, the recent radii).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+import numbers
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch.utils import _pytree as pytree
 
-from ..evaluation._inputs import Call, check_row_slicing, is_packed, split_inputs, tensor_leaves
-from ..measurement._reduce import aggregate_spread
-from ..measurement._slopes import keep_mask
+from ..evaluation._inputs import check_row_slicing, split_inputs
+from ..evaluation._rows import (
+    batch_rows,
+    cat_rows,
+    detached_copy,
+    keep_mask,
+    labels_of,
+    select_rows,
+)
 from ._checks import check_real, is_int
 
 __all__ = ["Sampling"]
@@ -68,6 +74,16 @@ class Sampling:
         targets_fn: see ``ignore_index``; its targets align with the logits' positions
             (``RadiusController`` shifts them for a Hugging Face causal LM, as its loss
             does).
+        seed: seed of the subset generator.
+        micro_batches: ``"all"`` measures the radius on every training forward since
+            the previous step (gradient accumulation: the update is built from all
+            micro-batches, so all of them bound it; their inputs, and for ``"fast"``
+            their logits, are held until ``step()``); ``"last"`` on the most recent
+            one. A training forward is one in train mode with gradients enabled
+            (``no_grad`` / ``inference_mode`` side forwards are ignored). Each
+            micro-batch is evaluated on its own (BatchNorm sees the statistics it
+            trained with) and the smallest radius is used. ``step(inputs=...)``
+            overrides both.
     """
 
     subset: int | None = None
@@ -77,8 +93,14 @@ class Sampling:
     mask_fn: Callable[[Any], torch.Tensor] | None = None
     ignore_index: int | None = None
     targets_fn: Callable[[Any], torch.Tensor] | None = None
+    seed: int = 0
+    micro_batches: str = "all"
 
     def __post_init__(self) -> None:
+        if not (isinstance(self.seed, numbers.Integral) and not isinstance(self.seed, bool)):
+            raise TypeError(f"seed must be an int, got {type(self.seed).__name__} {self.seed!r}")
+        if self.micro_batches not in ("last", "all"):
+            raise ValueError(f'micro_batches must be "last" or "all", got {self.micro_batches!r}')
         if self.subset is not None and not (is_int(self.subset) and self.subset >= 1):
             raise ValueError(f"subset must be None or an int >= 1, got {self.subset!r}")
         if not (is_int(self.buffer_size) and self.buffer_size >= 0):
@@ -140,72 +162,6 @@ class Sampling:
         if self.buffer_size > 0:
             check_row_slicing(inputs, "buffer_size")
 
-    def aggregate(self, spread: torch.Tensor) -> torch.Tensor:
-        """The spread that sets the radius: the max, or the ``quantile`` spread
-        (:func:`~ghoststep.measurement._reduce.aggregate_spread`), 0-d, no sync."""
-        return aggregate_spread(spread, self.quantile)
-
-
-def labels_of(inputs):
-    """The labels of ``inputs`` (dict: ``"labels"``; ``Call``: its ``labels`` keyword
-    argument, else its ``targets``), or None."""
-    if isinstance(inputs, Call):
-        labels = inputs.kwargs.get("labels")
-        return inputs.targets if labels is None else labels
-    if isinstance(inputs, Mapping):
-        return inputs.get("labels")
-    return None
-
-
-def detached_copy(obj):
-    """The structure with every tensor detached and cloned (checkpoints, the buffer)."""
-    return pytree.tree_map_only(torch.Tensor, lambda t: t.detach().clone(), obj)
-
-
-def batch_rows(obj) -> int | None:
-    """Batch size: the leading size of the first tensor with at least one dimension (a
-    ``PackedSequence``: its number of sequences)."""
-    for t in tensor_leaves(obj):
-        if is_packed(t):
-            return int(t.batch_sizes[0]) if t.batch_sizes.numel() else 0
-        if t.dim() >= 1:
-            return int(t.shape[0])
-    return None
-
-
-def select_rows(obj, idx: torch.Tensor, rows: int):
-    """Rows ``idx`` of every tensor whose leading size is ``rows``; others unchanged."""
-
-    def pick(t: torch.Tensor) -> torch.Tensor:
-        if t.dim() >= 1 and t.shape[0] == rows:
-            return t.index_select(0, idx.to(t.device))
-        return t
-
-    return pytree.tree_map_only(torch.Tensor, pick, obj)
-
-
-def cat_rows(a, b, rows_a: int, rows_b: int | None):
-    """``a`` and ``b`` concatenated along rows (tensors with ``rows_a`` / ``rows_b``
-    leading rows; other leaves taken from ``a``); None if the structures, per-row
-    shapes or dtypes do not match."""
-    if rows_b is None:
-        return None
-    leaves_a, spec_a = pytree.tree_flatten(a)
-    leaves_b, spec_b = pytree.tree_flatten(b)
-    if spec_a != spec_b:
-        return None
-    out = []
-    for u, w in zip(leaves_a, leaves_b, strict=True):
-        if not (isinstance(u, torch.Tensor) and isinstance(w, torch.Tensor)):
-            out.append(u)
-        elif u.dim() >= 1 and w.dim() >= 1 and u.shape[0] == rows_a and w.shape[0] == rows_b:
-            if u.shape[1:] != w.shape[1:] or u.dtype != w.dtype:
-                return None
-            out.append(torch.cat([u, w.to(u.device)], 0))
-        else:
-            out.append(u)
-    return pytree.tree_unflatten(out, spec_a)
-
 
 def bottleneck_rows(evaluated, spread: torch.Tensor, keep, size: int):
     """The inputs of the ``size`` rows of ``evaluated`` with the largest spread (masked
@@ -227,7 +183,7 @@ class Plan:
     (``baseline``; or only for the first rows, ``head``, with the inputs of the rest in
     ``tail``); the modules' train / eval flags of the training forward (``flags``,
     replayed) and the fingerprint of its logits when the plan evaluates exactly its rows
-    (``fingerprint``, (..., 2), checked against the replay). The meter keeps what it
+    (``fingerprint``, (..., 2), checked against the replay). The controller keeps what it
     computes from a plan (spreads, completed baselines) in its own structures."""
 
     evaluated: Any

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from ..evaluation._inputs import Call
-from ._sampling import detached_copy
+from ..evaluation._rows import detached_copy
 
 __all__ = ["ControllerState"]
 

@@ -1,6 +1,6 @@
 """Evaluating a model along a direction: outputs and directional derivatives.
 
-``directional`` is the one evaluation path (``"jvp"`` / ``"fd"`` / ``"fast"``; its
+``directional`` evaluates every method (``"jvp"`` / ``"fd"`` / ``"fast"``; its
 docstring states what exactly is differentiated and the side-effect guarantees);
 ``call_at`` / ``forward`` evaluate the outputs at given parameters. Directions in
 parameter space (``resolve_direction``, ``gradient_direction``, ``random_direction``,

@@ -1,8 +1,8 @@
 """Model outputs and their directional derivatives along a parameter direction.
 
-The one evaluation path of ghoststep: ``slopes`` (logit slopes), ``measurement`` (the
-radius measurement), the controller, the internal (attention / FFN) radii and the line
-probes all evaluate a model here. For a direction v over the trainable parameters
+Every evaluation of a model in ghoststep runs here: ``slopes`` (logit slopes),
+``measurement`` (the radius measurement), the controller, the internal (attention /
+FFN) radii and the line probes. For a direction v over the trainable parameters
 and any output ``y = output_fn(model(*args, **kwargs))`` (the logits, or a tuple of
 internal activations) it returns ``(y, y_dot)`` with ``y_dot = d/dt y(theta + t v)``
 at t = 0, by one of three methods:
@@ -81,9 +81,11 @@ from torch import nn
 from torch.func import functional_call
 from torch.utils import _pytree as pytree
 
+from ..radius._bounds import logit_spread_unchecked
 from ._directions import global_norm, trainable_parameters
-from ._isolation import RNGState, cuda_devices, preserved_buffers, replay_rng
-from ._outputs import logits_reader
+from ._inputs import check_chunking, chunks
+from ._isolation import HALF, RNGState, cuda_devices, preserved_buffers, replay_rng
+from ._outputs import REPLAY_NOISE, fingerprint_gap, logits_reader
 from ._sharding import dual_unsharded, fsdp_units, reshard
 
 # The public names are listed once, in the package's ``__init__``.
@@ -101,7 +103,7 @@ def fast_step(
     moved_per_step: float | None = None,
 ) -> float:
     """The step h of the one-sided difference (``"fast"``) along a direction of norm
-    ||v|| -- the one place it is chosen (then :func:`refined_step` once):
+    ||v|| (then :func:`refined_step` once):
 
     * with ``moved_per_step``, how far the outputs move per unit step (the controller's
       previous spread): ``FAST_MOVE / moved_per_step``, when finite and > 0;
@@ -155,8 +157,8 @@ def _forward_ad_error(err: BaseException) -> NotImplementedError | None:
     )
 
 
-def _tensors_of(output, output_fn, what: str = "output_fn"):
-    out = output_fn(output)
+def _checked(out, what: str = "output_fn"):
+    """``out`` (what ``output_fn`` returned) after checking every leaf is a tensor."""
     for leaf in pytree.tree_leaves(out):
         if not isinstance(leaf, torch.Tensor):
             raise TypeError(
@@ -179,7 +181,7 @@ def forward(
     output_fn = output_fn or logits_reader()
     devices = cuda_devices(model) if devices is None else devices
     with torch.no_grad(), replay_rng(devices, rng), preserved_buffers(model):
-        out = _tensors_of(model(*args, **kwargs), output_fn)
+        out = _checked(output_fn(model(*args, **kwargs)))
     reshard(model)  # FSDP2: no stale all-gathered parameters after a no_grad forward
     return pytree.tree_map(lambda t: t.detach(), out)
 
@@ -217,7 +219,7 @@ def call_at(
         state[name] = cast(p) + t * cast(v) if v is not None else cast(p)
     args, kwargs = pytree.tree_map_only(torch.Tensor, cast, (tuple(args), dict(kwargs)))
     out = functional_call(model, state, args, kwargs, tie_weights=True, strict=False)
-    return _tensors_of(out, output_fn)
+    return _checked(output_fn(out))
 
 
 def tf32_allowed() -> bool:
@@ -286,7 +288,7 @@ def _jvp(model, args, kwargs, tangents, primals, output_fn, rng, devices, frozen
             if better is None:
                 raise
             raise better from err
-        out = _tensors_of(out, output_fn)
+        out = _checked(output_fn(out))
         leaves, spec = pytree.tree_flatten(out)
         primal_out, tangent_out = [], []
         for leaf in leaves:
@@ -440,3 +442,180 @@ def directional(
         return _one_sided(
             model, args, kwargs, tangents, output_fn, step, rng, devices, baseline, frozen
         )
+
+
+# ------------------------------------------------------------ spreads along a direction
+#
+# The controller's measurement: per-position spreads ``max_k a_k - min_k a_k`` of one
+# batch, chunk by chunk (each chunk's tangent or difference reduced at once), as flat
+# float64 tensors. Neither function moves the parameters: the secant evaluates the
+# model where its parameters are.
+
+# On the CPU the difference and its two reductions run over blocks of rows this large,
+# so that each block is still in cache for the reductions (at V = 8192 the logits of a
+# batch are tens of MB: three passes through memory become one).
+_BLOCK_BYTES = 1 << 20
+
+
+def spread_of_difference(shifted: torch.Tensor, baseline: torch.Tensor) -> torch.Tensor:
+    """``logit_spread_unchecked(shifted - baseline)``, using ``shifted`` as scratch; shape
+    ``shifted.shape[:-1]``."""
+    classes = shifted.shape[-1]
+    rows = max(1, _BLOCK_BYTES // max(1, classes * shifted.element_size()))
+    if shifted.device.type != "cpu" or shifted.numel() <= rows * classes:
+        return logit_spread_unchecked(shifted.sub_(baseline))
+    flat, base = shifted.reshape(-1, classes), baseline.reshape(-1, classes)
+    out = flat.new_empty(flat.shape[0])
+    for start in range(0, flat.shape[0], rows):
+        block = flat[start : start + rows].sub_(base[start : start + rows])
+        torch.sub(block.amax(-1), block.amin(-1), out=out[start : start + rows])
+    return out.view(shifted.shape[:-1])
+
+
+def tangent_spreads(
+    model: nn.Module,
+    args: tuple,
+    kwargs: Mapping[str, Any],
+    tangents: Sequence[torch.Tensor | None],
+    *,
+    method: str,
+    output_fn: Callable[[Any], Any],
+    rng: RNGState | None,
+    chunk_size: int | None,
+    fingerprint: torch.Tensor | None = None,
+    coarse: bool = False,
+    **slopes_kwargs,
+) -> tuple[torch.Tensor, float]:
+    """``(spreads, gap)``: the flat float64 spread of the slopes along ``tangents`` (one
+    per parameter of the model, ``frozen`` alignment) at every position, by ``method``
+    (``"jvp"`` / ``"fd"``: :func:`directional`), and the largest relative gap between
+    the primal logits and ``fingerprint`` (the training forward's, from
+    :func:`~ghoststep.evaluation._outputs.fingerprint`) above the noise of their
+    precision (:data:`~ghoststep.evaluation._outputs.REPLAY_NOISE`; ``coarse``: the
+    training forward ran under autocast), 0.0 when within it or without one."""
+    if chunk_size is not None:
+        check_chunking(model, args, kwargs, chunk_size)
+    parts, mismatch = [], 0.0
+    for start, stop, a, k in chunks(args, kwargs, chunk_size):
+        primal, slopes = directional(
+            model, a, k, tangents, method=method, output_fn=output_fn, rng=rng, frozen=True,
+            **slopes_kwargs,
+        )  # fmt: skip
+        if fingerprint is not None:
+            gap = fingerprint_gap(primal, fingerprint[start:stop])
+            low = coarse or primal.dtype in HALF
+            if gap > REPLAY_NOISE[low]:
+                mismatch = max(mismatch, gap)
+        parts.append(logit_spread_unchecked(slopes).reshape(-1))
+    return torch.cat(parts).double(), mismatch
+
+
+def secant_spreads(
+    model: nn.Module,
+    args: tuple,
+    kwargs: Mapping[str, Any],
+    baseline,
+    step: float,
+    *,
+    output_fn: Callable[[Any], Any],
+    rng: RNGState | None,
+    devices: Sequence[int],
+    chunk_size: int | None,
+    sink: list | None = None,
+    project: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """The flat float64 spread of ``(y - baseline) / step`` at every position, ``y`` the
+    outputs of one forward at the parameters as they are (the caller has put them at
+    ``old + step v``; ``baseline``: the outputs at ``old``, or a list of parts over
+    consecutive rows when the forward is not chunked). ``sink``: a list that receives
+    ``project(y)`` of every chunk."""
+    if chunk_size is not None:
+        check_chunking(model, args, kwargs, chunk_size)
+    parts = []
+    for start, stop, a, k in chunks(args, kwargs, chunk_size):
+        shifted = forward(model, a, k, output_fn=output_fn, rng=rng, devices=devices)
+        if sink is not None:
+            sink.append(project(shifted))
+        pieces = baseline if isinstance(baseline, list) else [baseline[start:stop]]
+        first = 0
+        for piece in pieces:
+            last = first + piece.shape[0]
+            parts.append(spread_of_difference(shifted[first:last], piece).reshape(-1))
+            first = last
+    return torch.cat(parts).double() / step
+
+
+# ------------------------------------------------------- the secant's step and checks
+
+
+# "fast" trusts a difference whose move exceeds RESOLUTION rounding units of the largest
+# logit: the rounding then adds at most 2 / RESOLUTION = 0.8 % to the spread, under the
+# 2 % margin of "fast" (which also covers its O(h) error). At the usual 0.01 move this
+# holds for logits up to about 300 in float32.
+RESOLUTION = 250.0
+
+
+class Unresolved(ArithmeticError):
+    """``"fast"`` cannot resolve the logits' move at their magnitude."""
+
+    def __init__(self, moved: float, magnitude: float) -> None:
+        super().__init__(
+            f"the logits (max |z| = {magnitude:.3g}) moved by {moved:.3g} at the secant's "
+            f"step, not {RESOLUTION:g} of their rounding units: a difference of two "
+            "forwards in this precision cannot resolve their slopes"
+        )
+
+
+def away_from_one(fraction: float) -> float:
+    """The final step is recovered from the evaluation point and the proposal as a
+    lerp with weight (s - f) / (1 - f): keep f away from 1."""
+    return 0.5 if abs(1.0 - fraction) < 0.5 else fraction
+
+
+_PROJECTIONS = 4  # zero-sum class projections of the baseline check
+_projectors: dict[tuple, torch.Tensor] = {}
+
+
+def projected(logits: torch.Tensor) -> torch.Tensor:
+    """``(positions, 4)``: the logits ``(..., K)`` times fixed random zero-sum sign
+    vectors over the classes (a shift common to all classes, which no spread sees,
+    drops out; 4 numbers per position instead of K)."""
+    classes = logits.shape[-1]
+    key = (classes, logits.device, logits.dtype)
+    if key not in _projectors:
+        fixed = torch.Generator().manual_seed(0)  # never the training RNG
+        signs = torch.randint(0, 2, (classes, _PROJECTIONS), generator=fixed) * 2.0
+        _projectors[key] = (signs - signs.mean(0)).to(logits.device, logits.dtype)
+    return logits.reshape(-1, classes) @ _projectors[key]
+
+
+def _finite_max(values: torch.Tensor) -> float:
+    """max |values| over the finite entries (masked classes give inf / nan), 0 if none."""
+    values = values.abs()
+    return float(values.nan_to_num(0.0, 0.0, 0.0).max()) if values.numel() else 0.0
+
+
+def baseline_gap(baselines, plus, minus) -> float:
+    """Whether the baseline is this function's, from the two sides of the secant.
+
+    A one-sided secant is off by O(step |y''|): measured up to 7 % low on a tiny GPT-2
+    in float32, enough to break r <= target_r. The two secants err in opposite
+    directions, and the spread (max - min) is a convex function of the slopes, so the
+    mean of the two spreads bounds the derivative's spread from above up to O(step^2):
+    one more forward, taken only near the bound.
+
+    With both sides, (z(+h) - z0) + (z(-h) - z0) is O(h^2) for the baseline z0 of this
+    function and 2 (z0' - z0) for a stale one (inputs or buffers changed after the
+    training forward), while z(+h) - z(-h) = 2 h a either way. Returns the largest
+    |first| over the largest |second|, both through a few zero-sum projections of the
+    classes (:func:`projected`; ``plus`` / ``minus``: per plan, the projections of the
+    logits at old + h v / old - h v); above 1 the baseline is not this function's (a
+    kink crossed within h gives at most about 1)."""
+    residual = odd = 0.0
+    for baseline, above, below in zip(baselines, plus, minus, strict=True):
+        parts = baseline if isinstance(baseline, list) else [baseline]
+        middle = torch.cat([projected(part) for part in parts])
+        above, below = torch.cat(above), torch.cat(below)
+        residual = max(residual, _finite_max(above + below - 2.0 * middle))
+        odd = max(odd, _finite_max(above - below))
+    return residual / odd if odd > 0 else 0.0

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 __all__ = [
+    "HALF",
     "AutocastState",
     "RNGState",
     "autocast_as",
@@ -39,6 +40,9 @@ RNGState = tuple[torch.Tensor, dict[int, torch.Tensor]] | tuple[Any, ...]
 # ((device type, autocast dtype), ...) of the device types with autocast enabled
 AutocastState = tuple[tuple[str, torch.dtype], ...]
 _AUTOCAST_DEVICES = ("cpu", "cuda")
+# The 16-bit floating dtypes: parameters, buffers or autocast in them need the JVP and
+# wider margins (a secant in them is off by 1e-2 or more).
+HALF = (torch.bfloat16, torch.float16)
 
 
 def _autocast_of(device: str) -> torch.dtype | None:
@@ -53,8 +57,12 @@ def _autocast_of(device: str) -> torch.dtype | None:
 
 def autocast_state() -> AutocastState:
     """The autocast in effect now, e.g. ``(("cpu", torch.bfloat16),)``; ``()`` if none."""
-    state = ((device, _autocast_of(device)) for device in _AUTOCAST_DEVICES)
-    return tuple((device, dtype) for device, dtype in state if dtype is not None)
+    state = []
+    for device in _AUTOCAST_DEVICES:
+        dtype = _autocast_of(device)
+        if dtype is not None:
+            state.append((device, dtype))
+    return tuple(state)
 
 
 @contextlib.contextmanager

@@ -2,7 +2,7 @@
 
 ``logits_reader`` is the output function every logit evaluation uses. It reads the
 logits of a model output (``default_logits_fn`` or the caller's ``logits_fn``: one
-tensor, or several softmax heads) and normalises them to the one layout everything
+tensor, or several softmax heads) and normalises them to a common layout everything
 downstream sees, a tensor ``(positions..., K)`` whose last axis holds the classes of
 one softmax:
 
@@ -26,6 +26,9 @@ from typing import Any
 import torch
 
 __all__ = [
+    "REPLAY_NOISE",
+    "fingerprint",
+    "fingerprint_gap",
     "LayoutError",
     "LogitsReader",
     "class_logits",
@@ -327,3 +330,28 @@ def logits_reader(
     if isinstance(logits_fn, LogitsReader):
         return logits_fn
     return LogitsReader(logits_fn, class_dim=class_dim, activation=activation)
+
+
+# The largest relative gap between a replay's and the training forward's logits
+# fingerprints that is noise, by whether they are 16-bit or autocast (True) or float32 /
+# float64 (False): a replay of the same function differs by rounding only, a changed
+# input or buffer by far more.
+REPLAY_NOISE = {False: 1e-3, True: 5e-2}
+
+
+def fingerprint(logits: torch.Tensor) -> torch.Tensor:
+    """A compact per-position summary of logits ``(..., K)``: their max and mean,
+    shape ``(..., 2)``, float32 (two passes, no copy; a position with a masked -inf
+    class has mean -inf, which :func:`fingerprint_gap` leaves out)."""
+    logits = logits.detach()
+    return torch.stack([logits.amax(-1).float(), logits.mean(-1, dtype=torch.float32)], -1)
+
+
+def fingerprint_gap(replayed: torch.Tensor, recorded: torch.Tensor) -> float:
+    """The largest difference of two fingerprints, relative to 1 + |value| (0 for
+    entries non-finite in both)."""
+    replayed = fingerprint(replayed)
+    if replayed.shape != recorded.shape:
+        return 0.0
+    gap = (replayed - recorded.to(replayed.device)).abs() / (1.0 + recorded.abs())
+    return float(gap.nan_to_num(0.0, 0.0, 0.0).max()) if gap.numel() else 0.0

@@ -19,10 +19,10 @@ import torch
 import torch.autograd.forward_ad as fwAD
 from torch import nn
 
+from ._isolation import HALF
+
 __all__ = [
     "agree",
-    "auto_method",
-    "check_sharding",
     "dual_unsharded",
     "fsdp_units",
     "half_compute",
@@ -33,8 +33,6 @@ __all__ = [
     "shard_group",
     "sum_over_shards",
 ]
-
-_HALF = (torch.bfloat16, torch.float16)
 
 
 def _dtensor_type():
@@ -133,39 +131,6 @@ def max_over_ranks(value: float, finite: bool, group=None) -> tuple[float, bool]
     return float(packed[0]), bool(packed[1] == 0)
 
 
-def check_sharding(model, params, method: str, extra_radii, scaled_update: str) -> None:
-    """FSDP2 (DTensor) parameters: only the ordinary forward can evaluate them
-    (``"fast"``, or ``"jvp"`` through :func:`dual_unsharded`). FSDP1's flat parameters
-    look like plain tensors but are shards: refused."""
-    if any(type(m).__name__ == "FullyShardedDataParallel" for m in model.modules()):
-        raise ValueError(
-            "RadiusController does not support FSDP1 (FullyShardedDataParallel): its "
-            "flat parameters are shards that look like whole tensors. Shard with FSDP2 "
-            "(torch.distributed.fsdp.fully_shard; Lightning ModelParallelStrategy) and "
-            'method="fast" or "jvp"'
-        )
-    if not is_sharded(params):
-        return
-    if method not in ("fast", "jvp"):
-        raise ValueError(
-            f'method="{method}" cannot evaluate sharded (FSDP2 / DTensor) parameters '
-            '(functional_call does not support them); use method="jvp" or method="fast", '
-            "which go through the model's own FSDP forward"
-        )
-    if method == "fast" and half_compute(model):
-        raise ValueError(
-            'method="fast" cannot run under an FSDP2 MixedPrecisionPolicy with a 16-bit '
-            "param_dtype (a one-sided difference in bfloat16 / float16 has a relative "
-            'error of 1e-2 or worse); use method="jvp"'
-        )
-    for name, bad in (
-        ("extra_radii", extra_radii is not None),
-        ('scaled_update="rerun"', scaled_update == "rerun"),
-    ):
-        if bad:
-            raise ValueError(f"{name} is not supported with sharded (FSDP2) parameters")
-
-
 # ------------------------------------------------------------------ FSDP2 units
 
 
@@ -198,18 +163,9 @@ def half_compute(model: nn.Module) -> bool:
             dtype = unit._get_fsdp_state()._mp_policy.param_dtype
         except AttributeError:  # pragma: no cover - another FSDP2 internal layout
             continue
-        if dtype in _HALF:
+        if dtype in HALF:
             return True
     return False
-
-
-def auto_method(model: nn.Module, params: Sequence[torch.Tensor]) -> str:
-    """``method="auto"`` for sharded parameters, fixed at construction: ``"jvp"`` when
-    the shards or FSDP's ``param_dtype`` are 16-bit (a secant is off by 10 % or more
-    there), ``"fast"`` otherwise (one extra forward)."""
-    if any(p.dtype in _HALF for p in params) or half_compute(model):
-        return "jvp"
-    return "fast"
 
 
 def _slots(root: nn.Module, prefix: str, units: Sequence[nn.Module]):

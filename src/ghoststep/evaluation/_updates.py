@@ -45,9 +45,9 @@ class OptimizerSnapshot:
     param-group order; the copies are ``self.params``), the optimizer state (every
     tensor restored in place, object identity kept; entries the step created are
     removed), the param-group settings (same dicts, same key order) and the LR
-    scheduler's step flag. ``.grad`` is not touched. The one snapshot/restore of the
-    package: :func:`optimizer_update_direction` and the controller's
-    ``scaled_update="rerun"`` use it.
+    scheduler's step flag. ``.grad`` is not touched. Both
+    :func:`optimizer_update_direction` and the controller's ``scaled_update="rerun"``
+    use it.
 
     Memory: one copy of every parameter plus one of the optimizer state."""
 

@@ -154,7 +154,7 @@ def measure(
     chunk_size: int | None = None,
     method: str = "jvp",
     logits_fn: Callable[[Any], Any] | None = None,
-    fd_step: float | None = None,
+    secant_step: float | None = None,
     class_dim: int | None = None,
     activation: str | None = None,
 ) -> Measurement:
@@ -170,7 +170,7 @@ def measure(
     with ``tau=||p||``.
 
     Args:
-        model, inputs, method, logits_fn, fd_step, class_dim, activation: as in
+        model, inputs, method, logits_fn, secant_step, class_dim, activation: as in
             ``logit_slopes`` (``measure`` has no loss to read the class axis from: for
             (B, C, d1, ...) logits pass ``class_dim=1``, or the controller's reader
             as ``logits_fn``, to measure what a ``RadiusController`` bounds).
@@ -201,7 +201,7 @@ def measure(
         chunk_size=chunk_size,
         method=method,
         logits_fn=logits_fn,
-        fd_step=fd_step,
+        secant_step=secant_step,
         class_dim=class_dim,
         activation=activation,
     )

@@ -1,5 +1,5 @@
-"""From per-position spreads to the batch's radius: the one reduction behind
-:func:`~ghoststep.measurement.measure` and the controller's meter.
+"""From per-position spreads to the batch's radius: the reduction shared by
+:func:`~ghoststep.measurement.measure` and the controller.
 
 Pure functions of tensors (no model): each part (one micro-batch, or the one batch of
 ``measure``) is summarised on its device -- the spread that sets its radius (the max,

@@ -54,6 +54,7 @@ from ..evaluation._directional import SLOPE_METHODS, directional, fast_step
 from ..evaluation._directions import direction_norm, resolve_direction, trainable_parameters
 from ..evaluation._inputs import check_chunking, chunks, split_inputs
 from ..evaluation._outputs import detect_layout, logits_reader
+from ..evaluation._rows import keep_mask
 from ..radius._bounds import logit_spread
 
 __all__ = ["logit_slopes", "per_sample_spread", "flatten_samples"]
@@ -62,17 +63,19 @@ __all__ = ["logit_slopes", "per_sample_spread", "flatten_samples"]
 class _Evaluator:
     """``(logits, slopes)`` of slices of the inputs along one resolved direction."""
 
-    def __init__(self, model, direction, method, logits_fn, fd_step):
+    def __init__(self, model, direction, method, logits_fn, secant_step):
         if method not in SLOPE_METHODS:
             raise ValueError(f"method must be one of {SLOPE_METHODS}, got {method!r}")
-        if fd_step is not None and not (isinstance(fd_step, (int, float)) and fd_step > 0):
-            raise ValueError(f"fd_step must be a positive number, got {fd_step!r}")
+        if secant_step is not None and not (
+            isinstance(secant_step, (int, float)) and secant_step > 0
+        ):
+            raise ValueError(f"secant_step must be a positive number, got {secant_step!r}")
         self.model = model
         self.method = method
         self.logits_fn = logits_reader(logits_fn)
         self.tangents = resolve_direction(model, direction)
-        self.step = fd_step
-        if method == "fast" and fd_step is None:  # one step for every chunk
+        self.step = secant_step
+        if method == "fast" and secant_step is None:  # one step for every chunk
             params = [p.detach() for _, p in trainable_parameters(model)]
             norm = float(direction_norm(self.tangents))
             self.step = fast_step(float(direction_norm(params)), norm, params[0].dtype)
@@ -109,7 +112,7 @@ def logit_slopes(
     method: str = "jvp",
     logits_fn: Callable[[Any], Any] | None = None,
     chunk_size: int | None = None,
-    fd_step: float | None = None,
+    secant_step: float | None = None,
     class_dim: int | None = None,
     activation: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -143,7 +146,7 @@ def logit_slopes(
         chunk_size: evaluate the input batch in slices of this many rows (dim 0) and
             concatenate. Not allowed when a BatchNorm uses batch statistics (the
             slopes would depend on the chunking).
-        fd_step: step h for ``"fd"`` (theta +- h v; default eps^(1/3)/||v||) and
+        secant_step: step h for ``"fd"`` (theta +- h v; default eps^(1/3)/||v||) and
             ``"fast"`` (theta + h v; default ``ghoststep.evaluation.fast_step``).
     Returns:
         ``(logits, slopes)``, both in the reader's layout (positions..., K) (e.g.
@@ -156,7 +159,7 @@ def logit_slopes(
     """
     logits_fn = reader_for(model, logits_fn, class_dim, activation)
     parts = _per_chunk(
-        model, inputs, direction, method, logits_fn, fd_step, chunk_size, lambda z, a: (z, a)
+        model, inputs, direction, method, logits_fn, secant_step, chunk_size, lambda z, a: (z, a)
     )
     if len(parts) == 1:
         return parts[0]
@@ -176,14 +179,14 @@ def reader_for(model: nn.Module, logits_fn, class_dim, activation):
     )
 
 
-def _per_chunk(model, inputs, direction, method, logits_fn, fd_step, chunk_size, keep):
+def _per_chunk(model, inputs, direction, method, logits_fn, secant_step, chunk_size, keep):
     """``keep(logits, slopes)`` of every chunk of the batch, in order.
 
     Only what ``keep`` returns outlives its chunk, so a reduction (the spread) never
     holds more than one chunk's logits and tangent.
     """
     args, kwargs = split_inputs(inputs)
-    evaluator = _Evaluator(model, direction, method, logits_fn, fd_step)
+    evaluator = _Evaluator(model, direction, method, logits_fn, secant_step)
     check_chunking(model, args, kwargs, chunk_size)
     with _guarded(model):
         return [keep(*evaluator(a, k)) for _, _, a, k in chunks(args, kwargs, chunk_size)]
@@ -204,22 +207,6 @@ def sample_mask(
                 f"class axis), got {tuple(mask.shape)}"
             )
     return keep_mask(mask, targets, ignore_index, device)
-
-
-def keep_mask(mask=None, targets=None, ignore_index=None, device=None) -> torch.Tensor | None:
-    """The one mask builder: True where a position counts -- ``mask`` (as bool) and
-    ``targets != ignore_index`` -- or None when neither is given (every one counts).
-    ``measure``'s ``mask`` / ``ignore_index`` and the controller's ``mask_fn`` /
-    ``ignore_index`` both come here."""
-    keep = None
-    if mask is not None:
-        keep = torch.as_tensor(mask).to(device=device, dtype=torch.bool)
-    if ignore_index is not None:
-        if targets is None:
-            raise ValueError("ignore_index needs targets")
-        not_ignored = torch.as_tensor(targets).to(device) != ignore_index
-        keep = not_ignored if keep is None else keep & not_ignored
-    return keep
 
 
 def flatten_samples(
@@ -263,14 +250,14 @@ def spread_map(
     chunk_size: int | None = None,
     method: str = "jvp",
     logits_fn: Callable[[Any], Any] | None = None,
-    fd_step: float | None = None,
+    secant_step: float | None = None,
     class_dim: int | None = None,
     activation: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """Spread of every sample position; with ``want_full`` also the logits and slopes.
 
     Args:
-        model, inputs, direction, chunk_size, method, logits_fn, fd_step, class_dim,
+        model, inputs, direction, chunk_size, method, logits_fn, secant_step, class_dim,
             activation: as in ``logit_slopes``.
         want_full: keep (and concatenate) every chunk's logits and slopes too;
             otherwise each chunk's tangent is reduced to its spread at once.
@@ -285,7 +272,7 @@ def spread_map(
         return (logit_spread(slopes), logits, slopes) if want_full else (logit_spread(slopes),)
 
     logits_fn = reader_for(model, logits_fn, class_dim, activation)
-    parts = _per_chunk(model, inputs, direction, method, logits_fn, fd_step, chunk_size, keep)
+    parts = _per_chunk(model, inputs, direction, method, logits_fn, secant_step, chunk_size, keep)
     spread = torch.cat([p[0] for p in parts])
     if not want_full:
         return spread, None, None
@@ -301,7 +288,7 @@ def per_sample_spread(
     mask: torch.Tensor | None = None,
     method: str = "jvp",
     logits_fn: Callable[[Any], Any] | None = None,
-    fd_step: float | None = None,
+    secant_step: float | None = None,
     class_dim: int | None = None,
     activation: str | None = None,
 ) -> torch.Tensor:
@@ -316,7 +303,7 @@ def per_sample_spread(
     batch-coupled layers (BatchNorm in train mode raises).
 
     Args:
-        model, inputs, direction, method, logits_fn, fd_step, class_dim, activation:
+        model, inputs, direction, method, logits_fn, secant_step, class_dim, activation:
             as in ``logit_slopes``.
         chunk_size: rows of the input batch per evaluation (None: one pass).
         mask: optional bool tensor of the sample shape (logits without the class
@@ -331,7 +318,7 @@ def per_sample_spread(
         chunk_size=chunk_size,
         method=method,
         logits_fn=logits_fn,
-        fd_step=fd_step,
+        secant_step=secant_step,
         class_dim=class_dim,
         activation=activation,
     )

@@ -65,7 +65,7 @@ def logit_spread(slopes: torch.Tensor) -> torch.Tensor:
 
 def logit_spread_unchecked(slopes: torch.Tensor) -> torch.Tensor:
     """:func:`logit_spread` without its checks (no NaN marking of non-finite rows): the
-    core the controller's meter runs on every step."""
+    core the controller's measurement runs on every step."""
     return slopes.amax(-1) - slopes.amin(-1)
 
 
@@ -107,7 +107,8 @@ def radius_from_spread(spread, temperature: float | torch.Tensor = 1.0):
     return PI * float(temperature) / spread
 
 
-_MODES = ("clip", "set", "monitor")
+# What the controller does with r (``mode=``): cap it, set it, or only record it.
+MODES = ("clip", "set", "monitor")
 
 
 def step_scale(tau: float, rho: float, mode: str = "clip", target_r: float = 1.0) -> float:
@@ -127,8 +128,8 @@ def step_scale(tau: float, rho: float, mode: str = "clip", target_r: float = 1.0
     Returns:
         s as a float.
     """
-    if mode not in _MODES:
-        raise ValueError(f"mode must be one of {_MODES}, got {mode!r}")
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     if mode == "monitor" or math.isinf(rho) or tau == 0.0:
         return 1.0
     scale = target_r * rho / tau

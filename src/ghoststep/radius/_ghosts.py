@@ -1,6 +1,6 @@
 """The certified nearest ghost: the exact convergence radius rho* = min{|t| : F(t) = 0}
 of softmax cross-entropy along a direction, for any number of classes K (the complex
-zero of F(t) = sum_k exp(z_k + a_k t) nearest to the origin, located by Newton's method
+zero of F(t) = sum_k exp(z_k + a_k t) nearest to the origin, located by Newton iteration
 from many starts and certified by an argument-principle zero count).
 
 Conventions as in :mod:`ghoststep.radius` (leading batch shape, class axis last; a row
@@ -76,7 +76,7 @@ def _evaluate_rows(c, b, rows, s, derivative=False):
 
 
 def _newton(c, b, rows, s, iterations: int = 40):
-    """Newton's method on H from starts s (M,) of rows (M,); returns (roots, valid).
+    """Newton iteration on H from starts s (M,) of rows (M,); returns (roots, valid).
 
     Converged iterates leave the active set. A root is valid when it is finite, in
     the upper half-plane and |H| <= 1e-9 sum_k |terms| there. Iterates that cross
@@ -110,7 +110,7 @@ def _leading_classes(c: torch.Tensor, b: torch.Tensor, keep: int) -> torch.Tenso
     The upper hull's vertices are the terms that lead along some line Re s = x:
     argmax_k (c_k + b_k x) over a symmetric geometric grid of x, plus the classes
     with the largest c (the vertices near x = 0) to fill ``keep``. Starts only seed
-    Newton's method; the zero and its certificate always use every class, so this
+    Newton iteration; the zero and its certificate always use every class, so this
     choice can cost a NaN, never a wrong radius.
     """
     mags = torch.logspace(-2, 6, (_EDGE_GRID - 1) // 2, dtype=c.dtype, device=c.device)
@@ -343,7 +343,7 @@ def _solve_scaled(c: torch.Tensor, b: torch.Tensor, attempts: int = 4):
 
 
 _STATUS_REASONS = {
-    1: "Newton's method found no zero",
+    1: "the Newton iteration found no zero",
     2: "a nearer zero exists but could not be located",
     3: "the zero count along the certifying circle could not be certified",
 }
@@ -353,7 +353,7 @@ def nearest_ghost(logits: torch.Tensor, slopes: torch.Tensor) -> torch.Tensor:
     """Certified nearest complex zero of F(t) = sum_k exp(z_k + a_k t), any K.
 
     The zero t0 with Im t0 > 0 and the smallest modulus (its conjugate is a zero
-    too). Each returned zero is certified: Newton's method converged with
+    too). Each returned zero is certified: the Newton iteration converged with
     |F(t0)| <= 1e-9 sum_k |exp(z_k + a_k t0)|, and an argument-principle count
     with rigorous arc-wise derivative bounds shows that F has no zero with
     |t| < (1 - 1e-6)|t0|. Computation is in float64 and in log space, so logits of
@@ -402,7 +402,7 @@ def nearest_ghost(logits: torch.Tensor, slopes: torch.Tensor) -> torch.Tensor:
 def exact_radius(logits: torch.Tensor, slopes: torch.Tensor) -> torch.Tensor:
     """Exact convergence radius rho* = min{|t| : F(t) = 0}, certified, any K.
 
-    See ``nearest_ghost`` for the method and its certificate. For K = 2 it equals
+    See ``nearest_ghost`` for the iteration and its certificate. For K = 2 it equals
     ``binary_radius``; in general ``rho_bound <= exact_radius``.
 
     Args:
