@@ -54,6 +54,8 @@ import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import torch
+
 from ghoststep.controller import RadiusController
 from ghoststep.evaluation._rows import is_causal_lm, label_mask_fn
 from ghoststep.integrations import repoint_scheduler, require
