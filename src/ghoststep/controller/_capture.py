@@ -242,8 +242,10 @@ class ForwardCapture:
             return
         if not isinstance(logits, torch.Tensor):
             return
-        entry.fingerprint = fingerprint(logits)
-        if self.keep_logits:
+        if not self.keep_logits:
+            # what "jvp" checks its replay against; "fast" keeps the logits themselves
+            entry.fingerprint = fingerprint(logits)
+        else:
             entry.logits = logits.detach()
             if self.rows_check:
                 # No random number drawn (no active dropout): each row's logits then

@@ -851,7 +851,9 @@ class RadiusController(torch.optim.Optimizer):
         tensors = [t for t in tensors if t.numel()]
         if not tensors:
             return
-        magnitude = float(torch.stack([t.abs().amax().float() for t in tensors]).max())
+        # one pass per tensor (aminmax), no |z| temporary the size of the logits
+        ends = torch.stack([torch.stack(torch.aminmax(t.detach())).float() for t in tensors])
+        magnitude = float(ends.abs().max())
         magnitude = max_over_ranks(magnitude, True, self.process_group)[0]
         moved = step * self._spread_hint
         eps = torch.finfo(tensors[0].dtype).eps

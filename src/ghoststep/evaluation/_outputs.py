@@ -131,8 +131,9 @@ def unmasked(logits: torch.Tensor) -> torch.Tensor:
     max and min of the slopes over classes are those of the unmasked classes, and a
     difference of two such logits is finite. A position with every class masked
     reads 0 (it has no distribution to bound). Logits without ``-inf`` are returned
-    as they are (one check: no copy of a language model's logits per forward)."""
-    if not bool(torch.isneginf(logits).any()):
+    as they are (one reduction, no temporary: no copy of a language model's logits per
+    forward)."""
+    if logits.numel() == 0 or not bool(logits.detach().amin() == -math.inf):
         return logits
     top = logits.gather(-1, logits.argmax(-1, keepdim=True))
     top = torch.where(torch.isneginf(top), torch.zeros_like(top), top)
