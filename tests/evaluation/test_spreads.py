@@ -10,6 +10,7 @@ from torch import nn
 
 import ghoststep.evaluation._directional as directional
 from ghoststep.evaluation._directional import (
+    projected,
     secant_spreads,
     spread_of_difference,
     tangent_spreads,
@@ -98,11 +99,13 @@ def test_secant_spreads_of_a_linear_model(chunk_size):
     sink: list = []
     spreads = secant_spreads(
         model, (x,), {}, baseline, 0.01, output_fn=lambda out: out, rng=None, devices=[],
-        chunk_size=chunk_size, sink=sink, project=lambda z: z[..., :2],
+        chunk_size=chunk_size, sink=sink,
     )  # fmt: skip
     expected = _direct(x @ dw.T + db, torch.zeros(5, dtype=torch.float64))
     torch.testing.assert_close(spreads, expected, rtol=1e-9, atol=0)
-    assert torch.cat(sink).shape == (6, 2)
+    # the sink holds the difference's zero-sum projections, row by row
+    difference = (model(x) - baseline).detach()
+    torch.testing.assert_close(torch.cat(sink), projected(difference), rtol=1e-5, atol=1e-6)
     # a baseline in parts over consecutive rows (head and tail) reads the same
     parts = secant_spreads(
         model, (x,), {}, [baseline[:2], baseline[2:]], 0.01, output_fn=lambda out: out,

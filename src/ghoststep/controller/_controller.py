@@ -60,7 +60,6 @@ from ..evaluation._directional import (
     fast_step,
     forward,
     full_float32,
-    projected,
     refined_step,
     secant_spreads,
     tangent_spreads,
@@ -765,7 +764,7 @@ class RadiusController(torch.optim.Optimizer):
             minus = [[] for _ in plans]
             others = self._shifted(plans, baselines, fraction * tau, minus, hint=False)
             spreads = [0.5 * (a + b) for a, b in zip(spreads, others, strict=True)]
-            gap = baseline_gap(baselines, plus, minus)
+            gap = baseline_gap(plus, minus)
             if gap <= 1.0:
                 break
             self._watch.mismatch(self._method, gap)
@@ -806,7 +805,6 @@ class RadiusController(torch.optim.Optimizer):
                         devices=self._devices,
                         chunk_size=self.chunk_size,
                         sink=sink,
-                        project=projected,
                     )  # fmt: skip
                 )
         if hint:

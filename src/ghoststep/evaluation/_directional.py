@@ -457,18 +457,26 @@ def directional(
 _BLOCK_BYTES = 1 << 20
 
 
-def spread_of_difference(shifted: torch.Tensor, baseline: torch.Tensor) -> torch.Tensor:
+def spread_of_difference(
+    shifted: torch.Tensor, baseline: torch.Tensor, sink: list | None = None
+) -> torch.Tensor:
     """``logit_spread_unchecked(shifted - baseline)``, using ``shifted`` as scratch; shape
-    ``shifted.shape[:-1]``."""
+    ``shifted.shape[:-1]``. ``sink``: a list that receives the difference's
+    :func:`projected` rows, computed while each block is in cache."""
     classes = shifted.shape[-1]
     rows = max(1, _BLOCK_BYTES // max(1, classes * shifted.element_size()))
     if shifted.device.type != "cpu" or shifted.numel() <= rows * classes:
-        return logit_spread_unchecked(shifted.sub_(baseline))
+        difference = shifted.sub_(baseline)
+        if sink is not None:
+            sink.append(projected(difference))
+        return logit_spread_unchecked(difference)
     flat, base = shifted.reshape(-1, classes), baseline.reshape(-1, classes)
     out = flat.new_empty(flat.shape[0])
     for start in range(0, flat.shape[0], rows):
         block = flat[start : start + rows].sub_(base[start : start + rows])
         torch.sub(block.amax(-1), block.amin(-1), out=out[start : start + rows])
+        if sink is not None:
+            sink.append(projected(block))
     return out.view(shifted.shape[:-1])
 
 
@@ -522,25 +530,22 @@ def secant_spreads(
     devices: Sequence[int],
     chunk_size: int | None,
     sink: list | None = None,
-    project: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """The flat float64 spread of ``(y - baseline) / step`` at every position, ``y`` the
     outputs of one forward at the parameters as they are (the caller has put them at
     ``old + step v``; ``baseline``: the outputs at ``old``, or a list of parts over
     consecutive rows when the forward is not chunked). ``sink``: a list that receives
-    ``project(y)`` of every chunk."""
+    the :func:`projected` rows of ``y - baseline``, in row order."""
     if chunk_size is not None:
         check_chunking(model, args, kwargs, chunk_size)
     parts = []
     for start, stop, a, k in chunks(args, kwargs, chunk_size):
         shifted = forward(model, a, k, output_fn=output_fn, rng=rng, devices=devices)
-        if sink is not None:
-            sink.append(project(shifted))
         pieces = baseline if isinstance(baseline, list) else [baseline[start:stop]]
         first = 0
         for piece in pieces:
             last = first + piece.shape[0]
-            parts.append(spread_of_difference(shifted[first:last], piece).reshape(-1))
+            parts.append(spread_of_difference(shifted[first:last], piece, sink).reshape(-1))
             first = last
     return torch.cat(parts).double() / step
 
@@ -595,7 +600,7 @@ def _finite_max(values: torch.Tensor) -> float:
     return float(values.nan_to_num(0.0, 0.0, 0.0).max()) if values.numel() else 0.0
 
 
-def baseline_gap(baselines, plus, minus) -> float:
+def baseline_gap(plus, minus) -> float:
     """Whether the baseline is this function's, from the two sides of the secant.
 
     A one-sided secant is off by O(step |y''|): measured up to 7 % low on a tiny GPT-2
@@ -604,18 +609,16 @@ def baseline_gap(baselines, plus, minus) -> float:
     mean of the two spreads bounds the derivative's spread from above up to O(step^2):
     one more forward, taken only near the bound.
 
-    With both sides, (z(+h) - z0) + (z(-h) - z0) is O(h^2) for the baseline z0 of this
-    function and 2 (z0' - z0) for a stale one (inputs or buffers changed after the
-    training forward), while z(+h) - z(-h) = 2 h a either way. Returns the largest
-    |first| over the largest |second|, both through a few zero-sum projections of the
-    classes (:func:`projected`; ``plus`` / ``minus``: per plan, the projections of the
-    logits at old + h v / old - h v); above 1 the baseline is not this function's (a
-    kink crossed within h gives at most about 1)."""
+    With both sides, d+ + d- = (z(+h) - z0) + (z(-h) - z0) is O(h^2) for the baseline
+    z0 of this function and 2 (z0' - z0) for a stale one (inputs or buffers changed
+    after the training forward), while d+ - d- = z(+h) - z(-h) = 2 h a either way.
+    Returns the largest |first| over the largest |second|, both through a few zero-sum
+    projections of the classes (:func:`projected`; ``plus`` / ``minus``: per plan, the
+    projected rows of d+ / d-); above 1 the baseline is not this function's (a kink
+    crossed within h gives at most about 1)."""
     residual = odd = 0.0
-    for baseline, above, below in zip(baselines, plus, minus, strict=True):
-        parts = baseline if isinstance(baseline, list) else [baseline]
-        middle = torch.cat([projected(part) for part in parts])
+    for above, below in zip(plus, minus, strict=True):
         above, below = torch.cat(above), torch.cat(below)
-        residual = max(residual, _finite_max(above + below - 2.0 * middle))
+        residual = max(residual, _finite_max(above + below))
         odd = max(odd, _finite_max(above - below))
     return residual / odd if odd > 0 else 0.0
