@@ -60,7 +60,7 @@ class Captured:
 
     __slots__ = (
         "args", "kwargs", "inputs", "rng", "autocast", "coarse", "logits", "rows_independent",
-        "recorded", "fingerprint", "inside", "targets",
+        "recorded", "fingerprint", "inside", "targets", "masked",
     )  # fmt: skip
 
     def __init__(
@@ -73,6 +73,7 @@ class Captured:
         self.inputs: Any = None
         self.logits: torch.Tensor | None = None
         self.fingerprint: torch.Tensor | None = None
+        self.masked: bool | None = None  # some class -inf in its logits (None: unknown)
         self.rows_independent = False  # no RNG drawn, no batch statistics
         self.inside = False  # a submodule's pre-hook has read the autocast inside
         self.targets: Any = None
@@ -235,7 +236,7 @@ class ForwardCapture:
             return
         self.logits_fn.watch(output)  # the loss's gradient tells a pending class axis
         try:
-            logits = self.logits_fn(output)
+            logits, entry.masked = self.logits_fn.read(output)
         except (TypeError, KeyError, AttributeError, IndexError, LayoutError):
             # not the logits (e.g. a loss), or their class axis is known only after the
             # backward: the measurement does its own baseline

@@ -719,7 +719,8 @@ class RadiusController(torch.optim.Optimizer):
             with self._conditions(plan):
                 spread, gap = tangent_spreads(
                     self._slope_model, *plan.call, tangents, method=self._method,
-                    output_fn=self._reader, rng=plan.rng, chunk_size=self.chunk_size,
+                    output_fn=self._reader.assuming(plan.masked), rng=plan.rng,
+                    chunk_size=self.chunk_size,
                     # "fd" runs in float64, where dropout may draw other masks: "jvp" only
                     fingerprint=plan.fingerprint if self._method == "jvp" else None,
                     coarse=bool(plan.autocast), **self.slopes_kwargs,
@@ -800,7 +801,7 @@ class RadiusController(torch.optim.Optimizer):
                         *plan.call,
                         baseline,
                         step,
-                        output_fn=self._reader,
+                        output_fn=self._reader.assuming(plan.masked),
                         rng=plan.rng,
                         devices=self._devices,
                         chunk_size=self.chunk_size,
@@ -1003,7 +1004,7 @@ class RadiusController(torch.optim.Optimizer):
                 continue  # step(inputs=...)
             causes = changes(self._slope_model, entry.recorded, entry.args, entry.kwargs)
             if causes:
-                entry.logits = entry.fingerprint = None
+                entry.logits = entry.fingerprint = entry.masked = None
                 self._watch.changed(causes, self._method)
 
     def _all_masked(self, tau, context) -> None:

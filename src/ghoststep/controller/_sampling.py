@@ -183,8 +183,10 @@ class Plan:
     (``baseline``; or only for the first rows, ``head``, with the inputs of the rest in
     ``tail``); the modules' train / eval flags of the training forward (``flags``,
     replayed) and the fingerprint of its logits when the plan evaluates exactly its rows
-    (``fingerprint``, (..., 2), checked against the replay). The controller keeps what it
-    computes from a plan (spreads, completed baselines) in its own structures."""
+    (``fingerprint``, (..., 2), checked against the replay); whether its logits had a
+    masked (``-inf``) class (``masked``; None: unknown, e.g. with buffer rows, so each
+    reading checks). The controller keeps what it computes from a plan (spreads,
+    completed baselines) in its own structures."""
 
     evaluated: Any
     call: tuple[tuple, dict]
@@ -195,6 +197,7 @@ class Plan:
     tail: Any = None
     flags: tuple[bool, ...] | None = None
     fingerprint: torch.Tensor | None = None
+    masked: bool | None = None
 
 
 def make_plan(entry, sampling: Sampling, generator: torch.Generator, buffer):
@@ -246,5 +249,6 @@ def make_plan(entry, sampling: Sampling, generator: torch.Generator, buffer):
         tail if head is not None else None,
         None if entry.recorded is None else entry.recorded.flags,
         fingerprint,
+        entry.masked if tail is None else None,
     )
     return plan, buffer

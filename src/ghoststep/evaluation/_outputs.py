@@ -133,11 +133,22 @@ def unmasked(logits: torch.Tensor) -> torch.Tensor:
     reads 0 (it has no distribution to bound). Logits without ``-inf`` are returned
     as they are (one reduction, no temporary: no copy of a language model's logits per
     forward)."""
-    if logits.numel() == 0 or not bool(logits.detach().amin() == -math.inf):
-        return logits
+    return _unmask(logits, None)[0]
+
+
+def _unmask(logits: torch.Tensor, masked: bool | None) -> tuple[torch.Tensor, bool]:
+    """``(unmasked(logits), masked)``; ``masked`` known in advance skips the check."""
+    if masked is None:
+        masked = logits.numel() > 0 and bool(logits.detach().amin() == -math.inf)
+    if not masked:
+        return logits, False
     top = logits.gather(-1, logits.argmax(-1, keepdim=True))
     top = torch.where(torch.isneginf(top), torch.zeros_like(top), top)
-    return torch.where(torch.isneginf(logits), top, logits)
+    return torch.where(torch.isneginf(logits), top, logits), True
+
+
+def _read_assuming(reader: LogitsReader, masked: bool | None, output) -> torch.Tensor:
+    return reader.read(output, masked)[0]
 
 
 def detect_layout(model: torch.nn.Module) -> tuple[int | None, str | None]:
@@ -202,10 +213,22 @@ class LogitsReader:
         return self.class_dim is None and self.activation == "softmax"
 
     def __call__(self, output) -> torch.Tensor:
-        heads = self.heads(output)
-        if len(heads) == 1:
-            return self.head(heads[0])
-        return self.joined([self.head(h) for h in heads])
+        return self.read(output)[0]
+
+    def read(self, output, masked: bool | None = None) -> tuple[torch.Tensor, bool]:
+        """``(logits, masked)``: the output in the common layout and whether some class
+        is masked (``-inf``). ``masked``: known in advance (True / False: no check, one
+        pass over the logits saved), or None (checked)."""
+        parts = [self._head(h, masked) for h in self.heads(output)]
+        found = any(flag for _, flag in parts)
+        if len(parts) == 1:
+            return parts[0][0], found
+        return self.joined([logits for logits, _ in parts]), found
+
+    def assuming(self, masked: bool | None) -> Callable[[Any], torch.Tensor]:
+        """The reader as an output function for forwards whose masking is known (the
+        training forward's): ``masked`` True / False skips the check (None: checks)."""
+        return functools.partial(_read_assuming, self, masked)
 
     def heads(self, output) -> list[torch.Tensor]:
         """The raw head tensors ``logits_fn`` picks (one or several)."""
@@ -222,13 +245,16 @@ class LogitsReader:
 
     def head(self, logits: torch.Tensor) -> torch.Tensor:
         """One head in the common layout ``(positions..., K)``."""
+        return self._head(logits, None)[0]
+
+    def _head(self, logits: torch.Tensor, masked: bool | None) -> tuple[torch.Tensor, bool]:
         if self.activation == "sigmoid":
             z = logits.unsqueeze(-1)
-            return torch.cat([torch.zeros_like(z), z], dim=-1)
+            return torch.cat([torch.zeros_like(z), z], dim=-1), False
         dim = self.dim_of(logits.shape)
         if dim not in (-1, logits.ndim - 1):
             logits = logits.movedim(dim, -1)
-        return unmasked(class_logits(logits))
+        return _unmask(class_logits(logits), masked)
 
     def dim_of(self, shape: torch.Size) -> int:
         """The class axis of a softmax head of this shape (resolved from the gradient
@@ -341,11 +367,10 @@ REPLAY_NOISE = {False: 1e-3, True: 5e-2}
 
 
 def fingerprint(logits: torch.Tensor) -> torch.Tensor:
-    """A compact per-position summary of logits ``(..., K)``: their max and mean,
-    shape ``(..., 2)``, float32 (two passes, no copy; a position with a masked -inf
-    class has mean -inf, which :func:`fingerprint_gap` leaves out)."""
-    logits = logits.detach()
-    return torch.stack([logits.amax(-1).float(), logits.mean(-1, dtype=torch.float32)], -1)
+    """A compact per-position summary of logits ``(..., K)``: their max and min, shape
+    ``(..., 2)``, float32 (one pass, no copy)."""
+    low, high = torch.aminmax(logits.detach(), dim=-1)
+    return torch.stack([high.float(), low.float()], -1)
 
 
 def fingerprint_gap(replayed: torch.Tensor, recorded: torch.Tensor) -> float:
