@@ -578,20 +578,23 @@ def away_from_one(fraction: float) -> float:
 
 
 _PROJECTIONS = 4  # zero-sum class projections of the baseline check
-_projectors: dict[tuple, torch.Tensor] = {}
+_pairs: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
 
 def projected(logits: torch.Tensor) -> torch.Tensor:
-    """``(positions, 4)``: the logits ``(..., K)`` times fixed random zero-sum sign
-    vectors over the classes (a shift common to all classes, which no spread sees,
-    drops out; 4 numbers per position instead of K)."""
+    """``(positions, 4)``: differences of 4 fixed random pairs of classes of the logits
+    ``(..., K)``: zero-sum projections (a shift common to all classes, which no spread
+    sees, drops out) that read 8 columns, not a pass over all K."""
     classes = logits.shape[-1]
-    key = (classes, logits.device, logits.dtype)
-    if key not in _projectors:
+    key = (classes, logits.device)
+    if key not in _pairs:
         fixed = torch.Generator().manual_seed(0)  # never the training RNG
-        signs = torch.randint(0, 2, (classes, _PROJECTIONS), generator=fixed) * 2.0
-        _projectors[key] = (signs - signs.mean(0)).to(logits.device, logits.dtype)
-    return logits.reshape(-1, classes) @ _projectors[key]
+        first = torch.randint(0, classes, (_PROJECTIONS,), generator=fixed)
+        other = first + torch.randint(1, max(2, classes), (_PROJECTIONS,), generator=fixed)
+        _pairs[key] = (first.to(logits.device), (other % classes).to(logits.device))
+    first, other = _pairs[key]
+    flat = logits.reshape(-1, classes)
+    return flat.index_select(1, first) - flat.index_select(1, other)
 
 
 def _finite_max(values: torch.Tensor) -> float:
