@@ -54,7 +54,7 @@ class Captured:
     differs from the one around the call), whether its logits are coarse (autocast, TF32
     on CUDA, or a compiled forward: not the eager float32 function "fast" differences
     against), its flags and version counters (``recorded``), a per-position fingerprint
-    of its logits ((..., 2): max, mean), (when kept) its detached logits, and the
+    of its logits ((..., 4): a few fixed classes), (when kept) its detached logits, and the
     targets its loss used without passing them to the model (``ForwardCapture.targets``;
     None: none)."""
 

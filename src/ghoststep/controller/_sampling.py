@@ -183,7 +183,7 @@ class Plan:
     (``baseline``; or only for the first rows, ``head``, with the inputs of the rest in
     ``tail``); the modules' train / eval flags of the training forward (``flags``,
     replayed) and the fingerprint of its logits when the plan evaluates exactly its rows
-    (``fingerprint``, (..., 2), checked against the replay); whether its logits had a
+    (``fingerprint``, (..., 4), checked against the replay); whether its logits had a
     masked (``-inf``) class (``masked``; None: unknown, e.g. with buffer rows, so each
     reading checks). The controller keeps what it computes from a plan (spreads,
     completed baselines) in its own structures."""

@@ -367,11 +367,13 @@ REPLAY_NOISE = {False: 1e-3, True: 5e-2}
 
 
 def fingerprint(logits: torch.Tensor) -> torch.Tensor:
-    """A compact per-position summary of logits ``(..., K)``: their max and mean,
-    shape ``(..., 2)``, float32 (two reductions, no copy; on the CPU these are about
-    three times faster than ``aminmax`` along the class dim)."""
-    logits = logits.detach()
-    return torch.stack([logits.amax(-1).float(), logits.mean(-1, dtype=torch.float32)], -1)
+    """A compact per-position summary of logits ``(..., K)``: 4 classes spread evenly
+    over K, shape ``(..., 4)`` (fewer for K < 4), float32. A replay of the same function
+    reproduces every logit to rounding, a changed input or buffer moves them all; 4
+    columns read a few bytes per position instead of a pass over the K classes."""
+    classes = logits.shape[-1]
+    columns = torch.linspace(0, classes - 1, min(4, classes)).round().long().unique()
+    return logits.detach().index_select(-1, columns.to(logits.device)).float()
 
 
 def fingerprint_gap(replayed: torch.Tensor, recorded: torch.Tensor) -> float:
