@@ -378,10 +378,6 @@ class RadiusController(torch.optim.Optimizer):
             check_fast_dtype(self._params())
         self._method = value
         self._capture.keep_logits = value in ("fast", "auto")
-        if value == "fast":
-            # "fast" runs the model's own forward: nothing to try before a step (a trial
-            # pass left pending here ran at the next step: 3 forwards instead of 1)
-            self._capable = True
 
     @property
     def reader(self) -> LogitsReader:
