@@ -563,7 +563,7 @@ def test_add_param_group_and_state_dict_layout():
     assert len(inner.param_groups) == 2 and ctrl.param_groups is inner.param_groups
     assert ctrl.state is inner.state
     sd = ctrl.state_dict()
-    assert set(sd) == {"inner", "ghoststep"}
+    assert set(sd) == {"state", "param_groups", "ghoststep"}  # a torch optimizer's layout
     ctrl.load_state_dict(inner.state_dict())  # a bare optimizer checkpoint also loads
     with pytest.raises(ValueError, match="belong to `model`"):
         RadiusController(torch.optim.SGD([nn.Parameter(torch.zeros(2))], lr=0.1), model)

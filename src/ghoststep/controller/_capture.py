@@ -60,7 +60,8 @@ class Captured:
 
     __slots__ = (
         "args", "kwargs", "inputs", "rng", "autocast", "coarse", "logits", "rows_independent",
-        "recorded", "fingerprint", "inside", "targets", "masked",
+        "recorded", "fingerprint", "inside", "targets", "masked", "backward", "reset_seen",
+        "__weakref__",
     )  # fmt: skip
 
     def __init__(
@@ -77,6 +78,8 @@ class Captured:
         self.rows_independent = False  # no RNG drawn, no batch statistics
         self.inside = False  # a submodule's pre-hook has read the autocast inside
         self.targets: Any = None
+        self.backward = False  # a backward has run through its outputs (_Backwarded)
+        self.reset_seen = False  # kept across one window boundary (new_window)
 
     @classmethod
     def explicit(cls, inputs) -> Captured:
@@ -189,6 +192,29 @@ class ForwardCapture:
         finally:
             self._targets = None
 
+    def new_window(self) -> None:
+        """A gradient reset (``zero_grad``): the forwards captured since the last step
+        that a backward has already run through belong to a window that ended without a
+        step (e.g. ``GradScaler`` skipped it on an fp16 overflow): drop them, and the
+        memory they hold (inputs; logits for ``"fast"``). A forward no backward has run
+        through yet is kept once: in the order forward, ``zero_grad()``, backward (PyTorch
+        tutorials, Lightning's closure) it belongs to the coming step; at the next
+        boundary it is dropped too. Held between steps: one window, plus the forwards of
+        the coming one that ran before its ``zero_grad``."""
+        kept = [entry for entry in self.entries if not (entry.backward or entry.reset_seen)]
+        for entry in kept:
+            entry.reset_seen = True
+        self.entries = kept
+
+    def _gradients_reset(self) -> bool:
+        """At a training forward: some captured forward has had its backward, and no
+        parameter of the model holds a gradient now, so the gradients were reset
+        (``zero_grad(set_to_none=True)`` of the inner optimizer, or ``model.zero_grad()``
+        as the Hugging Face Trainer calls it) since that backward: a new window."""
+        if not any(entry.backward for entry in self.entries):
+            return False  # also: several forwards before one backward stay one window
+        return all(p.grad is None for p in self.model.parameters())
+
     def take(self) -> list[Captured]:
         """The captured forwards (their ``inputs`` set from the call), and forget them."""
         entries, self.entries = self.entries, []
@@ -208,6 +234,8 @@ class ForwardCapture:
             entry = Captured(args, kwargs, rng, coarse, autocast, record(self.model, args, kwargs))
             entry.targets = self._targets
             _ledger(self.model).forwards += 1
+            if not self._frames and self._gradients_reset():
+                self.new_window()
             if self._frames and self.entries:
                 # A call inside a call of the same model is the one with the model's
                 # inputs (e.g. Lightning under DDP routes training_step(batch, i)
@@ -234,6 +262,7 @@ class ForwardCapture:
         entry = self._frames.pop() if self._frames else None
         if entry is None or output is None or not any(entry is c for c in self.entries):
             return
+        _watch_backward(entry, output)
         self.logits_fn.watch(output)  # the loss's gradient tells a pending class axis
         try:
             logits, entry.masked = self.logits_fn.read(output)
@@ -355,6 +384,32 @@ def _rng_unchanged(rng, devices) -> bool:
     if not torch.equal(torch.get_rng_state(), cpu):
         return False
     return all(torch.equal(torch.cuda.get_rng_state(d), state) for d, state in cuda.items())
+
+
+class _Backwarded:
+    """A tensor hook on a captured forward's outputs: marks (weakly) that a backward
+    has run through them; the gradient passes unchanged."""
+
+    __slots__ = ("_ref",)
+
+    def __init__(self, entry: Captured) -> None:
+        self._ref = weakref.ref(entry)
+
+    def __call__(self, grad):
+        entry = self._ref()
+        if entry is not None:
+            entry.backward = True
+
+
+def _watch_backward(entry: Captured, output: Any) -> None:
+    """Hook every output tensor that requires grad (the loss may read any of them)."""
+    try:
+        leaves = pytree.tree_leaves(output)
+    except Exception:  # an output pytree cannot flatten: no marker (kept one window)
+        return
+    for leaf in leaves:
+        if isinstance(leaf, torch.Tensor) and leaf.requires_grad and leaf.grad_fn is not None:
+            leaf.register_hook(_Backwarded(entry))
 
 
 def _builds_graph() -> bool:

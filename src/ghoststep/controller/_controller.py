@@ -100,7 +100,14 @@ from ._proposal import (
     rerun_scaled,
 )
 from ._sampling import Plan, Sampling, bottleneck_rows, make_plan
-from ._state import ControllerState
+from ._state import (
+    GROUP_KEY,
+    ControllerState,
+    merge_inner_states,
+    pack_state,
+    split_controller_state,
+    split_inner_state,
+)
 
 __all__ = ["RadiusController"]
 
@@ -452,13 +459,26 @@ class RadiusController(torch.optim.Optimizer):
                 inner.eval()
 
     def zero_grad(self, set_to_none: bool = True) -> None:
+        """Zero the inner optimizers' gradients; a window boundary for the captured
+        forwards: those a backward already ran through, whose step never came (a
+        ``GradScaler`` skip), are dropped (see ``docs/api/controller.md``)."""
         for inner in self.optimizers:
             inner.zero_grad(set_to_none=set_to_none)
+        self._capture.new_window()
 
     def state_dict(self) -> dict[str, Any]:  # type: ignore[override]
-        """``{"inner": inner.state_dict(), "ghoststep": ControllerState.to_dict()}``
-        (counters, recent radii, bottleneck buffer, subset generator); with several
-        inner optimizers ``"inner"`` is the list of their state dicts, in order."""
+        """A torch optimizer state dict with the controller's state beside it:
+        ``{"state", "param_groups", "ghoststep"}`` (what ``torch.distributed.checkpoint``
+        and other tools that read an optimizer's state expect).
+
+        ``"state"`` and ``"param_groups"``: the inner optimizer's own (several inner
+        optimizers: merged in order, parameter ids counted on across them, as
+        ``param_groups`` concatenates their groups; extra top-level keys of theirs under
+        ``"inner_extras"``). ``"ghoststep"``: :class:`ControllerState` (counters, recent
+        radii, bottleneck buffer, subset generator, method). The first group also
+        carries it, packed (bytes, under ``"ghoststep"``): DCP's ``get_state_dict`` keeps
+        only ``"state"`` and ``"param_groups"``, and it must survive a DCP checkpoint."""
+        self._link_groups()
         ours = ControllerState(
             step_count=self.step_count,
             skipped_steps=self.skipped_steps,
@@ -468,17 +488,32 @@ class RadiusController(torch.optim.Optimizer):
             warned=self._warned,
             spread_hint=self._spread_hint,
             method=self._method,
-        )
-        inner = [o.state_dict() for o in self.optimizers]
-        return {"inner": inner[0] if len(inner) == 1 else inner, "ghoststep": ours.to_dict()}
+        ).to_dict()
+        out = merge_inner_states([o.state_dict() for o in self.optimizers])
+        out["param_groups"] = [dict(g) for g in out["param_groups"]]
+        if out["param_groups"]:
+            out["param_groups"][0][GROUP_KEY] = pack_state(ours)
+        out["ghoststep"] = ours
+        return out
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:  # type: ignore[override]
-        """Load a dict from :meth:`state_dict` (or a bare inner optimizer state dict)."""
-        if "inner" not in state_dict:
-            self._load_inner(state_dict)  # a plain optimizer checkpoint
-            return
-        self._load_inner(state_dict["inner"])
-        ours = ControllerState.from_dict(state_dict.get("ghoststep", {}))
+        """Load a dict from :meth:`state_dict`, the earlier form ``{"inner": ...,
+        "ghoststep": ...}``, one that went through DCP (the controller's state in the
+        first group only), or a bare inner optimizer state dict (the controller's own
+        state then stays as it is)."""
+        if "inner" in state_dict:  # the form before the torch layout
+            self._load_inner(state_dict["inner"])
+            ours = state_dict.get("ghoststep", {})
+        else:
+            inner, ours = split_controller_state(state_dict)
+            several = len(self.optimizers) != 1
+            self._load_inner(split_inner_state(inner, self.optimizers) if several else inner)
+            if ours is None:
+                return  # a plain optimizer checkpoint
+        self._load_ours(ours)
+
+    def _load_ours(self, saved: Mapping[str, Any]) -> None:
+        ours = ControllerState.from_dict(saved)
         self.step_count, self.skipped_steps = ours.step_count, ours.skipped_steps
         self._recent_rhos = collections.deque(ours.recent_rhos, maxlen=self._recent_rhos.maxlen)
         self._buffer = ours.buffer
@@ -570,6 +605,10 @@ class RadiusController(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         with torch.inference_mode(False), torch.no_grad(), autocast_as(()):
+            if inputs is None and self._initialising():
+                for inner in self.optimizers:
+                    inner.step()  # their own state initialisation, nothing to measure
+                return loss
             # capture (the training forwards since the last step), then the inner step:
             # the parameters hold old, the proposal's spare new = old + p, tau = ||p||
             proposed = self._propose(inputs, loss)
@@ -612,7 +651,7 @@ class RadiusController(torch.optim.Optimizer):
         self._link_groups()  # a group added to an inner optimizer since the last step
         model_params = self._params()
         context = StepContext(_as_float(self.param_groups[0].get("lr", math.nan)), _as_float(loss))
-        batches, empty = self._degenerate(model_params, batches)
+        empty = self._degenerate(model_params, batches)
         if empty is not None:
             self.step_count += 1
             self._skip(empty, context)  # before the inner step: nothing has moved
@@ -720,7 +759,7 @@ class RadiusController(torch.optim.Optimizer):
                 spread, gap = tangent_spreads(
                     self._slope_model, *plan.call, tangents, method=self._method,
                     output_fn=self._reader.assuming(plan.masked), rng=plan.rng,
-                    chunk_size=self.chunk_size,
+                    chunk_size=self._chunk(plan),
                     # "fd" runs in float64, where dropout may draw other masks: "jvp" only
                     fingerprint=plan.fingerprint if self._method == "jvp" else None,
                     coarse=bool(plan.autocast), **self.slopes_kwargs,
@@ -765,11 +804,14 @@ class RadiusController(torch.optim.Optimizer):
             minus = [[] for _ in plans]
             others = self._shifted(plans, baselines, fraction * tau, minus, hint=False)
             spreads = [0.5 * (a + b) for a, b in zip(spreads, others, strict=True)]
-            gap = baseline_gap(plus, minus)
+            # the same decisions on every rank: a rank measuring again alone would run
+            # collectives the others do not
+            gap = max_over_ranks(baseline_gap(plus, minus), True, self.process_group)[0]
             if gap <= 1.0:
                 break
             self._watch.mismatch(self._method, gap)
-            if self._own_baseline or not any(_trained(plan) for plan in plans):
+            trained = float(any(_trained(plan) for plan in plans))
+            if self._own_baseline or not max_over_ranks(trained, True, self.process_group)[0]:
                 break
             # the training forward's logits are not this function's: measure again
             # against a baseline forward at the old parameters
@@ -804,12 +846,14 @@ class RadiusController(torch.optim.Optimizer):
                         output_fn=self._reader.assuming(plan.masked),
                         rng=plan.rng,
                         devices=self._devices,
-                        chunk_size=self.chunk_size,
+                        chunk_size=self._chunk(plan),
                         sink=sink,
                     )  # fmt: skip
                 )
         if hint:
-            local = float(torch.stack([s.max() for s in spreads]).max()) if plans else 0.0
+            # (a plan of 0 rows, e.g. this rank's empty share of the batch, adds nothing)
+            maxima = [s.max() for s in spreads if s.numel()]
+            local = float(torch.stack(maxima).max()) if maxima else 0.0
             self._spread_hint = max_over_ranks(local, True, self.process_group)[0]
         return spreads
 
@@ -822,7 +866,7 @@ class RadiusController(torch.optim.Optimizer):
         args, kwargs = plan.call if head is None else split_inputs(plan.tail)
         parts = []
         with self._conditions(plan):
-            for _, _, a, k in chunks(args, kwargs, self.chunk_size):
+            for _, _, a, k in chunks(args, kwargs, self._chunk(plan)):
                 parts.append(
                     forward(
                         self._slope_model,
@@ -848,18 +892,23 @@ class RadiusController(torch.optim.Optimizer):
         0 at the usual 0.01 move). The same decision on every rank."""
         tensors = [t for b in baselines for t in (b if isinstance(b, list) else [b])]
         tensors = [t for t in tensors if t.numel()]
-        if not tensors:
-            return
-        # one pass per tensor (aminmax), no |z| temporary the size of the logits
-        ends = torch.stack([torch.stack(torch.aminmax(t.detach())).float() for t in tensors])
-        magnitude = float(ends.abs().max())
-        magnitude = max_over_ranks(magnitude, True, self.process_group)[0]
+        # The rounding unit eps |z|, reduced on every rank, one without logits too (-1):
+        # collectives pair by order, so no rank may leave one out, and the unit (not |z|)
+        # is reduced so that a rank without logits needs no dtype to decide alike.
+        eps = torch.finfo(tensors[0].dtype if tensors else self._proposal.params[0].dtype).eps
+        unit = -1.0
+        if tensors:
+            # one pass per tensor (aminmax), no |z| temporary the size of the logits
+            ends = torch.stack([torch.stack(torch.aminmax(t.detach())).float() for t in tensors])
+            unit = eps * float(ends.abs().max())
+        unit = max_over_ranks(unit, True, self.process_group)[0]
+        if unit < 0.0:
+            return  # no logits on any rank
         moved = step * self._spread_hint
-        eps = torch.finfo(tensors[0].dtype).eps
-        if math.isfinite(magnitude) and math.isfinite(moved):
-            if not moved > RESOLUTION * eps * magnitude:
+        if math.isfinite(unit) and math.isfinite(moved):
+            if not moved > RESOLUTION * unit:
                 self._proposal.move_to(0.0)
-                raise Unresolved(moved, magnitude)
+                raise Unresolved(moved, unit / eps)
 
     def _tangent_instead(self, err: Unresolved, plans, tau: float) -> Reading:
         """``"fast"`` cannot resolve these logits: measure with ``"jvp"`` (``"fd"`` where
@@ -930,9 +979,12 @@ class RadiusController(torch.optim.Optimizer):
             over_ranks=True,
             process_group=self.process_group,
         )
-        # the last plan's (inputs, spread, mask) for the buffer; never a non-finite one
-        if found.finite_here and self.sampling.buffer_size > 0:
-            rows = bottleneck_rows(plans[-1].evaluated, spreads[-1], keeps[-1],
+        # the last plan's (inputs, spread, mask) for the buffer; never a non-finite one,
+        # nor one of 0 rows (this rank's empty share)
+        sized = [i for i, spread in enumerate(spreads) if spread.numel()]
+        if found.finite_here and self.sampling.buffer_size > 0 and sized:
+            last = sized[-1]
+            rows = bottleneck_rows(plans[last].evaluated, spreads[last], keeps[last],
                                    self.sampling.buffer_size)  # fmt: skip
             self._buffer = rows if rows is not None else self._buffer
         radius, finite = found.rho_a, found.finite
@@ -967,7 +1019,9 @@ class RadiusController(torch.optim.Optimizer):
             self.method = auto_choice(self._slope_model, params, batches, bool(self._devices))
         if self._method != "fast" and not self._capable:
             try:
-                self._try_gradient(params, batches[0])
+                # a batch with rows (this rank's share may be empty)
+                entry = next((e for e in batches if batch_rows(e.inputs)), batches[0])
+                self._try_gradient(params, entry)
             except NotImplementedError as err:  # an op (or autograd.Function) without forward AD
                 if not auto or half_precision(self._slope_model, params):
                     raise
@@ -992,7 +1046,8 @@ class RadiusController(torch.optim.Optimizer):
                 tangent_spreads(
                     self._slope_model, *split_inputs(entry.inputs), tangents,
                     method=self._method, output_fn=self._reader, rng=entry.rng,
-                    chunk_size=self.chunk_size, **self.slopes_kwargs,
+                    chunk_size=self.chunk_size if batch_rows(entry.inputs) else None,
+                    **self.slopes_kwargs,
                 )  # fmt: skip
 
     def _check_function(self, batches: list[Captured]) -> None:
@@ -1025,23 +1080,51 @@ class RadiusController(torch.optim.Optimizer):
             self.skipped_steps += 1
             self._record(self._stats(tau, math.inf, 0.0, context, spread=0.0, skipped=True))
 
-    def _degenerate(self, params, batches: list[Captured]):
-        """``(batches with rows, why the step must be skipped or None)``, decided before
-        the inner step (and alike on every rank): no parameter has a gradient, every
-        batch is empty, or every position is masked."""
-        if not any(p.grad is not None for p in params):
-            return batches, "no trainable parameter has a gradient"
-        batches = [entry for entry in batches if batch_rows(entry.inputs) != 0]
-        counted = float(bool(batches))
-        if batches and self.sampling.masks:
-            masks = [self.sampling.position_mask(entry.inputs) for entry in batches]
+    def _initialising(self) -> bool:
+        """A step that can only initialise the inner optimizers' state: no batch
+        captured, every learning rate 0 and every gradient None or zero -- how
+        ``torch.distributed.checkpoint.state_dict`` (``_init_optim_state``) makes a fresh
+        optimizer build its state before ``get_state_dict`` / ``set_state_dict``. The
+        inner optimizers step alone: no measurement (there is no batch, and nothing
+        moves), no counter or history entry, and DCP puts the learning rates back after.
+        Decided alike on every rank (no collective: the same on each)."""
+        if self._capture.entries or any(float(g.get("lr", 0.0)) != 0.0 for g in self.param_groups):
+            return False
+        grads = local_shards([p.grad for p in self._params() if p.grad is not None])
+        return not any(bool(g.any()) for g in grads)
+
+    def _degenerate(self, params, batches: list[Captured]) -> str | None:
+        """Why the step must be skipped (or None), decided before the inner step and
+        alike on every rank with ONE collective (the MAX of the counted positions and
+        of a no-gradient flag): some rank has no gradient, every batch of every rank is
+        empty, or every position is masked. A rank whose own batches are empty or all
+        masked goes on with the others: it measures its 0-row / all-masked batches (no
+        position counted, nothing added to the max) through the same forwards and
+        collectives, so every rank applies the same scale (``docs/scaling.md``)."""
+        has_grad = any(p.grad is not None for p in params)
+        rows = [entry for entry in batches if batch_rows(entry.inputs) != 0]
+        counted = float(bool(rows))
+        if rows and self.sampling.masks:
+            masks = [self.sampling.position_mask(entry.inputs) for entry in rows]
             counted = float(sum(int(m.sum()) for m in masks))
-        counted, _ = max_over_ranks(counted, True, self.process_group)
-        if counted > 0 or (batches and self.mode == "monitor"):
-            return batches, None  # monitor mode applies an all-masked update (warned later)
-        if not batches and not self.sampling.masks:
-            return batches, "the batch is empty (0 rows)"
-        return batches, "the batch is empty or every position is masked (mask_fn / ignore_index)"
+        # 2 x positions + (some rows): >= 2 some position counted, 1 only masked rows
+        found, every_rank_has_grad = max_over_ranks(
+            2.0 * counted + float(bool(rows)), has_grad, self.process_group
+        )
+        if not every_rank_has_grad:  # a rank stepping alone would part the replicas
+            return "no trainable parameter has a gradient" if not has_grad else (
+                "another rank has no gradient (stepping here alone would part the replicas)"
+            )  # fmt: skip
+        if found >= 2.0 or (found >= 1.0 and self.mode == "monitor"):
+            return None  # monitor mode applies an all-masked update (warned later)
+        if found < 1.0 and not self.sampling.masks:
+            return "the batch is empty (0 rows)"
+        return "the batch is empty or every position is masked (mask_fn / ignore_index)"
+
+    def _chunk(self, plan: Plan) -> int | None:
+        """``chunk_size`` for a plan's forwards; None (one forward) for a plan of 0 rows
+        (a rank's empty share is measured too, through the same collectives)."""
+        return None if batch_rows(plan.evaluated) == 0 else self.chunk_size
 
     def _skip(self, why: str, context: StepContext) -> None:
         """Skip a step before the inner optimizer ran: parameters and its state untouched."""

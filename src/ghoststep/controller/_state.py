@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import io
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -11,7 +12,14 @@ import torch
 from ..evaluation._inputs import Call
 from ..evaluation._rows import detached_copy
 
-__all__ = ["ControllerState"]
+__all__ = [
+    "GROUP_KEY",
+    "ControllerState",
+    "merge_inner_states",
+    "pack_state",
+    "split_controller_state",
+    "split_inner_state",
+]
 
 STATE_VERSION = 1
 
@@ -90,3 +98,83 @@ def _restored(buffer: Any) -> Any:
         args, kwargs, targets = buffer[_CALL]
         return Call(*args, **kwargs).with_targets(targets)
     return buffer
+
+
+# ------------------------------------------------------------- the torch layout
+
+GROUP_KEY = "ghoststep"  # the packed ControllerState in the first param group
+
+
+def pack_state(ours: Mapping[str, Any]) -> bytes:
+    """:meth:`ControllerState.to_dict` as bytes: one opaque value, so that DCP saves and
+    loads it whole (its contents, e.g. a buffer that is None on a fresh controller and a
+    tensor in the checkpoint, need not match the structure it loads into)."""
+    buffer = io.BytesIO()
+    torch.save(dict(ours), buffer)
+    return buffer.getvalue()
+
+
+def unpack_state(packed: bytes) -> dict[str, Any]:
+    return torch.load(io.BytesIO(packed), map_location="cpu", weights_only=True)
+
+
+def split_controller_state(state_dict: Mapping[str, Any]):
+    """``(the inner optimizers' state dict, the controller's state dict or None)`` of a
+    :meth:`RadiusController.state_dict` in the torch layout (the top-level
+    ``"ghoststep"``, else the packed copy in a param group: DCP keeps only ``"state"``
+    and ``"param_groups"``); the groups are copied without the packed key."""
+    inner = {k: v for k, v in state_dict.items() if k != "ghoststep"}
+    ours = state_dict.get("ghoststep")
+    groups = []
+    for group in inner.get("param_groups", []):
+        group = dict(group)
+        packed = group.pop(GROUP_KEY, None)
+        if ours is None and packed is not None:
+            ours = unpack_state(packed)
+        groups.append(group)
+    if "param_groups" in inner:
+        inner["param_groups"] = groups
+    return inner, ours
+
+
+def merge_inner_states(states: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """Several inner optimizers' state dicts as one: groups concatenated, parameter ids
+    counted on across the optimizers (the positions in the concatenated groups, as
+    torch numbers one optimizer's and DCP maps them); one optimizer's as it is."""
+    if len(states) == 1:
+        return dict(states[0])
+    state: dict[Any, Any] = {}
+    groups: list[dict[str, Any]] = []
+    extras, offset = [], 0
+    for sd in states:
+        for group in sd["param_groups"]:
+            groups.append({**group, "params": [offset + i for i in group["params"]]})
+        state.update({offset + i: v for i, v in sd["state"].items()})
+        offset += sum(len(group["params"]) for group in sd["param_groups"])
+        extras.append({k: v for k, v in sd.items() if k not in ("state", "param_groups")})
+    merged: dict[str, Any] = {"state": state, "param_groups": groups}
+    if any(extras):
+        merged["inner_extras"] = extras
+    return merged
+
+
+def split_inner_state(merged: Mapping[str, Any], optimizers) -> list[dict[str, Any]]:
+    """:func:`merge_inner_states` undone: each optimizer its groups (by its number of
+    groups, in order) and the state of the parameters they list (ids or DCP's
+    parameter names alike)."""
+    groups = list(merged["param_groups"])
+    counts = [len(o.param_groups) for o in optimizers]
+    if len(groups) != sum(counts):
+        raise ValueError(
+            f"the state dict has {len(groups)} param groups; this RadiusController wraps "
+            f"{len(optimizers)} optimizers, with {counts}"
+        )
+    extras = merged.get("inner_extras") or [{} for _ in optimizers]
+    out, start = [], 0
+    for count, extra in zip(counts, extras, strict=True):
+        mine = groups[start : start + count]
+        start += count
+        keys = [k for group in mine for k in group["params"]]
+        state = {k: merged["state"][k] for k in keys if k in merged["state"]}
+        out.append({**extra, "state": state, "param_groups": mine})
+    return out

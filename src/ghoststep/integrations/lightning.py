@@ -52,6 +52,7 @@ from typing import Any
 from torch import nn
 
 from ghoststep.controller import RadiusController
+from ghoststep.controller._state import split_controller_state
 from ghoststep.integrations import repoint_scheduler, require
 from ghoststep.monitor import DEFAULT_KEYS
 
@@ -261,6 +262,10 @@ class LightningRadiusCallback(Callback):
         state = states[0]
         if isinstance(state, Mapping) and "inner" in state and "ghoststep" in state:
             checkpoint["optimizer_states"] = [state["inner"]]
+        elif isinstance(state, Mapping) and "ghoststep" in state:
+            # the controller's torch-layout state dict: the inner optimizer's is what
+            # remains without the controller's entries (its own is in the callback's)
+            checkpoint["optimizer_states"] = [split_controller_state(state)[0]]
 
 
 def _no_forward_message(pl_module: nn.Module, controller: RadiusController) -> str:

@@ -66,7 +66,7 @@ def _summary(spread, keep, quantile, offset: int) -> tuple[torch.Tensor, torch.T
         [
             aggregate_spread(valid, quantile),
             torch.isfinite(valid).all().double(),
-            masked.argmax().double() + offset,
+            (masked.argmax().double() if spread.numel() else spread.new_zeros(())) + offset,
             spread.new_full((), float(valid.numel())),  # no host copy
         ]
     )
@@ -92,7 +92,8 @@ def reduce_spreads(
         rows.append(row)
         kept.append(valid)
         offset += spread.numel()
-    summary = torch.stack([r.to(rows[0].device) for r in rows]).tolist()
+    # no part at all (a rank with no batch to measure) counts nothing, and still reduces
+    summary = torch.stack([r.to(rows[0].device) for r in rows]).tolist() if rows else []
     finite_here = all(row[1] == 1.0 for row in summary)
     # -1: no position counted here (every one masked)
     spread, bottleneck, count = -1.0, -1, 0
