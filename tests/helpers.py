@@ -9,8 +9,12 @@ inputs; ``tinylm`` takes (B, T) token ids and returns (B, T, vocab) logits.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
+import os
+import sys
+from datetime import timedelta
 
 import numpy as np
 import torch
@@ -386,3 +390,33 @@ def realised_r(
     if spread.numel() == 0:
         return 0.0
     return float(spread.max()) / (math.pi * temperature)
+
+
+# --------------------------------------------------------------------------- spawned ranks
+
+
+@contextlib.contextmanager
+def gloo_rank(rank: int, world: int, init_file: str, timeout: float = 60.0):
+    """A gloo process group for one spawned test rank (file rendezvous, a timeout).
+
+    On success the rank ends with ``os._exit(0)`` right after the group is destroyed:
+    the worker's DDP reducer, freed when the worker returns, destroys its gloo process
+    group while holding the GIL and joins gloo's worker thread, which may be waiting for
+    the GIL to free a finished all-reduce's tensors -- a teardown deadlock of torch
+    (seen here 2 times in 8 runs). The rank's results are on disk by then. An error
+    destroys the group and propagates (``torch.multiprocessing`` reports it)."""
+    import torch.distributed as dist
+
+    dist.init_process_group(
+        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+        timeout=timedelta(seconds=timeout),
+    )  # fmt: skip
+    try:
+        yield
+    except BaseException:
+        dist.destroy_process_group()
+        raise
+    dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)

@@ -5,11 +5,11 @@ from __future__ import annotations
 import csv
 import json
 import math
-from datetime import timedelta
 
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import gloo_rank
 from torch import nn
 
 from ghoststep.controller import RadiusController, Recording
@@ -184,11 +184,7 @@ def _ranks_worker(rank: int, world: int, init_file: str, out_dir: str, ranks) ->
     options = {} if ranks is None else {"ranks": ranks}
     sinks = [CSVSink(f"{out_dir}/radius.csv", **options),
              JSONLSink(f"{out_dir}/radius.jsonl", **options)]  # fmt: skip
-    dist.init_process_group(
-        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
-        timeout=timedelta(seconds=60),
-    )  # fmt: skip
-    try:
+    with gloo_rank(rank, world, init_file):
         torch.set_num_threads(1)
         torch.manual_seed(0)
         ddp = nn.parallel.DistributedDataParallel(nn.Sequential(nn.Linear(6, 8), nn.Linear(8, 3)))
@@ -200,8 +196,6 @@ def _ranks_worker(rank: int, world: int, init_file: str, out_dir: str, ranks) ->
             ctrl.step()
             dist.barrier()  # both ranks write each step at about the same time
         ctrl.close()
-    finally:
-        dist.destroy_process_group()
 
 
 STEPS = 12

@@ -14,12 +14,11 @@ from __future__ import annotations
 import copy
 import io
 import time
-from contextlib import contextmanager
-from datetime import timedelta
 
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import gloo_rank
 from torch import nn
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
@@ -166,18 +165,8 @@ SAVE_AT, STEPS = 3, 6
 ROWS = (5, 3)
 
 
-@contextmanager
 def _gloo(rank: int, world: int, init_file: str):
-    import torch.distributed as dist
-
-    dist.init_process_group(
-        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
-        timeout=timedelta(seconds=30),
-    )  # fmt: skip
-    try:
-        yield
-    finally:
-        dist.destroy_process_group()
+    return gloo_rank(rank, world, init_file, timeout=30)
 
 
 def _fsdp_model():

@@ -6,12 +6,11 @@ import copy
 import io
 import math
 import warnings
-from datetime import timedelta
 
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import build_model, load_digits
+from helpers import build_model, gloo_rank, load_digits
 from torch import nn
 from torch.utils import _pytree as pytree
 
@@ -610,16 +609,8 @@ def test_temperature_scales_radius(digits):
 
 
 def _ddp_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
-    import torch.distributed as dist
 
-    dist.init_process_group(
-        "gloo",
-        init_method=f"file://{init_file}",
-        rank=rank,
-        world_size=world,
-        timeout=timedelta(seconds=60),
-    )
-    try:
+    with gloo_rank(rank, world, init_file):
         torch.set_num_threads(1)
         torch.manual_seed(0)
         model = nn.Sequential(nn.Linear(12, 16), nn.Tanh(), nn.Linear(16, 5))
@@ -638,8 +629,6 @@ def _ddp_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
             },
             f"{out_dir}/rank{rank}.pt",
         )
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.mark.slow

@@ -11,12 +11,11 @@ must equal a single-process controller on the whole batch.
 from __future__ import annotations
 
 import time
-from contextlib import contextmanager
-from datetime import timedelta
 
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import gloo_rank
 from torch import nn
 
 from ghoststep import RadiusController
@@ -101,18 +100,8 @@ def _summary(stats) -> tuple:
     return (stats.scale, stats.skipped, rho)
 
 
-@contextmanager
 def _gloo(rank: int, world: int, init_file: str):
-    import torch.distributed as dist
-
-    dist.init_process_group(
-        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
-        timeout=timedelta(seconds=30),
-    )  # fmt: skip
-    try:
-        yield
-    finally:
-        dist.destroy_process_group()
+    return gloo_rank(rank, world, init_file, timeout=30)
 
 
 def _worker(rank: int, world: int, init_file: str, out_dir: str, scenario: str, kind: str):

@@ -7,12 +7,10 @@ on every rank and parameters equal to float tolerance, over steps where the clip
 
 from __future__ import annotations
 
-from contextlib import contextmanager
-from datetime import timedelta
-
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import gloo_rank
 from torch import nn
 
 from ghoststep import RadiusController
@@ -51,19 +49,8 @@ def _train(model, ctrl, batches, rows=slice(None), world: int = 1):
     return scales
 
 
-@contextmanager
 def _gloo(rank: int, world: int, init_file: str):
-    """A gloo process group for one spawned rank (file rendezvous, 60 s timeout)."""
-    import torch.distributed as dist
-
-    dist.init_process_group(
-        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
-        timeout=timedelta(seconds=60),
-    )  # fmt: skip
-    try:
-        yield
-    finally:
-        dist.destroy_process_group()
+    return gloo_rank(rank, world, init_file, timeout=60)
 
 
 def _worker(
