@@ -10,7 +10,7 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import build_model, gloo_rank, load_digits
+from helpers import build_model, gloo_rank
 from torch import nn
 from torch.utils import _pytree as pytree
 
@@ -18,18 +18,7 @@ import ghoststep.evaluation._directional
 from ghoststep.controller import RadiusController, Sampling
 from ghoststep.measurement import logit_slopes
 
-
-@pytest.fixture(autouse=True)
-def _flush_denormals():
-    # Diverging plain-Adam runs produce denormals that make CPU math ~60x slower.
-    torch.set_flush_denormal(True)
-    yield
-    torch.set_flush_denormal(False)
-
-
-@pytest.fixture(scope="module")
-def digits():
-    return load_digits(0)
+pytestmark = pytest.mark.usefixtures("flush_denormals")
 
 
 def _batches(n_rows: int, n: int, size: int, seed: int = 0) -> list[torch.Tensor]:

@@ -13,16 +13,11 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import build_model, load_digits
+from helpers import build_model
 from torch import nn
 
 from ghoststep import RadiusController, measure
 from ghoststep.controller import Sampling
-
-
-@pytest.fixture(scope="module")
-def digits():
-    return load_digits(0)
 
 
 def _accuracy(model, X, y) -> float:

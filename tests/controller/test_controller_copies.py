@@ -12,17 +12,12 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import build_model, load_digits
+from helpers import build_model
 from torch import nn
 
 from ghoststep.controller import RadiusController, Recording, Sampling
 from ghoststep.controller._capture import _CaptureHook
 from ghoststep.monitor import CSVSink
-
-
-@pytest.fixture(scope="module")
-def digits():
-    return load_digits(0)
 
 
 def _batches(n_rows: int, n: int, size: int, seed: int = 0) -> list[torch.Tensor]:

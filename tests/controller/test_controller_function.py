@@ -17,7 +17,7 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import applied_update, build_model, load_digits, realised_r, trainable_state
+from helpers import applied_update, build_model, realised_r, trainable_state
 from torch import nn
 
 from ghoststep.controller import RadiusController
@@ -25,17 +25,7 @@ from ghoststep.controller import RadiusController
 FLOAT32_BOUND = 1.001
 ALIVE = 1e-3  # a scale below this is a frozen step
 
-
-@pytest.fixture(autouse=True)
-def _flush_denormals():
-    torch.set_flush_denormal(True)
-    yield
-    torch.set_flush_denormal(False)
-
-
-@pytest.fixture(scope="module")
-def digits():
-    return load_digits(0)
+pytestmark = pytest.mark.usefixtures("flush_denormals")
 
 
 def _batches(digits, n: int, size: int = 64, seed: int = 0):

@@ -17,17 +17,12 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import applied_update, build_model, load_digits, realised_r, trainable_state
+from helpers import applied_update, build_model, realised_r, trainable_state
 from torch import nn
 
 from ghoststep.controller import RadiusController
 
 LOW_BOUND = 1.02  # the bf16 / fp16 promise
-
-
-@pytest.fixture(scope="module")
-def digits():
-    return load_digits(0)
 
 
 def _batches(digits, n: int, size: int = 64, seed: int = 0):

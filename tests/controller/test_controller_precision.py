@@ -24,7 +24,6 @@ import torch.nn.functional as F
 from helpers import (
     applied_update,
     build_model,
-    load_digits,
     position_spreads,
     realised_r,
     trainable_state,
@@ -37,17 +36,7 @@ FLOAT32_BOUND = 1.001  # the float32 promise, whichever method runs
 LOW_BOUND = 1.02  # the bf16 / fp16 promise
 METHODS = ("jvp", "fast", "fd", "auto")
 
-
-@pytest.fixture(autouse=True)
-def _flush_denormals():
-    torch.set_flush_denormal(True)
-    yield
-    torch.set_flush_denormal(False)
-
-
-@pytest.fixture(scope="module")
-def digits():
-    return load_digits(0)
+pytestmark = pytest.mark.usefixtures("flush_denormals")
 
 
 def _digit_batches(digits, n: int, size: int = 64, seed: int = 0):
