@@ -211,6 +211,15 @@ def build_model(name: str, **kwargs) -> nn.Module:
 # the update actually applied, re-measured with a float64 JVP at the old parameters.
 
 
+def digit_batches(digits, n: int, size: int = 64, seed: int = 0) -> list[tuple]:
+    """``n`` batches of ``size`` rows drawn with replacement from the training split of
+    ``digits`` (``load_digits``' (X, y, ...)), from a generator seeded ``seed``."""
+    X, y = digits[0], digits[1]
+    g = torch.Generator().manual_seed(seed)
+    draws = [torch.randint(0, X.shape[0], (size,), generator=g) for _ in range(n)]
+    return [(X[idx], y[idx]) for idx in draws]
+
+
 def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """Detached clones of the trainable parameters by name (tied weights listed once)."""
     return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}

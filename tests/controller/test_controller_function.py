@@ -17,7 +17,7 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import applied_update, build_model, realised_r, trainable_state
+from helpers import applied_update, build_model, digit_batches, realised_r, trainable_state
 from torch import nn
 
 from ghoststep.controller import RadiusController
@@ -26,16 +26,6 @@ FLOAT32_BOUND = 1.001
 ALIVE = 1e-3  # a scale below this is a frozen step
 
 pytestmark = pytest.mark.usefixtures("flush_denormals")
-
-
-def _batches(digits, n: int, size: int = 64, seed: int = 0):
-    X, y = digits[0], digits[1]
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for _ in range(n):
-        idx = torch.randint(0, X.shape[0], (size,), generator=g)
-        out.append((X[idx].clone(), y[idx]))
-    return out
 
 
 def _moved(before: dict, model: nn.Module) -> bool:
@@ -70,7 +60,7 @@ def test_eval_between_backward_and_step_measures_the_train_function(digits, meth
     X_val = digits[2][:32]
     with warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")
-        for x, y in _batches(digits, 4):
+        for x, y in digit_batches(digits, 4):
             model.train()
             old = trainable_state(model)
             ctrl.zero_grad()
@@ -168,7 +158,7 @@ def test_state_changed_after_the_forward_is_warned_and_training_goes_on(
     change = {"queue": _Nothing, "normalize": _Normalize, "adversarial": _Adversarial}[case]()
     ctrl = RadiusController(torch.optim.Adam(model.parameters(), lr=1.0), model, method=method)
     first = trainable_state(model)
-    messages = _run_changed(model, ctrl, _batches(digits, 6), change)
+    messages = _run_changed(model, ctrl, digit_batches(digits, 6), change)
     print(f"{method} {case}: {messages}")
     assert len(messages) == 1 and expected in messages[0], messages
     assert "warned once" in messages[0]
@@ -213,7 +203,7 @@ def test_layerdrop_from_python_random_is_replayed(digits, method):
     first, rs, streams = trainable_state(model), [], []
     with warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")
-        for x, y in _batches(digits, 6):
+        for x, y in digit_batches(digits, 6):
             old = trainable_state(model)
             ctrl.zero_grad()
             F.cross_entropy(model(x), y).backward()
@@ -239,7 +229,7 @@ def test_scale_near_zero_for_several_steps_is_warned(digits):
     ctrl = RadiusController(torch.optim.SGD(model.parameters(), lr=1e5), model, method="jvp")
     with warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")
-        for x, y in _batches(digits, 7):
+        for x, y in digit_batches(digits, 7):
             ctrl.zero_grad()
             F.cross_entropy(model(x), y).backward()
             ctrl.step()

@@ -17,19 +17,12 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import applied_update, build_model, realised_r, trainable_state
+from helpers import applied_update, build_model, digit_batches, realised_r, trainable_state
 from torch import nn
 
 from ghoststep.controller import RadiusController
 
 LOW_BOUND = 1.02  # the bf16 / fp16 promise
-
-
-def _batches(digits, n: int, size: int = 64, seed: int = 0):
-    X, y = digits[0], digits[1]
-    g = torch.Generator().manual_seed(seed)
-    draws = [torch.randint(0, X.shape[0], (size,), generator=g) for _ in range(n)]
-    return [(X[idx], y[idx]) for idx in draws]
 
 
 def _bound(ctrl) -> bool:
@@ -61,7 +54,7 @@ def test_accelerate_bf16_picks_jvp_and_keeps_the_bound(digits, fresh_accelerate,
     rs = []
     with warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")
-        for x, y in _batches(digits, 4):
+        for x, y in digit_batches(digits, 4):
             old = trainable_state(model)
             opt.zero_grad()
             accelerator.backward(F.cross_entropy(wrapped(x), y))
@@ -161,7 +154,7 @@ def test_frozen_bf16_base_with_float32_adapters_picks_jvp(digits):
     trainable = [p for p in model.parameters() if p.requires_grad]
     ctrl = RadiusController(torch.optim.Adam(trainable, lr=1.0), model)
     rs = []
-    for x, y in _batches(digits, 4):
+    for x, y in digit_batches(digits, 4):
         old = trainable_state(model)
         ctrl.zero_grad()
         F.cross_entropy(model(x).float(), y).backward()
@@ -207,7 +200,7 @@ def test_lightning_bf16_mixed_picks_jvp_and_keeps_the_bound(tmp_path, digits):
             applied = applied_update(self.old, trainable_state(module.net))
             rs.append(realised_r(module.net, self.old, batch[0], applied))
 
-    X, y = _batches(digits, 1, size=256)[0]
+    X, y = digit_batches(digits, 1, size=256)[0]
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(X, y), batch_size=64)
     radius = LightningRadiusCallback(mode="clip", target_r=1.0)
     trainer = L.Trainer(

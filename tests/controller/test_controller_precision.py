@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from helpers import (
     applied_update,
     build_model,
+    digit_batches,
     position_spreads,
     realised_r,
     trainable_state,
@@ -37,16 +38,6 @@ LOW_BOUND = 1.02  # the bf16 / fp16 promise
 METHODS = ("jvp", "fast", "fd", "auto")
 
 pytestmark = pytest.mark.usefixtures("flush_denormals")
-
-
-def _digit_batches(digits, n: int, size: int = 64, seed: int = 0):
-    X, y = digits[0], digits[1]
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for _ in range(n):
-        idx = torch.randint(0, X.shape[0], (size,), generator=g)
-        out.append((X[idx], y[idx]))
-    return out
 
 
 def _autocast(dtype):
@@ -190,7 +181,7 @@ def test_fast_step_inside_bf16_autocast_measures_without_it(digits):
     torch.manual_seed(0)
     model = build_model("mlp")
     ctrl = RadiusController(torch.optim.Adam(model.parameters(), lr=1.0), model, method="fast")
-    rs = _run(model, ctrl, _digit_batches(digits, 3), body_autocast=torch.bfloat16)
+    rs = _run(model, ctrl, digit_batches(digits, 3), body_autocast=torch.bfloat16)
     assert _max(rs) <= FLOAT32_BOUND, rs
     assert _bound(ctrl)
 
@@ -199,7 +190,7 @@ def test_jvp_step_inside_bf16_autocast_within_low_precision_bound(digits):
     torch.manual_seed(0)
     model = build_model("mlp")
     ctrl = RadiusController(torch.optim.Adam(model.parameters(), lr=1.0), model, method="jvp")
-    rs = _run(model, ctrl, _digit_batches(digits, 3), body_autocast=torch.bfloat16)
+    rs = _run(model, ctrl, digit_batches(digits, 3), body_autocast=torch.bfloat16)
     assert _max(rs) <= LOW_BOUND, rs
     assert _bound(ctrl)
 
@@ -210,7 +201,7 @@ def test_jvp_autocast_around_step_only_changes_nothing(digits):
     torch.manual_seed(0)
     model = build_model("transformer")
     ctrl = RadiusController(torch.optim.Adam(model.parameters(), lr=1.0), model, method="jvp")
-    rs = _run(model, ctrl, _digit_batches(digits, 3), step_autocast=torch.bfloat16)
+    rs = _run(model, ctrl, digit_batches(digits, 3), step_autocast=torch.bfloat16)
     assert _max(rs) <= FLOAT32_BOUND, rs
     assert _bound(ctrl)
 
@@ -230,7 +221,7 @@ def test_bf16_parameters_within_low_precision_bound(digits, method):
     model = build_model("mlp").to(torch.bfloat16)
     kwargs = {} if method is None else {"method": method}
     ctrl = RadiusController(torch.optim.Adam(model.parameters(), lr=1.0), model, **kwargs)
-    rs = _run(model, ctrl, _digit_batches(digits, 3), cast_inputs=torch.bfloat16)
+    rs = _run(model, ctrl, digit_batches(digits, 3), cast_inputs=torch.bfloat16)
     assert _max(rs) <= LOW_BOUND, rs
     assert _bound(ctrl)
 
@@ -252,7 +243,7 @@ def test_fp16_autocast_grad_scaler_default_method(digits):
     ctrl = RadiusController(torch.optim.Adam(model.parameters(), lr=1.0), model)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
     rs = []
-    for x, y in _digit_batches(digits, 4):
+    for x, y in digit_batches(digits, 4):
         old = trainable_state(model)
         ctrl.zero_grad()
         with torch.autocast("cpu", dtype=torch.float16):
@@ -277,7 +268,7 @@ def test_compiled_model_every_method(digits):
     model = build_model("mlp")
     init = copy.deepcopy(model.state_dict())
     cmodel = torch.compile(model)
-    batches = _digit_batches(digits, 3)
+    batches = digit_batches(digits, 3)
     failures = {}
     for method in METHODS:
         model.load_state_dict(init)
@@ -315,7 +306,7 @@ def test_side_forward_on_another_batch_is_not_the_batch(digits, side):
         with context():
             model(X_te[:4]).argmax(-1)
 
-    rs = _run(model, ctrl, _digit_batches(digits, 3), between=metrics)
+    rs = _run(model, ctrl, digit_batches(digits, 3), between=metrics)
     assert _max(rs) <= FLOAT32_BOUND, rs
     assert _bound(ctrl)
 
@@ -384,7 +375,7 @@ def test_gradient_accumulation_default_bounds_every_micro_batch(digits, method):
     torch.manual_seed(0)
     model = build_model("mlp")
     ctrl = RadiusController(torch.optim.Adam(model.parameters(), lr=1.0), model, method=method)
-    batches = _digit_batches(digits, 9, size=32)
+    batches = digit_batches(digits, 9, size=32)
     rs = []
     for step in range(3):
         micro = batches[3 * step : 3 * step + 3]
@@ -430,7 +421,7 @@ def test_empty_batch_is_skipped(digits, method):
     torch.manual_seed(0)
     model = build_model("mlp")
     ctrl = RadiusController(torch.optim.Adam(model.parameters(), lr=1.0), model, method=method)
-    _warm_up(model, ctrl, _digit_batches(digits, 2))
+    _warm_up(model, ctrl, digit_batches(digits, 2))
 
     def empty():
         ctrl.zero_grad()
@@ -479,8 +470,8 @@ def test_no_gradient_on_any_parameter_is_skipped(digits, method, how):
     torch.manual_seed(0)
     model = build_model("mlp")
     ctrl = RadiusController(torch.optim.Adam(model.parameters(), lr=1.0), model, method=method)
-    _warm_up(model, ctrl, _digit_batches(digits, 2))
-    x, _ = _digit_batches(digits, 1, seed=5)[0]
+    _warm_up(model, ctrl, digit_batches(digits, 2))
+    x, _ = digit_batches(digits, 1, seed=5)[0]
 
     def no_gradient():
         ctrl.zero_grad()  # every .grad None
@@ -502,7 +493,7 @@ def _resume_model():
 
 @pytest.mark.parametrize("method", METHODS)
 def test_resume_is_bitwise_the_uninterrupted_run(digits, method):
-    batches = _digit_batches(digits, 6, size=32)
+    batches = digit_batches(digits, 6, size=32)
 
     def fresh(seed):
         torch.manual_seed(seed)
@@ -566,7 +557,7 @@ def _auto_reload(model, ctrl, expected):
 def test_auto_chooses_by_precision(digits, setting, expected, explicit):
     torch.manual_seed(0)
     model = build_model("mlp")
-    x, y = _digit_batches(digits, 1)[0]
+    x, y = digit_batches(digits, 1)[0]
     if setting == "bf16_params":
         model, x = model.to(torch.bfloat16), x.to(torch.bfloat16)
     kwargs = {"method": "auto"} if explicit else {}
@@ -626,7 +617,7 @@ def test_auto_falls_back_to_fast_without_forward_ad(digits, arch):
     torch.manual_seed(0)
     if arch == "custom_function":
         model = _CustomFunctionMLP()
-        batches = _digit_batches(digits, 3)
+        batches = digit_batches(digits, 3)
     else:
         model = _BagClassifier()
         g = torch.Generator().manual_seed(0)
