@@ -688,7 +688,7 @@ def test_bf16_parameters_on_a_tinylm_round_toward_old():
 def test_scaled_16_bit_update_never_lengthens_an_entry(dtype):
     """old + s p in 16 bits: every entry moves at most s |p_i|, in p_i's direction, and
     at most one ulp short of the nearest rounding."""
-    from ghoststep.controller._proposal import Proposal
+    from ghoststep.controller._controller import Proposal
 
     g = torch.Generator().manual_seed(0)
     old = (torch.randn(4096, generator=g) * 0.1).to(dtype)

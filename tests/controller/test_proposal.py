@@ -1,4 +1,4 @@
-"""Unit tests for ghoststep.controller._proposal: the spare copy, the swap (bitwise), tau against a
+"""Unit tests for the controller's proposal (``controller._controller``): the spare copy, the swap
 float64 reference, the evaluation point and the applied step old + s p (bitwise at s = 1,
 rounded toward the old values for 16-bit parameters), the optimizer snapshot and the
 finiteness check."""
@@ -11,14 +11,8 @@ import pytest
 import torch
 from torch import nn
 
-from ghoststep.controller._proposal import (
-    Proposal,
-    all_finite,
-    check_dense,
-    check_supported,
-    holds_iterate,
-    rerun_scaled,
-)
+from ghoststep.controller._checks import check_supported, holds_iterate
+from ghoststep.controller._controller import Proposal, all_finite, check_dense, rerun_scaled
 from ghoststep.evaluation._updates import OptimizerSnapshot
 
 

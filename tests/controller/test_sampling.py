@@ -1,4 +1,4 @@
-"""Unit tests for ghoststep.controller._sampling: the options record (validation, masks),
+"""Unit tests for ghoststep.controller._plan: the options record (validation, masks),
 the bottleneck rows and make_plan."""
 
 from __future__ import annotations
@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from ghoststep.controller._capture import Captured
-from ghoststep.controller._sampling import Sampling, bottleneck_rows, make_plan
-from ghoststep.evaluation._inputs import split_inputs
+from ghoststep.controller._plan import Sampling, bottleneck_rows, make_plan
+from ghoststep.evaluation._replay import split_inputs
 
 # ------------------------------------------------------------------ options record
 

@@ -23,7 +23,7 @@ from ghoststep.evaluation import (
     resolve_direction,
     tf32_allowed,
 )
-from ghoststep.evaluation._isolation import capture_rng, preserved_buffers
+from ghoststep.evaluation._replay import capture_rng, preserved_buffers
 from ghoststep.radius import logit_spread, radius_from_spread, step_scale
 
 

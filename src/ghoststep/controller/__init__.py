@@ -9,7 +9,7 @@ transformer) and the controller limited by it."""
 from ._controller import RadiusController
 from ._internal_radii import AllRadiiController, internal_radii
 from ._options import Measuring, Recording
-from ._sampling import Sampling
+from ._plan import Sampling
 
 __all__ = [
     "RadiusController",

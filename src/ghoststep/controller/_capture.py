@@ -31,9 +31,15 @@ from torch import nn
 from torch.utils import _pytree as pytree
 
 from ..evaluation._directional import tf32_allowed
-from ..evaluation._inputs import Call, batch_coupled, plain_value
-from ..evaluation._isolation import AutocastState, autocast_state, capture_rng
 from ..evaluation._outputs import LayoutError, LogitsReader, fingerprint, logits_reader
+from ..evaluation._replay import (
+    AutocastState,
+    Call,
+    autocast_state,
+    batch_coupled,
+    capture_rng,
+    plain_value,
+)
 
 __all__ = [
     "Captured",
@@ -264,12 +270,14 @@ class ForwardCapture:
             return
         _watch_backward(entry, output)
         self.logits_fn.watch(output)  # the loss's gradient tells a pending class axis
+        found: list[bool] = []
         try:
-            logits, entry.masked = self.logits_fn.read(output)
+            logits = self.logits_fn.read(output, found=found)
         except (TypeError, KeyError, AttributeError, IndexError, LayoutError):
             # not the logits (e.g. a loss), or their class axis is known only after the
             # backward: the measurement does its own baseline
             return
+        entry.masked = any(found)
         if not isinstance(logits, torch.Tensor):
             return
         if not self.keep_logits:
@@ -336,7 +344,7 @@ def replay(model: nn.Module, captured: Captured) -> Any:
     the forward's signature) when each argument is a tensor or a Python scalar / string /
     None; else -- one dict, tuple or ``PackedSequence`` argument, lists, nested
     containers, other objects, a call the signature cannot name, or targets the model
-    did not receive -- a :class:`~ghoststep.evaluation._inputs.Call` of exactly the
+    did not receive -- a :class:`~ghoststep.evaluation._replay.Call` of exactly the
     captured arguments."""
     args, kwargs = captured.args, captured.kwargs
     exact = Call(*args, **kwargs)

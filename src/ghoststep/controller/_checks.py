@@ -1,13 +1,19 @@
-"""Input checks of ``RadiusController``'s arguments (errors name the argument)."""
+"""``RadiusController``'s arguments at construction: checked (errors name the
+argument) and resolved (the module the measurement evaluates and the one whose hooks see
+the training calls, the logits reader, ``scaled_update``, the causal-LM label mask)."""
 
 from __future__ import annotations
 
 import math
 import numbers
+import sys
 
 import torch
 from torch import nn
 
+from ..evaluation._directional import SLOPE_METHODS
+from ..evaluation._masks import is_causal_lm, label_mask_fn
+from ..evaluation._outputs import LogitsReader, detect_layout
 from ..radius._bounds import MODES
 
 
@@ -91,3 +97,101 @@ def check_positive(name: str, value) -> None:
     check_real(name, value)
     if not (math.isfinite(value) and value > 0):
         raise ValueError(f"{name} must be a positive finite number, got {value!r}")
+
+
+# ------------------------------------------------ what the arguments resolve to
+
+
+def holds_iterate(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether the optimizer keeps an iterate of its own besides the parameters
+    (schedule-free: z; Lookahead: the slow weights), so that rescaling the parameters
+    alone would leave the two apart. Known families, by class name."""
+    names = {cls.__name__.lower() for cls in type(optimizer).__mro__}
+    return any("schedulefree" in n or "lookahead" in n for n in names)
+
+
+def check_supported(optimizer: torch.optim.Optimizer) -> None:
+    """Refuse, at construction, optimizers whose ``step`` needs a closure."""
+    if isinstance(optimizer, torch.optim.LBFGS):
+        raise ValueError(
+            "RadiusController cannot wrap LBFGS: its step re-evaluates the loss through "
+            "a closure along a line search, so there is no single proposed update to "
+            "measure. Use a first-order optimizer, or measure LBFGS steps with "
+            "ghoststep.measure(model, inputs, update, tau=1.0)"
+        )
+    if all(hasattr(optimizer, a) for a in ("first_step", "second_step", "base_optimizer")):
+        name = type(optimizer).__name__
+        raise ValueError(
+            f"RadiusController cannot wrap {name}: its step needs a closure (two forward "
+            "passes). Wrap its base optimizer instead, which makes the update: "
+            f"`sam = {name}(...); sam.base_optimizer = RadiusController("
+            "sam.base_optimizer, model)`, then train with sam as usual "
+            "(first_step / second_step or step(closure))"
+        )
+
+
+_PARALLEL = (nn.parallel.DistributedDataParallel, nn.DataParallel)
+
+
+def _compiled(model: nn.Module) -> bool:
+    """A ``torch.compile`` module (``OptimizedModule``; its ``_orig_mod`` is the model)."""
+    return type(model).__name__ == "OptimizedModule" and isinstance(
+        getattr(model, "_orig_mod", None), nn.Module
+    )
+
+
+def slope_module(model: nn.Module) -> nn.Module:
+    """The module the measurement evaluates: DDP / DataParallel and ``torch.compile``
+    wrappers removed (a compiled module shares its parameters with ``_orig_mod``;
+    forward-mode AD does not run through the compiled graph)."""
+    while isinstance(model, _PARALLEL) or _compiled(model):
+        model = model.module if isinstance(model, _PARALLEL) else model._orig_mod
+    return model
+
+
+def hooked_module(model: nn.Module) -> nn.Module:
+    """The module whose forward hooks see the training calls: the DDP-unwrapped model,
+    a compiled one included (its hooks run eagerly, outside the compiled graph)."""
+    return model.module if isinstance(model, _PARALLEL) else model
+
+
+def logits_reader_for(model: nn.Module, logits_fn, class_dim, activation) -> LogitsReader:
+    """How the loss reads the outputs: the arguments, else what a Hugging Face model's
+    config says (:func:`~ghoststep.evaluation._outputs.detect_layout`), else softmax
+    with the class axis of 3+-dim outputs read from the first step's gradient."""
+    if isinstance(logits_fn, LogitsReader):
+        return logits_fn
+    detected_dim, detected_activation = detect_layout(model)
+    if class_dim is None and activation is None:
+        class_dim, activation = detected_dim, detected_activation
+    return LogitsReader(logits_fn, class_dim=class_dim, activation=activation or "softmax")
+
+
+def resolve_scaled_update(scaled_update: str, optimizers) -> str:
+    """``scaled_update`` resolved (``"auto"``: ``"rerun"`` for optimizers with an iterate
+    of their own); ``"rerun"`` restores and re-steps one optimizer, so it takes one."""
+    if scaled_update == "auto":
+        own = any(holds_iterate(inner) for inner in optimizers)
+        scaled_update = "rerun" if own else "interpolate"
+    if scaled_update == "rerun" and len(optimizers) != 1:
+        raise ValueError(
+            'scaled_update="rerun" (needed by schedule-free and Lookahead optimizers) '
+            "re-steps one inner optimizer with scaled learning rates; it is not supported "
+            "with several (RadiusController([opt_a, opt_b], model)): wrap such an optimizer "
+            "alone"
+        )
+    return scaled_update
+
+
+def check_method(method) -> None:
+    if method != "auto" and method not in SLOPE_METHODS:
+        raise ValueError(f"method must be 'auto' or one of {SLOPE_METHODS}, got {method!r}")
+
+
+def shifted_label_mask(model: nn.Module, ignore_index: int, targets_fn):
+    """The ``mask_fn`` of a Hugging Face causal LM's loss (its logits at t are scored
+    against ``labels[t + 1]``, the labels from ``targets_fn`` when given), or None for
+    other models (``targets_fn``'s targets then align with the logits)."""
+    if "transformers" not in sys.modules or not is_causal_lm(model):
+        return None
+    return label_mask_fn(shift=True, ignore_index=ignore_index, targets_fn=targets_fn)

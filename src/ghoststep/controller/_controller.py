@@ -18,17 +18,17 @@ Algorithm (one ``step``; paper Prop. 5.2 and section 5)::
 the spreads along the proposal (``_secant`` for ``"fast"``, ``_tangent`` for ``"jvp"`` /
 ``"fd"``: plain functions of ``ghoststep.evaluation``, ``secant_spreads`` and
 ``tangent_spreads``, evaluated where the controller has put the parameters), reduced to
-one radius by ``ghoststep.measurement._reduce.reduce_spreads`` as ``measure()`` is, and
-the step rule with its margin, the application and the record (``_apply``). The
-parameters move only through the ``Proposal`` (``_proposal``: the spare copy, the swap,
-tau, the evaluation points ``old + f p``, ``old + s p``), and only from this module.
+one radius by ``ghoststep.radius``'s ``reduce_spreads`` as ``measure()`` is, and the
+step rule with its margin, the application and the record (``_apply``). The parameters
+move only through the :class:`Proposal` at the end of this module (the spare copy, the
+swap, tau, the evaluation points ``old + f p``, ``old + s p``): nothing else writes them.
 
-Around it: ``_capture`` (the forward hooks that remember the training batch),
-``_sampling`` (subset, buffer, window, quantile, masks; the immutable ``Plan`` of one
-micro-batch), ``_options`` (the grouped arguments), ``_policy`` (the method of
-``"auto"``, the precision, the margins), ``ghoststep.radius`` (the pure step rule),
-``ghoststep.evaluation._sharding`` (FSDP2 shards, rank reductions) and ``_state`` (what
-``state_dict`` holds).
+Around it: ``_capture`` (the forward hooks that remember the training batch), ``_plan``
+(the sampling options and the immutable ``Plan`` of one micro-batch; the method of
+``"auto"``, the precision, the margins), ``_options`` (the grouped arguments),
+``_checks`` (the arguments checked and resolved at construction), ``ghoststep.radius``
+(the pure step rule), ``ghoststep.evaluation._sharding`` (FSDP2 shards, rank
+reductions) and ``_state`` (what ``state_dict`` holds).
 
 Reference: P. Sao, "Ghosts of Softmax: Complex Singularities That Limit Safe Step Sizes
 in Cross-Entropy", arXiv:2603.13552 (2026), section 5.
@@ -40,8 +40,8 @@ import collections
 import contextlib
 import copy
 import dataclasses
+import functools
 import math
-import sys
 import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
@@ -52,7 +52,6 @@ from torch import nn
 
 from ..evaluation._directional import (
     RESOLUTION,
-    SLOPE_METHODS,
     Unresolved,
     away_from_one,
     baseline_gap,
@@ -64,10 +63,18 @@ from ..evaluation._directional import (
     secant_spreads,
     tangent_spreads,
 )
-from ..evaluation._inputs import check_row_slicing, chunks, split_inputs
-from ..evaluation._isolation import autocast_as, cuda_devices, original_forward
-from ..evaluation._outputs import LogitsReader, detect_layout
-from ..evaluation._rows import batch_rows, is_causal_lm, label_mask_fn
+from ..evaluation._directions import global_norm
+from ..evaluation._outputs import LogitsReader
+from ..evaluation._replay import (
+    HALF,
+    autocast_as,
+    batch_rows,
+    check_row_slicing,
+    chunks,
+    cuda_devices,
+    original_forward,
+    split_inputs,
+)
 from ..evaluation._sharding import (
     agree,
     is_sharded,
@@ -75,31 +82,37 @@ from ..evaluation._sharding import (
     max_over_ranks,
     reshard,
     shard_group,
+    sum_over_shards,
 )
 from ..evaluation._updates import OptimizerSnapshot
-from ..measurement._reduce import reduce_spreads
 from ..monitor import Sink, StepStats
-from ..radius._bounds import clip_radius, radius_from_spread, step_scale
+from ..radius._bounds import clip_radius, radius_from_spread, reduce_spreads, step_scale
 from ._capture import Captured, ForwardCapture, Watch, changes, check_single_controller, flags_as
-from ._checks import check_controller_arguments, check_limit_by, check_options
+from ._checks import (
+    check_controller_arguments,
+    check_limit_by,
+    check_method,
+    check_options,
+    check_supported,
+    hooked_module,
+    logits_reader_for,
+    resolve_scaled_update,
+    shifted_label_mask,
+    slope_module,
+)
 from ._options import Measuring, Recording, grouped
-from ._policy import (
+from ._plan import (
+    Plan,
+    Sampling,
     auto_choice,
     auto_method,
+    bottleneck_rows,
     check_sharding,
     half_precision,
+    make_plan,
     precision,
 )
-from ._policy import margin_for as default_margin
-from ._proposal import (
-    Proposal,
-    all_finite,
-    check_dense,
-    check_supported,
-    holds_iterate,
-    rerun_scaled,
-)
-from ._sampling import Plan, Sampling, bottleneck_rows, make_plan
+from ._plan import margin_for as default_margin
 from ._state import (
     GROUP_KEY,
     ControllerState,
@@ -286,16 +299,16 @@ class RadiusController(torch.optim.Optimizer):
             options, sampling=sampling, measuring=measuring, recording=recording
         )
         optimizers = check_controller_arguments(optimizer, model, mode, target_r, temperature)
-        _check_method(method)
+        check_method(method)
         check_options(on_nonfinite, margin, scaled_update)
         for inner in optimizers:
             check_supported(inner)
-        scaled_update = _scaled_update(scaled_update, optimizers)
+        scaled_update = resolve_scaled_update(scaled_update, optimizers)
         limit_by = check_limit_by(limit_by, extra_radii)
-        slope_model = _unwrap(model)
+        slope_model = slope_module(model)
         if sampling.ignore_index is not None and sampling.mask_fn is None:
             # a causal LM scores logits at t against labels[t + 1]: shift the mask alike
-            mask_fn = _shifted_label_mask(slope_model, sampling.ignore_index, sampling.targets_fn)
+            mask_fn = shifted_label_mask(slope_model, sampling.ignore_index, sampling.targets_fn)
             if mask_fn is not None:
                 sampling = dataclasses.replace(
                     sampling, mask_fn=mask_fn, ignore_index=None, targets_fn=None
@@ -343,7 +356,7 @@ class RadiusController(torch.optim.Optimizer):
         self._generator = torch.Generator()
         self._generator.manual_seed(int(sampling.seed))
         self._proposal = Proposal()
-        self._reader = _reader(slope_model, logits_fn, *reading)
+        self._reader = logits_reader_for(slope_model, logits_fn, *reading)
         self._spread_hint: float | None = None  # "fast": the last max spread per unit v
         self._own_baseline = False  # "fast": the training logits did not match a replay
         self._watch = Watch()  # warnings about the measured function, each once
@@ -355,7 +368,7 @@ class RadiusController(torch.optim.Optimizer):
             keep_logits=method in ("fast", "auto"),
             rows_check=sampling.samples_rows,
             devices=[],
-            hooked=_hooked(model),
+            hooked=hooked_module(model),
         )
         self._capable = method == "fast"  # "jvp" / "fd" are tried before the first step
         self._check_params_in_model()
@@ -373,7 +386,7 @@ class RadiusController(torch.optim.Optimizer):
 
     @method.setter
     def method(self, value: str) -> None:
-        _check_method(value)
+        check_method(value)
         if value == "fast":
             check_fast_dtype(self._params())
         self._method = value
@@ -976,8 +989,7 @@ class RadiusController(torch.optim.Optimizer):
             keeps,
             quantile=self.sampling.quantile,
             temperature=self.temperature,
-            over_ranks=True,
-            process_group=self.process_group,
+            combine=functools.partial(max_over_ranks, group=self.process_group),
         )
         # the last plan's (inputs, spread, mask) for the buffer; never a non-finite one,
         # nor one of 0 rows (this rank's empty share)
@@ -1009,7 +1021,7 @@ class RadiusController(torch.optim.Optimizer):
 
     def _settle_method(self, params, batches: list[Captured]) -> None:
         """The method of this step: ``"auto"`` resolved at the first step
-        (:func:`~ghoststep.controller._policy.auto_choice`, fixed for the run), and a
+        (:func:`~ghoststep.controller._plan.auto_choice`, fixed for the run), and a
         ``"jvp"`` / ``"fd"`` tried once along the gradient before the first inner step
         (an error, e.g. an op without forward AD, leaves the optimizer untouched; under
         ``"auto"`` ``"jvp"`` falls back to ``"fast"`` with a warning, except with 16-bit
@@ -1288,68 +1300,208 @@ def _as_float(value) -> float | None:
         return None
 
 
-_PARALLEL = (nn.parallel.DistributedDataParallel, nn.DataParallel)
+# ------------------------------------------------------- the proposal: the only writer
 
 
-def _compiled(model: nn.Module) -> bool:
-    """A ``torch.compile`` module (``OptimizedModule``; its ``_orig_mod`` is the model)."""
-    return type(model).__name__ == "OptimizedModule" and isinstance(
-        getattr(model, "_orig_mod", None), nn.Module
-    )
+class Proposal:
+    """The inner optimizer's proposed update p = new - old, for one controller: the
+    parameters it moves (``params``: the old values after the swap, then old + at p), the
+    spare copy that holds ``new`` after the swap, the step length ``tau`` = ||p|| and
+    where the parameters are (``at``), with the arithmetic on them.
+
+    Usage per step: :meth:`begin` (spare <- params) before the inner step, :meth:`swap`
+    after it (params <- old, spare <- new; sets and returns tau), :meth:`move_to`
+    evaluation points, then :meth:`apply`.
+    """
+
+    def __init__(self) -> None:
+        # Kept between steps: a fresh allocation of every parameter's size each step
+        # costs page faults on the CPU.
+        self.spare: list[torch.Tensor] | None = None
+        self.params: list[torch.Tensor] = []  # the (local shards of the) parameters
+        self.shards = None  # the FSDP2 shard group (None: unsharded)
+        self.at = 0.0  # where the parameters are: old + at p (after swap)
+        self.tau = math.nan  # ||new - old|| (after swap)
+
+    def begin(self, params: list[torch.Tensor], shards) -> list[torch.Tensor]:
+        """Copy the parameters into the spare, before the inner step; returns the spare
+        (:attr:`new` after :meth:`swap`)."""
+        self.params, self.shards = params, shards
+        spare = self.spare
+        if spare is None or len(spare) != len(params) or any(
+            s.shape != p.shape or s.dtype != p.dtype or s.device != p.device
+            or s.stride() != p.stride()
+            for s, p in zip(spare, params, strict=True)
+        ):  # fmt: skip
+            spare = [torch.empty_like(p) for p in params]
+        torch._foreach_copy_(spare, params)
+        self.spare = spare  # after the step it holds whatever the parameters do not
+        return spare
+
+    def update(self) -> list[torch.Tensor]:
+        """p = new - params, a transient copy (at the old values: the proposed update)."""
+        return torch._foreach_sub(self.spare, self.params)
+
+    def exchange_ok(self) -> bool:
+        # a shard's storage belongs to its DTensor: only plain parameters trade storage
+        return self.shards is None and all(type(p.data) is torch.Tensor for p in self.params)
+
+    def swap(self) -> float:
+        """Exchange the contents (parameters <- old, spare <- new, both bitwise); set and
+        return tau = ||new - old|| (summed over the shards of sharded parameters).
+
+        Plain tensors exchange their storage (``.data``, no copy); shards and tensor
+        subclasses are copied in place. The difference is taken in groups no larger
+        than the largest parameter: the transient memory stays one parameter's size.
+        """
+        params, proposed = self.params, self.spare
+        norms = []
+        for group in _groups(params):
+            # 16-bit parameters: the difference in float32 (in bfloat16 it rounds by 0.4 %)
+            diff = torch._foreach_sub(
+                [_wide(params[i]) for i in group], [_wide(proposed[i]) for i in group]
+            )
+            norms += torch._foreach_norm(diff)
+            del diff
+        if self.exchange_ok():
+            _exchange(params, proposed)
+        else:
+            for group in _groups(params):
+                ps, keep = [params[i] for i in group], [proposed[i] for i in group]
+                new = [torch.empty_like(p) for p in ps]
+                torch._foreach_copy_(new, ps)
+                torch._foreach_copy_(ps, keep)
+                torch._foreach_copy_(keep, new)
+                del new
+        self.at = 0.0
+        device = params[0].device
+        tau = math.sqrt(float(sum_over_shards(_squares(norms, device), self.shards)))
+        if math.isinf(tau) and agree(all(bool(t.isfinite().all()) for t in proposed), self.shards):
+            # overflow of a float32 norm, not a non-finite entry: redo in float64
+            pairs = zip(params, proposed, strict=True)
+            wide = torch.stack(
+                [(q.double() - p.double()).pow(2).sum().to(device) for p, q in pairs]
+            )
+            tau = math.sqrt(float(sum_over_shards(wide.sum().reshape(1), self.shards)))
+        self.tau = tau
+        return tau
+
+    def norm(self) -> float:
+        """||params|| at their current point (over all shards): one pass, one host sync."""
+        params = self.params
+        squares = _squares(torch._foreach_norm(params), params[0].device)
+        return math.sqrt(float(sum_over_shards(squares, self.shards)))
+
+    def move_to(self, fraction: float) -> None:
+        """Parameters (now at old + at p) <- old + f p (an evaluation point, f < 1)."""
+        if fraction != self.at:
+            # old + f p = e + (f - at) / (1 - at) (new - e), with e = old + at p
+            weight = (fraction - self.at) / (1.0 - self.at)
+            torch._foreach_lerp_(self.params, self.spare, weight)
+            self.at = fraction
+
+    def apply(self, scale: float) -> None:
+        """Parameters (now at old + at p) <- old + s p. s = 1 copies the proposal bitwise;
+        s = 0 from the old values leaves them bitwise. 16-bit parameters (measured at
+        the old values) are rounded toward the old values (:func:`_round_toward_old`)."""
+        params, proposed = self.params, self.spare
+        if scale == 1.0:
+            if self.exchange_ok():
+                _exchange(params, proposed)  # the inner optimizer's tensors, bitwise
+            else:
+                torch._foreach_copy_(params, proposed)
+            self.at = 1.0
+        elif self.at == 0.0 and scale != 0.0 and any(p.dtype in HALF for p in params):
+            _round_toward_old(params, proposed, scale)
+            self.at = scale
+        else:
+            self.move_to(scale)
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
-    """The module the measurement evaluates: DDP / DataParallel and ``torch.compile``
-    wrappers removed (a compiled module shares its parameters with ``_orig_mod``;
-    forward-mode AD does not run through the compiled graph)."""
-    while isinstance(model, _PARALLEL) or _compiled(model):
-        model = model.module if isinstance(model, _PARALLEL) else model._orig_mod
-    return model
+def rerun_scaled(snapshot: OptimizerSnapshot, optimizer, params, scale: float) -> float:
+    """Restore the optimizer and the parameters from ``snapshot``, then its step again
+    with every learning rate times ``scale`` (``scaled_update="rerun"``); returns the
+    length of the resulting step."""
+    snapshot.restore(optimizer, params)
+    rates = [group.get("lr") for group in optimizer.param_groups]
+    for group, lr in zip(optimizer.param_groups, rates, strict=True):
+        if lr is not None:
+            group["lr"] = lr * scale
+    try:
+        optimizer.step()
+    finally:
+        for group, lr in zip(optimizer.param_groups, rates, strict=True):
+            if lr is not None:
+                group["lr"] = lr
+    return float(global_norm(torch._foreach_sub(params, snapshot.params)))
 
 
-def _hooked(model: nn.Module) -> nn.Module:
-    """The module whose forward hooks see the training calls: the DDP-unwrapped model,
-    a compiled one included (its hooks run eagerly, outside the compiled graph)."""
-    return model.module if isinstance(model, _PARALLEL) else model
+def all_finite(tensors: Sequence[torch.Tensor]) -> bool:
+    """Every entry finite? One host sync: the 2-norms are finite unless an entry is not
+    or a norm overflowed; only then are the entries checked one by one."""
+    device = tensors[0].device
+    norms = torch.stack([n.to(device) for n in torch._foreach_norm(tensors)])
+    if bool(norms.isfinite().all()):
+        return True
+    return all(bool(torch.isfinite(t).all()) for t in tensors)
 
 
-def _reader(model: nn.Module, logits_fn, class_dim, activation) -> LogitsReader:
-    """How the loss reads the outputs: the arguments, else what a Hugging Face model's
-    config says (:func:`~ghoststep.evaluation._outputs.detect_layout`), else softmax
-    with the class axis of 3+-dim outputs read from the first step's gradient."""
-    if isinstance(logits_fn, LogitsReader):
-        return logits_fn
-    detected_dim, detected_activation = detect_layout(model)
-    if class_dim is None and activation is None:
-        class_dim, activation = detected_dim, detected_activation
-    return LogitsReader(logits_fn, class_dim=class_dim, activation=activation or "softmax")
+def _squares(norms: Sequence[torch.Tensor], device) -> torch.Tensor:
+    """Sum of squares of per-tensor norms, float64, as a 1-element tensor on ``device``."""
+    if all(n.device == device and n.dtype == norms[0].dtype for n in norms):
+        stacked = torch.stack(list(norms))  # one kernel, not one conversion per tensor
+    else:
+        stacked = torch.stack([n.to(device, torch.float64) for n in norms])
+    return stacked.double().pow(2).sum().reshape(1)
 
 
-def _scaled_update(scaled_update: str, optimizers) -> str:
-    """``scaled_update`` resolved (``"auto"``: ``"rerun"`` for optimizers with an iterate
-    of their own); ``"rerun"`` restores and re-steps one optimizer, so it takes one."""
-    if scaled_update == "auto":
-        own = any(holds_iterate(inner) for inner in optimizers)
-        scaled_update = "rerun" if own else "interpolate"
-    if scaled_update == "rerun" and len(optimizers) != 1:
-        raise ValueError(
-            'scaled_update="rerun" (needed by schedule-free and Lookahead optimizers) '
-            "re-steps one inner optimizer with scaled learning rates; it is not supported "
-            "with several (RadiusController([opt_a, opt_b], model)): wrap such an optimizer "
-            "alone"
-        )
-    return scaled_update
+def _round_toward_old(params, proposed, scale: float) -> None:
+    """``params`` (the old values) <- old + s (new - old), each entry rounded toward
+    old where rounding to nearest would lengthen it. In bfloat16 an entry whose step
+    lies between half an ulp and one ulp rounds up to one ulp, up to twice its length:
+    measured r 1.05 on a TinyLM against 0.98 intended. Rounded toward old, every entry
+    moves at most s |p_i|, in p_i's direction. One parameter at a time in float32."""
+    for p, q in zip(params, proposed, strict=True):
+        if p.dtype not in HALF:
+            p.lerp_(q, scale)
+            continue
+        old = p.float()
+        step = (q.float() - old).mul_(scale)
+        nearest = (old + step).to(p.dtype)
+        longer = (nearest.float() - old).abs_() > step.abs_()
+        p.copy_(torch.where(longer, torch.nextafter(nearest, p), nearest))
 
 
-def _check_method(method) -> None:
-    if method != "auto" and method not in SLOPE_METHODS:
-        raise ValueError(f"method must be 'auto' or one of {SLOPE_METHODS}, got {method!r}")
+def _wide(t: torch.Tensor) -> torch.Tensor:
+    return t.float() if t.dtype in HALF else t
 
 
-def _shifted_label_mask(model: nn.Module, ignore_index: int, targets_fn):
-    """The ``mask_fn`` of a Hugging Face causal LM's loss (its logits at t are scored
-    against ``labels[t + 1]``, the labels from ``targets_fn`` when given), or None for
-    other models (``targets_fn``'s targets then align with the logits)."""
-    if "transformers" not in sys.modules or not is_causal_lm(model):
-        return None
-    return label_mask_fn(shift=True, ignore_index=ignore_index, targets_fn=targets_fn)
+def _groups(tensors: Sequence[torch.Tensor]) -> list[list[int]]:
+    """Consecutive index groups whose total size is at most the largest tensor's."""
+    limit = max(t.numel() for t in tensors)
+    groups: list[list[int]] = [[]]
+    size = 0
+    for i, t in enumerate(tensors):
+        if size + t.numel() > limit and groups[-1]:
+            groups.append([])
+            size = 0
+        groups[-1].append(i)
+        size += t.numel()
+    return groups
+
+
+def _exchange(params: Sequence[torch.Tensor], others: list[torch.Tensor]) -> None:
+    """Swap the storage of each parameter with ``others[i]`` (no data is copied)."""
+    for i, p in enumerate(params):
+        mine = p.data
+        p.data = others[i]
+        others[i] = mine
+
+
+def check_dense(params: Sequence[torch.Tensor]) -> None:
+    for p in params:
+        if p.grad is not None and p.grad.is_sparse:
+            raise RuntimeError(
+                "RadiusController does not support sparse gradients "
+                "(e.g. nn.Embedding(sparse=True)); use dense gradients"
+            )

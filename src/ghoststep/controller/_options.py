@@ -1,6 +1,6 @@
 """``RadiusController``'s grouped options: what travels together as one argument.
 
-* ``sampling=Sampling(...)`` (``_sampling``): which training forwards, rows and logit
+* ``sampling=Sampling(...)`` (``_plan``): which training forwards, rows and logit
   positions set the radius;
 * ``logits_fn=`` a function, or a ``LogitsReader(fn, class_dim=..., activation=...)``
   (``ghoststep.evaluation``): how the loss reads the model output;
@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ._checks import is_int
-from ._sampling import Sampling
+from ._plan import Sampling
 
 __all__ = ["Measuring", "Recording", "grouped"]
 

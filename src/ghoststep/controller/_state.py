@@ -9,8 +9,7 @@ from typing import Any
 
 import torch
 
-from ..evaluation._inputs import Call
-from ..evaluation._rows import detached_copy
+from ..evaluation._replay import Call, detached_copy
 
 __all__ = [
     "GROUP_KEY",

@@ -26,8 +26,6 @@ from ._directions import (
     resolve_direction,
     trainable_parameters,
 )
-from ._inputs import Call
-from ._isolation import capture_rng
 from ._outputs import (
     LayoutError,
     LogitsReader,
@@ -36,6 +34,7 @@ from ._outputs import (
     describe_output,
     logits_reader,
 )
+from ._replay import Call, capture_rng
 from ._updates import optimizer_update_direction
 
 __all__ = [

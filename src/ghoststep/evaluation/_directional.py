@@ -63,8 +63,8 @@ Semantics shared by all methods (what exactly is differentiated):
 
 Directions are one tangent per trainable parameter
 (``ghoststep.evaluation.resolve_direction`` accepts a dict, an aligned sequence or a
-flat tensor); inputs and outputs are read by the private ``_inputs`` and ``_outputs``
-modules of ``ghoststep.evaluation``, the RNG and buffers kept by ``_isolation``.
+flat tensor); inputs are replayed, with the RNG and buffers kept, by the private ``_replay``
+module of ``ghoststep.evaluation`` and outputs read by ``_outputs``.
 """
 
 from __future__ import annotations
@@ -83,9 +83,16 @@ from torch.utils import _pytree as pytree
 
 from ..radius._bounds import logit_spread_unchecked
 from ._directions import global_norm, trainable_parameters
-from ._inputs import check_chunking, chunks
-from ._isolation import HALF, RNGState, cuda_devices, preserved_buffers, replay_rng
 from ._outputs import REPLAY_NOISE, fingerprint_gap, logits_reader
+from ._replay import (
+    HALF,
+    RNGState,
+    check_chunking,
+    chunks,
+    cuda_devices,
+    preserved_buffers,
+    replay_rng,
+)
 from ._sharding import dual_unsharded, fsdp_units, reshard
 
 # The public names are listed once, in the package's ``__init__``.

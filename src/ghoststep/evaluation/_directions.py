@@ -31,9 +31,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ._inputs import split_inputs
-from ._isolation import cuda_devices, preserved_buffers, replay_rng
 from ._outputs import default_logits_fn
+from ._replay import cuda_devices, preserved_buffers, replay_rng, split_inputs
 
 __all__ = [
     "trainable_parameters",

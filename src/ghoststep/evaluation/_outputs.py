@@ -147,10 +147,6 @@ def _unmask(logits: torch.Tensor, masked: bool | None) -> tuple[torch.Tensor, bo
     return torch.where(torch.isneginf(logits), top, logits), True
 
 
-def _read_assuming(reader: LogitsReader, masked: bool | None, output) -> torch.Tensor:
-    return reader.read(output, masked)[0]
-
-
 def detect_layout(model: torch.nn.Module) -> tuple[int | None, str | None]:
     """``(class_dim, activation)`` a Hugging Face model's loss reads its logits with
     (``config.problem_type == "multi_label_classification"``: sigmoid; a
@@ -213,22 +209,25 @@ class LogitsReader:
         return self.class_dim is None and self.activation == "softmax"
 
     def __call__(self, output) -> torch.Tensor:
-        return self.read(output)[0]
+        return self.read(output)
 
-    def read(self, output, masked: bool | None = None) -> tuple[torch.Tensor, bool]:
-        """``(logits, masked)``: the output in the common layout and whether some class
-        is masked (``-inf``). ``masked``: known in advance (True / False: no check, one
-        pass over the logits saved), or None (checked)."""
-        parts = [self._head(h, masked) for h in self.heads(output)]
-        found = any(flag for _, flag in parts)
-        if len(parts) == 1:
-            return parts[0][0], found
-        return self.joined([logits for logits, _ in parts]), found
+    def read(self, output, masked: bool | None = None, found: list | None = None) -> torch.Tensor:
+        """The output in the common layout. ``masked``: whether some class is masked
+        (``-inf``), known in advance (True / False: no check, one pass over the logits
+        saved) or None (checked); ``found``: a list that receives, per head, whether it
+        had a masked class."""
+        parts = []
+        for head in self.heads(output):
+            logits, flag = self._head(head, masked)
+            parts.append(logits)
+            if found is not None:
+                found.append(flag)
+        return parts[0] if len(parts) == 1 else self.joined(parts)
 
     def assuming(self, masked: bool | None) -> Callable[[Any], torch.Tensor]:
         """The reader as an output function for forwards whose masking is known (the
         training forward's): ``masked`` True / False skips the check (None: checks)."""
-        return functools.partial(_read_assuming, self, masked)
+        return functools.partial(self.read, masked=masked)
 
     def heads(self, output) -> list[torch.Tensor]:
         """The raw head tensors ``logits_fn`` picks (one or several)."""
@@ -251,7 +250,8 @@ class LogitsReader:
         if self.activation == "sigmoid":
             z = logits.unsqueeze(-1)
             return torch.cat([torch.zeros_like(z), z], dim=-1), False
-        dim = self.dim_of(logits.shape)
+        # one or two dims need no resolving: the classes are last
+        dim = -1 if self.class_dim is None and logits.ndim <= 2 else self.dim_of(logits.shape)
         if dim not in (-1, logits.ndim - 1):
             logits = logits.movedim(dim, -1)
         return _unmask(class_logits(logits), masked)

@@ -57,7 +57,7 @@ from typing import Any
 import torch
 
 from ghoststep.controller import RadiusController
-from ghoststep.evaluation._rows import is_causal_lm, label_mask_fn
+from ghoststep.evaluation._masks import is_causal_lm, label_mask_fn
 from ghoststep.integrations import repoint_scheduler, require
 from ghoststep.monitor import DEFAULT_KEYS
 

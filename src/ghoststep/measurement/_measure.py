@@ -34,11 +34,11 @@ from ..radius._bounds import (
     aggregate_quantile,
     normalized_step,
     radius_from_spread,
+    reduce_spreads,
     top2_radius,
 )
 from ..radius._checks import check_temperature
 from ..radius._ghosts import exact_radius
-from ._reduce import reduce_spreads
 from ._slopes import flatten_samples, sample_mask, spread_map
 
 __all__ = ["Measurement", "measure"]

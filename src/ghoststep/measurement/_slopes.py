@@ -52,9 +52,9 @@ from torch import nn
 
 from ..evaluation._directional import SLOPE_METHODS, directional, fast_step
 from ..evaluation._directions import direction_norm, resolve_direction, trainable_parameters
-from ..evaluation._inputs import check_chunking, chunks, split_inputs
+from ..evaluation._masks import keep_mask
 from ..evaluation._outputs import detect_layout, logits_reader
-from ..evaluation._rows import keep_mask
+from ..evaluation._replay import check_chunking, chunks, split_inputs
 from ..radius._bounds import logit_spread
 
 __all__ = ["logit_slopes", "per_sample_spread", "flatten_samples"]

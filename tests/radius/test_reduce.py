@@ -1,5 +1,5 @@
-"""Unit tests for ghoststep.measurement._reduce: the reduction from per-position spreads to
-the batch's radius, used by ``measure()`` and the controller, and the quantile convention
+"""Unit tests for ``reduce_spreads`` (``ghoststep.radius._bounds``): per-position spreads
+to the batch's radius, used by ``measure()`` and the controller, and the quantile convention
 of ``aggregate_spread``."""
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ import math
 import pytest
 import torch
 
-from ghoststep.measurement._reduce import aggregate_spread, reduce_spreads
 from ghoststep.radius import aggregate, quantile_position, radius_from_spread
+from ghoststep.radius._bounds import aggregate_spread, reduce_spreads
 
 
 def test_single_part_max_radius_and_bottleneck():

@@ -1,12 +1,8 @@
-"""Rows of nested inputs and the logit positions that count.
+"""The logit positions that count.
 
-The row operations (``batch_rows``, ``select_rows``, ``cat_rows``, ``detached_copy``)
-act on a tensor, a tuple of arguments, a dict of keyword arguments or a
-``ghoststep.Call`` alike: the controller's subset and bottleneck buffer select and join
-rows with them. The masks (``keep_mask``, ``labels_of``, ``label_mask_fn``) say which
-positions count: ``measure``'s ``mask`` / ``ignore_index`` and the controller's
-``mask_fn`` / ``ignore_index`` are built by ``keep_mask``; a Hugging Face causal LM
-scores its logits at t against label t + 1 (``is_causal_lm``, ``label_mask_fn(shift=True)``).
+``measure``'s ``mask`` / ``ignore_index`` and the controller's ``mask_fn`` /
+``ignore_index`` are built by ``keep_mask``; a Hugging Face causal LM scores its logits
+at t against label t + 1 (``is_causal_lm``, ``label_mask_fn(shift=True)``).
 """
 
 from __future__ import annotations
@@ -16,81 +12,10 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
-from torch.utils import _pytree as pytree
 
-from ._inputs import Call, is_packed, tensor_leaves
+from ._replay import Call, labels_of
 
-__all__ = [
-    "batch_rows",
-    "cat_rows",
-    "detached_copy",
-    "is_causal_lm",
-    "keep_mask",
-    "label_mask_fn",
-    "labels_of",
-    "select_rows",
-]
-
-
-def labels_of(inputs):
-    """The labels of ``inputs`` (dict: ``"labels"``; ``Call``: its ``labels`` keyword
-    argument, else its ``targets``), or None."""
-    if isinstance(inputs, Call):
-        labels = inputs.kwargs.get("labels")
-        return inputs.targets if labels is None else labels
-    if isinstance(inputs, Mapping):
-        return inputs.get("labels")
-    return None
-
-
-def detached_copy(obj):
-    """The structure with every tensor detached and cloned (checkpoints, the buffer)."""
-    return pytree.tree_map_only(torch.Tensor, lambda t: t.detach().clone(), obj)
-
-
-def batch_rows(obj) -> int | None:
-    """Batch size: the leading size of the first tensor with at least one dimension (a
-    ``PackedSequence``: its number of sequences)."""
-    for t in tensor_leaves(obj):
-        if is_packed(t):
-            return int(t.batch_sizes[0]) if t.batch_sizes.numel() else 0
-        if t.dim() >= 1:
-            return int(t.shape[0])
-    return None
-
-
-def select_rows(obj, idx: torch.Tensor, rows: int):
-    """Rows ``idx`` of every tensor whose leading size is ``rows``; others unchanged."""
-
-    def pick(t: torch.Tensor) -> torch.Tensor:
-        if t.dim() >= 1 and t.shape[0] == rows:
-            return t.index_select(0, idx.to(t.device))
-        return t
-
-    return pytree.tree_map_only(torch.Tensor, pick, obj)
-
-
-def cat_rows(a, b, rows_a: int, rows_b: int | None):
-    """``a`` and ``b`` concatenated along rows (tensors with ``rows_a`` / ``rows_b``
-    leading rows; other leaves taken from ``a``); None if the structures, per-row
-    shapes or dtypes do not match."""
-    if rows_b is None:
-        return None
-    leaves_a, spec_a = pytree.tree_flatten(a)
-    leaves_b, spec_b = pytree.tree_flatten(b)
-    if spec_a != spec_b:
-        return None
-    out = []
-    for u, w in zip(leaves_a, leaves_b, strict=True):
-        if not (isinstance(u, torch.Tensor) and isinstance(w, torch.Tensor)):
-            out.append(u)
-        elif u.dim() >= 1 and w.dim() >= 1 and u.shape[0] == rows_a and w.shape[0] == rows_b:
-            if u.shape[1:] != w.shape[1:] or u.dtype != w.dtype:
-                return None
-            out.append(torch.cat([u, w.to(u.device)], 0))
-        else:
-            out.append(u)
-    return pytree.tree_unflatten(out, spec_a)
+__all__ = ["is_causal_lm", "keep_mask", "label_mask_fn"]
 
 
 def keep_mask(mask=None, targets=None, ignore_index=None, device=None) -> torch.Tensor | None:
