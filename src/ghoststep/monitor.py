@@ -86,7 +86,11 @@ class StepStats:
             (before the window minimum).
         radius: the radius the step rule used: the smallest of ``rho_a`` and the extra
             radii named by ``limit_by``, and of the previous ``window - 1`` steps' ones;
-            ``rho_a`` itself without extra radii or window.
+            ``rho_a`` itself without extra radii or window; on an always-on step between
+            measurements the last measured one.
+        measured: whether this step measured its radius (False: an always-on step
+            between measurements, ``rho_a`` NaN, ``r_before`` / ``r_after`` predicted
+            from the last measured radius).
     """
 
     step: int
@@ -102,6 +106,7 @@ class StepStats:
     loss: float | None = None
     spread: float = math.nan
     radius: float = math.nan
+    measured: bool = True
     # Per-sample rho_a of the step (1-D CPU tensor), only with keep_samples=True; not a
     # scalar column, so the file sinks leave it out (TensorBoard draws a histogram).
     rho_samples: Any = dataclasses.field(default=None, repr=False, compare=False)

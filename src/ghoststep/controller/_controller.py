@@ -103,6 +103,7 @@ from ._checks import (
 from ._options import Measuring, Recording, grouped
 from ._plan import (
     Plan,
+    Reference,
     Sampling,
     auto_choice,
     auto_method,
@@ -110,7 +111,9 @@ from ._plan import (
     check_sharding,
     half_precision,
     make_plan,
+    measure_now,
     precision,
+    reference_after,
 )
 from ._plan import margin_for as default_margin
 from ._state import (
@@ -340,6 +343,14 @@ class RadiusController(torch.optim.Optimizer):
         self.chunk_size = measuring.chunk_size
         self.slopes_kwargs = dict(measuring.slopes_kwargs or {})
         self.process_group = measuring.process_group
+        if measuring.every > 1 and mode == "set":
+            raise ValueError(
+                "every > 1 (always-on) needs mode 'clip' or 'monitor': set mode sets each "
+                "step's length from that step's radius"
+            )
+        self.every = measuring.every
+        self.stale_margin = measuring.stale_margin
+        self.jump = measuring.jump
         # what is kept and written (``Recording``)
         self.sinks: list[Sink] = list(recording.sinks)
         self.keep_samples = bool(recording.keep_samples)
@@ -358,6 +369,7 @@ class RadiusController(torch.optim.Optimizer):
         self._proposal = Proposal()
         self._reader = logits_reader_for(slope_model, logits_fn, *reading)
         self._spread_hint: float | None = None  # "fast": the last max spread per unit v
+        self._reference: Reference | None = None  # always-on: the last measured step
         self._own_baseline = False  # "fast": the training logits did not match a replay
         self._watch = Watch()  # warnings about the measured function, each once
         self._devices: list[int] = []
@@ -501,6 +513,7 @@ class RadiusController(torch.optim.Optimizer):
             warned=self._warned,
             spread_hint=self._spread_hint,
             method=self._method,
+            reference=None if self._reference is None else dataclasses.astuple(self._reference),
         ).to_dict()
         out = merge_inner_states([o.state_dict() for o in self.optimizers])
         out["param_groups"] = [dict(g) for g in out["param_groups"]]
@@ -534,6 +547,7 @@ class RadiusController(torch.optim.Optimizer):
             self._generator.set_state(ours.generator)
         self._warned = ours.warned
         self._spread_hint = ours.spread_hint
+        self._reference = None if ours.reference is None else Reference(*ours.reference)
         if self._method == "auto" and ours.method not in (None, "auto"):
             self.method = ours.method  # the run's resolved choice, as before the save
 
@@ -629,6 +643,10 @@ class RadiusController(torch.optim.Optimizer):
                 return loss  # skipped, or p = 0 (recorded)
             batches, tau, snapshot, context = proposed
             try:
+                if not self._due(tau):
+                    # always-on, between measurements: the last radius, with room
+                    self._apply(None, tau, batches, snapshot, context)
+                    return loss
                 # the spreads along v = p / tau, reduced to the radius
                 start = time.perf_counter()
                 plans = []
@@ -700,20 +718,38 @@ class RadiusController(torch.optim.Optimizer):
             return None
         return batches, tau, snapshot, context
 
-    def _apply(self, found: Reading, tau: float, batches, snapshot, context) -> None:
-        """The step rule on the measured radius, then ``old + s p`` and the record."""
+    def _due(self, tau: float) -> bool:
+        """Whether this step is measured (:func:`measure_now`; every step unless
+        always-on), decided alike on every rank."""
+        if self.every == 1:
+            return True
+        due = measure_now(self._reference, tau, self.every, self.jump)
+        return bool(max_over_ranks(float(due), True, self.process_group)[0])
+
+    def _apply(self, found: Reading | None, tau: float, batches, snapshot, context) -> None:
+        """The step rule on the measured radius (``found``; None: always-on between
+        measurements, the last measured radius ``stale_margin`` below), then ``old + s
+        p`` and the record."""
         proposal = self._proposal
-        if not found.finite:
-            proposal.apply(0.0)  # back to the old values
-            self._fault("slope", context, tau=tau)
-            return
-        if not found.counted:
-            self._all_masked(tau, context)
-            if self.mode != "monitor":
+        stale = 0.0
+        if found is None:
+            reference = self._reference
+            radius, stale = reference.radius, self.stale_margin
+            self._reference = dataclasses.replace(reference, since=reference.since + 1)
+        else:
+            if not found.finite:
+                proposal.apply(0.0)  # back to the old values
+                self._fault("slope", context, tau=tau)
                 return
-        radius = min([found.radius, *self._recent_rhos])
-        if self.sampling.window > 1:
-            self._recent_rhos.append(found.radius)
+            if not found.counted:
+                self._all_masked(tau, context)
+                if self.mode != "monitor":
+                    return
+            radius = min([found.radius, *self._recent_rhos])
+            if self.sampling.window > 1:
+                self._recent_rhos.append(found.radius)
+            if self.every > 1:
+                self._reference = reference_after(self._reference, radius, tau)
         # A margin below the measured radius for the method's error in the precision it
         # ran in (clip and set). When clip binds (s < 1 is computed, not copied) float32
         # / float64 parameters also get one ulp of each parameter, eps ||old|| in length,
@@ -722,7 +758,7 @@ class RadiusController(torch.optim.Optimizer):
         limit = radius
         if self.mode != "monitor":
             kind = precision(self._slope_model, proposal.params, self._method, batches)
-            margin = self.margin_for(kind)
+            margin = 1.0 - (1.0 - self.margin_for(kind)) * (1.0 - stale)
             limit = clip_radius(radius, margin)
             if self.mode == "clip" and self.target_r * limit / tau < 1.0 and kind != "half":
                 old_norm = proposal.norm() + proposal.at * tau
@@ -1202,10 +1238,12 @@ class RadiusController(torch.optim.Optimizer):
 
     def _stats(self, tau, radius, scale, context, *, measured=None, spread=None, skipped=False):
         r_before = tau / radius if radius > 0 else math.inf  # tau / inf = 0; nan propagates
+        # always-on between measurements: no radius measured, the last one used
+        stale = measured is None and spread is None and not skipped
         return StepStats(
             step=self.step_count,
             tau=tau,
-            rho_a=radius if measured is None else measured.rho_a,
+            rho_a=math.nan if stale else radius if measured is None else measured.rho_a,
             r_before=r_before,
             r_after=0.0 if skipped else scale * r_before,
             scale=scale,
@@ -1218,6 +1256,7 @@ class RadiusController(torch.optim.Optimizer):
             rho_samples=None if measured is None else measured.rho_samples,
             radii=None if measured is None else measured.radii,
             radius=radius,
+            measured=not stale,
         )
 
     def _record(self, stats: StepStats) -> None:

@@ -23,7 +23,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from ._checks import is_int
+from ._checks import check_real, is_int
 from ._plan import Sampling
 
 __all__ = ["Measuring", "Recording", "grouped"]
@@ -40,15 +40,45 @@ class Measuring:
         slopes_kwargs: extra keyword arguments for ``ghoststep.evaluation.directional``
             (``"jvp"`` / ``"fd"``; e.g. ``step=`` for ``"fd"``).
         process_group: group of the distributed reduction (default: the world).
+        every: measure every step (1, the default: the exact guarantee on every
+            applied update), or run always-on (``every=k > 1``): measure every k-th
+            step and every step whose proposal is suspicious, and use the last measured
+            radius, ``stale_margin`` below it, in between. A step is measured when
+            there is no measured radius yet, when k - 1 steps have passed without one,
+            when tau = ||p|| exceeds ``jump`` times the tau of the last measured step
+            (a learning-rate spike, a gradient spike through Adam's moments), or when
+            the last measurement found the radius under half the one before (the
+            radius is moving: measure until it holds). What it gives: measured steps
+            keep the exact guarantee; a step between measurements keeps ``r <=
+            target_r`` as long as the radius along its update is at least ``1 -
+            stale_margin`` of the last measured one. What it gives up: that condition
+            is not checked; between measurements StepStats holds ``rho_a`` NaN and
+            ``radius`` the last measured one (``measured`` False). Clip and monitor
+            mode (set mode needs each step's radius).
+        stale_margin: relative margin below the last measured radius on the steps
+            between measurements (on top of the method's margin), in [0, 1).
+        jump: tau over the last measured step's tau above which a step is measured
+            (> 1).
     """
 
     chunk_size: int | None = None
     slopes_kwargs: Mapping[str, Any] | None = None
     process_group: Any = None
+    every: int = 1
+    stale_margin: float = 0.35
+    jump: float = 1.5
 
     def __post_init__(self) -> None:
         if self.chunk_size is not None and not (is_int(self.chunk_size) and self.chunk_size >= 1):
             raise ValueError(f"chunk_size must be None or an int >= 1, got {self.chunk_size!r}")
+        if not (is_int(self.every) and self.every >= 1):
+            raise ValueError(f"every must be an int >= 1, got {self.every!r}")
+        check_real("stale_margin", self.stale_margin)
+        if not 0.0 <= self.stale_margin < 1.0:
+            raise ValueError(f"stale_margin must be in [0, 1), got {self.stale_margin!r}")
+        check_real("jump", self.jump)
+        if not self.jump > 1.0:
+            raise ValueError(f"jump must be > 1, got {self.jump!r}")
 
 
 @dataclass(frozen=True)

@@ -46,6 +46,7 @@ from ._checks import check_real, is_int
 __all__ = [
     "MARGINS",
     "Plan",
+    "Reference",
     "Sampling",
     "auto_choice",
     "auto_method",
@@ -54,6 +55,8 @@ __all__ = [
     "half_precision",
     "make_plan",
     "margin_for",
+    "measure_now",
+    "reference_after",
     "precision",
 ]
 
@@ -378,3 +381,37 @@ def check_sharding(model, params, method: str, extra_radii, scaled_update: str) 
     ):
         if bad:
             raise ValueError(f"{name} is not supported with sharded (FSDP2) parameters")
+
+
+# ---------------------------------------------------------- always-on: when to measure
+
+
+@dataclass(frozen=True)
+class Reference:
+    """The last measured step, which the always-on steps between measurements use:
+    its limiting radius (per unit of v) and tau, the steps taken since, and whether its
+    radius was under half the one measured before it (``unsteady``: measure again)."""
+
+    radius: float
+    tau: float
+    since: int = 0
+    unsteady: bool = False
+
+
+def measure_now(reference: Reference | None, tau: float, every: int, jump: float) -> bool:
+    """Whether a step of length ``tau`` is measured (``Measuring.every``): always for
+    ``every`` = 1; else without a reference, after ``every`` - 1 steps without a
+    measurement, when tau exceeds ``jump`` times the reference's, or while unsteady."""
+    return (
+        every == 1
+        or reference is None
+        or reference.unsteady
+        or reference.since + 1 >= every
+        or tau > jump * reference.tau
+    )
+
+
+def reference_after(reference: Reference | None, radius: float, tau: float) -> Reference:
+    """The reference after a measured step of length ``tau`` that used ``radius``."""
+    unsteady = reference is not None and radius < 0.5 * reference.radius
+    return Reference(radius, tau, 0, unsteady)

@@ -39,6 +39,8 @@ class ControllerState:
         spread_hint: ``"fast"``'s last max spread per unit step, which sets its next
             difference step (None before the first measurement).
         method: the method in use (``method="auto"``'s choice, fixed for the run).
+        reference: always-on (``every > 1``): the last measured step as ``(radius, tau,
+            steps since, unsteady)``, or None.
     """
 
     step_count: int = 0
@@ -49,6 +51,7 @@ class ControllerState:
     warned: bool = False
     spread_hint: float | None = None
     method: str | None = None
+    reference: tuple | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -61,6 +64,7 @@ class ControllerState:
             "warned": self.warned,
             "spread_hint": self.spread_hint,
             "method": self.method,
+            "reference": None if self.reference is None else list(self.reference),
         }
 
     @classmethod
@@ -78,7 +82,15 @@ class ControllerState:
             warned=bool(ours.get("warned", False)),
             spread_hint=None if ours.get("spread_hint") is None else float(ours["spread_hint"]),
             method=ours.get("method"),
+            reference=_reference(ours.get("reference")),
         )
+
+
+def _reference(saved) -> tuple | None:
+    if saved is None:
+        return None
+    radius, tau, since, unsteady = saved
+    return float(radius), float(tau), int(since), bool(unsteady)
 
 
 _CALL = "ghoststep.Call"
