@@ -279,3 +279,42 @@ def test_a_micro_batch_of_zero_rows_is_measured_as_nothing(method, options):
     assert min(plain[0]) < 1.0
     for params in (with_empty[1], first_empty[1]):
         assert all(torch.equal(a, b) for a, b in zip(params, plain[1], strict=True))
+
+
+def _always_on_worker(rank: int, world: int, init_file: str, out_dir: str):
+    """DDP, always-on (every=4), 10 steps of 4 rows per rank; at step 5 only rank 1's
+    learning rate jumps 10x (its proposal alone is suspicious)."""
+    import warnings
+
+    with _gloo(rank, world, init_file), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        torch.set_num_threads(1)
+        model = _model()
+        wrapped = nn.parallel.DistributedDataParallel(model)
+        ctrl = RadiusController(
+            torch.optim.Adam(model.parameters(), lr=1e-3), wrapped, method="fast", every=4
+        )
+        measured = []
+        for step, (x, y) in enumerate(_batches(10)):
+            ctrl.param_groups[0]["lr"] = 1e-2 if (step == 5 and rank == 1) else 1e-3
+            ctrl.zero_grad()
+            F.cross_entropy(
+                wrapped(x[4 * rank : 4 * rank + 4]), y[4 * rank : 4 * rank + 4]
+            ).backward()
+            ctrl.step()
+            measured.append(ctrl.last.measured)
+        torch.save(measured, f"{out_dir}/always_on{rank}.pt")
+
+
+@pytest.mark.slow
+def test_ddp_ranks_agree_on_when_they_measure(tmp_path):
+    """Always-on under DDP: the ranks measure on the same steps (the decision is reduced
+    over the ranks: a rank measuring alone would enter collectives the other does not),
+    also when only one rank's proposal jumps, and between measurements they measure
+    nothing."""
+    _spawn(_always_on_worker, (2, str(tmp_path / "pg"), str(tmp_path)))
+    ranks = [torch.load(tmp_path / f"always_on{r}.pt") for r in range(2)]
+    print(f"\nmeasured: rank0 {ranks[0]}\n          rank1 {ranks[1]}")
+    assert ranks[0] == ranks[1]
+    assert ranks[0][5]  # rank 1's jump, measured on both
+    assert ranks[0][0] and not all(ranks[0])

@@ -723,33 +723,34 @@ class RadiusController(torch.optim.Optimizer):
         always-on), decided alike on every rank."""
         if self.every == 1:
             return True
-        due = measure_now(self._reference, tau, self.every, self.jump)
+        room = self.target_r * (1.0 - self.stale_margin)
+        due = measure_now(self._reference, tau, self.every, self.jump, room)
         return bool(max_over_ranks(float(due), True, self.process_group)[0])
 
     def _apply(self, found: Reading | None, tau: float, batches, snapshot, context) -> None:
-        """The step rule on the measured radius (``found``; None: always-on between
-        measurements, the last measured radius ``stale_margin`` below), then ``old + s
-        p`` and the record."""
+        """The step rule on the measured radius, then ``old + s p`` and the record;
+        ``found`` None: always-on between measurements, where the update fits the last
+        measured radius with room (:meth:`_due`) and is applied as proposed."""
         proposal = self._proposal
-        stale = 0.0
         if found is None:
             reference = self._reference
-            radius, stale = reference.radius, self.stale_margin
             self._reference = dataclasses.replace(reference, since=reference.since + 1)
-        else:
-            if not found.finite:
-                proposal.apply(0.0)  # back to the old values
-                self._fault("slope", context, tau=tau)
+            proposal.apply(1.0)
+            self._record(self._stats(tau, reference.radius, 1.0, context))
+            return
+        if not found.finite:
+            proposal.apply(0.0)  # back to the old values
+            self._fault("slope", context, tau=tau)
+            return
+        if not found.counted:
+            self._all_masked(tau, context)
+            if self.mode != "monitor":
                 return
-            if not found.counted:
-                self._all_masked(tau, context)
-                if self.mode != "monitor":
-                    return
-            radius = min([found.radius, *self._recent_rhos])
-            if self.sampling.window > 1:
-                self._recent_rhos.append(found.radius)
-            if self.every > 1:
-                self._reference = reference_after(self._reference, radius, tau)
+        radius = min([found.radius, *self._recent_rhos])
+        if self.sampling.window > 1:
+            self._recent_rhos.append(found.radius)
+        if self.every > 1:
+            self._reference = reference_after(self._reference, radius, tau)
         # A margin below the measured radius for the method's error in the precision it
         # ran in (clip and set). When clip binds (s < 1 is computed, not copied) float32
         # / float64 parameters also get one ulp of each parameter, eps ||old|| in length,
@@ -758,7 +759,7 @@ class RadiusController(torch.optim.Optimizer):
         limit = radius
         if self.mode != "monitor":
             kind = precision(self._slope_model, proposal.params, self._method, batches)
-            margin = 1.0 - (1.0 - self.margin_for(kind)) * (1.0 - stale)
+            margin = self.margin_for(kind)
             limit = clip_radius(radius, margin)
             if self.mode == "clip" and self.target_r * limit / tau < 1.0 and kind != "half":
                 old_norm = proposal.norm() + proposal.at * tau

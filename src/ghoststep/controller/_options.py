@@ -42,21 +42,22 @@ class Measuring:
         process_group: group of the distributed reduction (default: the world).
         every: measure every step (1, the default: the exact guarantee on every
             applied update), or run always-on (``every=k > 1``): measure every k-th
-            step and every step whose proposal is suspicious, and use the last measured
-            radius, ``stale_margin`` below it, in between. A step is measured when
-            there is no measured radius yet, when k - 1 steps have passed without one,
-            when tau = ||p|| exceeds ``jump`` times the tau of the last measured step
-            (a learning-rate spike, a gradient spike through Adam's moments), or when
-            the last measurement found the radius under half the one before (the
-            radius is moving: measure until it holds). What it gives: measured steps
-            keep the exact guarantee; a step between measurements keeps ``r <=
-            target_r`` as long as the radius along its update is at least ``1 -
-            stale_margin`` of the last measured one. What it gives up: that condition
-            is not checked; between measurements StepStats holds ``rho_a`` NaN and
-            ``radius`` the last measured one (``measured`` False). Clip and monitor
-            mode (set mode needs each step's radius).
-        stale_margin: relative margin below the last measured radius on the steps
-            between measurements (on top of the method's margin), in [0, 1).
+            step and every step whose proposal is suspicious, and apply the others as
+            proposed. A step is measured when there is no measured radius yet, when
+            k - 1 steps have passed without one, when tau = ||p|| exceeds ``jump``
+            times the tau of the last measured step (a learning-rate spike, a gradient
+            spike through Adam's moments), when it would not fit ``target_r (1 -
+            stale_margin)`` times the last measured radius (it may need clipping: a
+            spike held over many steps is measured on every one of them), or when the
+            last measurement found the radius under half the one before (it is moving:
+            measure until it holds). What it gives: measured steps keep the exact
+            guarantee; an unmeasured step has r <= target_r as long as the radius along
+            its update is at least ``1 - stale_margin`` of the last measured one. What
+            it gives up: that condition is not checked; an unmeasured step's StepStats
+            hold ``rho_a`` NaN, ``measured`` False and r predicted from the last
+            measured radius. Clip and monitor mode (set mode needs each step's radius).
+        stale_margin: the room, relative to the last measured radius, that an
+            unmeasured step must leave, in [0, 1).
         jump: tau over the last measured step's tau above which a step is measured
             (> 1).
     """
@@ -65,7 +66,7 @@ class Measuring:
     slopes_kwargs: Mapping[str, Any] | None = None
     process_group: Any = None
     every: int = 1
-    stale_margin: float = 0.35
+    stale_margin: float = 0.25
     jump: float = 1.5
 
     def __post_init__(self) -> None:

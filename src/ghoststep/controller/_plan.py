@@ -398,16 +398,21 @@ class Reference:
     unsteady: bool = False
 
 
-def measure_now(reference: Reference | None, tau: float, every: int, jump: float) -> bool:
+def measure_now(
+    reference: Reference | None, tau: float, every: int, jump: float, room: float
+) -> bool:
     """Whether a step of length ``tau`` is measured (``Measuring.every``): always for
     ``every`` = 1; else without a reference, after ``every`` - 1 steps without a
-    measurement, when tau exceeds ``jump`` times the reference's, or while unsteady."""
+    measurement, while unsteady, when tau exceeds ``jump`` times the reference's, or
+    when the step would not fit ``room`` times the reference's radius (it may need
+    clipping: ``room`` = target_r (1 - stale_margin))."""
     return (
         every == 1
         or reference is None
         or reference.unsteady
         or reference.since + 1 >= every
         or tau > jump * reference.tau
+        or tau > room * reference.radius
     )
 
 
