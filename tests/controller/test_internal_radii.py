@@ -103,3 +103,90 @@ def test_output_only_equals_radius_controller():
     a = one_step(AllRadiiController, limit_by=("out",))
     b = one_step(RadiusController)
     assert all(torch.equal(p, q) for p, q in zip(a, b))
+
+
+# ------------------------------------------------- the radii read in the controller's pass
+
+
+def _reference_hook(model, inputs, update):
+    """The two-pass reference: ``internal_radii``'s own JVP along the update."""
+    return internal_radii(model, inputs, update)
+
+
+def _lm_run(make, steps: int = 3, seed: int = 3):
+    """``steps`` AdamW steps of the causal TinyLM (V = 97, 4 x 16 tokens, a high LR so
+    that the radii bind) under ``make(model)``: the radii of each step and the model's
+    forward calls (the training forwards and the controller's own)."""
+    torch.manual_seed(seed)
+    model = build_model("tinylm")
+    opt = make(model, torch.optim.AdamW(model.parameters(), lr=0.1))
+    calls = []
+    model.register_forward_pre_hook(lambda module, args: calls.append(1))
+    g = torch.Generator().manual_seed(seed)
+    radii = []
+    for _ in range(steps):
+        tokens = torch.randint(0, 97, (4, 17), generator=g)
+        logits = model(tokens[:, :-1])
+        torch.nn.functional.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten()).backward()
+        opt.step()
+        opt.zero_grad()
+        radii.append(dict(opt.last.radii or {}))
+    return radii, len(calls), [p.detach().clone() for p in model.parameters()]
+
+
+@pytest.mark.parametrize(
+    "limit_by, chunk_size",
+    [(("out", "attn", "ffn"), None), (("out", "attn"), None), (("out", "attn", "ffn"), 3)],
+)
+def test_one_pass_radii_equal_the_two_pass_reference(limit_by, chunk_size):
+    """The radii read inside the controller's JVP (chunked: accumulated over the
+    chunks) are those of a second JVP by ``internal_radii``, and so is the trajectory;
+    the one pass calls the model as often as the output-only controller does."""
+    kw = dict(mode="clip", method="jvp", class_dim=-1, chunk_size=chunk_size)
+    one, one_calls, one_params = _lm_run(
+        lambda m, o: AllRadiiController(o, m, limit_by=limit_by, **kw)
+    )
+    two, _, two_params = _lm_run(
+        lambda m, o: RadiusController(o, m, extra_radii=_reference_hook, limit_by=limit_by, **kw)
+    )
+    _, out_calls, _ = _lm_run(lambda m, o: RadiusController(o, m, **kw))
+    for a, b in zip(one, two, strict=True):
+        assert set(a) == set(limit_by)
+        for k in limit_by:
+            assert a[k] == pytest.approx(b[k], rel=1e-6)
+    for p, q in zip(one_params, two_params, strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+    assert one_calls == out_calls
+
+
+def test_reported_radii_are_measured_without_binding():
+    """``report``: recorded beside ``limit_by`` and equal to the reference; the step is
+    the output-only controller's, bitwise."""
+    kw = dict(mode="clip", method="jvp", class_dim=-1)
+    reported, _, params = _lm_run(
+        lambda m, o: AllRadiiController(o, m, limit_by=("out",), report=("attn", "ffn"), **kw)
+    )
+    reference, _, _ = _lm_run(
+        lambda m, o: RadiusController(o, m, extra_radii=_reference_hook, limit_by=("out",), **kw)
+    )
+    _, _, plain = _lm_run(lambda m, o: RadiusController(o, m, **kw))
+    assert all(torch.equal(p, q) for p, q in zip(params, plain, strict=True))
+    for a, b in zip(reported, reference, strict=True):
+        assert set(a) == {"out", "attn", "ffn"}
+        for k in a:
+            assert a[k] == pytest.approx(b[k], rel=1e-6)
+    with pytest.raises(ValueError, match="report"):
+        AllRadiiController(torch.optim.Adam([torch.zeros(1)]), torch.nn.Linear(1, 1), report=("x",))
+
+
+def test_fast_takes_the_internal_radii_from_their_own_jvp():
+    """``"fast"`` runs no forward-mode pass of its own: the internal radii come from
+    one ``internal_radii`` JVP along the update, as the reference hook's."""
+    kw = dict(mode="clip", method="fast", class_dim=-1, limit_by=("out", "attn"))
+    fast, _, _ = _lm_run(lambda m, o: AllRadiiController(o, m, **kw))
+    reference, _, _ = _lm_run(
+        lambda m, o: RadiusController(o, m, extra_radii=_reference_hook, **kw)
+    )
+    for a, b in zip(fast, reference, strict=True):
+        assert set(a) == {"out", "attn"}
+        assert a["attn"] == pytest.approx(b["attn"], rel=1e-6)

@@ -198,6 +198,7 @@ def _optimizer(method: str, model: torch.nn.Module, c: Config, lr: float):
             model,
             mode="monitor",
             limit_by=("out",),
+            report=("attn", "ffn"),
             method="jvp",
             ffn_quantile=c.ffn_quantile,
             recording=Recording(keep_samples=True),

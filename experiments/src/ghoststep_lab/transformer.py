@@ -108,7 +108,7 @@ def transformer_run(method: str, seed: int, config: dict):
         eval_every=c.eval_every,
         eval_train=True,
         controller_cls=AllRadiiController,
-        controller_kwargs={"limit_by": use, "ffn_quantile": c.ffn_quantile},
+        controller_kwargs={"limit_by": use, "report": RADII[1:], "ffn_quantile": c.ffn_quantile},
         model_kwargs={"d_model": c.d_model, "n_layers": c.n_layers},
         method=method,
     )

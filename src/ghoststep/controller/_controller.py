@@ -339,6 +339,9 @@ class RadiusController(torch.optim.Optimizer):
         self.on_nonfinite = on_nonfinite
         self.extra_radii = extra_radii
         self.limit_by = limit_by
+        # what reads the extra radii inside the "jvp" pass itself (a subclass sets it;
+        # the hook then runs only for the other methods)
+        self._in_pass: Any = None
         # how the spreads are evaluated (``Measuring``)
         self.chunk_size = measuring.chunk_size
         self.slopes_kwargs = dict(measuring.slopes_kwargs or {})
@@ -570,6 +573,7 @@ class RadiusController(torch.optim.Optimizer):
     def __setstate__(self, state: dict[str, Any]) -> None:
         if "optimizers" not in state:  # saved before controllers took several
             state["optimizers"] = [state.pop("optimizer")]
+        state.setdefault("_in_pass", None)  # saved before the in-pass radii: the hook
         super().__setstate__(state)  # restores the dict and fresh optimizer hook dicts
 
     def _load_inner(self, inner: Any) -> None:
@@ -803,13 +807,16 @@ class RadiusController(torch.optim.Optimizer):
         parameters (one transient copy: p; the JVP's primal is the old values)."""
         update = self._proposal.update()
         tangents = self._aligned(self._proposal.params, update)
-        spreads = []
+        in_pass = self._in_pass if self._method == "jvp" else None
+        spreads, extra = [], []
         for plan in plans:
+            (args, kwargs), output_fn = plan.call, self._reader.assuming(plan.masked)
+            if in_pass is not None:  # the extra radii read from this very pass
+                kwargs, output_fn = {**kwargs, **in_pass.kwargs}, in_pass.reading(output_fn)
             with self._conditions(plan):
                 spread, gap = tangent_spreads(
-                    self._slope_model, *plan.call, tangents, method=self._method,
-                    output_fn=self._reader.assuming(plan.masked), rng=plan.rng,
-                    chunk_size=self._chunk(plan),
+                    self._slope_model, args, kwargs, tangents, method=self._method,
+                    output_fn=output_fn, rng=plan.rng, chunk_size=self._chunk(plan),
                     # "fd" runs in float64, where dropout may draw other masks: "jvp" only
                     fingerprint=plan.fingerprint if self._method == "jvp" else None,
                     coarse=bool(plan.autocast), **self.slopes_kwargs,
@@ -817,8 +824,13 @@ class RadiusController(torch.optim.Optimizer):
             if gap:
                 self._watch.mismatch(self._method, gap)
             spreads.append(spread / tau)
+            if in_pass is not None:
+                extra.append(in_pass.radii())
         del tangents
-        radii = self._extra_radii(update, tau, plans)
+        if in_pass is None:
+            radii = self._extra_radii(update, tau, plans)
+        else:
+            radii = self._smallest_radii(extra, tau)
         del update
         return self._reduce(plans, spreads, radii)
 
@@ -998,12 +1010,19 @@ class RadiusController(torch.optim.Optimizer):
         along v = p / tau, at the old parameter values; None without the hook."""
         if self.extra_radii is None:
             return None
-        radii: dict[str, float] = {}
         direction = self._aligned(self._proposal.params, update, frozen=False)
+        extra = []
         for plan in plans:
             with self._conditions(plan):
-                extra = self.extra_radii(self._slope_model, plan.evaluated, direction)
-            for key, t in dict(extra).items():
+                extra.append(self.extra_radii(self._slope_model, plan.evaluated, direction))
+        return self._smallest_radii(extra, tau)
+
+    def _smallest_radii(self, extra: list[Mapping[str, float]], tau: float) -> dict[str, float]:
+        """Per-micro-batch radii in units of the update p (``extra``) as distances along
+        v = p / tau, each the smallest over the micro-batches."""
+        radii: dict[str, float] = {}
+        for found in extra:
+            for key, t in dict(found).items():
                 radius, before = float(t) * tau, radii.get(str(key), math.inf)
                 # min() would drop a NaN; keep it so the step is treated as a fault
                 radii[str(key)] = math.nan if math.isnan(radius) else min(before, radius)

@@ -1,10 +1,9 @@
-"""Internal radii of a transformer: an ``extra_radii`` provider for the controller.
+"""Internal radii of a transformer, and the controller limited by them.
 
 The controller limits a step by the output-logit radius ``rho_out`` (its rho_a).
-Its ``extra_radii`` hook adds other radii measured along the same update;
-:func:`internal_radii` is that hook for a transformer whose forward can expose its
-internals, and :class:`AllRadiiController` the controller that uses it (the paper's
-all-radii controller, Section 6.6):
+:func:`internal_radii` measures other radii of a transformer whose forward can expose
+its internals, along any direction; :class:`AllRadiiController` is the controller
+limited by the smallest of them (the paper's all-radii controller, Section 6.6):
 
 * ``attn``: ``pi / Delta_attn``, the softmax-ghost bound of the pre-softmax attention
   logits (the largest spread of their tangents over layers, heads, queries, samples);
@@ -16,7 +15,7 @@ The model must accept ``return_internals=True`` and then return ``(logits,
 ``s`` (B, H, T_q, T_k), causally masked keys at ``-inf``, and the pre-activations
 ``h`` (B, T, d_ff).
 
-Example (any ``extra_radii`` hook has this signature)::
+Example::
 
     ctrl = AllRadiiController(torch.optim.Adam(model.parameters()), model)
     ...
@@ -28,9 +27,11 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
+import torch.autograd.forward_ad as fwAD
 
 from ghoststep.evaluation import directional, trainable_parameters
 from ghoststep.radius import logit_spread, radius_from_spread
@@ -77,17 +78,8 @@ def internal_radii(
         model, (inputs,), {"return_internals": True}, list(direction), output_fn=internals
     )
     spread = max((_attention_spread(s, d) for s, d in zip(scores, dscores)), default=0.0)
-    rho_attn = radius_from_spread(spread)
-    h = torch.cat([p.reshape(-1) for p in pre]).double()
-    dh = torch.cat([d.reshape(-1) for d in dpre]).double().abs()
-    moving = dh > 0
-    if bool(moving.any()):
-        ratio = h[moving].abs() / dh[moving]
-        k = max(1, int(math.ceil(ffn_quantile * ratio.numel())))
-        rho_ffn = float(ratio.kthvalue(k).values)
-    else:
-        rho_ffn = math.inf
-    return {"attn": rho_attn, "ffn": rho_ffn}
+    ratios = [_kink_ratios(p, d) for p, d in zip(pre, dpre)]
+    return {"attn": radius_from_spread(spread), "ffn": _quantile(ratios, ffn_quantile)}
 
 
 def _attention_spread(scores: torch.Tensor, dscores: torch.Tensor) -> float:
@@ -101,11 +93,83 @@ def _attention_spread(scores: torch.Tensor, dscores: torch.Tensor) -> float:
     return float(torch.where(live.any(-1), hi - lo, torch.zeros_like(hi)).max())
 
 
-def _internal_radii_hook(model, inputs, update, *, ffn_quantile: float) -> dict[str, float]:
-    """``RadiusController(extra_radii=...)`` hook: attention and FFN radii along p."""
-    return internal_radii(
-        model, inputs[0] if isinstance(inputs, tuple) else inputs, update, ffn_quantile=ffn_quantile
-    )
+def _kink_ratios(pre: torch.Tensor, dpre: torch.Tensor) -> torch.Tensor:
+    """``|h| / |h_dot|`` (flat float64) over the pre-activation entries that move."""
+    h, dh = pre.reshape(-1).double(), dpre.reshape(-1).double().abs()
+    moving = dh > 0
+    return h[moving].abs() / dh[moving]
+
+
+def _quantile(ratios: Sequence[torch.Tensor], q: float) -> float:
+    """The ``q`` quantile (the ``ceil(q n)``-th smallest) of the ratios; inf if none."""
+    ratio = torch.cat(list(ratios)) if ratios else torch.empty(0, dtype=torch.float64)
+    if not ratio.numel():
+        return math.inf
+    return float(ratio.kthvalue(max(1, int(math.ceil(q * ratio.numel())))).values)
+
+
+class _InPass:
+    """The attention / FFN radii read inside the controller's own JVP.
+
+    The controller calls the model with :attr:`kwargs` (``return_internals=True``) and
+    reads its output through :meth:`reading`, which passes the logits on and, while the
+    dual tensors are alive, keeps what the radii need of the internals' tangents: the
+    largest attention spread (a float per layer) and, only when ``"ffn"`` is asked for,
+    the kink ratios (float64, one per moving pre-activation entry). Chunked forwards
+    add up; :meth:`begin` starts a micro-batch, :meth:`radii` ends it, in units of t
+    along the tangent the pass carried.
+    """
+
+    kwargs = {"return_internals": True}
+
+    def __init__(self, names: Sequence[str], ffn_quantile: float) -> None:
+        self.names = tuple(n for n in RADII[1:] if n in names)
+        self.ffn_quantile = ffn_quantile
+        self.begin()
+
+    def begin(self) -> None:
+        self._spread = 0.0
+        self._ratios: list[torch.Tensor] = []
+
+    def reading(self, logits_fn: Callable[[Any], torch.Tensor]) -> Callable[[Any], torch.Tensor]:
+        def read(out):
+            logits, internals = out
+            self._keep(internals)
+            return logits_fn(logits)
+
+        return read
+
+    def _keep(self, internals) -> None:
+        if "attn" in self.names:
+            for s in internals["attention_logits"]:
+                self._spread = max(self._spread, _attention_spread(*_primal_tangent(s)))
+        if "ffn" in self.names:
+            self._ratios += [_kink_ratios(*_primal_tangent(h)) for h in internals["ffn_preacts"]]
+
+    def radii(self) -> dict[str, float]:
+        out = {}
+        if "attn" in self.names:
+            out["attn"] = radius_from_spread(self._spread)
+        if "ffn" in self.names:
+            out["ffn"] = _quantile(self._ratios, self.ffn_quantile)
+        self.begin()
+        return out
+
+
+def _primal_tangent(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A dual tensor's primal and tangent (zero where nothing moves it)."""
+    primal, tangent = fwAD.unpack_dual(x)
+    return primal, torch.zeros_like(primal) if tangent is None else tangent
+
+
+def _internal_radii_hook(
+    model, inputs, update, *, names: Sequence[str], ffn_quantile: float
+) -> dict[str, float]:
+    """``RadiusController(extra_radii=...)`` hook: the radii ``names`` along p, from
+    their own JVP (the methods that take no forward-mode pass of their own)."""
+    x = inputs[0] if isinstance(inputs, tuple) else inputs
+    radii = internal_radii(model, x, update, ffn_quantile=ffn_quantile)
+    return {k: radii[k] for k in names}
 
 
 class AllRadiiController(RadiusController):
@@ -113,16 +177,25 @@ class AllRadiiController(RadiusController):
 
     Every step it measures the output-logit radius ``rho_out`` exactly as the base
     controller does, plus the attention and FFN radii of :func:`internal_radii` along
-    the same update (through the controller's ``extra_radii`` hook), and uses
-    ``rho_net = min(rho_x for x in limit_by)`` (``StepStats.radius``; ``StepStats.rho_a``
-    is ``rho_out``). All three radii and the binding term are kept in ``last_radii`` /
-    ``last_binding`` whatever ``limit_by`` is, so an output-only controller
-    (``limit_by=("out",)``) or a monitored run still reports them. This is the paper's
+    the same update, and uses ``rho_net = min(rho_x for x in limit_by)``
+    (``StepStats.radius``; ``StepStats.rho_a`` is ``rho_out``). This is the paper's
     all-radii controller of Section 6.6 (``limit_by=("out", "attn", "ffn")``, the
     default).
 
+    Only the radii in ``limit_by`` or ``report`` are measured. With ``method="jvp"``
+    they come from the controller's own forward-mode pass: it calls the model with
+    ``return_internals=True`` and reads the tangents of the attention logits and FFN
+    pre-activations beside those of the output logits, so the internal radii cost a
+    reduction over tensors the pass computes anyway (no second pass). With ``"fast"``
+    and ``"fd"``, whose differences run no forward-mode pass, they come from one extra
+    JVP per micro-batch (:func:`internal_radii`). The radii measured and the binding
+    term are kept in ``last_radii`` / ``last_binding`` (``StepStats.radii`` /
+    ``binding``), e.g. an output-only controller that reports the other two:
+    ``limit_by=("out",), report=("attn", "ffn")``.
+
     Args:
         limit_by: the radii that limit the step, a subset of ``("out", "attn", "ffn")``.
+        report: radii measured and recorded without limiting the step.
         ffn_quantile: quantile q of ``Q_q(|h| / |h_dot|)``.
         Everything else: as :class:`~ghoststep.RadiusController`.
     """
@@ -133,17 +206,26 @@ class AllRadiiController(RadiusController):
         model,
         *,
         limit_by: Sequence[str] = RADII,
+        report: Sequence[str] = (),
         ffn_quantile: float = 0.01,
         **kwargs,
     ) -> None:
-        unknown = set(limit_by) - set(RADII)
-        if unknown or not limit_by:
-            raise ValueError(f"limit_by must be a non-empty subset of {RADII}, got {limit_by!r}")
+        for name, names in (("limit_by", limit_by), ("report", report)):
+            if set(names) - set(RADII) or (name == "limit_by" and not names):
+                kind = "a non-empty subset" if name == "limit_by" else "a subset"
+                raise ValueError(f"{name} must be {kind} of {RADII}, got {tuple(names)!r}")
         if not 0.0 < ffn_quantile <= 1.0:
             raise ValueError(f"ffn_quantile must be in (0, 1], got {ffn_quantile!r}")
-        hook = functools.partial(_internal_radii_hook, ffn_quantile=float(ffn_quantile))
+        measured = tuple(k for k in RADII[1:] if k in set(limit_by) | set(report))
+        hook = None
+        if measured:
+            hook = functools.partial(
+                _internal_radii_hook, names=measured, ffn_quantile=float(ffn_quantile)
+            )
         super().__init__(optimizer, model, extra_radii=hook, limit_by=tuple(limit_by), **kwargs)
         self.ffn_quantile = float(ffn_quantile)
+        self.report = tuple(report)
+        self._in_pass = _InPass(measured, self.ffn_quantile) if measured else None
 
     @property
     def last_radii(self) -> dict[str, float] | None:
