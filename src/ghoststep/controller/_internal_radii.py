@@ -84,13 +84,14 @@ def internal_radii(
 
 def _attention_spread(scores: torch.Tensor, dscores: torch.Tensor) -> float:
     """Largest spread of the score tangents over the keys a query attends to: (...,
-    T_q, T_k) scores, masked (causal) keys at -inf are left out (their tangent is 0)."""
-    live = torch.isfinite(scores)
-    if bool(live.all()):
+    T_q, T_k) scores, masked (causal) keys at -inf are left out (their tangent is 0).
+    A query with every key masked spreads -inf - inf = -inf, which the max passes by."""
+    masked = scores == -math.inf
+    if not bool(masked.any()):
         return float(logit_spread(dscores).max())
-    hi = dscores.masked_fill(~live, -math.inf).amax(-1)
-    lo = dscores.masked_fill(~live, math.inf).amin(-1)
-    return float(torch.where(live.any(-1), hi - lo, torch.zeros_like(hi)).max())
+    hi = dscores.masked_fill(masked, -math.inf).amax(-1)
+    lo = dscores.masked_fill(masked, math.inf).amin(-1)
+    return max(float((hi - lo).max()), 0.0)
 
 
 def _kink_ratios(pre: torch.Tensor, dpre: torch.Tensor) -> torch.Tensor:
