@@ -848,23 +848,23 @@ class RadiusController(torch.optim.Optimizer):
             fraction = away_from_one(h / tau)
             baselines = [self._baseline(plan) for plan in plans]
             radii = None
-            if self.extra_radii is not None:  # at the old values, before the shift
+            if self.extra_radii is not None and self._in_pass is None:  # at the old values
                 radii = self._extra_radii(proposal.update(), tau, plans)
             plus = None if recheck is None else [[] for _ in plans]
             proposal.move_to(fraction)
-            spreads = self._shifted(plans, baselines, fraction * tau, plus)
+            spreads = self._shifted(plans, baselines, fraction * tau, plus, at=fraction)
             better = refined_step(fraction * tau, fraction * tau * self._spread_hint)
             if better is not None:  # the outputs moved too far or too little: redo
                 fraction = away_from_one(better / tau)
                 plus = None if plus is None else [[] for _ in plans]
                 proposal.move_to(fraction)
-                spreads = self._shifted(plans, baselines, fraction * tau, plus)
+                spreads = self._shifted(plans, baselines, fraction * tau, plus, at=fraction)
             self._check_resolved(baselines, fraction * tau)
             if recheck is None or self._spread_hint < recheck:
                 break
             proposal.move_to(-fraction)
             minus = [[] for _ in plans]
-            others = self._shifted(plans, baselines, fraction * tau, minus, hint=False)
+            others = self._shifted(plans, baselines, fraction * tau, minus, False, -fraction)
             spreads = [0.5 * (a + b) for a, b in zip(spreads, others, strict=True)]
             # the same decisions on every rank: a rank measuring again alone would run
             # collectives the others do not
@@ -880,6 +880,8 @@ class RadiusController(torch.optim.Optimizer):
             self._own_baseline, self._spread_hint = True, None
             proposal.move_to(0.0)
         del baselines
+        if self._in_pass is not None:
+            radii = self._secant_radii(plans, fraction, tau)
         return self._reduce(plans, spreads, radii)
 
     def _recheck(self, tau: float) -> float | None:
@@ -890,22 +892,29 @@ class RadiusController(torch.optim.Optimizer):
         bound = self.target_r * math.pi * self.temperature / tau  # the spread at r = target
         return None if share is None else share * bound
 
-    def _shifted(self, plans, baselines, step: float, sinks=None, hint=True):
+    def _shifted(self, plans, baselines, step: float, sinks=None, hint=True, at=None):
         """Spreads per unit of v from forwards at the evaluation point old + step v
         (``sinks``: one list per plan collecting the logits' projections); ``hint``:
         the max spread over the ranks becomes the next step's first guess (moving the
-        outputs by about FAST_MOVE) and the redo decision, one point on every rank."""
+        outputs by about FAST_MOVE) and the redo decision, one point on every rank;
+        ``at``: that point's fraction f of p, where the in-pass radii keep the
+        internals."""
         sinks = sinks or [None] * len(plans)
         spreads = []
-        for plan, baseline, sink in zip(plans, baselines, sinks, strict=True):
+        for i, (plan, baseline, sink) in enumerate(zip(plans, baselines, sinks, strict=True)):
+            (args, kwargs), output_fn = plan.call, self._reader.assuming(plan.masked)
+            if self._in_pass is not None and at is not None:
+                kwargs = {**kwargs, **self._in_pass.kwargs}
+                output_fn = self._in_pass.recording(output_fn, i, at)
             with self._conditions(plan):
                 spreads.append(
                     secant_spreads(
                         self._slope_model,
-                        *plan.call,
+                        args,
+                        kwargs,
                         baseline,
                         step,
-                        output_fn=self._reader.assuming(plan.masked),
+                        output_fn=output_fn,
                         rng=plan.rng,
                         devices=self._devices,
                         chunk_size=self._chunk(plan),
@@ -918,6 +927,23 @@ class RadiusController(torch.optim.Optimizer):
             local = float(torch.stack(maxima).max()) if maxima else 0.0
             self._spread_hint = max_over_ranks(local, True, self.process_group)[0]
         return spreads
+
+    def _secant_radii(self, plans, fraction: float, tau: float) -> dict[str, float]:
+        """``"fast"``: the in-pass radii from the internals at old +/- f p, the other
+        side's forward run here unless the recheck ran it (parameters end at old - f p)."""
+        in_pass = self._in_pass
+        for i, plan in enumerate(plans):
+            if in_pass.recorded(i):
+                continue
+            self._proposal.move_to(-fraction)
+            read = in_pass.recording(self._reader.assuming(plan.masked), i, -fraction)
+            args, kwargs = plan.call
+            with self._conditions(plan):
+                for _, _, a, k in chunks(args, {**kwargs, **in_pass.kwargs}, self._chunk(plan)):
+                    forward(self._slope_model, a, k, output_fn=read, rng=plan.rng,
+                            devices=self._devices)  # fmt: skip
+        extra = [in_pass.secant_radii(i) for i in range(len(plans))]
+        return self._smallest_radii(extra, tau)
 
     def _baseline(self, plan: Plan):
         """Logits at the old values: the training forward's when the plan has them,

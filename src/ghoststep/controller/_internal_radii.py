@@ -41,6 +41,7 @@ from ._controller import RadiusController
 __all__ = ["RADII", "internal_radii", "AllRadiiController"]
 
 RADII = ("out", "attn", "ffn")
+_KEYS = {"attn": "attention_logits", "ffn": "ffn_preacts"}  # where each is in the internals
 
 
 def internal_radii(
@@ -110,15 +111,21 @@ def _quantile(ratios: Sequence[torch.Tensor], q: float) -> float:
 
 
 class _InPass:
-    """The attention / FFN radii read inside the controller's own JVP.
+    """The attention / FFN radii read from the forwards the controller runs anyway.
 
     The controller calls the model with :attr:`kwargs` (``return_internals=True``) and
-    reads its output through :meth:`reading`, which passes the logits on and, while the
-    dual tensors are alive, keeps what the radii need of the internals' tangents: the
-    largest attention spread (a float per layer) and, only when ``"ffn"`` is asked for,
-    the kink ratios (float64, one per moving pre-activation entry). Chunked forwards
-    add up; :meth:`begin` starts a micro-batch, :meth:`radii` ends it, in units of t
-    along the tangent the pass carried.
+    reads its output through a wrapper that passes the logits on and keeps what the
+    radii need of the internals: only the radii in ``names``, and for ``"ffn"`` the kink
+    ratios (float64, one per moving pre-activation entry) only when it is asked for.
+
+    * ``"jvp"`` (:meth:`reading`, then :meth:`radii`): the tangents, while the dual
+      tensors are alive; chunked forwards add up, one micro-batch at a time.
+    * ``"fast"`` (:meth:`recording` at old + f p and old - f p, then
+      :meth:`secant_radii`): the internals of both sides, one micro-batch ``key``
+      each, and from them the central difference ``(y(+f) - y(-f)) / 2f`` as the
+      tangent and ``(y(+f) + y(-f)) / 2`` as the value at old (both O(f^2) off).
+
+    Radii are in units of t along the update the forwards moved by.
     """
 
     kwargs = {"return_internals": True}
@@ -126,6 +133,7 @@ class _InPass:
     def __init__(self, names: Sequence[str], ffn_quantile: float) -> None:
         self.names = tuple(n for n in RADII[1:] if n in names)
         self.ffn_quantile = ffn_quantile
+        self.sides: dict[tuple[int, bool], tuple[float, list]] = {}
         self.begin()
 
     def begin(self) -> None:
@@ -135,19 +143,53 @@ class _InPass:
     def reading(self, logits_fn: Callable[[Any], torch.Tensor]) -> Callable[[Any], torch.Tensor]:
         def read(out):
             logits, internals = out
-            self._keep(internals)
+            self._keep({n: map(_primal_tangent, internals[_KEYS[n]]) for n in self.names})
             return logits_fn(logits)
 
         return read
 
-    def _keep(self, internals) -> None:
-        if "attn" in self.names:
-            for s in internals["attention_logits"]:
-                self._spread = max(self._spread, _attention_spread(*_primal_tangent(s)))
-        if "ffn" in self.names:
-            self._ratios += [_kink_ratios(*_primal_tangent(h)) for h in internals["ffn_preacts"]]
+    def recording(self, logits_fn, index: int, fraction: float) -> Callable[[Any], torch.Tensor]:
+        """An output function that keeps the internals of micro-batch ``index``'s
+        forwards (chunks in order) at old + ``fraction`` p, on the side of its sign; a
+        new point on the + side drops the - side's, taken at another point."""
+        kept: list[dict[str, list[torch.Tensor]]] = []
+        if fraction > 0:
+            self.sides.pop((index, False), None)
+        self.sides[index, fraction > 0] = (fraction, kept)
+
+        def read(out):
+            logits, internals = out
+            kept.append({n: [t.detach() for t in internals[_KEYS[n]]] for n in self.names})
+            return logits_fn(logits)
+
+        return read
+
+    def recorded(self, index: int) -> bool:
+        """Whether micro-batch ``index`` has the internals of both sides."""
+        return (index, True) in self.sides and (index, False) in self.sides
+
+    def secant_radii(self, index: int) -> dict[str, float]:
+        """Micro-batch ``index``'s radii from the internals of its two sides."""
+        (fraction, above), (_, below) = (
+            self.sides.pop((index, True)),
+            self.sides.pop((index, False)),
+        )
+
+        def central(a, b):
+            return 0.5 * (a + b), (a - b) / (2.0 * fraction)
+
+        for a, b in zip(above, below, strict=True):
+            self._keep({n: map(central, a[n], b[n]) for n in self.names})
+        return self.radii()
+
+    def _keep(self, pairs) -> None:
+        """Reduce ``{name: (value, tangent) per layer}`` into the running radii."""
+        for value, tangent in pairs.get("attn", ()):
+            self._spread = max(self._spread, _attention_spread(value, tangent))
+        self._ratios += [_kink_ratios(value, tangent) for value, tangent in pairs.get("ffn", ())]
 
     def radii(self) -> dict[str, float]:
+        """The micro-batch's radii; the next reading starts afresh."""
         out = {}
         if "attn" in self.names:
             out["attn"] = radius_from_spread(self._spread)
