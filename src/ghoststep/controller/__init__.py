@@ -2,9 +2,9 @@
 radius, and its grouped options ``Sampling`` (which samples set the radius),
 ``Measuring`` (how the spreads are evaluated) and ``Recording`` (what is kept and
 written). The parts it sequences (the capture of training forwards, the proposed
-update, the policy, the saved state) are private modules. ``internal_radii`` /
-``AllRadiiController``: an ``extra_radii`` provider (attention and FFN radii of a
-transformer) and the controller limited by it."""
+update, the policy, the saved state) are private modules. ``internal_radii``: the
+attention and FFN radii of a transformer along a direction; ``AllRadiiController``: the
+controller limited by them, read from its own measuring pass."""
 
 from ._controller import RadiusController
 from ._internal_radii import AllRadiiController, internal_radii

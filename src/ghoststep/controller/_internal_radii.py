@@ -225,16 +225,22 @@ class AllRadiiController(RadiusController):
     all-radii controller of Section 6.6 (``limit_by=("out", "attn", "ffn")``, the
     default).
 
-    Only the radii in ``limit_by`` or ``report`` are measured. With ``method="jvp"``
-    they come from the controller's own forward-mode pass: it calls the model with
-    ``return_internals=True`` and reads the tangents of the attention logits and FFN
-    pre-activations beside those of the output logits, so the internal radii cost a
-    reduction over tensors the pass computes anyway (no second pass). With ``"fast"``
-    and ``"fd"``, whose differences run no forward-mode pass, they come from one extra
-    JVP per micro-batch (:func:`internal_radii`). The radii measured and the binding
-    term are kept in ``last_radii`` / ``last_binding`` (``StepStats.radii`` /
-    ``binding``), e.g. an output-only controller that reports the other two:
-    ``limit_by=("out",), report=("attn", "ffn")``.
+    Only the radii in ``limit_by`` or ``report`` are measured, from the forwards the
+    controller runs for the output radius, called with ``return_internals=True``:
+
+    * ``method="jvp"``: the tangents of the attention logits and FFN pre-activations
+      in the controller's own forward-mode pass, beside those of the output logits
+      (the values :func:`internal_radii` gives, at the cost of a reduction over
+      tensors the pass computes anyway);
+    * ``"fast"``: the central difference of the internals at old + f p (the secant's
+      forward) and old - f p (the recheck's forward near the bound, else one more
+      forward), O(f^2) off the tangent: within about 1e-3 of the JVP's radii;
+    * ``"fd"``: one :func:`internal_radii` JVP per micro-batch.
+
+    The radii measured and the binding term are kept in ``last_radii`` /
+    ``last_binding`` (``StepStats.radii`` / ``binding``), e.g. an output-only
+    controller that records the other two: ``limit_by=("out",), report=("attn",
+    "ffn")``.
 
     Args:
         limit_by: the radii that limit the step, a subset of ``("out", "attn", "ffn")``.
