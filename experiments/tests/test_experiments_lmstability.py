@@ -79,3 +79,44 @@ def test_lmstability_quick_preset(tmp_path):
     assert attn and all(set(row["radii"]) == {"out", "attn"} for row in attn)
     table = res["tables"][0]
     assert [row[0] for row in table["rows"]] == [ls.METHOD_LABELS[m] for m in ls.METHODS]
+
+
+@pytest.mark.parametrize("qk_layernorm", [False, True])
+def test_attention_controller_radii_equal_a_second_jvp(qk_layernorm):
+    """The ``ctrl_attn`` controller reads the attention radius from its own JVP; on the
+    experiment's model (plain and qk-layernorm) it equals ``internal_radii``'s second
+    JVP along the same update, and so do the steps."""
+    from ghoststep.controller import AllRadiiController, RadiusController, internal_radii
+
+    cfg = ls.Config(vocab_size=300, d_model=16, n_layers=2, n_heads=2, seq_len=16)
+
+    def run(make):
+        torch.manual_seed(0)
+        model = ls.build_lm(cfg, qk_layernorm)
+        opt = make(model, torch.optim.AdamW(model.parameters(), lr=0.3, betas=(0.9, 0.95)))
+        g = torch.Generator().manual_seed(1)
+        radii = []
+        for _ in range(3):
+            tokens = torch.randint(0, cfg.vocab_size, (4, cfg.seq_len + 1), generator=g)
+            logits = model(tokens[:, :-1])
+            torch.nn.functional.cross_entropy(
+                logits.flatten(0, 1), tokens[:, 1:].flatten()
+            ).backward()
+            opt.step()
+            opt.zero_grad()
+            radii.append(opt.last.radii)
+        return radii, list(model.parameters())
+
+    kw = dict(mode="clip", method="jvp", class_dim=-1, limit_by=("out", "attn"))
+    one, p1 = run(lambda m, o: AllRadiiController(o, m, **kw))
+    two, p2 = run(
+        lambda m, o: RadiusController(
+            o, m, extra_radii=lambda mod, x, u: internal_radii(mod, x, u), **kw
+        )
+    )
+    for a, b in zip(one, two, strict=True):
+        assert set(a) == {"out", "attn"}
+        assert a["attn"] == pytest.approx(b["attn"], rel=1e-6)
+        assert a["out"] == pytest.approx(b["out"], rel=1e-6)
+    for p, q in zip(p1, p2, strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)

@@ -1,6 +1,8 @@
 """``internal_radii`` (attention and FFN radii of a transformer along a direction)
 against central differences, and ``AllRadiiController``: the step set to the smallest
-radius, and with the output radius alone the plain ``RadiusController`` bitwise."""
+radius, with the output radius alone the plain ``RadiusController`` bitwise, and the
+radii it reads from its own pass ("jvp") or secant forwards ("fast") against a second
+JVP by ``internal_radii`` (the two-pass ``extra_radii`` hook)."""
 
 from __future__ import annotations
 
