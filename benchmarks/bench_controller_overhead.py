@@ -1,14 +1,19 @@
 """What a controlled step costs: plain optimizer vs RadiusController, side by side.
 
-Three parts, every number measured in this one process:
+Four parts, every number measured in this one process:
 
 1. **Time.** For each model, identical copies train on the same batches, interleaved
    step by step (the order rotates, so machine load and cache warmth hit every variant
    alike): plain optimizer, controller ``method="jvp"`` (exact), ``method="fast"`` (one
-   extra forward), and for the MLP and the TinyLM ``"fast"`` with ``subset=16,
-   buffer_size=16``. One timed step is zero_grad, forward, cross-entropy, backward,
-   step; the table gives the median after a warm-up and the ratio to plain, the floor
-   of ``"fast"`` (1 + one no-grad forward / plain step) and what one forward-mode JVP
+   extra forward), for the MLP and the TinyLM ``"fast"`` with ``subset=16,
+   buffer_size=16``, and the always-on mode ``method="fast", every=10`` (on CUDA also
+   ``method="auto", every=10``; on a CPU ``"auto"`` is ``"fast"``). One timed step is
+   zero_grad, forward, cross-entropy, backward, step; the table gives the median after
+   a warm-up and the ratio to plain; for an always-on column the amortized cost (the
+   medians of its measured and its unmeasured steps weighted by their counts), the
+   median of its unmeasured steps over plain ("between": what a step between
+   measurements costs) and how many timed steps it measured ("meas"); the floor of
+   ``"fast"`` (1 + one no-grad forward / plain step) and what one forward-mode JVP
    costs in no-grad forwards (``"jvp"``'s extra work).
 2. **Agreement.** Monitor-mode runs of a ``"fast"`` and a sampled ``"fast"``
    controller; after each step, the exact radius of the update just applied (a
@@ -18,15 +23,38 @@ Three parts, every number measured in this one process:
 3. **Memory.** Peak memory allocated inside ``step()`` (the torch profiler's CPU
    allocation events), in units of the trainable parameters' bytes, on a model whose
    activations are small next to its parameters.
+4. **Protection** (``--protect-steps``, default 300). Three copies of each model from
+   one init train on the same batches: plain, exact (``RadiusController(opt, model)``,
+   the default: measured every step) and always-on (``RadiusController(opt, model,
+   every=10)``), with the learning rate held at 10^4 times its value for the sixth of
+   the run that starts at its first third (steps 100..149 of 300). The data can be
+   learned: the MLP's labels are the argmax of a fixed random linear map of its N(0, 1)
+   input, the image models' the argmax of one of a 4 x 4 x 3 N(0, 1) grid that the
+   image shows as 8 x 8 blocks under N(0, 0.25) pixel noise; the TinyLM reads sequences
+   of a fixed random bigram Markov chain on 1024 of its tokens (each token followed by
+   its first successor with probability 0.8, else its second; the best next-token
+   accuracy is 80 %) and predicts the next token.
+   Per variant: accuracy and cross-entropy on a held-out batch (eval mode) at the end;
+   for the always-on run (``--check-exact``: the exact one too) the realised r of every
+   applied update, re-measured over the whole training batch in float64 at the old
+   parameters (a float64 copy of the model, a float64 JVP of the logits along new -
+   old; r = max over positions of (max_k t_k - min_k t_k) / pi): the share of steps
+   with r <= 1.1, the largest r, the steps with r > 1.5; and how many steps the
+   controller measured. ``--protect-batch MODEL=N`` and ``--protect-resnet-width``
+   shrink the models to fit a CPU's time (the documented run: ``cnn_bn=32 tinylm=16
+   resnet18=32`` and width 16, see docs/benchmarks.md).
 
 Models: ``cnn_bn`` (3 conv-BN-ReLU-pool blocks, 3x32x32, batch 128, Adam), ``mlp_res``
 (residual GELU MLP, 256 features, width 512, 4 blocks, batch 256, Adam), ``tinylm``
 (V = 8192, d = 128, 2 layers, B x T = 64 x 32 = 2048 positions, Adam), ``resnet18``
-(CIFAR ResNet-18, 3x32x32, batch 64, SGD momentum 0.9). Random inputs: cost and
-agreement do not need real data.
+(CIFAR ResNet-18, 3x32x32, batch 64, SGD momentum 0.9; in the protection part batch 16
+by default). Adam at 1e-3, SGD at 0.01. Parts 1-3 draw random inputs and labels: cost
+and agreement do not need real data.
 
-    .venv/bin/python benchmarks/bench_controller_overhead.py --threads 1 2
+    .venv/bin/python benchmarks/bench_controller_overhead.py --threads 1 2 --skip protection
     .venv/bin/python benchmarks/bench_controller_overhead.py --models mlp_res --steps 20
+    .venv/bin/python benchmarks/bench_controller_overhead.py --skip time agreement memory \
+        --threads 2 --protect-batch cnn_bn=32 tinylm=16 resnet18=32 --protect-resnet-width 16
     python benchmarks/bench_controller_overhead.py --device cuda --models resnet18 --batch 128
 """
 
@@ -375,13 +403,29 @@ def _teacher(shape: tuple[int, ...], seed: int) -> torch.Tensor:
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
 
 
-def linear_teacher(features: tuple[int, ...], classes: int = 10, seed: int = 1234):
-    """x ~ N(0, 1) of shape ``features``, y = argmax of a fixed random linear map of x."""
-    weight = _teacher((math.prod(features), classes), seed)
+def linear_teacher(features: int, classes: int = 10, seed: int = 1234):
+    """x ~ N(0, 1) of ``features``, y = argmax of a fixed random linear map of x."""
+    weight = _teacher((features, classes), seed)
 
     def batch(gen: torch.Generator, n: int):
-        x = torch.randn(n, *features, generator=gen)
-        return x, (x.flatten(1) @ weight).argmax(1)
+        x = torch.randn(n, features, generator=gen)
+        return x, (x @ weight).argmax(1)
+
+    return batch
+
+
+def image_teacher(cells: int = 4, noise: float = 0.5, classes: int = 10, seed: int = 1234):
+    """3x32x32 images: a ``cells`` x ``cells`` N(0, 1) grid per channel, each cell a
+    constant block, plus N(0, ``noise``^2) pixel noise; y = argmax of a fixed random
+    linear map of the grid (a CNN learns it in a few hundred steps; a linear teacher
+    on white-noise pixels it does not)."""
+    weight = _teacher((3 * cells * cells, classes), seed)
+
+    def batch(gen: torch.Generator, n: int):
+        grid = torch.randn(n, 3, cells, cells, generator=gen)
+        x = F.interpolate(grid, scale_factor=32 // cells, mode="nearest")
+        x = x + noise * torch.randn(x.shape, generator=gen)
+        return x, (grid.flatten(1) @ weight).argmax(1)
 
     return batch
 
@@ -408,12 +452,12 @@ def bigram_chain(states: int = 1024, length: int = 32, keep: float = 0.8, seed: 
 def protection_tasks(batches: dict[str, int], resnet_width: int = 64) -> dict[str, Task]:
     """The four models' tasks; ``batches`` overrides their training batch sizes."""
     tasks = {
-        "cnn_bn": Task(CNNBatchNorm32, linear_teacher((3, 32, 32)), torch.optim.Adam, 1e-3, 128),
-        "mlp_res": Task(ResidualMLP, linear_teacher((256,)), torch.optim.Adam, 1e-3, 256),
+        "cnn_bn": Task(CNNBatchNorm32, image_teacher(), torch.optim.Adam, 1e-3, 128),
+        "mlp_res": Task(ResidualMLP, linear_teacher(256), torch.optim.Adam, 1e-3, 256),
         "tinylm": Task(SETUPS["tinylm"].build, bigram_chain(), torch.optim.Adam, 1e-3, 64, 256),
         "resnet18": Task(
             functools.partial(resnet18_cifar, width=resnet_width),
-            linear_teacher((3, 32, 32)),
+            image_teacher(),
             functools.partial(torch.optim.SGD, momentum=0.9),
             0.01,
             16,
@@ -548,7 +592,7 @@ def time_cells(ms: dict[str, float]) -> list[str]:
     for label in ALWAYS_ON:
         cells.append(ratio(label, 16))
         between = ms.get(f"{label} between", math.nan) / ms["plain"]
-        cells.append(f"{between:7.2f}x" if label in ms else f"{'-':>8s}")
+        cells.append(f"{between:7.2f}x" if math.isfinite(between) else f"{'-':>8s}")
         cells.append(f"{ms[label + ' measured']:4d}" if label in ms else f"{'-':>4s}")
     cells.append(f"{1 + ms['forward'] / ms['plain']:10.2f}x")
     cells.append(f"{ms['dual'] / ms['forward']:12.2f}x")
