@@ -100,7 +100,9 @@ def test_run_cache_resumes(tmp_path):
     args = ("adamw", 1e-3, 0, dataclasses.asdict(cfg), data["train"], data["val"])
     first = ls.stability_run(*args)
     again = ls.stability_run(*args)
-    assert (tmp_path / "runs" / "adamw-lr0.001-seed0.json").exists()
+    assert len(list((tmp_path / "runs").glob("*/adamw-monitored-lr0.001-seed0.json"))) == 1
+    other = dataclasses.replace(cfg, steps=cfg.steps + 1)  # other settings: another key
+    assert ls._cache_file(other, "adamw", 1e-3, 0) != ls._cache_file(cfg, "adamw", 1e-3, 0)
     assert again["final_val"] == first["final_val"] and again["seconds"] == first["seconds"]
 
 
