@@ -248,6 +248,8 @@ PRESETS = {
         "lrs": (3e-4, 1e-3, 3e-3, 1e-2, 2e-2, 5e-2, 1e-1, 3e-1),
         "seeds": [0, 1, 2, 3],
         "run_cache": "runs/lmstability-cache",
+        # AdamW only: a monitored run costs ~3x, and Muon's had to fit the CPU budget
+        "monitor": ("adamw",),
     },
     # one GPU (not run in CI): V = 8192, a 6-layer d = 256 model, 2000 steps, 4 seeds, the
     # pilot's levers (no warmup, Adam epsilon 1e-15, no weight decay) and its grid
