@@ -54,7 +54,15 @@ range within ``near`` nats of the method's best.
 The claims (:func:`_claims`) were written, with their thresholds, before the first
 paper-preset run; no method setting was tuned toward them.
 
-Run: ``ghoststep run lmstability`` (paper preset, one worker) or ``--preset quick``.
+Run: ``ghoststep run lmstability --preset quick`` (seconds, the tests), ``--preset first``
+(the first paper run), ``ghoststep run lmstability`` (the paper preset: the setting the
+pilot found, about 3.5 hours on one core). The paper preset caches every run in
+``run_cache``; run it in parts (``--set methods=adamw,muon``, ``--seeds``), each part
+resuming from the cache, then once with every method and seed to judge them together::
+
+    ghoststep run lmstability --set methods=adamw,qkln_zloss,ctrl_attn,qkclip
+    ghoststep run lmstability --set methods=adamw,muon,muon_qkclip,muon_ctrl
+    ghoststep run lmstability   # the rest, then the judging of all 13 methods
 """
 
 from __future__ import annotations
