@@ -88,7 +88,8 @@ def test_lmstability_quick_preset(tmp_path):
             assert all(row["r_after"] <= 1.0 + 1e-6 for row in rec["controller"])
     attn = [row for r in runs if r["method"] == "ctrl_attn" for row in r["controller"]]
     assert attn and all(set(row["radii"]) == {"out", "attn"} for row in attn)
-    table = res["tables"][2]
+    assert res["tables"][2]["title"].startswith("Post hoc")
+    table = res["tables"][3]
     assert [row[0] for row in table["rows"]] == [ls.METHOD_LABELS[m] for m in ls.METHODS]
 
 

@@ -729,6 +729,7 @@ def run(config: Config, out_dir: Path, progress: bool) -> Results:
         config, records, config.methods, capped_loss, {m: v["tokens_per_s"] for m, v in s.items()}
     )
     ew = lmjudge.early_warning(config, records)
+    ed = lmjudge.early_detection(config, records, capped_loss)
     figures = [
         _plot_lr_curves(config, s, out_dir),
         _plot_attention(config, s, records, out_dir),
@@ -764,6 +765,7 @@ def run(config: Config, out_dir: Path, progress: bool) -> Results:
         tables=[
             lmjudge.judging_table(config, j, METHOD_LABELS),
             lmjudge.early_warning_table(config, ew),
+            lmjudge.early_detection_table(config, ed),
             _sensitivity_table(config, s),
             _grid_table(config, s),
             _signature_table(config, s),
@@ -772,6 +774,7 @@ def run(config: Config, out_dir: Path, progress: bool) -> Results:
             "summary": {m: _jsonable_summary(v) for m, v in s.items()},
             "judging": j,
             "early_warning": ew,
+            "early_detection": ed,
             "runs": records,
             "trained_vocab": data["trained_vocab"],
             "files": data["files"],
