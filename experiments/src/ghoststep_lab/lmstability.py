@@ -1031,7 +1031,7 @@ def _notes(c: Config) -> list[str]:
         "LR sensitivity (Wortsman et al. 2023): over the LR grid, the mean of min(final "
         "validation loss, initial validation loss) minus the best on the grid; a run whose "
         "loss became non-finite counts as its initial loss. Losses are means over seeds.",
-        "Baseline recipe: AdamW (0.9, 0.95), eps 1e-8, independent weight decay "
+        f"Baseline recipe: AdamW (0.9, 0.95), eps {c.adam_eps:g}, independent weight decay "
         f"{c.independent_wd:g} per step (torch's weight_decay = {c.independent_wd:g} / peak "
         f"LR), linear warmup {c.warmup} steps, cosine to {c.min_lr_ratio:g} x peak, "
         f"clip_grad_norm_ at {c.clip_norm:g}. The controllers wrap this AdamW (after the "
