@@ -491,11 +491,12 @@ def early_detection(c, records: list[dict], capped) -> dict:
     best = {}
     for r in runs:
         key = (r["method"], r["seed"])
-        best[key] = min(best.get(key, math.inf), capped(r))
+        best[key] = min(best.get(key, (math.inf, 0.0)), (capped(r), r["lr"]))
     groups = {"degraded": [], "good": []}
     for r in runs:
-        gap = capped(r) - best[(r["method"], r["seed"])]
-        if gap >= DEGRADED_NATS:
+        loss, lr = best[(r["method"], r["seed"])]
+        gap = capped(r) - loss
+        if gap >= DEGRADED_NATS and r["lr"] > lr:  # above the best LR: not undertrained
             groups["degraded"].append(r)
         elif gap <= GOOD_NATS:
             groups["good"].append(r)
@@ -524,7 +525,8 @@ def early_detection_table(c, ed: dict) -> Table:
     ]
     return Table(
         title=f"Post hoc (not pre-registered): early detection in the monitored runs. "
-        f"Degraded: final loss >= {DEGRADED_NATS:g} nats above the same seed's best; good: "
+        f"Degraded: a peak LR above the same seed's best, final loss >= {DEGRADED_NATS:g} "
+        "nats above that best; good: "
         f"within {GOOD_NATS:g}. Share whose signal crossed its threshold by step "
         f"{EARLY_STEP} (from step {c.ew_skip})",
         columns=[
