@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import warnings
 
+import numpy as np
 import pytest
 import torch
 
+from ghoststep_lab import lmjudge, lmpilot
 from ghoststep_lab import lmstability as ls
+from ghoststep_lab.common.lmrecipes import QKClip, head_max_logits, hidden_matrices, muon_adamw
 from ghoststep_lab.common.runner import run_experiment
 
 
@@ -46,7 +50,6 @@ def test_qk_layernorm_bounds_attention_logits():
 
 
 @pytest.mark.slow
-@pytest.mark.slow
 def test_lmstability_quick_preset(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
@@ -65,19 +68,28 @@ def test_lmstability_quick_preset(tmp_path):
         "lmstability_output_logits.png",
     ):
         assert (tmp_path / "run" / name).exists()
-    assert len(res["claims"]) == 12
+    n_claims = len(ls.CLAIMS) + len(lmjudge.JUDGED_CLAIMS) + len(lmjudge.EARLY_WARNING_CLAIMS)
+    assert len(res["claims"]) == n_claims
+    assert (tmp_path / "run" / "lmstability_early_warning.png").exists()
+    assert res["tables"][0]["title"].startswith("Judging")
+    assert res["tables"][1]["title"].startswith("Early warning")
     runs = res["metrics"]["runs"]
     cfg = ls.Config(**{**ls.Config().__dict__, **ls.PRESETS["quick"]})
     assert len(runs) == len(ls.METHODS) * len(cfg.lrs) * len(cfg.seeds)
     for rec in runs:
         assert rec["initial_val"] > 0 and rec["tokens_per_s"] > 0
         assert rec["log"] and all("max_attn" in e and "log_z" in e for e in rec["log"])
-        if rec["method"] in ("ctrl_out", "ctrl_attn"):
+        if rec["method"] in ("adamw", "muon"):  # monitored: r along every applied update
+            assert len(rec["controller"]) == cfg.steps
+            assert all(row["scale"] == 1.0 for row in rec["controller"])
+        assert len(rec["grad_norms"]) == cfg.steps
+        if rec["method"] in ("ctrl_out", "ctrl_attn", "muon_ctrl"):
             # clip mode: the applied step stays inside the radius that limits it
             assert all(row["r_after"] <= 1.0 + 1e-6 for row in rec["controller"])
     attn = [row for r in runs if r["method"] == "ctrl_attn" for row in r["controller"]]
     assert attn and all(set(row["radii"]) == {"out", "attn"} for row in attn)
-    table = res["tables"][0]
+    assert res["tables"][2]["title"].startswith("Post hoc")
+    table = res["tables"][3]
     assert [row[0] for row in table["rows"]] == [ls.METHOD_LABELS[m] for m in ls.METHODS]
 
 
@@ -120,3 +132,73 @@ def test_attention_controller_radii_equal_a_second_jvp(qk_layernorm):
         assert a["out"] == pytest.approx(b["out"], rel=1e-6)
     for p, q in zip(p1, p2, strict=True):
         torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+
+
+def test_run_cache_resumes(tmp_path):
+    """A run found in ``run_cache`` is loaded, not rerun (the paper preset in parts)."""
+    cfg = ls.Config(**{**ls.PRESETS["quick"], "cache_dir": str(tmp_path / "cache")})
+    cfg = dataclasses.replace(cfg, run_cache=str(tmp_path / "runs"))
+    data = ls.prepare_data(cfg)
+    args = ("adamw", 1e-3, 0, dataclasses.asdict(cfg), data["train"], data["val"])
+    first = ls.stability_run(*args)
+    again = ls.stability_run(*args)
+    assert len(list((tmp_path / "runs").glob("*/adamw-monitored-lr0.001-seed0.json"))) == 1
+    other = dataclasses.replace(cfg, steps=cfg.steps + 1)  # other settings: another key
+    assert ls._cache_file(other, "adamw", 1e-3, 0) != ls._cache_file(cfg, "adamw", 1e-3, 0)
+    assert again["final_val"] == first["final_val"] and again["seconds"] == first["seconds"]
+
+
+def test_muon_split_and_qkclip():
+    cfg = ls.Config(vocab_size=50, d_model=16, n_layers=2, n_heads=2, seq_len=8)
+    torch.manual_seed(0)
+    model = ls.build_lm(cfg, False)
+    hidden, rest = hidden_matrices(model)
+    assert all(p.ndim == 2 for p in hidden) and len(hidden) == 8  # qkv, out, ff_in, ff_out
+    assert any(p is model.tok_emb.weight for p in rest)
+    assert len(hidden) + len(rest) == len(list(model.parameters()))
+    muon, adamw = muon_adamw(model, 1e-2, 0.0)
+    assert isinstance(muon, torch.optim.Muon) and isinstance(adamw, torch.optim.AdamW)
+    with torch.no_grad():  # head 1 of layer 0 far above tau, the rest below
+        model.blocks[0].attn.qkv.weight[8:16].mul_(30.0)
+        model.blocks[0].attn.qkv.weight[24:32].mul_(30.0)
+    x = torch.randint(0, 50, (2, 8))
+    model.record = True
+    model(x)
+    before = [m.clone() for m in head_max_logits(model.last_attention_logits)]
+    tau = 0.5 * float(before[0][1])
+    assert float(before[0][0]) < tau and all(float(m.max()) < tau for m in before[1:])
+    clip = QKClip(tau)
+    clip(model)
+    assert clip.clipped == 1
+    model(x)
+    after = head_max_logits(model.last_attention_logits)
+    assert float(after[0][1]) == pytest.approx(tau, rel=1e-4)  # logits scale by gamma
+    assert torch.equal(after[0][0], before[0][0])  # the other head of the layer: untouched
+
+
+def test_judging_and_early_warning_helpers():
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(4, 5))
+    lo, hi = lmjudge.paired_interval(a - 1.0, a, np.mean, 500, 0.95)
+    assert lo == pytest.approx(-1.0) and hi == pytest.approx(-1.0)  # paired: noise cancels
+    lo, hi = lmjudge.paired_interval(a + rng.normal(size=(4, 5)), a, np.mean, 500, 0.95)
+    assert lo < hi
+    assert lmjudge._verdict("win", "no loss") == "win"
+    assert lmjudge._verdict("win", "loss") == "trade-off"
+    assert lmjudge._verdict("tie", "loss") == "loss"
+    assert lmjudge._verdict("tie", "win") == "tie"
+    losses = [5.0, 4.0, 3.0, 3.0, 3.0, 3.5, 3.6, 3.6]
+    assert lmjudge.degrade_step(losses, 2, 0.5) == 6  # mean(3.5, 3.6) >= 3.0 + 0.5
+    assert lmjudge.degrade_step([3.0, 2.0, math.nan], 1, 0.5) == 2
+    assert lmjudge.degrade_step([3.0, 2.0, 1.0], 1, 0.5) is None
+    z = lmjudge.zscores([1.0, 1.1, 0.9, 1.0, 5.0], 0.97, 3)
+    assert all(math.isnan(v) for v in z[:3]) and z[4] > 10
+    assert lmjudge.first_crossing([0, 5, 10], [2.0, 0.5, 3.0], 1.0, 3) == 10
+
+
+def test_pilot_quick(tmp_path, capsys):
+    code = lmpilot.main(["--quick", "--cache", str(tmp_path / "runs"),
+                         "--cache-dir", str(tmp_path / "cache"), "--candidates",
+                         "+ 4 layers"])  # fmt: skip
+    out = capsys.readouterr().out
+    assert code == 0 and "Regime found:" in out and "Confirm (+ 4 layers" in out

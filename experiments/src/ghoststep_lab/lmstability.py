@@ -32,7 +32,17 @@ grid and seeds:
 ``ctrl_set``    + the controller in set mode (step length r* rho_out, r* = 1)
 ``zclip``       AdamW with ZClip (z-score clipping) in place of the fixed clip
 ``adagc``       AdaGC (per-tensor adaptive clipping Adam) in place of AdamW + clip
+``qkclip``      AdamW + Kimi K2's QK-Clip (tau = 100)
+``muon``        Muon for the hidden matrices + AdamW for the rest
+``muon_qkclip`` Muon + AdamW + QK-Clip (MuonClip)
+``muon_ctrl``   ONE controller (clip, out + attn) over Muon + AdamW
 ==============  ==================================================================
+
+The recipes are in :mod:`ghoststep_lab.common.lmrecipes`; the judging table, the
+early-warning table and their claims, fixed before the runs, in
+:mod:`ghoststep_lab.lmjudge`. The methods in ``monitor`` (AdamW, Muon + AdamW) run
+inside a ``mode="monitor"`` controller (out + attn radii, the update unchanged) for the
+early-warning table; their tokens per second leave out the radius time it reports.
 
 The controllers use ``method="jvp"`` (the exact forward-mode slopes). Measured per
 run: final validation loss and its curve, divergence, the max attention logit through
@@ -44,13 +54,22 @@ range within ``near`` nats of the method's best.
 The claims (:func:`_claims`) were written, with their thresholds, before the first
 paper-preset run; no method setting was tuned toward them.
 
-Run: ``ghoststep run lmstability`` (paper preset, one worker) or ``--preset quick``.
+Run: ``ghoststep run lmstability --preset quick`` (seconds, the tests), ``--preset first``
+(the first paper run), ``ghoststep run lmstability`` (the paper preset: the setting the
+pilot found, about 3.5 hours on one core). The paper preset caches every run in
+``run_cache``; run it in parts (``--set methods=adamw,muon``, ``--seeds``), each part
+resuming from the cache, then once with every method and seed to judge them together::
+
+    ghoststep run lmstability --set methods=adamw,qkln_zloss,ctrl_attn,qkclip
+    ghoststep run lmstability --set methods=adamw,muon,muon_qkclip,muon_ctrl
+    ghoststep run lmstability   # the rest, then the judging of all 13 methods
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import math
 import sys
 import time
@@ -63,9 +82,19 @@ import torch
 import torch.nn.functional as F
 
 from ghoststep.controller import AllRadiiController, RadiusController
+from ghoststep_lab import lmjudge
 from ghoststep_lab.common.figures import new_figure, save_figure
+from ghoststep_lab.common.lmrecipes import QKClip, muon_adamw
 from ghoststep_lab.common.models import SelfAttention, TinyLM
-from ghoststep_lab.common.results import Claim, ClaimRule, Results, Table, evaluate_claims
+from ghoststep_lab.common.results import (
+    Claim,
+    ClaimRule,
+    Results,
+    Table,
+    evaluate_claims,
+    read_json,
+    write_json,
+)
 from ghoststep_lab.common.runner import parallel_map
 from ghoststep_lab.common.stabilizers import ZClipTransform
 from ghoststep_lab.common.text import build_corpus, encode_split, train_tokenizer
@@ -82,6 +111,10 @@ METHODS = (
     "ctrl_set",
     "zclip",
     "adagc",
+    "qkclip",
+    "muon",
+    "muon_qkclip",
+    "muon_ctrl",
 )
 METHOD_LABELS = {
     "adamw": "AdamW",
@@ -93,6 +126,10 @@ METHOD_LABELS = {
     "ctrl_set": "+ controller (set, out)",
     "zclip": "AdamW + ZClip",
     "adagc": "AdaGC",
+    "qkclip": "AdamW + QK-Clip",
+    "muon": "Muon + AdamW",
+    "muon_qkclip": "Muon + AdamW + QK-Clip",
+    "muon_ctrl": "Muon + AdamW + controller (clip, out + attn)",
 }
 METHOD_COLORS = {
     "adamw": "#c0392b",
@@ -104,21 +141,30 @@ METHOD_COLORS = {
     "ctrl_set": "#e67e22",
     "zclip": "#7f8c8d",
     "adagc": "#2e4053",
+    "qkclip": "#27ae60",
+    "muon": "#f1948a",
+    "muon_qkclip": "#196f3d",
+    "muon_ctrl": "#b7950b",
 }
-CONTROLLERS = ("ctrl_out", "ctrl_attn", "ctrl_set")
+CONTROLLERS = ("ctrl_out", "ctrl_attn", "ctrl_set", "muon_ctrl")
+QKCLIP = ("qkclip", "muon_qkclip")
+MUON = ("muon", "muon_qkclip", "muon_ctrl")
 # panels of the LR-curve figure (Wortsman et al. Fig. 1 layout: LR vs final loss)
 PANELS = (
     ("Wortsman's fixes", ("adamw", "qkln", "zloss", "qkln_zloss")),
     ("the radius controller", ("adamw", "qkln_zloss", "ctrl_out", "ctrl_attn", "ctrl_set")),
     ("adaptive clipping", ("adamw", "qkln_zloss", "zclip", "adagc")),
+    ("QK-Clip and Muon", ("adamw", "qkclip", "muon", "muon_qkclip", "muon_ctrl")),
 )
 
 
 @dataclass
 class Config:
-    """Paper preset: sized by the pilot (docs/experiments.md) to about an hour on ONE
-    loaded CPU core: the smallest model tried with clear attention-logit growth of plain
-    AdamW at high LR, and a loss curve over the LR grid with a clear optimum."""
+    """The defaults are the first paper preset (preset ``first``), sized by the first
+    pilot to about 25 minutes on ONE loaded CPU core: the smallest model tried with clear
+    attention-logit growth of plain AdamW at high LR and a clear optimum on the LR grid.
+    It could not show Wortsman's fix; the ``paper`` preset is the setting the second
+    pilot (:mod:`ghoststep_lab.lmpilot`) found where it shows."""
 
     vocab_size: int = 2048
     cache_dir: str | None = None  # corpus + tokenizers (None: ~/.cache/ghoststep/lm)
@@ -139,6 +185,13 @@ class Config:
     methods: tuple[str, ...] = METHODS
     seeds: list[int] = field(default_factory=lambda: [0, 1])
     independent_wd: float = 1e-4  # decay per step = independent_wd x schedule (LR-free)
+    adam_eps: float = 1e-8
+    qkclip_tau: float = 100.0  # Kimi K2's threshold
+    # wrapped in a mode="monitor" controller (out + attn) for the early-warning table
+    monitor: tuple[str, ...] = ("adamw", "muon")
+    # per-run results cached here (one JSON per method / LR / seed): a rerun with the
+    # same folder loads the runs found there and runs only the missing ones (resume)
+    run_cache: str | None = None
     clip_norm: float = 1.0
     zloss: float = 1e-4
     target_r: float = 1.0
@@ -154,6 +207,13 @@ class Config:
     growth: float = 5.0  # attention-logit growth: x the max logit of AdamW at its best LR
     cost: float = 2.0  # the controller costs at most `cost` x the tokens per second
     best_within: float = 0.05  # a best loss "as good": within this many nats
+    # the judging and early-warning thresholds (lmjudge), stated before the runs
+    no_loss: float = 0.02  # a best loss within this many nats of AdamW's is no loss
+    bootstrap: int = 2000  # paired bootstrap resamples over seeds
+    ci: float = 0.95
+    ew_window: int = 10  # trailing mean of the training loss
+    ew_rise: float = 0.1  # nats above its lowest earlier value: the loss rises
+    ew_skip: int = 25  # crossings before this step do not count (ZClip's warm-up)
     workers: int = 1
     threads: int = 1
 
@@ -174,14 +234,39 @@ PRESETS = {
         "lrs": (1e-3, 3e-1),
         "seeds": [0],
         "zclip_warmup": 4,
+        "ew_skip": 2,
+        "ew_window": 3,
+        "bootstrap": 200,
         "val_windows": 8,
         "eval_every": 6,
         "log_every": 3,
     },
-    "paper": {},
-    # one GPU (not run in CI): V = 8192, a 6-layer d = 256 model, 2000 steps, 3 seeds,
-    # the grid widened to 10 points over 1e-4 .. 1
+    # the first paper run (9 methods, 2 seeds; docs/experiments.md)
+    "first": {"methods": METHODS[:9], "monitor": ()},
+    # the setting the pilot (lmpilot) chose and confirmed: no warmup, Adam epsilon 1e-15,
+    # no weight decay, 400 steps, the grid 3e-4 .. 3e-1 with 2e-2 and 5e-2 added; 4 seeds
+    # for the paired bootstrap. About
+    # 3.5 h on one core: run it in parts (--seeds, --set methods=...), the runs cached
+    # in run_cache, then once with everything to judge (loads the cached runs)
+    "paper": {
+        "warmup": 0,
+        "adam_eps": 1e-15,
+        "independent_wd": 0.0,
+        "steps": 400,
+        "lrs": (3e-4, 1e-3, 3e-3, 1e-2, 2e-2, 5e-2, 1e-1, 3e-1),
+        "seeds": [0, 1, 2, 3],
+        "run_cache": "runs/lmstability-cache",
+        # AdamW only: a monitored run costs ~3x, and Muon's had to fit the CPU budget
+        "monitor": ("adamw",),
+    },
+    # one GPU (not run in CI): V = 8192, a 6-layer d = 256 model, 2000 steps, 4 seeds, the
+    # pilot's levers (no warmup, Adam epsilon 1e-15, no weight decay) and its grid
+    # widened to 10 points over 1e-4 .. 1
     "gpu": {
+        "warmup": 0,
+        "adam_eps": 1e-15,
+        "independent_wd": 0.0,
+        "run_cache": "runs/lmstability-gpu-cache",
         "vocab_size": 8192,
         "d_model": 256,
         "n_layers": 6,
@@ -189,9 +274,8 @@ PRESETS = {
         "seq_len": 128,
         "batch_size": 32,
         "steps": 2000,
-        "warmup": 200,
-        "lrs": (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1, 6e-1, 1.0),
-        "seeds": [0, 1, 2],
+        "lrs": (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 2e-2, 5e-2, 1e-1, 3e-1, 1.0),
+        "seeds": [0, 1, 2, 3],
         "val_windows": 256,
         "eval_every": 100,
         "log_every": 10,
@@ -275,15 +359,39 @@ def _optimizer(method: str, model: torch.nn.Module, c: Config, peak: float):
             warmup_steps=c.warmup,
             lambda_abs=c.clip_norm,
         )
-    inner = torch.optim.AdamW(model.parameters(), lr=peak, betas=(0.9, 0.95), weight_decay=wd)
+    if method in MUON:
+        inner = muon_adamw(model, peak, wd, c.adam_eps)  # one list: one controller over both
+    else:
+        inner = torch.optim.AdamW(
+            model.parameters(), lr=peak, betas=(0.9, 0.95), eps=c.adam_eps, weight_decay=wd
+        )
     kw = dict(target_r=c.target_r, method="jvp", class_dim=-1)  # (B, T, V): vocabulary last
+    attn = dict(limit_by=("out", "attn"), **kw)
     if method == "ctrl_out":
         return RadiusController(inner, model, mode="clip", **kw)
     if method == "ctrl_set":
         return RadiusController(inner, model, mode="set", **kw)
-    if method == "ctrl_attn":
-        return AllRadiiController(inner, model, mode="clip", limit_by=("out", "attn"), **kw)
-    return inner
+    if method in ("ctrl_attn", "muon_ctrl"):
+        return AllRadiiController(inner, model, mode="clip", **attn)
+    if method in c.monitor:
+        return AllRadiiController(inner, model, mode="monitor", **attn)
+    return inner if not isinstance(inner, list) else _Stepped(inner)
+
+
+class _Stepped:
+    """Several optimizers stepped as one (Muon + AdamW without a controller)."""
+
+    def __init__(self, optimizers: list) -> None:
+        self.optimizers = optimizers
+        self.param_groups = [g for o in optimizers for g in o.param_groups]
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for o in self.optimizers:
+            o.zero_grad(set_to_none=set_to_none)
+
+    def step(self) -> None:
+        for o in self.optimizers:
+            o.step()
 
 
 def _controller_row(opt, step: int) -> dict:
@@ -294,6 +402,8 @@ def _controller_row(opt, step: int) -> dict:
     radii = {k: float(v) for k, v in (st.radii or {"out": st.rho_a}).items() if k in use}
     return {
         "step": step,
+        "tau": st.tau,
+        "radius_seconds": st.radius_seconds,
         "scale": st.scale,
         "r_before": st.r_before,
         "r_after": st.r_after,
@@ -302,23 +412,40 @@ def _controller_row(opt, step: int) -> dict:
     }
 
 
-def _grad_hook(model, c: Config, clip: bool, zclip):
-    """Gradient clipping (global norm ``clip_norm``) and / or ZClip, after backward."""
+def _grad_hook(model, c: Config, clip: bool, zclip, norms: list):
+    """Gradient clipping (global norm ``clip_norm``) and / or ZClip, after backward;
+    the gradient norm before either goes to ``norms`` (ZClip's signal, for the
+    early-warning table)."""
+    inf = float("inf")
 
     def before_step(info) -> None:
-        if clip:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), c.clip_norm)
+        norms.append(float(torch.nn.utils.clip_grad_norm_(
+            model.parameters(), c.clip_norm if clip else inf)))  # fmt: skip
         if zclip is not None:
             zclip(model)
 
     return before_step
 
 
-def _synced_step(opt, c: Config, device):
-    """``opt.step()``, then wait for the device (the step timings are wall clock)."""
+def _synced_step(opt, c: Config, device, qkclip, monitor_seconds: list | None):
+    """``opt.step()`` (then QK-Clip, when given), then wait for the device (the step
+    timings are wall clock). ``monitor_seconds``: a monitor-mode controller's time
+    outside its inner optimizers' steps is added to its last item (the runs it
+    watches are timed without it)."""
+    inner_seconds = [0.0]
+    if monitor_seconds is not None:
+        for o in opt.optimizers:
+            o.register_step_pre_hook(lambda *_: inner_seconds.append(-time.perf_counter()))
+            o.register_step_post_hook(lambda *_: inner_seconds.append(time.perf_counter()))
 
     def optimizer_step(info) -> None:
+        t0 = time.perf_counter()
+        inner_seconds[:] = [0.0]
         opt.step()
+        if monitor_seconds is not None:
+            monitor_seconds[-1] += time.perf_counter() - t0 - sum(inner_seconds)
+        if qkclip is not None:
+            qkclip(info.model)
         if c.device != "cpu":
             torch.cuda.synchronize(device)
 
@@ -326,7 +453,7 @@ def _synced_step(opt, c: Config, device):
 
 
 def _train_steps(c: Config, method: str, model, opt, rec: dict, gen, train_ids, val_ids, device,
-                 zl: float, clip: bool, zclip) -> None:  # fmt: skip
+                 zl: float, clip: bool, zclip, qkclip) -> None:  # fmt: skip
     """The steps of :func:`stability_run` through the shared training loop; fills ``rec``."""
     high = train_ids.numel() - c.seq_len - 1
     batches = (
@@ -336,13 +463,15 @@ def _train_steps(c: Config, method: str, model, opt, rec: dict, gen, train_ids, 
         for _ in range(c.steps)
     )  # fmt: skip
     steps = iter(range(c.steps))  # the forward runs once per step, in order
+    monitor_seconds = [0.0] if method in c.monitor and method not in CONTROLLERS else None
     seen: dict = {}
 
-    def logged(step: int) -> bool:
-        return step % c.log_every == 0 or step == c.steps - 1
+    def logged(step: int) -> bool:  # monitored runs: every step (the early-warning table)
+        return step % c.log_every == 0 or step == c.steps - 1 or monitor_seconds is not None
 
     def forward(x, y):
-        model.record = logged(next(steps))  # detached attention logits of this forward only
+        # detached attention logits of this forward only (QK-Clip reads them every step)
+        model.record = logged(next(steps)) or qkclip is not None
         logits = model(x).flatten(0, 1)
         model.record = False
         ce = F.cross_entropy(logits, y.flatten())
@@ -366,8 +495,11 @@ def _train_steps(c: Config, method: str, model, opt, rec: dict, gen, train_ids, 
 
     def on_step(info) -> None:
         rec["seconds"] += info.seconds
-        if method in CONTROLLERS:
+        if method in CONTROLLERS or method in c.monitor:
             rec["controller"].append(_controller_row(opt, info.step))
+            if method in c.monitor:  # the monitor's own time is not the method's
+                rec["seconds"] -= monitor_seconds[-1]
+                monitor_seconds.append(0.0)
         if (info.step + 1) % c.eval_every == 0 or info.step == c.steps - 1:
             rec["eval_steps"].append(info.step + 1)
             rec["val_loss"].append(validation_loss(model, val_ids, c))
@@ -376,14 +508,59 @@ def _train_steps(c: Config, method: str, model, opt, rec: dict, gen, train_ids, 
         lr_factor_at, steps=c.steps, warmup=c.warmup, min_ratio=c.min_lr_ratio
     )
     loop(model, opt, batches, c.steps, lr_schedule=peak_factor, forward=forward,
-         after_loss=after_loss, before_step=_grad_hook(model, c, clip, zclip),
-         optimizer_step=_synced_step(opt, c, device),
+         after_loss=after_loss, before_step=_grad_hook(model, c, clip, zclip, rec["grad_norms"]),
+         optimizer_step=_synced_step(opt, c, device, qkclip, monitor_seconds),
          on_step=on_step)  # fmt: skip
 
 
+# fields that do not change what one run computes (the rest key the run cache)
+_NOT_RUN = {"methods", "seeds", "lrs", "workers", "run_cache", "cache_dir", "near", "growth",
+            "cost", "best_within", "no_loss", "bootstrap", "ci", "ew_window", "ew_rise",
+            "ew_skip", "monitor"}  # fmt: skip
+
+
+def _cache_file(c: Config, method: str, lr: float, seed: int) -> Path | None:
+    """``run_cache/<hash of the run settings>/<method>-lr<lr>-seed<seed>.json``: a run
+    is reused only under the same settings."""
+    if not c.run_cache:
+        return None
+    settings = {k: v for k, v in dataclasses.asdict(c).items() if k not in _NOT_RUN}
+    key = hashlib.sha1(repr(sorted(settings.items())).encode()).hexdigest()[:10]
+    watched = "-monitored" if method in c.monitor and method not in CONTROLLERS else ""
+    return Path(c.run_cache) / key / f"{method}{watched}-lr{lr:g}-seed{seed}.json"
+
+
 def stability_run(method: str, lr: float, seed: int, config: dict, train_ids, val_ids) -> dict:
-    """One training run of ``method`` at peak LR ``lr`` (``config`` is ``asdict(Config)``)."""
+    """One training run of ``method`` at peak LR ``lr`` (``config`` is ``asdict(Config)``);
+    with ``run_cache``, the cached record when there is one, else the run, cached."""
     c = Config(**config)
+    cached = _cache_file(c, method, lr, seed)
+    if cached is not None and cached.exists():
+        return _from_json(read_json(cached))
+    rec = _stability_run(c, method, lr, seed, train_ids, val_ids)
+    if cached is not None:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        write_json(cached, rec)
+    return rec
+
+
+def _from_json(rec: dict) -> dict:
+    """A cached record as the run returned it (non-finite floats were written as text)."""
+
+    def num(v):
+        return float(v) if v in ("nan", "inf", "-inf") else v
+
+    def walk(v):
+        if isinstance(v, dict):
+            return {k: walk(x) for k, x in v.items()}
+        if isinstance(v, list):
+            return [walk(x) for x in v]
+        return num(v)
+
+    return walk(rec)
+
+
+def _stability_run(c: Config, method: str, lr: float, seed: int, train_ids, val_ids) -> dict:
     started = time.perf_counter()
     gen = set_seed(seed)
     device = torch.device(c.device)
@@ -392,6 +569,7 @@ def stability_run(method: str, lr: float, seed: int, config: dict, train_ids, va
     zclip = ZClipTransform(c.zclip_z, c.zclip_alpha, c.zclip_warmup) if method == "zclip" else None
     clip = method not in ("zclip", "adagc")
     zl = c.zloss if method in ("zloss", "qkln_zloss") else 0.0
+    qkclip = QKClip(c.qkclip_tau) if method in QKCLIP else None
     # copies: joblib hands large arrays to workers as read-only memmaps
     train_ids = torch.from_numpy(np.array(train_ids))
     val_ids = torch.from_numpy(np.array(val_ids)).to(device)
@@ -404,10 +582,13 @@ def stability_run(method: str, lr: float, seed: int, config: dict, train_ids, va
         "val_loss": [validation_loss(model, val_ids, c)],
         "log": [],
         "controller": [],
+        "grad_norms": [],
         "seconds": 0.0,
         "params": sum(p.numel() for p in model.parameters()),
     }
-    _train_steps(c, method, model, opt, rec, gen, train_ids, val_ids, device, zl, clip, zclip)
+    _train_steps(c, method, model, opt, rec, gen, train_ids, val_ids, device, zl, clip, zclip,
+                 qkclip)  # fmt: skip
+    rec["qkclip_rescales"] = qkclip.clipped if qkclip is not None else 0
     done = len(rec["losses"]) == c.steps and math.isfinite(rec["losses"][-1])
     rec["tokens_per_s"] = len(rec["losses"]) * c.batch_size * c.seq_len / max(rec["seconds"], 1e-9)
     rec["initial_val"] = rec["val_loss"][0]
@@ -544,6 +725,11 @@ def run(config: Config, out_dir: Path, progress: bool) -> Results:
         desc="lmstability runs",
     )
     s = summarize(config, records)
+    j = lmjudge.judge(
+        config, records, config.methods, capped_loss, {m: v["tokens_per_s"] for m, v in s.items()}
+    )
+    ew = lmjudge.early_warning(config, records)
+    ed = lmjudge.early_detection(config, records, capped_loss)
     figures = [
         _plot_lr_curves(config, s, out_dir),
         _plot_attention(config, s, records, out_dir),
@@ -551,6 +737,8 @@ def run(config: Config, out_dir: Path, progress: bool) -> Results:
     ]
     if any(m in config.methods for m in CONTROLLERS):
         figures.append(_plot_binding(config, s, records, out_dir))
+    if ew["monitored"]:
+        figures.append(lmjudge.plot_early_warning(config, ew, records, out_dir))
     top = max(config.lrs)
     a = s["adamw"]
     summary = (
@@ -572,11 +760,21 @@ def run(config: Config, out_dir: Path, progress: bool) -> Results:
     return Results(
         title="LM stability: LR sensitivity, attention-logit growth, output-logit divergence",
         summary=summary,
-        claims=_claims(config, s),
+        claims=_claims(config, s, j, ew),
         figures=figures,
-        tables=[_sensitivity_table(config, s), _grid_table(config, s), _signature_table(config, s)],
+        tables=[
+            lmjudge.judging_table(config, j, METHOD_LABELS),
+            lmjudge.early_warning_table(config, ew),
+            lmjudge.early_detection_table(config, ed),
+            _sensitivity_table(config, s),
+            _grid_table(config, s),
+            _signature_table(config, s),
+        ],
         metrics={
             "summary": {m: _jsonable_summary(v) for m, v in s.items()},
+            "judging": j,
+            "early_warning": ew,
+            "early_detection": ed,
             "runs": records,
             "trained_vocab": data["trained_vocab"],
             "files": data["files"],
@@ -741,7 +939,9 @@ CLAIMS = (
 )
 
 
-def _claims(c: Config, s: dict) -> list[Claim]:
+def _claims(c: Config, s: dict, j: dict | None = None, ew: dict | None = None) -> list[Claim]:
+    """The first paper run's claims, then the judging and early-warning claims of
+    :mod:`ghoststep_lab.lmjudge` (when ``j`` / ``ew`` are given)."""
     top = max(c.lrs)
     a = s["adamw"]
     ref = a["max_attn"][a["best_lr"]]
@@ -749,7 +949,10 @@ def _claims(c: Config, s: dict) -> list[Claim]:
     def growth(m: str) -> float:
         return s[m]["max_attn"][top] / ref if ref > 0 else math.nan
 
-    return evaluate_claims(CLAIMS, c=c, s=s, a=a, top=top, ref=ref, growth=growth)
+    rules = (
+        CLAIMS + (lmjudge.JUDGED_CLAIMS if j else ()) + (lmjudge.EARLY_WARNING_CLAIMS if ew else ())
+    )
+    return evaluate_claims(rules, c=c, s=s, a=a, top=top, ref=ref, growth=growth, j=j, ew=ew)
 
 
 # ----------------------------------------------------------------------------- tables
@@ -828,7 +1031,7 @@ def _notes(c: Config) -> list[str]:
         "LR sensitivity (Wortsman et al. 2023): over the LR grid, the mean of min(final "
         "validation loss, initial validation loss) minus the best on the grid; a run whose "
         "loss became non-finite counts as its initial loss. Losses are means over seeds.",
-        "Baseline recipe: AdamW (0.9, 0.95), eps 1e-8, independent weight decay "
+        f"Baseline recipe: AdamW (0.9, 0.95), eps {c.adam_eps:g}, independent weight decay "
         f"{c.independent_wd:g} per step (torch's weight_decay = {c.independent_wd:g} / peak "
         f"LR), linear warmup {c.warmup} steps, cosine to {c.min_lr_ratio:g} x peak, "
         f"clip_grad_norm_ at {c.clip_norm:g}. The controllers wrap this AdamW (after the "
