@@ -14,6 +14,7 @@ import copy
 import math
 import os
 import sys
+import time
 from datetime import timedelta
 
 import numpy as np
@@ -429,3 +430,47 @@ def gloo_rank(rank: int, world: int, init_file: str, timeout: float = 60.0):
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
+
+
+def spawn_ranks(fn, args, nprocs: int = 2, timeout: float = 120.0) -> None:
+    """``torch.multiprocessing`` spawn with a deadline: a hang fails the test (and the
+    processes are terminated) instead of blocking the suite."""
+    import pytest
+    import torch.multiprocessing as mp
+
+    context = mp.start_processes(fn, args=args, nprocs=nprocs, join=False, start_method="spawn")
+    deadline = time.monotonic() + timeout
+    while not context.join(timeout=1.0):
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                if process.is_alive():
+                    process.terminate()
+            pytest.fail(f"the ranks did not finish within {timeout:.0f} s (a hang)")
+
+
+def shard_or_replicate(model: nn.Module, kind: str) -> nn.Module:
+    """What a rank trains: ``kind`` "fsdp": the model sharded by FSDP2 (every linear layer
+    but the last its own unit, the last left to the root unit, which FSDP2 does not
+    reshard after a forward: its all-gathered copy must not go stale when the controller
+    changes the shards); "ddp*": wrapped in DDP; else the model itself (replicas whose
+    gradients the loop all-reduces)."""
+    if kind == "fsdp":
+        from torch.distributed.fsdp import fully_shard
+
+        for layer in [m for m in model.modules() if isinstance(m, nn.Linear)][:-1]:
+            fully_shard(layer)
+        fully_shard(model)
+        return model
+    if kind.startswith("ddp"):
+        return nn.parallel.DistributedDataParallel(model)
+    return model
+
+
+def linear_case(seed: int = 0):
+    """A float64 ``nn.Linear(4, 5)``, a (6, 4) batch and a direction (dW, db) for it."""
+    g = torch.Generator().manual_seed(seed)
+    model = nn.Linear(4, 5).double()
+    x = torch.randn(6, 4, generator=g, dtype=torch.float64)
+    dw = torch.randn(5, 4, generator=g, dtype=torch.float64)
+    db = torch.randn(5, generator=g, dtype=torch.float64)
+    return model, x, dw, db

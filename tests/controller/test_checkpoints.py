@@ -13,12 +13,11 @@ from __future__ import annotations
 
 import copy
 import io
-import time
 
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import gloo_rank
+from helpers import gloo_rank, spawn_ranks
 from torch import nn
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
@@ -218,26 +217,13 @@ def _dcp_worker(rank: int, world: int, init_file: str, out_dir: str, phase: str)
         )
 
 
-def _spawn(fn, args, nprocs: int = 2, timeout: float = 150.0) -> None:
-    import torch.multiprocessing as mp
-
-    context = mp.start_processes(fn, args=args, nprocs=nprocs, join=False, start_method="spawn")
-    deadline = time.monotonic() + timeout
-    while not context.join(timeout=1.0):
-        if time.monotonic() > deadline:
-            for process in context.processes:
-                if process.is_alive():
-                    process.terminate()
-            pytest.fail(f"the two ranks did not finish within {timeout:.0f} s (a hang)")
-
-
 @pytest.mark.slow
 def test_fsdp2_dcp_save_load_continue_is_bitwise(tmp_path):
     """Two gloo ranks, FSDP2: train 3 steps, DCP-save, train 3 more (the uninterrupted
     run); fresh processes build a fresh model and controller, DCP-load, continue 3
     steps: the parameters equal the uninterrupted run's bitwise on every rank."""
-    _spawn(_dcp_worker, (2, str(tmp_path / "pg_save"), str(tmp_path), "save"))
-    _spawn(_dcp_worker, (2, str(tmp_path / "pg_load"), str(tmp_path), "load"))
+    spawn_ranks(_dcp_worker, (2, str(tmp_path / "pg_save"), str(tmp_path), "save"), timeout=150.0)
+    spawn_ranks(_dcp_worker, (2, str(tmp_path / "pg_load"), str(tmp_path), "load"), timeout=150.0)
     runs = {phase: [torch.load(tmp_path / f"{phase}{r}.pt") for r in range(2)] for phase in
             ("save", "load")}  # fmt: skip
     print(f"\nFSDP2 DCP: uninterrupted scales {runs['save'][0]['scales']}, resumed "

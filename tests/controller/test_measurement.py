@@ -8,7 +8,7 @@ import math
 
 import pytest
 import torch
-from torch import nn
+from helpers import linear_case
 
 from ghoststep.controller import RadiusController, Sampling
 from ghoststep.controller._options import Recording
@@ -28,15 +28,6 @@ def test_away_from_one(fraction, expected):
     assert away_from_one(fraction) == expected
 
 
-def _linear_case(seed=0):
-    g = torch.Generator().manual_seed(seed)
-    model = nn.Linear(4, 5).double()
-    x = torch.randn(6, 4, generator=g, dtype=torch.float64)
-    dw = torch.randn(5, 4, generator=g, dtype=torch.float64)
-    db = torch.randn(5, generator=g, dtype=torch.float64)
-    return model, x, dw, db
-
-
 def _step(model, x, dw, db, **options):
     """One monitor-mode step whose update is exactly p = (dW, db) (SGD, lr 1, grad -p)."""
     ctrl = RadiusController(
@@ -53,7 +44,7 @@ def _step(model, x, dw, db, **options):
 def test_linear_model_spread_and_radius_in_closed_form(method, quantile):
     """z = W x + b moves along (dW, db) with slopes dW x + db: the spread per unit of
     v = p / tau is (max - min of dW x + db) / tau, the radius pi T / that."""
-    model, x, dw, db = _linear_case()
+    model, x, dw, db = linear_case()
     tau = math.sqrt(float(dw.pow(2).sum() + db.pow(2).sum()))
     stats = _step(model, x, dw, db, method=method, temperature=2.0,
                   sampling=Sampling(quantile=quantile))  # fmt: skip
@@ -71,7 +62,7 @@ def test_linear_model_spread_and_radius_in_closed_form(method, quantile):
 
 
 def test_masked_positions_are_not_counted():
-    model, x, dw, db = _linear_case(1)
+    model, x, dw, db = linear_case(1)
     tau = math.sqrt(float(dw.pow(2).sum() + db.pow(2).sum()))
     per_sample = _direct(x @ dw.T + db, torch.zeros(5, dtype=torch.float64)) / tau
     worst = int(per_sample.argmax())

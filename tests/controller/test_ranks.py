@@ -10,18 +10,15 @@ must equal a single-process controller on the whole batch.
 
 from __future__ import annotations
 
-import time
-
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import gloo_rank
+from helpers import gloo_rank, shard_or_replicate, spawn_ranks
 from torch import nn
 
 from ghoststep import RadiusController
 
 FEATURES, CLASSES = 6, 4
-TIMEOUT = 120.0  # seconds for a whole two-rank run (each collective: 30 s)
 
 # rows of each step's 8-row batch on rank 0 and rank 1 (sum 8, or 0: no rows anywhere)
 SPLITS = {
@@ -111,17 +108,7 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str, scenario: str, 
         warnings.simplefilter("ignore", RuntimeWarning)
         torch.set_num_threads(1)
         model = _model()
-        if kind == "fsdp":
-            from torch.distributed.fsdp import fully_shard
-
-            for layer in [m for m in model if isinstance(m, nn.Linear)][:-1]:
-                fully_shard(layer)
-            fully_shard(model)
-            wrapped = model
-        elif kind.startswith("ddp"):
-            wrapped = nn.parallel.DistributedDataParallel(model)
-        else:  # replicas whose gradients the loop all-reduces itself
-            wrapped = model
+        wrapped = shard_or_replicate(model, kind)
         ctrl = _controller(model, wrapped, scenario, _method(kind))
         steps = (
             _run(model, wrapped, ctrl, scenario, rank, world)
@@ -159,21 +146,6 @@ def _manual(model, ctrl, scenario, rank, world):
     return steps
 
 
-def _spawn(fn, args, nprocs: int = 2, timeout: float = TIMEOUT) -> None:
-    """``torch.multiprocessing`` spawn with a deadline: a hang fails the test (and the
-    processes are terminated) instead of blocking the suite."""
-    import torch.multiprocessing as mp
-
-    context = mp.start_processes(fn, args=args, nprocs=nprocs, join=False, start_method="spawn")
-    deadline = time.monotonic() + timeout
-    while not context.join(timeout=1.0):
-        if time.monotonic() > deadline:
-            for process in context.processes:
-                if process.is_alive():
-                    process.terminate()
-            pytest.fail(f"the two ranks did not finish within {timeout:.0f} s (a hang)")
-
-
 def _method(kind: str) -> str:
     return {"fsdp": "fast", "ddp_jvp": "jvp"}.get(kind, "auto")
 
@@ -206,7 +178,7 @@ def test_a_rank_without_rows_or_counted_positions_takes_the_same_path(tmp_path, 
     or all masked (in monitor mode, which applies an all-masked update: also one rank
     all masked while the other has no rows): both ranks finish, apply the same scale,
     skip alike, and equal a single process on the whole batch."""
-    _spawn(_worker, (2, str(tmp_path / "pg"), str(tmp_path), scenario, kind))
+    spawn_ranks(_worker, (2, str(tmp_path / "pg"), str(tmp_path), scenario, kind))
     ranks = [torch.load(tmp_path / f"{scenario}{kind}{r}.pt") for r in range(2)]
     single, params = _single(scenario, kind)
     print(f"\n{scenario} {kind}: rank0 {ranks[0]['steps']}\n  rank1 {ranks[1]['steps']}\n"
@@ -232,7 +204,7 @@ def test_a_rank_without_rows_or_counted_positions_takes_the_same_path(tmp_path, 
 def test_a_rank_without_gradient_skips_on_every_rank(tmp_path):
     """Rank 1 has no gradient at step 1 (rank 0 has): every rank skips that step (a rank
     that stepped alone would leave the replicas apart), then both go on alike."""
-    _spawn(_worker, (2, str(tmp_path / "pg"), str(tmp_path), "no_grad", "manual"))
+    spawn_ranks(_worker, (2, str(tmp_path / "pg"), str(tmp_path), "no_grad", "manual"))
     ranks = [torch.load(tmp_path / f"no_gradmanual{r}.pt") for r in range(2)]
     print(f"\nno_grad: rank0 {ranks[0]['steps']}\n  rank1 {ranks[1]['steps']}")
     assert [s[1] for s in ranks[0]["steps"]] == [False, True]
@@ -312,7 +284,7 @@ def test_ddp_ranks_agree_on_when_they_measure(tmp_path):
     over the ranks: a rank measuring alone would enter collectives the other does not),
     also when only one rank's proposal jumps, and between measurements they measure
     nothing."""
-    _spawn(_always_on_worker, (2, str(tmp_path / "pg"), str(tmp_path)))
+    spawn_ranks(_always_on_worker, (2, str(tmp_path / "pg"), str(tmp_path)))
     ranks = [torch.load(tmp_path / f"always_on{r}.pt") for r in range(2)]
     print(f"\nmeasured: rank0 {ranks[0]}\n          rank1 {ranks[1]}")
     assert ranks[0] == ranks[1]

@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import gloo_rank
+from helpers import gloo_rank, shard_or_replicate
 from torch import nn
 
 from ghoststep import RadiusController
@@ -59,18 +59,7 @@ def _worker(
     with _gloo(rank, world, init_file):
         torch.set_num_threads(1)
         model = _model()
-        if kind == "fsdp":
-            from torch.distributed.fsdp import fully_shard
-
-            # the last layer is left to the root unit, which FSDP2 does not reshard
-            # after a forward: its all-gathered copy must not go stale when the
-            # controller changes the shards (every measuring forward reshards)
-            for layer in [m for m in model if isinstance(m, nn.Linear)][:-1]:
-                fully_shard(layer)
-            fully_shard(model)
-            wrapped = model
-        else:
-            wrapped = nn.parallel.DistributedDataParallel(model)
+        wrapped = shard_or_replicate(model, kind)
         ctrl = RadiusController(
             torch.optim.Adam(wrapped.parameters(), lr=1.0), wrapped, method=method
         )

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch import nn
+from helpers import linear_case
 
 import ghoststep.evaluation._directional as directional
 from ghoststep.evaluation._directional import (
@@ -57,20 +57,11 @@ def test_spread_of_difference_blocked_at_the_real_block_size():
     assert torch.equal(got, _direct(shifted, baseline))
 
 
-def _linear_case(seed=0):
-    g = torch.Generator().manual_seed(seed)
-    model = nn.Linear(4, 5).double()
-    x = torch.randn(6, 4, generator=g, dtype=torch.float64)
-    dw = torch.randn(5, 4, generator=g, dtype=torch.float64)
-    db = torch.randn(5, generator=g, dtype=torch.float64)
-    return model, x, dw, db
-
-
 @pytest.mark.parametrize("method", ["jvp", "fd"])
 @pytest.mark.parametrize("chunk_size", [None, 4])
 def test_tangent_spreads_of_a_linear_model(method, chunk_size):
     """z = W x + b moves along (dW, db) with slopes dW x + db."""
-    model, x, dw, db = _linear_case()
+    model, x, dw, db = linear_case()
     with torch.no_grad():
         recorded = fingerprint(model(x))
     spreads, gap = tangent_spreads(
@@ -91,7 +82,7 @@ def test_tangent_spreads_of_a_linear_model(method, chunk_size):
 @pytest.mark.parametrize("chunk_size", [None, 4])
 def test_secant_spreads_of_a_linear_model(chunk_size):
     """The secant evaluates where the parameters are: moved by the caller to old + h v."""
-    model, x, dw, db = _linear_case(1)
+    model, x, dw, db = linear_case(1)
     with torch.no_grad():
         baseline = model(x)
         model.weight.add_(dw, alpha=0.01)
