@@ -12,7 +12,13 @@ import torch
 
 from ghoststep_lab import lmjudge, lmpilot
 from ghoststep_lab import lmstability as ls
-from ghoststep_lab.common.lmrecipes import QKClip, head_max_logits, hidden_matrices, muon_adamw
+from ghoststep_lab.common.lmrecipes import (
+    HeadRadiusClip,
+    QKClip,
+    head_max_logits,
+    hidden_matrices,
+    muon_adamw,
+)
 from ghoststep_lab.common.runner import run_experiment
 
 
@@ -83,7 +89,7 @@ def test_lmstability_quick_preset(tmp_path):
             assert len(rec["controller"]) == cfg.steps
             assert all(row["scale"] == 1.0 for row in rec["controller"])
         assert len(rec["grad_norms"]) == cfg.steps
-        if rec["method"] in ("ctrl_out", "ctrl_attn", "muon_ctrl"):
+        if rec["method"] in ("ctrl_out", "ctrl_attn", "muon_ctrl", "ctrl_qk"):
             # clip mode: the applied step stays inside the radius that limits it
             assert all(row["r_after"] <= 1.0 + 1e-6 for row in rec["controller"])
     attn = [row for r in runs if r["method"] == "ctrl_attn" for row in r["controller"]]
@@ -174,6 +180,63 @@ def test_muon_split_and_qkclip():
     after = head_max_logits(model.last_attention_logits)
     assert float(after[0][1]) == pytest.approx(tau, rel=1e-4)  # logits scale by gamma
     assert torch.equal(after[0][0], before[0][0])  # the other head of the layer: untouched
+
+
+def test_head_radius_clip_shortens_only_the_binding_heads_qk_rows():
+    """Per-head radii against float64 central differences of the attention logits; the
+    heads past r* get only their query / key rows of the step shortened, by
+    gamma = r* rho_h / ||Delta||; every other entry of the step is applied unchanged."""
+    cfg = ls.Config(vocab_size=50, d_model=16, n_layers=2, n_heads=2, seq_len=8)
+    torch.manual_seed(0)
+    model = ls.build_lm(cfg, False).double()
+    x = torch.randint(0, 50, (3, 8))
+    params = list(model.parameters())
+    qkv = model.blocks[1].attn.qkv
+    old = [p.detach().clone() for p in params]
+    step = [torch.randn_like(p) * 0.05 for p in params]
+    with torch.no_grad():  # head 0 of layer 1: a much larger query / key step
+        step[next(i for i, p in enumerate(params) if p is qkv.weight)][0:8] *= 40.0
+    norm = math.sqrt(sum(float(d.pow(2).sum()) for d in step))
+
+    def scores_at(t):
+        with torch.no_grad():
+            for p, o, d in zip(params, old, step):
+                p.copy_(o + t * d)
+            return model(x, return_internals=True)[1]["attention_logits"]
+
+    h = 1e-5
+    up, down, at = scores_at(h), scores_at(-h), scores_at(0.0)
+    reference = []
+    for s_up, s_down, s in zip(up, down, at):
+        masked = s == -math.inf
+        tangent = ((s_up - s_down) / (2 * h)).masked_fill(masked, 0.0)
+        hi = tangent.masked_fill(masked, -math.inf).amax(-1)
+        lo = tangent.masked_fill(masked, math.inf).amin(-1)
+        reference.append(math.pi / (hi - lo).amax(dim=(0, 2)))
+    target_r = 0.5 * norm / float(reference[1][0])  # head (1, 0) binds, by a factor of 2
+    assert all(
+        target_r * float(r) > norm for r in (reference[0][0], reference[0][1], reference[1][1])
+    )
+
+    clip = HeadRadiusClip(target_r)
+    clip.snapshot(model)
+    with torch.no_grad():
+        for p, o, d in zip(params, old, step):
+            p.copy_(o + d)
+    clip.clip(model, x)
+    for got, want in zip(clip.last_rho, reference, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=0.0)
+    assert clip.shortened == 1
+    gamma = target_r * float(clip.last_rho[1][0]) / norm
+    assert gamma == pytest.approx(0.5)
+    for p, o, d in zip(params, old, step):
+        expected = o + d
+        if p is qkv.weight or p is qkv.bias:
+            for rows in (slice(0, 8), slice(16, 24)):  # head 0's query rows, key rows
+                expected[rows] = o[rows] + gamma * d[rows]
+        torch.testing.assert_close(p.detach(), expected, rtol=0.0, atol=1e-12)
+    with pytest.raises(RuntimeError, match="snapshot"):
+        clip.clip(model, x)
 
 
 def test_judging_and_early_warning_helpers():

@@ -36,6 +36,10 @@ grid and seeds:
 ``muon``        Muon for the hidden matrices + AdamW for the rest
 ``muon_qkclip`` Muon + AdamW + QK-Clip (MuonClip)
 ``muon_ctrl``   ONE controller (clip, out + attn) over Muon + AdamW
+``ctrl_qk``     the controller (clip, out) + the head radius clip: each head's
+                attention radius shortens only that head's W_q / W_k rows of the
+                update (QK-Clip's action, driven by the radius; added after the
+                judging rules were committed, judged by them, no claim of its own)
 ==============  ==================================================================
 
 The recipes are in :mod:`ghoststep_lab.common.lmrecipes`; the judging table, the
@@ -84,7 +88,7 @@ import torch.nn.functional as F
 from ghoststep.controller import AllRadiiController, RadiusController
 from ghoststep_lab import lmjudge
 from ghoststep_lab.common.figures import new_figure, save_figure
-from ghoststep_lab.common.lmrecipes import QKClip, muon_adamw
+from ghoststep_lab.common.lmrecipes import HeadRadiusClip, QKClip, muon_adamw
 from ghoststep_lab.common.models import SelfAttention, TinyLM
 from ghoststep_lab.common.results import (
     Claim,
@@ -115,6 +119,7 @@ METHODS = (
     "muon",
     "muon_qkclip",
     "muon_ctrl",
+    "ctrl_qk",
 )
 METHOD_LABELS = {
     "adamw": "AdamW",
@@ -130,6 +135,7 @@ METHOD_LABELS = {
     "muon": "Muon + AdamW",
     "muon_qkclip": "Muon + AdamW + QK-Clip",
     "muon_ctrl": "Muon + AdamW + controller (clip, out + attn)",
+    "ctrl_qk": "+ controller (clip, out) + head radius clip",
 }
 METHOD_COLORS = {
     "adamw": "#c0392b",
@@ -145,14 +151,18 @@ METHOD_COLORS = {
     "muon": "#f1948a",
     "muon_qkclip": "#196f3d",
     "muon_ctrl": "#b7950b",
+    "ctrl_qk": "#a04000",
 }
-CONTROLLERS = ("ctrl_out", "ctrl_attn", "ctrl_set", "muon_ctrl")
+CONTROLLERS = ("ctrl_out", "ctrl_attn", "ctrl_set", "muon_ctrl", "ctrl_qk")
 QKCLIP = ("qkclip", "muon_qkclip")
 MUON = ("muon", "muon_qkclip", "muon_ctrl")
 # panels of the LR-curve figure (Wortsman et al. Fig. 1 layout: LR vs final loss)
 PANELS = (
     ("Wortsman's fixes", ("adamw", "qkln", "zloss", "qkln_zloss")),
-    ("the radius controller", ("adamw", "qkln_zloss", "ctrl_out", "ctrl_attn", "ctrl_set")),
+    (
+        "the radius controller",
+        ("adamw", "qkln_zloss", "ctrl_out", "ctrl_attn", "ctrl_set", "ctrl_qk"),
+    ),
     ("adaptive clipping", ("adamw", "qkln_zloss", "zclip", "adagc")),
     ("QK-Clip and Muon", ("adamw", "qkclip", "muon", "muon_qkclip", "muon_ctrl")),
 )
@@ -367,7 +377,7 @@ def _optimizer(method: str, model: torch.nn.Module, c: Config, peak: float):
         )
     kw = dict(target_r=c.target_r, method="jvp", class_dim=-1)  # (B, T, V): vocabulary last
     attn = dict(limit_by=("out", "attn"), **kw)
-    if method == "ctrl_out":
+    if method in ("ctrl_out", "ctrl_qk"):
         return RadiusController(inner, model, mode="clip", **kw)
     if method == "ctrl_set":
         return RadiusController(inner, model, mode="set", **kw)
@@ -427,8 +437,9 @@ def _grad_hook(model, c: Config, clip: bool, zclip, norms: list):
     return before_step
 
 
-def _synced_step(opt, c: Config, device, qkclip, monitor_seconds: list | None):
-    """``opt.step()`` (then QK-Clip, when given), then wait for the device (the step
+def _synced_step(opt, c: Config, device, qkclip, head_clip, monitor_seconds: list | None):
+    """``opt.step()`` (then QK-Clip or the head radius clip, when given: the latter
+    around the step, on the step's batch), then wait for the device (the step
     timings are wall clock). ``monitor_seconds``: a monitor-mode controller's time
     outside its inner optimizers' steps is added to its last item (the runs it
     watches are timed without it)."""
@@ -441,11 +452,15 @@ def _synced_step(opt, c: Config, device, qkclip, monitor_seconds: list | None):
     def optimizer_step(info) -> None:
         t0 = time.perf_counter()
         inner_seconds[:] = [0.0]
+        if head_clip is not None:
+            head_clip.snapshot(info.model)
         opt.step()
         if monitor_seconds is not None:
             monitor_seconds[-1] += time.perf_counter() - t0 - sum(inner_seconds)
         if qkclip is not None:
             qkclip(info.model)
+        if head_clip is not None:
+            head_clip.clip(info.model, info.inputs)
         if c.device != "cpu":
             torch.cuda.synchronize(device)
 
@@ -453,7 +468,7 @@ def _synced_step(opt, c: Config, device, qkclip, monitor_seconds: list | None):
 
 
 def _train_steps(c: Config, method: str, model, opt, rec: dict, gen, train_ids, val_ids, device,
-                 zl: float, clip: bool, zclip, qkclip) -> None:  # fmt: skip
+                 zl: float, clip: bool, zclip, qkclip, head_clip) -> None:  # fmt: skip
     """The steps of :func:`stability_run` through the shared training loop; fills ``rec``."""
     high = train_ids.numel() - c.seq_len - 1
     batches = (
@@ -509,7 +524,7 @@ def _train_steps(c: Config, method: str, model, opt, rec: dict, gen, train_ids, 
     )
     loop(model, opt, batches, c.steps, lr_schedule=peak_factor, forward=forward,
          after_loss=after_loss, before_step=_grad_hook(model, c, clip, zclip, rec["grad_norms"]),
-         optimizer_step=_synced_step(opt, c, device, qkclip, monitor_seconds),
+         optimizer_step=_synced_step(opt, c, device, qkclip, head_clip, monitor_seconds),
          on_step=on_step)  # fmt: skip
 
 
@@ -570,6 +585,7 @@ def _stability_run(c: Config, method: str, lr: float, seed: int, train_ids, val_
     clip = method not in ("zclip", "adagc")
     zl = c.zloss if method in ("zloss", "qkln_zloss") else 0.0
     qkclip = QKClip(c.qkclip_tau) if method in QKCLIP else None
+    head_clip = HeadRadiusClip(c.target_r) if method == "ctrl_qk" else None
     # copies: joblib hands large arrays to workers as read-only memmaps
     train_ids = torch.from_numpy(np.array(train_ids))
     val_ids = torch.from_numpy(np.array(val_ids)).to(device)
@@ -587,8 +603,9 @@ def _stability_run(c: Config, method: str, lr: float, seed: int, train_ids, val_
         "params": sum(p.numel() for p in model.parameters()),
     }
     _train_steps(c, method, model, opt, rec, gen, train_ids, val_ids, device, zl, clip, zclip,
-                 qkclip)  # fmt: skip
+                 qkclip, head_clip)  # fmt: skip
     rec["qkclip_rescales"] = qkclip.clipped if qkclip is not None else 0
+    rec["head_rescales"] = head_clip.shortened if head_clip is not None else 0
     done = len(rec["losses"]) == c.steps and math.isfinite(rec["losses"][-1])
     rec["tokens_per_s"] = len(rec["losses"]) * c.batch_size * c.seq_len / max(rec["seconds"], 1e-9)
     rec["initial_val"] = rec["val_loss"][0]
