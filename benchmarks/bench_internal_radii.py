@@ -12,7 +12,10 @@ warmth hit every variant alike), in one process:
   ``RadiusController`` whose ``extra_radii`` hook runs ``internal_radii`` (a second
   full JVP, attention and FFN radii) with ``limit_by=("out", "attn")``;
 * ``out+attn 1-pass``: ``AllRadiiController(limit_by=("out", "attn"))``;
-* ``out+attn+ffn 1-pass``: ``AllRadiiController()`` (all three radii).
+* ``out+attn+ffn 1-pass``: ``AllRadiiController()`` (all three radii);
+* ``out + head clip``: the lmstability method ``ctrl_qk``, the ``out`` controller
+  followed by :class:`~ghoststep_lab.common.lmrecipes.HeadRadiusClip` (its own JVP
+  at the old parameters along the applied step, per-head attention radii).
 
 Every controller clips at r* = 1 with the given slope ``--method``. One timed step is
 zero_grad, forward, cross-entropy, backward, step; the table gives the median over
@@ -36,6 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from ghoststep.controller import AllRadiiController, RadiusController, internal_radii
+from ghoststep_lab.common.lmrecipes import HeadRadiusClip
 from ghoststep_lab.lmstability import Config, build_lm
 
 
@@ -45,7 +49,8 @@ def second_pass(model, inputs, update):
 
 
 def variants(config: Config, method: str, lr: float, seed: int):
-    """``(label, model, optimizer)`` for each variant, from one initialisation."""
+    """``(label, model, optimizer, head clip or None)`` for each variant, from one
+    initialisation."""
     torch.manual_seed(seed)
     base = build_lm(config, qk_layernorm=False)
     kw = dict(mode="clip", target_r=1.0, method=method, class_dim=-1)  # (B, T, V)
@@ -57,21 +62,27 @@ def variants(config: Config, method: str, lr: float, seed: int):
         ),
         "out+attn 1-pass": lambda m, o: AllRadiiController(o, m, limit_by=("out", "attn"), **kw),
         "out+attn+ffn 1-pass": lambda m, o: AllRadiiController(o, m, **kw),
+        "out + head clip": lambda m, o: RadiusController(o, m, **kw),
     }
     out = []
     for label, make in makers.items():
         model = copy.deepcopy(base)
         inner = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95))
-        out.append((label, model, make(model, inner)))
+        head_clip = HeadRadiusClip(1.0) if "head clip" in label else None
+        out.append((label, model, make(model, inner), head_clip))
     return out
 
 
-def timed_step(model, opt, x, y) -> float:
+def timed_step(model, opt, x, y, head_clip) -> float:
     start = time.perf_counter()
     opt.zero_grad()
     logits = model(x)
     F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1)).backward()
+    if head_clip is not None:
+        head_clip.snapshot(model)
     opt.step()
+    if head_clip is not None:
+        head_clip.clip(model, x)
     return time.perf_counter() - start
 
 
@@ -79,7 +90,7 @@ def run(config: Config, *, method: str, lr: float, steps: int, warmup: int, seed
     """Median ms per variant, and the largest relative difference of the attention
     radius between the two out+attn variants."""
     runs = variants(config, method, lr, seed)
-    times: dict[str, list[float]] = {label: [] for label, _, _ in runs}
+    times: dict[str, list[float]] = {label: [] for label, *_ in runs}
     gap = 0.0
     gen = torch.Generator().manual_seed(seed + 1)
     shape = (config.batch_size, config.seq_len + 1)
@@ -87,11 +98,11 @@ def run(config: Config, *, method: str, lr: float, steps: int, warmup: int, seed
         tokens = torch.randint(0, config.vocab_size, shape, generator=gen)
         x, y = tokens[:, :-1], tokens[:, 1:]
         k = i % len(runs)
-        for label, model, opt in runs[k:] + runs[:k]:  # rotate the order every step
-            seconds = timed_step(model, opt, x, y)
+        for label, model, opt, head_clip in runs[k:] + runs[:k]:  # rotate the order
+            seconds = timed_step(model, opt, x, y, head_clip)
             if i >= warmup:
                 times[label].append(seconds)
-        radii = {label: opt.last.radii for label, _, opt in runs if "out+attn " in label}
+        radii = {label: opt.last.radii for label, _, opt, _ in runs if "out+attn " in label}
         two, one = radii["out+attn 2-pass"]["attn"], radii["out+attn 1-pass"]["attn"]
         gap = max(gap, abs(one - two) / two)
     return {label: 1e3 * statistics.median(v) for label, v in times.items()}, gap
