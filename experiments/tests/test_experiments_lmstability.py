@@ -89,7 +89,7 @@ def test_lmstability_quick_preset(tmp_path):
             assert len(rec["controller"]) == cfg.steps
             assert all(row["scale"] == 1.0 for row in rec["controller"])
         assert len(rec["grad_norms"]) == cfg.steps
-        if rec["method"] in ("ctrl_out", "ctrl_attn", "muon_ctrl", "ctrl_qk"):
+        if rec["method"] in ("ctrl_out", "ctrl_attn", "muon_ctrl", *ls.HEAD_CLIP):
             # clip mode: the applied step stays inside the radius that limits it
             assert all(row["r_after"] <= 1.0 + 1e-6 for row in rec["controller"])
     attn = [row for r in runs if r["method"] == "ctrl_attn" for row in r["controller"]]

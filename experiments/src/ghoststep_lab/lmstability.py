@@ -40,6 +40,7 @@ grid and seeds:
                 attention radius shortens only that head's W_q / W_k rows of the
                 update (QK-Clip's action, driven by the radius; added after the
                 judging rules were committed, judged by them, no claim of its own)
+``muon_ctrl_qk`` ONE controller (clip, out) over Muon + AdamW + the head radius clip
 ==============  ==================================================================
 
 The recipes are in :mod:`ghoststep_lab.common.lmrecipes`; the judging table, the
@@ -66,7 +67,7 @@ resuming from the cache, then once with every method and seed to judge them toge
 
     ghoststep run lmstability --set methods=adamw,qkln_zloss,ctrl_attn,qkclip
     ghoststep run lmstability --set methods=adamw,muon,muon_qkclip,muon_ctrl
-    ghoststep run lmstability   # the rest, then the judging of all 13 methods
+    ghoststep run lmstability   # the rest, then the judging of all 14 methods
 """
 
 from __future__ import annotations
@@ -120,6 +121,7 @@ METHODS = (
     "muon_qkclip",
     "muon_ctrl",
     "ctrl_qk",
+    "muon_ctrl_qk",
 )
 METHOD_LABELS = {
     "adamw": "AdamW",
@@ -136,6 +138,7 @@ METHOD_LABELS = {
     "muon_qkclip": "Muon + AdamW + QK-Clip",
     "muon_ctrl": "Muon + AdamW + controller (clip, out + attn)",
     "ctrl_qk": "+ controller (clip, out) + head radius clip",
+    "muon_ctrl_qk": "Muon + AdamW + controller (clip, out) + head radius clip",
 }
 METHOD_COLORS = {
     "adamw": "#c0392b",
@@ -152,10 +155,12 @@ METHOD_COLORS = {
     "muon_qkclip": "#196f3d",
     "muon_ctrl": "#b7950b",
     "ctrl_qk": "#a04000",
+    "muon_ctrl_qk": "#6e2c00",
 }
-CONTROLLERS = ("ctrl_out", "ctrl_attn", "ctrl_set", "muon_ctrl", "ctrl_qk")
+CONTROLLERS = ("ctrl_out", "ctrl_attn", "ctrl_set", "muon_ctrl", "ctrl_qk", "muon_ctrl_qk")
 QKCLIP = ("qkclip", "muon_qkclip")
-MUON = ("muon", "muon_qkclip", "muon_ctrl")
+MUON = ("muon", "muon_qkclip", "muon_ctrl", "muon_ctrl_qk")
+HEAD_CLIP = ("ctrl_qk", "muon_ctrl_qk")  # the controller (out) + the head radius clip
 # panels of the LR-curve figure (Wortsman et al. Fig. 1 layout: LR vs final loss)
 PANELS = (
     ("Wortsman's fixes", ("adamw", "qkln", "zloss", "qkln_zloss")),
@@ -164,7 +169,10 @@ PANELS = (
         ("adamw", "qkln_zloss", "ctrl_out", "ctrl_attn", "ctrl_set", "ctrl_qk"),
     ),
     ("adaptive clipping", ("adamw", "qkln_zloss", "zclip", "adagc")),
-    ("QK-Clip and Muon", ("adamw", "qkclip", "muon", "muon_qkclip", "muon_ctrl")),
+    (
+        "QK-Clip and Muon",
+        ("adamw", "qkclip", "muon", "muon_qkclip", "muon_ctrl", "ctrl_qk", "muon_ctrl_qk"),
+    ),
 )
 
 
@@ -377,7 +385,7 @@ def _optimizer(method: str, model: torch.nn.Module, c: Config, peak: float):
         )
     kw = dict(target_r=c.target_r, method="jvp", class_dim=-1)  # (B, T, V): vocabulary last
     attn = dict(limit_by=("out", "attn"), **kw)
-    if method in ("ctrl_out", "ctrl_qk"):
+    if method == "ctrl_out" or method in HEAD_CLIP:
         return RadiusController(inner, model, mode="clip", **kw)
     if method == "ctrl_set":
         return RadiusController(inner, model, mode="set", **kw)
@@ -585,7 +593,7 @@ def _stability_run(c: Config, method: str, lr: float, seed: int, train_ids, val_
     clip = method not in ("zclip", "adagc")
     zl = c.zloss if method in ("zloss", "qkln_zloss") else 0.0
     qkclip = QKClip(c.qkclip_tau) if method in QKCLIP else None
-    head_clip = HeadRadiusClip(c.target_r) if method == "ctrl_qk" else None
+    head_clip = HeadRadiusClip(c.target_r) if method in HEAD_CLIP else None
     # copies: joblib hands large arrays to workers as read-only memmaps
     train_ids = torch.from_numpy(np.array(train_ids))
     val_ids = torch.from_numpy(np.array(val_ids)).to(device)
@@ -1065,8 +1073,14 @@ def _notes(c: Config) -> list[str]:
         "the mean over positions of logsumexp of the output logits on the training batch.",
         "A run is diverged when its final validation loss is not below its initial one "
         "(or not finite). Tokens per second: training tokens / wall time of the training "
-        f"steps (evaluation excluded), {c.threads} torch thread(s), {c.workers} worker(s), "
-        "on a shared machine.",
+        f"steps (evaluation excluded), {c.threads} torch thread(s), on a shared machine, "
+        "timed in the process that ran each run (runs loaded from run_cache keep the "
+        "timing of the part that ran them, under that part's load and workers).",
+        "Head radius clip (ctrl_qk): after the output-radius controller's step Delta, one "
+        "forward-mode pass at the old parameters gives each head's attention radius "
+        "rho_h = pi / spread of its attention-logit tangents; a head with ||Delta|| > "
+        "r* rho_h gets only its W_q / W_k rows (and biases) of Delta shortened by "
+        "r* rho_h / ||Delta||. A heuristic, not a bound; its pass is in its tokens/s.",
     ]
 
 
