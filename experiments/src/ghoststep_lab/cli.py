@@ -136,20 +136,21 @@ def _add_report(p: argparse.ArgumentParser) -> None:
         "runs",
         nargs="*",
         metavar="RUN_DIR",
-        help="run folders holding results.json (default: every run under ./runs)",
+        help="run folders holding results.json or results.json.gz (default: every run "
+        "under ./runs)",
     )
     p.add_argument("--out", default=".", help="folder for the merged report.md (default: .)")
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
     from ghoststep_lab.common.report import render_merged_report
-    from ghoststep_lab.common.results import RESULTS_FILE
+    from ghoststep_lab.common.results import RESULTS_FILE, results_file
 
     if args.runs:
         dirs = [Path(d) for d in args.runs]
-        missing = [str(d) for d in dirs if not (d / RESULTS_FILE).is_file()]
+        missing = [str(d) for d in dirs if results_file(d) is None]
         if missing:
-            return fail(f"no {RESULTS_FILE} in: {', '.join(missing)}")
+            return fail(f"no {RESULTS_FILE} (or {RESULTS_FILE}.gz) in: {', '.join(missing)}")
     else:
         dirs = sorted(p.parent for p in Path("runs").glob(f"*/{RESULTS_FILE}"))
         if not dirs:

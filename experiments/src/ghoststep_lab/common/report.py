@@ -7,7 +7,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from ghoststep_lab.common.results import RESULTS_FILE, Results, read_json, validate_results
+from ghoststep_lab.common.results import Results, read_json, results_file, validate_results
 
 __all__ = ["render_report", "render_merged_report"]
 
@@ -100,7 +100,7 @@ def render_report(results: Results | Mapping) -> str:
 def render_merged_report(run_dirs: Sequence[str | Path], out_dir: str | Path) -> str:
     """One Markdown page for several runs; figure links are relative to ``out_dir``."""
     out_dir = Path(out_dir).resolve()
-    runs = [(Path(d), validate_results(read_json(Path(d) / RESULTS_FILE))) for d in run_dirs]
+    runs = [(Path(d), validate_results(read_json(results_file(d)))) for d in run_dirs]
     lines = [
         "# ghoststep: reproduction report",
         "",

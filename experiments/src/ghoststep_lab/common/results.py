@@ -17,6 +17,7 @@ note when it is not) evaluated by :func:`evaluate_claims`.
 from __future__ import annotations
 
 import dataclasses
+import gzip
 import json
 import math
 import typing
@@ -44,6 +45,7 @@ __all__ = [
     "results_problems",
     "to_jsonable",
     "write_json",
+    "results_file",
     "read_json",
 ]
 
@@ -332,4 +334,19 @@ def write_json(path: str | Path, obj: Any) -> Path:
 
 
 def read_json(path: str | Path) -> Any:
-    return json.loads(Path(path).read_text(encoding="utf-8"))
+    """JSON from ``path``; a ``.gz`` path is read through gzip."""
+    path = Path(path)
+    if path.suffix == ".gz":
+        with gzip.open(path, "rt", encoding="utf-8") as f:
+            return json.load(f)
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def results_file(run_dir: str | Path) -> Path | None:
+    """A run folder's ``results.json``, or its gzip ``results.json.gz`` (how the
+    largest stored runs are kept); None if it has neither."""
+    for name in (RESULTS_FILE, RESULTS_FILE + ".gz"):
+        path = Path(run_dir) / name
+        if path.is_file():
+            return path
+    return None
