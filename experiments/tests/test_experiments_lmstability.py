@@ -183,9 +183,10 @@ def test_muon_split_and_qkclip():
 
 
 def test_head_radius_clip_shortens_only_the_binding_heads_qk_rows():
-    """Per-head radii against float64 central differences of the attention logits; the
-    heads past r* get only their query / key rows of the step shortened, by
-    gamma = r* rho_h / ||Delta||; every other entry of the step is applied unchanged."""
+    """Per-head radii against float64 central differences of the attention logits along
+    the unit direction Delta / ||Delta|| (distances, like rho_a); the heads whose
+    normalized step ||Delta|| / rho_h exceeds r* get only their query / key rows of the
+    step shortened, by r* / (||Delta|| / rho_h); every other entry is applied unchanged."""
     cfg = ls.Config(vocab_size=50, d_model=16, n_layers=2, n_heads=2, seq_len=8)
     torch.manual_seed(0)
     model = ls.build_lm(cfg, False).double()
@@ -197,26 +198,26 @@ def test_head_radius_clip_shortens_only_the_binding_heads_qk_rows():
     with torch.no_grad():  # head 0 of layer 1: a much larger query / key step
         step[next(i for i, p in enumerate(params) if p is qkv.weight)][0:8] *= 40.0
     norm = math.sqrt(sum(float(d.pow(2).sum()) for d in step))
+    assert not 0.5 < norm < 2.0  # a radius off by a factor ||Delta|| would show
 
-    def scores_at(t):
+    def scores_at(t):  # at old + t Delta / ||Delta||
         with torch.no_grad():
             for p, o, d in zip(params, old, step):
-                p.copy_(o + t * d)
+                p.copy_(o + t * d / norm)
             return model(x, return_internals=True)[1]["attention_logits"]
 
     h = 1e-5
     up, down, at = scores_at(h), scores_at(-h), scores_at(0.0)
-    reference = []
+    reference = []  # rho_h, a distance along the unit direction
     for s_up, s_down, s in zip(up, down, at):
         masked = s == -math.inf
         tangent = ((s_up - s_down) / (2 * h)).masked_fill(masked, 0.0)
         hi = tangent.masked_fill(masked, -math.inf).amax(-1)
         lo = tangent.masked_fill(masked, math.inf).amin(-1)
         reference.append(math.pi / (hi - lo).amax(dim=(0, 2)))
-    target_r = 0.5 * norm / float(reference[1][0])  # head (1, 0) binds, by a factor of 2
-    assert all(
-        target_r * float(r) > norm for r in (reference[0][0], reference[0][1], reference[1][1])
-    )
+    r_step = [norm / rho for rho in reference]  # each head's normalized step
+    target_r = 0.5 * float(r_step[1][0])  # head (1, 0) binds, by a factor of 2
+    assert all(float(r) < target_r for r in (r_step[0][0], r_step[0][1], r_step[1][1]))
 
     clip = HeadRadiusClip(target_r)
     clip.snapshot(model)
@@ -227,8 +228,8 @@ def test_head_radius_clip_shortens_only_the_binding_heads_qk_rows():
     for got, want in zip(clip.last_rho, reference, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-6, atol=0.0)
     assert clip.shortened == 1
-    gamma = target_r * float(clip.last_rho[1][0]) / norm
-    assert gamma == pytest.approx(0.5)
+    gamma = target_r * float(clip.last_rho[1][0]) / norm  # the clip's own, to the last bit
+    assert gamma == pytest.approx(0.5, rel=1e-6)
     for p, o, d in zip(params, old, step):
         expected = o + d
         if p is qkv.weight or p is qkv.bias:

@@ -65,7 +65,8 @@ def internal_radii(
       paper Appendix 2; a conservative proxy, not a bound).
 
     ``direction`` is aligned with the model's trainable parameters (None: zero); it
-    need not have unit norm: divide the radii by ``||direction||`` for unit units.
+    need not have unit norm: the radii are in units of t along it (``theta + t
+    direction``), so ``||direction||`` times a radius is its distance in parameter space.
     Parameters, buffers and the RNG are left untouched; no autograd graph is built.
     """
     named = trainable_parameters(model)

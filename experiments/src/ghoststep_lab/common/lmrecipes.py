@@ -16,9 +16,11 @@ matrices with AdamW for the rest, and Kimi K2's QK-Clip.
 * **Head radius clip** (ours, a heuristic): QK-Clip's per-head action driven by the
   attention radius instead of the logit size. After a step Delta, one forward-mode
   pass at the old parameters gives each head's attention-logit tangents along Delta
-  and its radius ``rho_h = pi / spread_h`` (in units of t along Delta); every head
-  with ``||Delta|| > r* rho_h`` gets only its query and key rows of Delta shortened,
-  by ``gamma_h = r* rho_h / ||Delta||``. The rest of the update is applied unchanged.
+  and its radius ``rho_h = pi ||Delta|| / spread_h`` (a distance in parameter space,
+  like the controller's rho_a: ``spread_h`` is the largest spread of the tangents
+  along Delta over the keys attended to); every head with ``||Delta|| > r* rho_h``
+  gets only its query and key rows of Delta shortened, by ``gamma_h = r* rho_h /
+  ||Delta||``. The rest of the update is applied unchanged.
   Not a bound: the head's logits also move with the layer's input (earlier layers'
   updates), which the rescale leaves as it is.
 """
@@ -138,7 +140,7 @@ class HeadRadiusClip:
     ``clip(model, inputs)`` after it measures each head's radius along the applied
     update Delta on the step's batch ``inputs`` and shortens the query / key rows of
     the heads it binds. ``shortened`` counts the head rescales so far; ``last_rho``
-    holds the last step's per-layer (H,) radii in units of t along Delta.
+    holds the last step's per-layer (H,) radii, distances along Delta / ||Delta||.
     """
 
     def __init__(self, target_r: float = 1.0):
@@ -172,7 +174,7 @@ class HeadRadiusClip:
         where = {id(p): i for i, (_, p) in enumerate(named)}
         self.last_rho = []
         for block, s, t in zip(model.blocks, scores, tangents, strict=True):
-            rho = math.pi / head_spreads(s, t).double()
+            rho = math.pi * norm / head_spreads(s, t).double()  # t = 1 is the whole step
             self.last_rho.append(rho)
             gamma = (self.target_r * rho / norm).clamp(max=1.0)
             attn = block.attn
