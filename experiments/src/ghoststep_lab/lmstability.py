@@ -171,7 +171,7 @@ PANELS = (
     ("adaptive clipping", ("adamw", "qkln_zloss", "zclip", "adagc")),
     (
         "QK-Clip and Muon",
-        ("adamw", "qkclip", "muon", "muon_qkclip", "muon_ctrl", "ctrl_qk", "muon_ctrl_qk"),
+        ("adamw", "qkclip", "muon", "muon_qkclip", "muon_ctrl", "muon_ctrl_qk"),
     ),
 )
 
@@ -1111,7 +1111,7 @@ def _plot_lr_curves(c: Config, s: dict, out_dir: Path):
     for ax, (title, ms) in zip(axes, panels):
         _plot_vs_lr(ax, lrs, ms, lambda m, lr: s[m]["curve"][lr])
         ax.set_title(title)
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=6, framealpha=0.6)
     axes[0].set_ylabel("final validation loss (capped at initial)")
     return save_figure(
         fig,
