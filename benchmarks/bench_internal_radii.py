@@ -8,7 +8,7 @@ warmth hit every variant alike), in one process:
 
 * ``adamw``: the plain optimizer;
 * ``out``: ``RadiusController`` (the output-logit radius);
-* ``out+attn 2-pass``: the path before the radii were read in one pass, a
+* ``out+attn 2-pass``: the attention radius from a second pass, a
   ``RadiusController`` whose ``extra_radii`` hook runs ``internal_radii`` (a second
   full JVP, attention and FFN radii) with ``limit_by=("out", "attn")``;
 * ``out+attn 1-pass``: ``AllRadiiController(limit_by=("out", "attn"))``;

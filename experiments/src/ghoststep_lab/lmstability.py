@@ -67,7 +67,7 @@ resuming from the cache, then once with every method and seed to judge them toge
 
     ghoststep run lmstability --set methods=adamw,qkln_zloss,ctrl_attn,qkclip
     ghoststep run lmstability --set methods=adamw,muon,muon_qkclip,muon_ctrl
-    ghoststep run lmstability   # the rest, then the judging of all 14 methods
+    ghoststep run lmstability   # the rest, then the judging of all 15 methods
 """
 
 from __future__ import annotations
@@ -1076,11 +1076,12 @@ def _notes(c: Config) -> list[str]:
         f"steps (evaluation excluded), {c.threads} torch thread(s), on a shared machine, "
         "timed in the process that ran each run (runs loaded from run_cache keep the "
         "timing of the part that ran them, under that part's load and workers).",
-        "Head radius clip (ctrl_qk): after the output-radius controller's step Delta, one "
-        "forward-mode pass at the old parameters gives each head's attention radius "
-        "rho_h = pi / spread of its attention-logit tangents; a head with ||Delta|| > "
-        "r* rho_h gets only its W_q / W_k rows (and biases) of Delta shortened by "
-        "r* rho_h / ||Delta||. A heuristic, not a bound; its pass is in its tokens/s.",
+        "Head radius clip (ctrl_qk): after the output-radius controller's step Delta, "
+        "one forward-mode pass at the old parameters gives each head's attention radius "
+        "rho_h = pi ||Delta|| / spread of its attention-logit tangents along Delta; a "
+        "head with ||Delta|| > r* rho_h gets only its W_q / W_k rows (and biases) of "
+        "Delta shortened by r* rho_h / ||Delta||. A heuristic, not a bound; its pass is "
+        "in its tokens/s.",
     ]
 
 
